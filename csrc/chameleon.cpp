@@ -1,0 +1,18 @@
+// Op schemas for the `chameleon` namespace. Backends register their kernels in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; the Python face (fake tensors, autograd) is
+// chameleon_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(chameleon, m) {
+  // hidden [B, T, H], mask [B, T] (bool/int, None = all valid) -> [B, H]
+  m.def("masked_mean_pool(Tensor hidden, Tensor? mask) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // hidden [B, T, H], mask [B, T], domain_ids [B] -> (sums [D, H], counts [D] int64)
+  m.def(
+      "domain_mean_pool(Tensor hidden, Tensor? mask, Tensor domain_ids, int num_domains) "
+      "-> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // K [..., k, k] -> kernel ridge leverage scores [..., k]
+  m.def("krls(Tensor K, float lam, bool center=True, bool scale_by_k=True) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
