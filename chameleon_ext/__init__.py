@@ -9,6 +9,8 @@ Importing the package loads the compiled ops (``torch.ops.chameleon.*``):
 and the method on top of them: :func:`domain_weights` (embeddings -> mixture weights).
 """
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from ._version import __version__
 
 try:

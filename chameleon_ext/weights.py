@@ -116,9 +116,13 @@ def domain_weights_from_affinity(
     temperature: Optional[float] = None,
     normalize: bool = True,
     domains: Optional[Sequence[str]] = None,
+    center: bool = True,
 ) -> DomainWeights:
-    """Weights from a precomputed affinity (kernel) matrix ``[k, k]``; it is centred here
-    (centring an already-centred matrix changes nothing)."""
+    """Weights from a precomputed affinity (kernel) matrix ``[k, k]``.
+
+    With ``center=True`` (a raw Gram matrix, the default) it is centred first; centring an
+    already-centred matrix changes nothing. ``center=False`` uses the matrix as the kernel
+    exactly as given, as the reference does with the paper's Figure 1 matrix."""
     mode = _check_mode(mode)
     lam = _check_positive("lam", lam)
     T = DEFAULT_TEMPERATURE[mode] if temperature is None else _check_positive("temperature", temperature)
@@ -129,8 +133,8 @@ def domain_weights_from_affinity(
     if domains is not None and len(domains) != k:
         raise ValueError(f"domains must name the {k} rows of the affinity, got {len(domains)} names")
     names = list(domains) if domains is not None else []
-    Ac = centered_affinity(A)
-    raw = krls(A, lam, center=True, scale_by_k=True)
+    Ac = centered_affinity(A) if center else A
+    raw = krls(A, lam, center=center, scale_by_k=True)
     total = float(raw.sum())
     if k == 1:
         warnings.warn("only one domain: its weight is 1.0", stacklevel=2)
@@ -156,7 +160,8 @@ def chameleon_weights(
     """The full result (weights, normalised and raw KRLS, centred affinity) from domain
     embeddings ``[k, d]`` with the linear kernel."""
     return domain_weights_from_affinity(
-        linear_affinity(embeddings), mode=mode, lam=lam, temperature=temperature, normalize=normalize, domains=domains
+        linear_affinity(embeddings), mode=mode, lam=lam, temperature=temperature, normalize=normalize, domains=domains,
+        center=True,
     )
 
 

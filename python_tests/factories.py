@@ -1,0 +1,61 @@
+"""Input factories shared by the tests and the benchmarks, so a benchmark always measures
+inputs of the kind the tests verify."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine"))]
+
+GOLDEN_PATH = os.environ.get(
+    "CHAMELEON_GOLDEN",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "krls_reference.json"),
+)
+
+
+def make_hidden(B, T, H, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
+    """Hidden states ``[B, T, H]`` with a per-row offset, so rows differ in their means."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, generator=g, dtype=torch.float32) + torch.randn(B, 1, 1, generator=g)
+    return x.to(dtype=dtype, device=device)
+
+
+def make_mask(B, T, p_valid=0.8, dtype=torch.bool, device="cpu", seed=1, empty_rows=()) -> torch.Tensor:
+    """Mask ``[B, T]``: right-padded rows of random lengths (as batches of windows are),
+    with the given rows fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.binomial(torch.full((B,), float(T)), torch.full((B,), p_valid), generator=g).long()
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    for r in empty_rows:
+        mask[r] = False
+    return mask.to(dtype=dtype, device=device)
+
+
+def make_random_mask(B, T, p_valid=0.7, dtype=torch.bool, device="cpu", seed=2) -> torch.Tensor:
+    """Mask ``[B, T]`` with valid tokens scattered anywhere (not only right padding)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, T, generator=g) < p_valid).to(dtype=dtype, device=device)
+
+
+def make_domain_ids(B, num_domains, device="cpu", seed=3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_domains, (B,), generator=g).to(device)
+
+
+def make_kernels(batch, k, d: Optional[int] = None, dtype=torch.float64, device="cpu", seed=4, scales=None):
+    """PSD linear kernels ``[batch, k, k]`` = X X^T from embeddings ``[batch, k, d]``.
+
+    ``scales`` (length batch) multiplies each kernel, to mix conditioning in one batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = d if d is not None else max(2, k // 2)
+    X = torch.randn(batch, k, d, generator=g, dtype=torch.float64) + torch.randn(batch, 1, d, generator=g, dtype=torch.float64)
+    K = X @ X.mT
+    if scales is not None:
+        K = K * torch.as_tensor(scales, dtype=torch.float64).view(-1, 1, 1)
+    return K.to(dtype=dtype, device=device)

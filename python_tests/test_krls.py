@@ -1,0 +1,207 @@
+"""krls against the float64 torch.linalg oracle and the eigen-form NumPy oracle."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chameleon_ext
+from chameleon_ext import reference
+
+from .factories import DEVICES, make_kernels
+
+KS = [1, 2, 3, 7, 16, 33, 64, 65, 129, 200]
+
+
+def tol(dtype):
+    # float32 inputs are factorised in float64; only the output rounding is float32.
+    return dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", KS)
+def test_krls_matches_oracles(device, dtype, k):
+    batch = 3 if k <= 64 else 2
+    K = make_kernels(batch, k, dtype=dtype, device=device)
+    S = chameleon_ext.krls(K, 0.7)
+    assert S.shape == (batch, k) and S.dtype == dtype and S.device == K.device
+    torch.testing.assert_close(S, reference.krls(K, 0.7), **tol(dtype))
+    eig = reference.krls_eigh_numpy(K.double().cpu().numpy(), 0.7)
+    np.testing.assert_allclose(S.double().cpu().numpy(), eig, rtol=1e-6 if dtype == torch.float32 else 1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("center,scale_by_k", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("k", [5, 100])
+def test_krls_options(device, center, scale_by_k, k):
+    K = make_kernels(4, k, device=device)
+    S = chameleon_ext.krls(K, 2.5, center=center, scale_by_k=scale_by_k)
+    torch.testing.assert_close(S, reference.krls(K, 2.5, center=center, scale_by_k=scale_by_k), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krls_unbatched_and_multi_batch_dims(device):
+    K = make_kernels(6, 9, device=device)
+    torch.testing.assert_close(chameleon_ext.krls(K[0], 1.0), reference.krls(K[0], 1.0), rtol=1e-10, atol=1e-12)
+    K4 = K.reshape(2, 3, 9, 9)
+    S = chameleon_ext.krls(K4, 1.0)
+    assert S.shape == (2, 3, 9)
+    torch.testing.assert_close(S, reference.krls(K4, 1.0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_krls_mixed_conditioning_in_one_batch(device, dtype):
+    scales = [1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6]
+    k, lam = 12, 0.05
+    K = make_kernels(len(scales), k, d=k + 4, dtype=dtype, device=device, scales=scales)
+    S = chameleon_ext.krls(K, lam).double().cpu().numpy()
+    Kd = K.double().cpu().numpy()
+    eig = reference.krls_eigh_numpy(Kd, lam)
+    # Forward error of either method grows with cond(A) = (s_max + mu) / mu.
+    mu = lam * k
+    cond = (np.linalg.eigvalsh(Kd).max(-1) + mu) / mu
+    atol = 1e-14 * cond[:, None] + (1e-7 if dtype == torch.float32 else 0.0)
+    assert np.all(np.abs(S - eig) <= atol + 1e-9), np.abs(S - eig).max(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [8, 150])
+def test_krls_invariants(device, k):
+    K = make_kernels(5, k, device=device)
+    S = chameleon_ext.krls(K, 1.3)
+    assert torch.all(S >= 0) and torch.all(S < 1)
+    # Scaling the kernel and the regulariser together leaves the scores unchanged.
+    torch.testing.assert_close(chameleon_ext.krls(K * 1000.0, 1300.0), S, rtol=1e-9, atol=1e-12)
+    # The centred kernel has the all-ones vector in its null space: centring is idempotent.
+    Kc = reference.center_kernel(K)
+    torch.testing.assert_close(chameleon_ext.krls(Kc, 1.3), S, rtol=1e-9, atol=1e-12)
+    # Sum of scores = effective dimension = sum_j s_j / (s_j + mu) over eigenvalues.
+    s = torch.linalg.eigvalsh(Kc).clamp_min(0)
+    mu = 1.3 * k
+    torch.testing.assert_close(S.sum(-1), (s / (s + mu)).sum(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_krls_k1_and_zero_kernel():
+    # k = 1 centred is the zero kernel: no leverage.
+    assert chameleon_ext.krls(torch.tensor([[4.0]], dtype=torch.float64), 1.0).tolist() == [0.0]
+    torch.testing.assert_close(chameleon_ext.krls(torch.zeros(2, 5, 5), 1.0), torch.zeros(2, 5), rtol=0, atol=1e-15)
+
+
+def test_krls_empty_batch():
+    assert chameleon_ext.krls(torch.zeros(0, 4, 4), 1.0).shape == (0, 4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [6, 140])  # fused and library paths
+def test_krls_bad_matrices_name_their_batch_index(device, k):
+    K = make_kernels(4, k, device=device)
+    bad = K.clone()
+    bad[2, 0, 1] += 1.0  # not symmetric
+    with pytest.raises(ValueError, match=r"K\[2\] \(batch index 2\) is not symmetric"):
+        chameleon_ext.krls(bad, 1.0)
+    bad = K.clone()
+    bad[1, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"K\[1\] \(batch index 1\) holds NaN or Inf"):
+        chameleon_ext.krls(bad, 1.0)
+    bad = K.clone()
+    bad[3, 4, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"K\[3\] \(batch index 3\) holds NaN or Inf"):
+        chameleon_ext.krls(bad, 1.0)
+    # Strongly indefinite: -1e6 I has eigenvalues far below -mu.
+    bad = K.clone()
+    bad[3] = -1e6 * torch.eye(k, dtype=K.dtype, device=device)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"K\[3\] \(batch index 3\) is not positive definite"):
+        chameleon_ext.krls(bad, 1.0)
+    nested = K.reshape(2, 2, k, k).clone()
+    nested[1, 0, 0, 1] += 5.0
+    with pytest.raises(ValueError, match=r"K\[1, 0\] \(batch index 2\)"):
+        chameleon_ext.krls(nested, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krls_bad_arguments(device):
+    K = make_kernels(2, 4, device=device)
+    for lam in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+            chameleon_ext.krls(K, lam)
+    with pytest.raises(ValueError, match="K must be square"):
+        chameleon_ext.krls(K[:, :3, :], 1.0)
+    with pytest.raises(ValueError, match=r"K must be \[..., k, k\]"):
+        chameleon_ext.krls(K[0, 0], 1.0)
+    with pytest.raises(ValueError, match="K must be float32 or float64"):
+        chameleon_ext.krls(K.half(), 1.0)
+    with pytest.raises(ValueError, match="K must have k >= 1"):
+        chameleon_ext.krls(torch.zeros(2, 0, 0, device=device), 1.0)
+    with pytest.raises(TypeError, match="lam must be a Python float"):
+        chameleon_ext.krls(K, torch.tensor(1.0))
+
+
+# --------------------------------------------------------------------------- autograd / dispatcher
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("center", [True, False])
+def test_krls_gradcheck(device, center):
+    X = torch.randn(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    # Build K symmetric from X so gradcheck's perturbations keep K symmetric.
+    assert torch.autograd.gradcheck(lambda x: chameleon_ext.krls(x @ x.mT, 0.3, center=center), (X,))
+    M = torch.randn(6, 6, dtype=torch.float64, device=device)
+    K = (M @ M.T).requires_grad_()
+    assert torch.autograd.gradcheck(lambda k: chameleon_ext.krls(0.5 * (k + k.T), 0.8), (K,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krls_gradient_matches_reference_autograd(device):
+    K = make_kernels(3, 7, device=device).requires_grad_()
+    g = torch.randn(3, 7, dtype=torch.float64, device=device)
+    (chameleon_ext.krls(K, 0.4) * g).sum().backward()
+    ours = K.grad.clone()
+    K.grad = None
+    Ks = 0.5 * (K + K.mT)  # the op uses the symmetric part of K
+    (reference.krls(Ks, 0.4) * g).sum().backward()
+    torch.testing.assert_close(ours, K.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [7, 130])
+def test_opcheck_krls(device, k):
+    K = make_kernels(3, k, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.chameleon.krls.default, (K, 0.5, True, True))
+    torch.library.opcheck(torch.ops.chameleon.krls.default, (K.detach().float(), 2.0, False, False))
+
+
+def test_krls_under_torch_compile_fullgraph():
+    K = make_kernels(4, 6)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def weights(K):
+        S = chameleon_ext.krls(K, 1.0)
+        S = S / S.sum(-1, keepdim=True)
+        return torch.softmax(S / 0.2, -1)
+
+    ref = reference.krls(K, 1.0)
+    torch.testing.assert_close(weights(K), torch.softmax(ref / ref.sum(-1, keepdim=True) / 0.2, -1))
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    k=st.integers(1, 40),
+    d=st.integers(1, 12),
+    log_lam=st.floats(-3, 3),
+    log_scale=st.floats(-3, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_krls_against_eigen_oracle(batch, k, d, log_lam, log_scale, seed):
+    K = make_kernels(batch, k, d=d, seed=seed) * 10.0**log_scale
+    S = chameleon_ext.krls(K, 10.0**log_lam)
+    np.testing.assert_allclose(S.numpy(), reference.krls_eigh_numpy(K.numpy(), 10.0**log_lam), rtol=1e-7, atol=1e-10)
