@@ -84,6 +84,15 @@ def nvidia_wheel_includes():
     return dirs
 
 
+def nvidia_wheel_library(stem):
+    """Path of a CUDA library shipped in the nvidia-* wheels (``stem`` like "libnvrtc"), or ""."""
+    for inc in nvidia_wheel_includes():
+        hits = sorted(glob.glob(os.path.join(os.path.dirname(inc), "lib", stem + ".so*")))
+        if hits:
+            return hits[0]
+    return ""
+
+
 def decide_build():
     import torch
 

@@ -1,0 +1,501 @@
+"""A small GPT (the proxy and base models) plus save/load helpers and a Hugging Face adapter.
+
+The architecture is GPT-2's: learned positional embeddings, pre-LayerNorm blocks with causal
+self-attention (``torch.nn.functional.scaled_dot_product_attention``) and a GELU MLP, a final
+LayerNorm, and an output projection tied to the input embedding.
+
+Domain embeddings (METHOD.md, step 2) need the hidden state after the middle block.
+:meth:`GPT.hidden_states` follows Hugging Face's ``output_hidden_states`` convention --
+``hidden_states[0]`` is the embedding output, ``hidden_states[i]`` the output of block ``i``,
+and the last entry ``hidden_states[n_layer]`` has the final LayerNorm applied -- but runs only
+the blocks up to the requested layer. The reference picks ``hidden_states[len(hidden_states)
+// 2]`` with ``len(hidden_states) == n_layer + 1``, i.e. layer ``(n_layer + 1) // 2``; that is
+:attr:`GPT.default_embedding_layer` (equal to ``n_layer // 2`` only for even ``n_layer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ChameleonUserError
+
+__all__ = [
+    "GPTConfig",
+    "GPT",
+    "HFCausalLM",
+    "atomic_save",
+    "load_hf_model",
+    "load_model",
+    "save_model",
+    "state_dict_sha256",
+]
+
+MODEL_FORMAT = "chameleon_ext.gpt/1"
+
+# name -> (n_layer, n_head, n_embd)
+_PRESETS = {
+    "tiny": (2, 2, 64),  # unit tests
+    "small": (4, 4, 128),  # CPU demo
+    "proxy": (6, 12, 768),  # the paper's proxy shape
+    "base": (12, 12, 768),  # GPT-2 small shape
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a :class:`GPT`.
+
+    Attributes:
+        vocab_size: number of token ids (257 for the byte tokenizer).
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide ``n_embd``.
+        n_embd: hidden width H.
+        block_size: maximum sequence length T (size of the positional embedding).
+        dropout: dropout probability used in training mode (0 keeps training deterministic
+            given the data order).
+    """
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ChameleonUserError(f"GPTConfig.{name}: expected a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ChameleonUserError(
+                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ChameleonUserError(f"GPTConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, block_size: int, **overrides) -> "GPTConfig":
+        """A named shape: ``tiny`` (2x64), ``small`` (4x128), ``proxy`` (6x768), ``base`` (12x768)."""
+        if name not in _PRESETS:
+            raise ChameleonUserError(
+                f"model preset: unknown name {name!r}; expected one of {sorted(_PRESETS)}"
+            )
+        n_layer, n_head, n_embd = _PRESETS[name]
+        kw = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                  block_size=block_size)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(_PRESETS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ChameleonUserError(f"GPTConfig: unknown fields {sorted(unknown)}")
+        return cls(**dict(d))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, T, H]; attn_mask: None (plain causal) or bool [B, 1, T, T] (True = attend)."""
+        B, T, H = x.shape
+        q, k, v = self.c_attn(x).split(H, dim=2)
+        # [B, T, H] -> [B, n_head, T, H / n_head]
+        q, k, v = (t.view(B, T, self.n_head, H // self.n_head).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, H)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh-approximate GELU, as in GPT-2 ("gelu_new" in Hugging Face)
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2-style causal language model.
+
+    Args:
+        config: the model shape.
+        seed: seeds the parameter initialisation (a private generator; the global torch RNG is
+            not touched), so ``GPT(cfg, seed=s)`` is reproducible.
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ChameleonUserError(f"config: expected a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        # PyTorch's default initialisers draw from the global RNG; fork it so building a model
+        # leaves the caller's random stream unchanged (all values are re-drawn below anyway).
+        with torch.random.fork_rng(devices=[]):
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.ln_f = nn.LayerNorm(config.n_embd)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embeddings
+        self._init_weights(seed)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        # GPT-2 init: N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorm;
+        # residual output projections scaled by 1/sqrt(2 n_layer) so the residual stream's
+        # variance does not grow with depth.
+        g = torch.Generator().manual_seed(int(seed))
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():  # tied weight appears once
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, resid_std, generator=g)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02, generator=g)
+            elif ".ln_" in name or name.startswith("ln_"):
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:
+                nn.init.zeros_(p)
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def default_embedding_layer(self) -> int:
+        """Reference's middle layer: ``len(hidden_states) // 2 == (n_layer + 1) // 2``."""
+        return (self.config.n_layer + 1) // 2
+
+    @property
+    def n_layer(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the state dict (names, dtypes, shapes, bytes); keys embedding caches.
+
+        Computed on demand (the parameters may have changed since the last call); cost is one
+        pass over the parameters.
+        """
+        return state_dict_sha256(self.state_dict())
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    # -- forward passes ------------------------------------------------------------------------
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ChameleonUserError(f"idx: expected token ids of shape [B, T], got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ChameleonUserError(
+                f"idx: sequence length {T} exceeds the model's block_size {self.config.block_size}"
+            )
+        pos = torch.arange(T, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, H]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """Next-token logits and (optionally) the mean cross-entropy loss.
+
+        Args:
+            idx: token ids ``[B, T]`` (int64), ``T <= block_size``.
+            targets: next-token ids ``[B, T]``; positions equal to -1 are ignored.
+
+        Returns:
+            ``(logits [B, T, V], loss)``; ``loss`` is a float32 scalar, or None without targets.
+        """
+        x = self._embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, layer: Optional[int] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden state after block ``layer`` in Hugging Face convention: ``[B, T, H]``.
+
+        ``layer == 0`` is the embedding output, ``layer == i`` the output of block ``i``, and
+        ``layer == n_layer`` additionally has the final LayerNorm applied (as the last entry of
+        Hugging Face's ``hidden_states``). Only blocks ``1..layer`` are run.
+
+        Args:
+            idx: token ids ``[B, T]``.
+            layer: in ``[0, n_layer]``; default :attr:`default_embedding_layer`.
+            attention_mask: optional ``[B, T]`` with 1 for real tokens and 0 for padding. Keys at
+                padding positions are masked out. With right padding (the usual case) this does
+                not change real tokens' states, since causal attention never looks ahead;
+                states at padding positions are meaningless and must be masked by the caller.
+        """
+        n = self.config.n_layer
+        if layer is None:
+            layer = self.default_embedding_layer
+        layer = _check_layer(layer, n)
+        x = self._embed(idx)
+        mask = _attention_mask_4d(attention_mask, idx)
+        for block in self.blocks[:layer]:
+            x = block(x, mask)
+        if layer == n:
+            x = self.ln_f(x)
+        return x
+
+
+def _check_layer(layer, n_layer: int) -> int:
+    try:
+        ok = not isinstance(layer, bool) and 0 <= operator.index(layer) <= n_layer
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ChameleonUserError(
+            f"layer: expected an integer in [0, {n_layer}] (0 = embedding output), got {layer!r}"
+        )
+    return operator.index(layer)
+
+
+def _attention_mask_4d(attention_mask: Optional[torch.Tensor], idx: torch.Tensor):
+    """[B, T] padding mask -> bool [B, 1, T, T] causal+padding mask, or None if nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != idx.shape:
+        raise ChameleonUserError(
+            f"attention_mask: expected shape {tuple(idx.shape)} like idx, got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    valid = attention_mask.to(device=idx.device, dtype=torch.bool)
+    if bool(valid.all()):
+        return None  # fast causal kernel
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = causal[None, None] & valid[:, None, None, :]
+    # Every query may attend to itself, so a row whose keys are all padding (a padded query
+    # under left padding) stays finite instead of producing NaN.
+    return mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
+
+
+# -- hashing and checkpoint I/O --------------------------------------------------------------
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order."""
+    h = hashlib.sha256(MODEL_FORMAT.encode() + b"\0")
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    Writes to a temp file in the same folder, fsyncs it, then ``os.replace``s it over ``path``
+    (atomic on POSIX), and fsyncs the folder so the rename survives a power loss. If anything
+    fails, the previous ``path`` is left untouched and the temp file is removed.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on folders
+    finally:
+        os.close(fd)
+
+
+def save_model(path: Union[str, os.PathLike], model: GPT) -> str:
+    """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash."""
+    if not isinstance(model, GPT):
+        raise ChameleonUserError(f"model: expected a GPT, got {type(model).__name__}")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    digest = state_dict_sha256(sd)
+    atomic_save({"format": MODEL_FORMAT, "config": model.config.to_dict(), "state_dict": sd,
+                 "sha256": digest}, path)
+    return digest
+
+
+def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> GPT:
+    """Load a model written by :func:`save_model` or a trainer checkpoint (``ckpt.pt``).
+
+    The stored sha256 is verified, so a corrupted file is reported rather than silently used;
+    the result's :attr:`GPT.content_hash` equals it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ChameleonUserError(f"model path {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ChameleonUserError(f"model file {path!r} cannot be read: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
+        cfg, sd, digest = obj["config"], obj["state_dict"], obj.get("sha256")
+    elif isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # trainer checkpoint
+        cfg, sd, digest = obj["model_config"], obj["model"], obj.get("model_sha256")
+    else:
+        raise ChameleonUserError(
+            f"model file {path!r} is not a chameleon_ext model or training checkpoint"
+        )
+    if digest is not None and state_dict_sha256(sd) != digest:
+        raise ChameleonUserError(f"model file {path!r} is corrupted: its content hash does not match")
+    model = GPT(GPTConfig.from_dict(cfg))
+    model.load_state_dict(sd)
+    return model.to(map_location)
+
+
+# -- Hugging Face adapter --------------------------------------------------------------------
+
+
+class HFCausalLM(nn.Module):
+    """A local Hugging Face causal LM behind the :class:`GPT` interface used for embeddings.
+
+    Exposes ``hidden_states(idx, layer, attention_mask)``, ``forward(idx, targets)``,
+    ``default_embedding_layer``, ``n_layer``, ``content_hash`` and a ``config`` with
+    ``vocab_size``, ``n_layer``, ``n_embd`` and ``block_size``. It runs the full model with
+    ``output_hidden_states=True`` (Hugging Face models cannot stop early in general).
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        c = hf_model.config
+        n_layer = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+        n_embd = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+        block = (getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+                 or getattr(c, "n_ctx", None) or 2048)
+        self.config = _HFShape(vocab_size=int(c.vocab_size), n_layer=int(n_layer),
+                               n_embd=int(n_embd), block_size=int(block))
+
+    @property
+    def n_layer(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def default_embedding_layer(self) -> int:
+        return (self.config.n_layer + 1) // 2
+
+    @property
+    def content_hash(self) -> str:
+        return state_dict_sha256(self.hf.state_dict())
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        logits = self.hf(input_ids=idx).logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, layer: Optional[int] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``outputs.hidden_states[layer]``: ``[B, T, H]`` (0 = embedding output)."""
+        n = self.config.n_layer
+        if layer is None:
+            layer = self.default_embedding_layer
+        layer = _check_layer(layer, n)
+        out = self.hf(input_ids=idx, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[layer]
+
+
+@dataclass
+class _HFShape:
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    block_size: int
+
+
+def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+                  torch_dtype: Optional[torch.dtype] = None) -> HFCausalLM:
+    """Wrap the Hugging Face causal LM saved in the local folder ``path`` (no network access)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ChameleonUserError(f"model path {path!r} is not a folder holding a Hugging Face model")
+    try:
+        import transformers  # optional dependency, imported lazily on purpose
+    except ImportError as exc:
+        raise ChameleonUserError(
+            f"loading the Hugging Face model at {path!r} needs the optional package "
+            "'transformers' (pip install transformers)"
+        ) from exc
+    kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+    except Exception as exc:
+        raise ChameleonUserError(f"could not load a Hugging Face causal LM from {path!r}: {exc}") from exc
+    return HFCausalLM(hf.eval()).to(map_location)

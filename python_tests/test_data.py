@@ -1,0 +1,392 @@
+"""Data layer: tokenizers, dataset discovery, token caches, splits, windows, errors, builtin."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chameleon_ext.data.dataset as dataset_mod
+from chameleon_ext.data import (
+    BUILTIN_DOMAINS,
+    ByteTokenizer,
+    HFTokenizer,
+    builtin_dataset_path,
+    load_dataset,
+    load_tokenizer,
+    write_builtin_dataset,
+)
+from chameleon_ext.errors import ChameleonUserError
+
+BYTE = ByteTokenizer()
+EOS = BYTE.eos_id
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _write(path, text, mode="w"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if mode == "wb":
+        with open(path, "wb") as f:
+            f.write(text)
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+
+def _write_bin(folder, train, val=None, dtype="uint16", vocab=50257, meta=True):
+    os.makedirs(folder, exist_ok=True)
+    np.asarray(train, dtype=dtype).tofile(os.path.join(folder, "train.bin"))
+    if val is not None:
+        np.asarray(val, dtype=dtype).tofile(os.path.join(folder, "val.bin"))
+    if meta:
+        _write(os.path.join(folder, "meta.json"), json.dumps({"vocab_size": vocab, "dtype": dtype}))
+
+
+def _encode_docs(*docs):
+    out = []
+    for d in docs:
+        out += BYTE.encode(d) + [EOS]
+    return out
+
+
+TEXT_DOCS = {  # relpath -> content, for the text domain (sorted relpath order = stream order)
+    "a.txt": "alpha beta gamma\nsecond line\n" * 20,
+    "b.md": "# Heading\nsome *markdown* text, with unicode: caf\u00e9 \u2013 \u4e2d\u6587\n" * 20,
+    "sub/c.py": "def f(x):\n    return x + 1\n" * 20,
+}
+JSONL_DOCS = ["first json document " * 10, "second one, \"quoted\" " * 10, "third " * 30]
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A dataset with one text, one jsonl and two pre-tokenised domains."""
+    root = tmp_path / "data"
+    for rel, text in TEXT_DOCS.items():
+        _write(str(root / "prose" / rel), text)
+    _write(str(root / "prose" / ".hidden.txt"), "must be skipped")
+    _write(str(root / "prose" / ".git" / "x.txt"), "must be skipped too")
+    _write(str(root / "jsonl" / "part.jsonl"),
+           "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(JSONL_DOCS)) + "\n\n")
+    rng = np.random.default_rng(0)
+    _write_bin(str(root / "pretok"), rng.integers(0, 257, 1000), rng.integers(0, 257, 300),
+               dtype="uint16", vocab=257)
+    _write_bin(str(root / "pretok32"), rng.integers(0, 257, 500), dtype="uint32", vocab=257)
+    _write(str(root / "pretok" / "README.txt"), "ignored in a pre-tokenised domain")
+    _write(str(root / "notes.txt"), "top-level files are not domains")
+    return root
+
+
+# -- tokenizer -------------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text())
+def test_byte_tokenizer_roundtrip(text):
+    ids = BYTE.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert BYTE.decode(ids) == text
+    assert BYTE.decode(ids + [EOS]) == text  # EOS is dropped on decode
+    assert np.array_equal(BYTE.encode_array(text), np.asarray(ids, dtype=np.uint8))
+
+
+def test_byte_tokenizer_constants():
+    assert (BYTE.vocab_size, BYTE.eos_id, BYTE.name) == (257, 256, "byte")
+    assert BYTE.decode(BYTE.encode("h\u00e9")[:2]) == "h\ufffd"  # cut multi-byte char: no crash
+
+
+def test_load_tokenizer_specs(tmp_path):
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    tok = ByteTokenizer()
+    assert load_tokenizer(tok) is tok
+    with pytest.raises(ChameleonUserError, match="not a folder"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(ChameleonUserError, match="tokenizer"):
+        load_tokenizer(123)
+
+
+def test_hf_tokenizer_without_transformers(tmp_path):
+    try:
+        import transformers  # noqa: F401
+        pytest.skip("transformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ChameleonUserError, match="transformers"):
+        HFTokenizer(str(tmp_path))
+
+
+# -- discovery and contents ------------------------------------------------------------------
+
+
+def test_discovers_text_jsonl_and_bin_domains(mixed):
+    ds = load_dataset(mixed, val_fraction=0.0)
+    assert ds.domains == ["jsonl", "pretok", "pretok32", "prose"]
+    assert [ds.kind(d) for d in ds.domains] == ["text", "bin", "bin", "text"]
+    assert ds.vocab_size == 257
+
+    # text: files in sorted relative-path order, recursive, hidden skipped, EOS after each file
+    expected = _encode_docs(*(TEXT_DOCS[k] for k in sorted(TEXT_DOCS)))
+    assert np.array_equal(ds.train_tokens("prose"), expected)
+    # jsonl: one document per non-blank line, extra fields ignored
+    assert np.array_equal(ds.train_tokens("jsonl"), _encode_docs(*JSONL_DOCS))
+    # bin with val.bin: used as given; uint32 bins read with their dtype
+    rng = np.random.default_rng(0)
+    tr, va, tr32 = rng.integers(0, 257, 1000), rng.integers(0, 257, 300), rng.integers(0, 257, 500)
+    assert np.array_equal(ds.train_tokens("pretok"), tr)
+    assert np.array_equal(ds.val_tokens("pretok"), va)
+    assert ds.train_tokens("pretok32").dtype == np.uint32
+    assert np.array_equal(ds.train_tokens("pretok32"), tr32)
+    assert isinstance(ds.train_tokens("prose"), np.memmap)
+
+
+def test_split_is_deterministic_last_fraction(mixed):
+    ds = load_dataset(mixed, val_fraction=0.2)
+    for name in ("prose", "jsonl", "pretok32"):
+        tr, va = ds.train_tokens(name), ds.val_tokens(name)
+        n = tr.shape[0] + va.shape[0]
+        assert va.shape[0] == int(n * 0.2)
+        full = np.concatenate([tr, va])
+        ds0 = load_dataset(mixed, val_fraction=0.0)
+        assert np.array_equal(full, ds0.train_tokens(name))  # val is the tail of the stream
+    again = load_dataset(mixed, val_fraction=0.2)
+    assert np.array_equal(again.val_tokens("prose"), ds.val_tokens("prose"))
+    # val.bin, when present, wins over val_fraction
+    assert ds.val_tokens("pretok").shape[0] == 300
+
+
+def test_windows(mixed):
+    ds = load_dataset(mixed)
+    w1 = ds.sample_windows("prose", 5, 16, np.random.default_rng(3))
+    w2 = ds.sample_windows("prose", 5, 16, np.random.default_rng(3))
+    assert w1.shape == (5, 16) and w1.dtype == np.int64
+    assert np.array_equal(w1, w2)
+    # each window is a contiguous run of the train tokens (starts over all full windows)
+    tr = np.asarray(ds.train_tokens("prose"))
+    starts = np.random.default_rng(3).integers(0, tr.shape[0] - 16 + 1, size=5)
+    for w, s in zip(w1, starts):
+        assert np.array_equal(w, tr[s:s + 16])
+    one = ds.sample_window("pretok", 8, np.random.default_rng(0), split="val")
+    assert one.shape == (8,)
+    # a window as long as the whole split is allowed
+    n = ds.n_tokens("pretok32")
+    assert np.array_equal(ds.sample_window("pretok32", n, np.random.default_rng(0)),
+                          ds.train_tokens("pretok32"))
+
+
+# -- cache and fingerprints ------------------------------------------------------------------
+
+
+def test_cache_reuse_and_fingerprints(mixed, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    ds1 = load_dataset(mixed, cache_dir=cache)
+    fps = {d: ds1.fingerprint(d) for d in ds1.domains}
+    assert all(len(f) == 64 and int(f, 16) >= 0 for f in fps.values())
+    assert len(set(fps.values())) == len(fps)
+
+    # second load: nothing is re-tokenised and nothing is even re-hashed
+    def boom(*a, **k):
+        raise AssertionError("re-tokenised or re-hashed an unchanged domain")
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset_mod, "_tokenise_domain", boom)
+        m.setattr(dataset_mod, "_content_fingerprint", boom)
+        ds2 = load_dataset(mixed, cache_dir=cache)
+        assert {d: ds2.fingerprint(d) for d in ds2.domains} == fps
+        assert np.array_equal(ds2.train_tokens("prose"), ds1.train_tokens("prose"))
+
+    # touching a file (same content): re-hashed but not re-tokenised, same fingerprint
+    p = mixed / "prose" / "a.txt"
+    st_ = os.stat(p)
+    os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10_000_000_000))
+    with monkeypatch.context() as m:
+        m.setattr(dataset_mod, "_tokenise_domain", boom)
+        assert load_dataset(mixed, cache_dir=cache).fingerprint("prose") == fps["prose"]
+
+    # changing a file changes only that domain's fingerprint, and only it is re-tokenised
+    calls = []
+    real = dataset_mod._tokenise_domain
+
+    def spy(name, *a, **k):
+        calls.append(name)
+        return real(name, *a, **k)
+
+    _write(str(mixed / "jsonl" / "part.jsonl"), json.dumps({"text": "changed"}) + "\n")
+    monkeypatch.setattr(dataset_mod, "_tokenise_domain", spy)
+    ds3 = load_dataset(mixed, cache_dir=cache)
+    assert calls == ["jsonl"]
+    new = {d: ds3.fingerprint(d) for d in ds3.domains}
+    assert new["jsonl"] != fps["jsonl"]
+    assert {d: f for d, f in new.items() if d != "jsonl"} == {d: f for d, f in fps.items() if d != "jsonl"}
+    assert np.array_equal(ds3.train_tokens("jsonl"), _encode_docs("changed"))
+
+
+def test_default_cache_dir_and_fingerprint_depends_on_tokenizer(mixed):
+    ds = load_dataset(mixed)
+    assert ds.cache_dir == os.path.join(str(mixed), ".chameleon_cache")
+    assert os.path.isdir(ds.cache_dir)
+    assert ".chameleon_cache" not in ds.domains
+
+    class Shifted(ByteTokenizer):  # a different tokenizer: bytes shifted by one, EOS = 0
+        name = "byte-shift"
+        eos_id = 0
+
+        def encode_array(self, text):
+            return super().encode_array(text).astype(np.int64) + 1
+
+    ds2 = load_dataset(mixed, tokenizer=Shifted(), cache_dir=str(mixed / "other_cache"))
+    assert ds2.domains == ds.domains  # a cache_dir inside the data folder is not a domain
+    assert ds2.fingerprint("prose") != ds.fingerprint("prose")
+    assert int(ds2.train_tokens("prose")[0]) == int(ds.train_tokens("prose")[0]) + 1
+
+
+def test_fingerprint_is_content_based(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        _write(str(root / "d" / "x.txt"), "same content\n")
+    assert load_dataset(a).fingerprint("d") == load_dataset(b).fingerprint("d")
+
+
+def test_large_file_streams_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", 64)  # force many chunks
+    text = "".join(f"line {i} with some words\n" for i in range(200))
+    _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))  # one document, one EOS
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def _expect_error(match, fn, *names):
+    with pytest.raises(ChameleonUserError, match=match) as ei:
+        fn()
+    for n in names:
+        assert n in str(ei.value), (n, str(ei.value))
+    return ei.value
+
+
+def test_missing_and_empty_data_folder(tmp_path):
+    _expect_error("does not exist", lambda: load_dataset(tmp_path / "missing"), "missing")
+    (tmp_path / "empty").mkdir()
+    _expect_error("no domain subfolders", lambda: load_dataset(tmp_path / "empty"), "empty")
+    (tmp_path / "file").write_text("x")
+    _expect_error("not a folder", lambda: load_dataset(tmp_path / "file"))
+
+
+def test_empty_domain(tmp_path):
+    _write(str(tmp_path / "d" / "ok" / "a.txt"), "hello " * 50)
+    (tmp_path / "d" / "void").mkdir()
+    _write(str(tmp_path / "d" / "void" / ".hidden"), "ignored")
+    _expect_error("empty", lambda: load_dataset(tmp_path / "d"), "'void'")
+    # files that hold no text also make an empty domain
+    _write(str(tmp_path / "e" / "blank" / "a.txt"), "")
+    _write(str(tmp_path / "e" / "blank" / "b.jsonl"), "\n\n")
+    _expect_error("empty", lambda: load_dataset(tmp_path / "e"), "'blank'")
+    _write_bin(str(tmp_path / "f" / "zero"), [], dtype="uint16", vocab=257)
+    _expect_error("empty", lambda: load_dataset(tmp_path / "f"), "'zero'", "train.bin")
+
+
+def test_non_utf8_and_bad_jsonl(tmp_path):
+    _write(str(tmp_path / "d" / "latin" / "good.txt"), "fine")
+    _write(str(tmp_path / "d" / "latin" / "bad.txt"), "caf\xe9".encode("latin-1"), mode="wb")
+    _expect_error("UTF-8", lambda: load_dataset(tmp_path / "d"), "'latin'", "bad.txt")
+
+    _write(str(tmp_path / "j" / "web" / "x.jsonl"), '{"text": "ok"}\n{"body": "no text"}\n')
+    _expect_error("text", lambda: load_dataset(tmp_path / "j"), "'web'", "x.jsonl", "line 2")
+    _write(str(tmp_path / "k" / "web" / "x.jsonl"), '{"text": "ok"}\n{not json\n')
+    _expect_error("not valid JSON", lambda: load_dataset(tmp_path / "k"), "x.jsonl", "line 2")
+    # a failed tokenisation leaves no cache entry behind, so fixing the file works
+    _write(str(tmp_path / "d" / "latin" / "bad.txt"), "cafe")
+    assert load_dataset(tmp_path / "d").domains == ["latin"]
+
+
+def test_bad_bin_domains(tmp_path):
+    _write_bin(str(tmp_path / "a" / "gpt"), [1, 2, 3], dtype="uint16")
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": 50257, "dtype": "int8"}))
+    _expect_error("unknown token dtype", lambda: load_dataset(tmp_path / "a"), "'gpt'", "int8", "meta.json")
+
+    _write_bin(str(tmp_path / "b" / "gpt"), [1, 2, 3], meta=False)
+    _expect_error("meta.json", lambda: load_dataset(tmp_path / "b"), "'gpt'")
+
+    _write_bin(str(tmp_path / "c" / "gpt"), [1, 2, 3], dtype="uint16")
+    with open(tmp_path / "c" / "gpt" / "train.bin", "ab") as f:
+        f.write(b"\x00")  # 7 bytes: not a whole number of uint16 tokens
+    _expect_error("whole number", lambda: load_dataset(tmp_path / "c"), "'gpt'", "train.bin")
+
+    _write(str(tmp_path / "e" / "half" / "val.bin"), b"\x00\x00", mode="wb")
+    _expect_error("no train.bin", lambda: load_dataset(tmp_path / "e"), "'half'")
+
+
+def test_vocab_mismatch(tmp_path):
+    # a GPT-2 tokenised domain next to byte-tokenised text: declared vocabularies disagree
+    _write(str(tmp_path / "a" / "text" / "a.txt"), "hello")
+    _write_bin(str(tmp_path / "a" / "gpt"), [1, 50000, 3], vocab=50257)
+    _expect_error("vocabulary mismatch", lambda: load_dataset(tmp_path / "a"), "'gpt'", "50257")
+    # ids beyond the model's vocabulary
+    _write_bin(str(tmp_path / "b" / "gpt"), [1, 50000, 3], vocab=50257)
+    _write_bin(str(tmp_path / "b" / "small"), [1, 2, 3], vocab=50257)
+    ds = load_dataset(tmp_path / "b")
+    assert ds.vocab_size == 50257
+    ds.check_vocab(50257)
+    _expect_error("vocabulary mismatch", lambda: ds.check_vocab(257), "'gpt'", "50000", "257")
+
+
+def test_domain_shorter_than_window_and_bad_args(mixed):
+    ds = load_dataset(mixed)
+    n = ds.n_tokens("pretok32")
+    rng = np.random.default_rng(0)
+    _expect_error("shorter than one window", lambda: ds.sample_windows("pretok32", 2, n + 1, rng),
+                  "'pretok32'", str(n + 1))
+    _expect_error("shorter than one window", lambda: ds.check_window(10_000), "'jsonl'")
+    _expect_error("not in the dataset", lambda: ds.train_tokens("nope"), "'nope'")
+    _expect_error("rng", lambda: ds.sample_windows("prose", 2, 4, rng=0))
+    _expect_error("length", lambda: ds.sample_windows("prose", 2, 0, rng))
+    _expect_error("val_fraction", lambda: load_dataset(mixed, val_fraction=1.0))
+    ds0 = load_dataset(mixed, val_fraction=0.0)
+    _expect_error("val split", lambda: ds0.sample_window("prose", 4, rng, split="val"), "'prose'")
+
+
+# -- builtin dataset -------------------------------------------------------------------------
+
+
+def _read_tree(root):
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if not f.startswith("."):
+                p = os.path.join(dirpath, f)
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def test_builtin_dataset_is_deterministic(tmp_path):
+    a = _read_tree(write_builtin_dataset(tmp_path / "a", seed=0))
+    b = _read_tree(write_builtin_dataset(tmp_path / "b", seed=0))
+    c = _read_tree(write_builtin_dataset(tmp_path / "c", seed=1))
+    assert a == b
+    assert a != c
+    domains = sorted({k.split(os.sep)[0] for k in a})
+    assert domains == sorted(BUILTIN_DOMAINS) and len(domains) >= 5
+    for d in domains:
+        size = sum(len(v) for k, v in a.items() if k.startswith(d + os.sep))
+        assert 150_000 < size < 600_000, (d, size)
+    ds = load_dataset(tmp_path / "a")
+    assert ds.domains == sorted(BUILTIN_DOMAINS)
+    assert all(ds.n_tokens(d, "val") > 1024 for d in ds.domains)
+
+
+def test_builtin_dataset_path_is_idempotent(tmp_path):
+    p1 = builtin_dataset_path(tmp_path)
+    marker_mtime = os.stat(os.path.join(p1, ".complete")).st_mtime_ns
+    p2 = builtin_dataset_path(tmp_path)
+    assert p1 == p2 == os.path.join(str(tmp_path), "builtin-v1")
+    assert os.stat(os.path.join(p1, ".complete")).st_mtime_ns == marker_mtime
+    assert [e for e in os.listdir(tmp_path) if e.startswith(".")] == []  # no temp leftovers
+    assert load_dataset(p1).domains == sorted(BUILTIN_DOMAINS)

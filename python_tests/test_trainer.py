@@ -1,0 +1,319 @@
+"""Trainer: weighted sampling, exact resume, atomic checkpoints, evaluation, finetuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from chameleon_ext.data import load_dataset
+from chameleon_ext.errors import ChameleonUserError
+from chameleon_ext.model import GPT, GPTConfig, atomic_save, load_model, save_model
+from chameleon_ext.trainer import (
+    TrainConfig,
+    WeightedDomainSampler,
+    evaluate,
+    load_checkpoint,
+    normalize_weights,
+    train,
+)
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four small byte-level domains with clearly different statistics."""
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(0)
+    texts = {
+        "alpha": " ".join("the quick brown fox jumps" for _ in range(300)),
+        "digits": " ".join(str(int(v)) for v in rng.integers(0, 10**6, 700)),
+        "dna": "".join("ACGT"[int(i)] for i in rng.integers(0, 4, 5000)),
+        "zeta": " ".join(f"item_{i}: value={i * 7 % 13}" for i in range(400)),
+    }
+    for name, text in texts.items():
+        os.makedirs(root / name)
+        (root / name / "data.txt").write_text(text, encoding="utf-8")
+    return load_dataset(root)
+
+
+def _model(seed=0, dropout=0.0):
+    cfg = GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
+                    dropout=dropout)
+    return GPT(cfg, seed=seed)
+
+
+def _cfg(out_dir, **kw):
+    base = dict(steps=6, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, ckpt_every=0,
+                log_every=2, eval_every=0, device="cpu", out_dir=str(out_dir), quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _assert_same_params(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"parameter {k} differs"
+
+
+# -- sampler ---------------------------------------------------------------------------------
+
+
+def test_sampler_proportions_match_weights(dataset):
+    weights = {"alpha": 0.5, "digits": 0.3, "dna": 0.2, "zeta": 0.0}
+    s = WeightedDomainSampler(dataset, weights, BLOCK, seed=7)
+    counts = np.zeros(4)
+    for _ in range(50):
+        x, y, dom = s.sample(80)
+        assert x.shape == y.shape == (80, BLOCK) and x.dtype == y.dtype == torch.int64
+        assert dom.shape == (80,) and dom.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+        counts += np.bincount(dom.numpy(), minlength=4)
+    n = counts.sum()
+    p = np.array([0.5, 0.3, 0.2, 0.0])
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) <= 4 * sigma + 1e-9), counts
+    assert counts[3] == 0  # zero weight: never drawn
+
+
+def test_sampler_rows_are_windows_of_their_domain(dataset):
+    s = WeightedDomainSampler(dataset, "uniform", BLOCK, seed=1)
+    x, y, dom = s.sample(32)
+    for row, d in zip(torch.cat([x, y[:, -1:]], 1).numpy(), dom.numpy()):
+        toks = np.asarray(dataset.train_tokens(dataset.domains[d]))
+        hits = np.flatnonzero(toks[: len(toks) - BLOCK] == row[0])
+        assert any(np.array_equal(toks[h:h + BLOCK + 1], row) for h in hits)
+
+
+def test_sampler_reproducible_and_state_roundtrip(dataset):
+    a = WeightedDomainSampler(dataset, [1, 2, 3, 4], BLOCK, seed=3)
+    b = WeightedDomainSampler(dataset, [1, 2, 3, 4], BLOCK, seed=3)
+    for _ in range(3):
+        assert all(torch.equal(u, v) for u, v in zip(a.sample(8), b.sample(8)))
+    state = json.loads(json.dumps(a.state_dict()))  # plain, serialisable types only
+    expected = [a.sample(8) for _ in range(3)]
+    c = WeightedDomainSampler(dataset, [1, 2, 3, 4], BLOCK, seed=99)
+    c.load_state_dict(state)
+    for e in expected:
+        assert all(torch.equal(u, v) for u, v in zip(e, c.sample(8)))
+    other = WeightedDomainSampler(dataset, [1, 2, 3, 4], BLOCK, seed=4)
+    assert not torch.equal(other.sample(8)[0], WeightedDomainSampler(
+        dataset, [1, 2, 3, 4], BLOCK, seed=3).sample(8)[0])
+    d = WeightedDomainSampler(dataset, [4, 3, 2, 1], BLOCK, seed=3)
+    with pytest.raises(ChameleonUserError, match="weight of domain"):
+        d.load_state_dict(state)
+
+
+@pytest.mark.parametrize("weights, match, name", [
+    ({"alpha": 1, "digits": 1, "dna": 1, "zeta": 1, "extra": 1}, "not in the dataset", "extra"),
+    ({"alpha": 1, "digits": 1, "dna": 1}, "no weight given", "zeta"),
+    ({"alpha": 1, "digits": -1, "dna": 1, "zeta": 1}, "finite number >= 0", "digits"),
+    ({"alpha": 1, "digits": 1, "dna": float("nan"), "zeta": 1}, "finite number >= 0", "dna"),
+    ({"alpha": 1, "digits": 1, "dna": 1, "zeta": float("inf")}, "finite number >= 0", "zeta"),
+    ({"alpha": 0, "digits": 0, "dna": 0, "zeta": 0}, "all domain weights are 0", ""),
+    ([1, 2, 3], "3 values for 4 domains", ""),
+    ("proportional", "uniform", ""),
+])
+def test_weight_validation(dataset, weights, match, name):
+    with pytest.raises(ChameleonUserError, match=match) as ei:
+        normalize_weights(dataset, weights)
+    assert name in str(ei.value)
+
+
+def test_weights_normalised_and_window_check(dataset):
+    np.testing.assert_allclose(normalize_weights(dataset, [1, 1, 2, 0]), [0.25, 0.25, 0.5, 0])
+    np.testing.assert_allclose(normalize_weights(dataset, "uniform"), [0.25] * 4)
+    too_long = dataset.n_tokens("digits") + 5  # digits is the shortest domain
+    with pytest.raises(ChameleonUserError, match="'digits'"):
+        WeightedDomainSampler(dataset, "uniform", too_long)
+    # domains with weight 0 are not required to hold a window
+    short = dataset.n_tokens("dna")
+    WeightedDomainSampler(dataset, {"alpha": 1, "digits": 0, "dna": 0, "zeta": 0}, short)
+
+
+# -- training and resume ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum, dropout", [(1, 0.0), (2, 0.1)])
+def test_resume_is_bitwise_exact(dataset, tmp_path, grad_accum, dropout):
+    kw = dict(steps=8, grad_accum=grad_accum)
+    straight = _model(dropout=dropout)
+    res_a = train(straight, dataset, "uniform", _cfg(tmp_path / "a", **kw))
+    assert res_a["step"] == 8 and res_a["model_path"]
+
+    first = _model(dropout=dropout)
+    res_b = train(first, dataset, "uniform", _cfg(tmp_path / "b", **kw), stop_at=4)
+    assert res_b["step"] == 4 and res_b["model_path"] is None
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 4
+    torch.manual_seed(12345)  # disturb global RNGs; the checkpoint must restore them
+    np.random.seed(1)
+    resumed = _model(seed=42, dropout=dropout)  # different init: weights must come from ckpt
+    res_c = train(resumed, dataset, "uniform", _cfg(tmp_path / "b", **kw))
+    assert res_c["step"] == 8
+    _assert_same_params(straight, resumed)
+    assert res_a["loss"] == res_c["loss"]
+    # final model files identical in content
+    assert load_model(res_a["model_path"]).content_hash == load_model(res_c["model_path"]).content_hash
+
+
+def test_killed_run_resumes_exactly_from_last_checkpoint(dataset, tmp_path, monkeypatch):
+    straight = _model()
+    train(straight, dataset, "uniform", _cfg(tmp_path / "a", steps=7, ckpt_every=2))
+
+    real_sample = WeightedDomainSampler.sample
+    calls = {"n": 0}
+
+    def dying_sample(self, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6, after the step-4 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real_sample(self, batch_size)
+
+    monkeypatch.setattr(WeightedDomainSampler, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), dataset, "uniform", _cfg(tmp_path / "b", steps=7, ckpt_every=2))
+    monkeypatch.setattr(WeightedDomainSampler, "sample", real_sample)
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 4  # lost only step 5
+
+    resumed = _model(seed=5)
+    train(resumed, dataset, "uniform", _cfg(tmp_path / "b", steps=7, ckpt_every=2))
+    _assert_same_params(straight, resumed)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated records
+
+
+def test_atomic_checkpoint_survives_crash_during_save(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(_model(), dataset, "uniform", _cfg(out, steps=8), stop_at=2)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("simulated crash / disk full during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(_model(), dataset, "uniform", _cfg(out, steps=8, ckpt_every=2), stop_at=4)
+    monkeypatch.undo()
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]  # no temp files left
+
+    # atomic_save directly: the old file stays when the write fails
+    target = tmp_path / "x.pt"
+    atomic_save({"v": 1}, target)
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        atomic_save({"v": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"v": 1}
+
+
+def test_resume_rejects_changed_trajectory(dataset, tmp_path):
+    train(_model(), dataset, "uniform", _cfg(tmp_path, steps=6), stop_at=2)
+    with pytest.raises(ChameleonUserError, match="TrainConfig.lr"):
+        train(_model(), dataset, "uniform", _cfg(tmp_path, steps=6, lr=1e-3))
+    with pytest.raises(ChameleonUserError, match="weight of domain"):
+        train(_model(), dataset, [1, 2, 3, 4], _cfg(tmp_path, steps=6))
+    bigger = GPT(GPTConfig(vocab_size=257, n_layer=3, n_head=2, n_embd=32, block_size=BLOCK))
+    with pytest.raises(ChameleonUserError, match="n_layer"):
+        train(bigger, dataset, "uniform", _cfg(tmp_path, steps=6))
+    # resume=False starts over instead
+    res = train(_model(), dataset, "uniform", _cfg(tmp_path, steps=3, lr=1e-3), resume=False)
+    assert res["step"] == 3
+
+
+def test_metrics_and_eval_during_training(dataset, tmp_path):
+    res = train(_model(), dataset, "uniform",
+                _cfg(tmp_path, steps=4, eval_every=2, eval_windows=3, log_every=1))
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    eval_recs = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "tokens"} <= r.keys() for r in train_recs)
+    assert [r["step"] for r in eval_recs] == [2, 4]
+    assert res["eval"] == eval_recs[-1]["eval"]
+    assert res["tokens"] == 4 * 4 * BLOCK
+    assert train_recs[0]["lr"] == pytest.approx(3e-3 / 2)  # warm-up step 1 of 2
+
+
+def test_train_config_validation():
+    with pytest.raises(ChameleonUserError, match="TrainConfig.steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ChameleonUserError, match="TrainConfig.min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ChameleonUserError, match="TrainConfig.device"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ChameleonUserError, match="TrainConfig.batch_size"):
+        TrainConfig(batch_size=2.5)
+
+
+def test_vocab_checked_before_training(dataset, tmp_path):
+    small = GPT(GPTConfig(vocab_size=200, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK))
+    with pytest.raises(ChameleonUserError, match="vocabulary mismatch"):
+        train(small, dataset, "uniform", _cfg(tmp_path))
+
+
+# -- evaluation and finetuning ---------------------------------------------------------------
+
+
+def test_evaluate_fixed_windows_and_ppl(dataset):
+    model = _model(dropout=0.2)
+    model.train()
+    r1 = evaluate(model, dataset, n_windows=5, block_size=BLOCK, seed=0, device="cpu")
+    r2 = evaluate(model, dataset, n_windows=5, block_size=BLOCK, seed=0, device="cpu")
+    assert model.training  # mode restored
+    assert r1 == r2  # same windows, dropout off
+    assert set(r1) == set(dataset.domains) | {"average"}
+    for d in dataset.domains:
+        assert math.isfinite(r1[d]["loss"]) and r1[d]["ppl"] == pytest.approx(math.exp(r1[d]["loss"]))
+    avg = np.mean([r1[d]["loss"] for d in dataset.domains])
+    assert r1["average"]["loss"] == pytest.approx(avg)
+    assert r1["average"]["ppl"] == pytest.approx(math.exp(avg))
+    # untrained model: close to uniform over 257 ids
+    assert abs(r1["average"]["loss"] - math.log(257)) < 0.5
+    r3 = evaluate(model, dataset, n_windows=5, block_size=BLOCK, seed=1, device="cpu")
+    assert r3["alpha"]["loss"] != r1["alpha"]["loss"] or r3["dna"]["loss"] != r1["dna"]["loss"]
+
+
+def test_finetune_starts_from_init_from(dataset, tmp_path):
+    pre = _model(seed=0)
+    res = train(pre, dataset, "uniform", _cfg(tmp_path / "pre", steps=3))
+    start = {k: v.clone() for k, v in pre.state_dict().items()}
+
+    seen = {}
+    ft = _model(seed=9)
+
+    def capture(module, args):
+        if not seen:
+            seen.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    ft.register_forward_pre_hook(capture)
+    out = train(ft, dataset, {"alpha": 0, "digits": 0, "dna": 1, "zeta": 1},
+                _cfg(tmp_path / "ft", steps=2), init_from=res["model_path"])
+    assert out["step"] == 2
+    for k in start:
+        assert torch.equal(seen[k], start[k]), k
+    assert not torch.equal(ft.wte.weight, start["wte.weight"])  # and it trained from there
+    # a trainer checkpoint works as init_from too
+    ft2 = _model(seed=9)
+    ft2.register_forward_pre_hook(lambda m, a: seen.clear() or seen.update(
+        {k: v.detach().clone() for k, v in m.state_dict().items()}) if not seen else None)
+    seen.clear()
+    train(ft2, dataset, "uniform", _cfg(tmp_path / "ft2", steps=1),
+          init_from=tmp_path / "pre" / "ckpt.pt")
+    assert torch.equal(seen["wte.weight"], start["wte.weight"])
+
+
+def test_save_model_of_trained_proxy_is_loadable(dataset, tmp_path):
+    m = _model()
+    res = train(m, dataset, "uniform", _cfg(tmp_path, steps=2))
+    loaded = load_model(res["model_path"])
+    assert loaded.content_hash == m.content_hash
+    assert save_model(tmp_path / "again.pt", loaded) == m.content_hash
