@@ -1,0 +1,371 @@
+"""Domain embeddings: the proxy's mean hidden state over sampled windows of each domain
+(METHOD.md step 2), with a cache and torch.distributed sharding.
+
+For each domain, ``n_windows`` windows of ``window`` tokens are drawn with a generator
+seeded by (seed, domain name), so a domain's windows never depend on which other domains
+exist. The proxy runs only up to ``layer`` (default: the reference's middle layer); each
+batch mixes windows of several domains and goes through ``domain_mean_pool`` once, which
+adds every window's mean into its domain's sum. Sums and counts add across batches and
+across ranks (one all-reduce), so the embedding is the same whatever the world size.
+
+``pooling="reference"`` reproduces the reference implementation instead: windows are
+decoded to text and re-tokenised, batches are right-padded with EOS, the mean runs over
+padding too, and duplicate window vectors are dropped before averaging (METHOD.md §3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed
+from .errors import ChameleonUserError
+from .ops import domain_mean_pool, masked_mean_pool
+
+__all__ = ["EmbedConfig", "DomainEmbeddings", "embed_domains", "window_starts", "load_domain_embeddings"]
+
+CACHE_FORMAT = "chameleon_ext.domain_embedding/1"
+POOLINGS = ("masked", "reference")
+
+
+@dataclass
+class EmbedConfig:
+    """How domain embeddings are sampled and pooled. Defaults follow the reference."""
+
+    n_windows: int = 2048  # windows per domain (n)
+    window: int = 512  # tokens per window (l)
+    batch_size: int = 16
+    layer: Optional[int] = None  # None: the model's default_embedding_layer (the middle)
+    seed: int = 0
+    pooling: str = "masked"  # "masked" (clean method) or "reference" (the reference's quirks)
+    split: str = "train"
+
+    def __post_init__(self):
+        for name in ("n_windows", "window", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ChameleonUserError(f"{name}: expected a positive integer, got {v!r}")
+        if self.pooling not in POOLINGS:
+            raise ChameleonUserError(f"pooling: expected one of {POOLINGS}, got {self.pooling!r}")
+        if self.split not in ("train", "val"):
+            raise ChameleonUserError(f"split: expected 'train' or 'val', got {self.split!r}")
+
+
+@dataclass
+class DomainEmbeddings:
+    """Domain embeddings ``[k, d]`` (float64) with what produced them."""
+
+    domains: List[str]
+    embeddings: torch.Tensor  # [k, d] float64
+    counts: List[int]  # windows averaged per domain (after de-duplication in reference mode)
+    settings: dict
+    computed: List[str] = field(default_factory=list)  # embedded now; the rest came from the cache
+
+    def to_dict(self) -> dict:
+        return {
+            "domains": list(self.domains),
+            "embeddings": self.embeddings.detach().cpu(),
+            "counts": list(self.counts),
+            "settings": dict(self.settings),
+        }
+
+    def save(self, path: str) -> None:
+        """``{"domains": [...], "embeddings": Tensor[k, d], ...}``, written atomically."""
+        from .model import atomic_save
+
+        atomic_save(self.to_dict(), path)
+
+
+def load_domain_embeddings(path: str) -> DomainEmbeddings:
+    """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`."""
+    if not os.path.isfile(path):
+        raise ChameleonUserError(f"embeddings file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        domains, emb = list(obj["domains"]), obj["embeddings"]
+    except Exception as exc:
+        raise ChameleonUserError(f"embeddings file {path!r} cannot be read: {exc}") from exc
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(domains):
+        raise ChameleonUserError(f"embeddings file {path!r}: expected embeddings [k, d] for {len(domains)} domains")
+    return DomainEmbeddings(domains, emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
+
+
+def _domain_seed(seed: int, name: str) -> np.random.Generator:
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
+
+
+def window_starts(dataset, name: str, cfg: EmbedConfig) -> np.ndarray:
+    """The ``n_windows`` window starts of domain ``name`` ``[n]``: seeded by (seed, name),
+    uniform over every full window of the split (windows may cross documents)."""
+    total = dataset.n_tokens(name, cfg.split)
+    if total < cfg.window:
+        dataset.check_window(cfg.window, cfg.split, [name])  # raises, naming the domain
+    return _domain_seed(cfg.seed, name).integers(0, total - cfg.window + 1, size=cfg.n_windows)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_key(proxy_hash: str, layer: int, precision: str, dataset, name: str, cfg: EmbedConfig) -> str:
+    spec = {
+        "format": CACHE_FORMAT,
+        "proxy": proxy_hash,
+        "layer": layer,
+        "precision": precision,
+        "domain": name,
+        "fingerprint": dataset.fingerprint(name),
+        "val_fraction": getattr(dataset, "val_fraction", None),
+        "n_windows": cfg.n_windows,
+        "window": cfg.window,
+        "seed": cfg.seed,
+        "pooling": cfg.pooling,
+        "split": cfg.split,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _entry_digest(total: torch.Tensor, count: int) -> str:
+    return hashlib.sha256(total.double().contiguous().numpy().tobytes() + str(int(count)).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, f"{key}.pt")
+
+
+def _read_cache(cache_dir: Optional[str], key: str, name: str):
+    """(sum [d], count) from the cache, or None; a damaged entry is reported and ignored."""
+    if cache_dir is None:
+        return None
+    path = _cache_path(cache_dir, key)
+    if not os.path.exists(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (
+            obj.get("format") == CACHE_FORMAT
+            and obj.get("key") == key
+            and obj.get("sha256") == _entry_digest(obj["sum"], obj["count"])
+            and bool(torch.isfinite(obj["sum"]).all())
+            and int(obj["count"]) > 0
+        )
+    except Exception:
+        ok = False
+    if not ok:
+        warnings.warn(f"embedding cache entry for domain {name!r} ({path}) is damaged; recomputing it", stacklevel=3)
+        return None
+    return obj["sum"].double(), int(obj["count"])
+
+
+def _write_cache(cache_dir: Optional[str], key: str, name: str, total: torch.Tensor, count: int) -> None:
+    if cache_dir is None:
+        return
+    from .model import atomic_save
+
+    os.makedirs(cache_dir, exist_ok=True)
+    total = total.detach().double().cpu()
+    atomic_save(
+        {"format": CACHE_FORMAT, "key": key, "domain": name, "sum": total, "count": int(count),
+         "sha256": _entry_digest(total, count)},
+        _cache_path(cache_dir, key),
+    )
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.info().local_rank)
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChameleonUserError("device: 'cuda' was requested but CUDA is not available")
+    return dev
+
+
+def _retokenise(tokenizer, windows: np.ndarray, length: int) -> List[List[int]]:
+    """Decode each window to text and encode it again, as the reference does; truncate to
+    ``length`` tokens."""
+    return [list(tokenizer.encode(tokenizer.decode(w.tolist())))[:length] for w in windows]
+
+
+def _pad_right(rows: List[List[int]], pad_id: int) -> tuple:
+    T = max(1, max(len(r) for r in rows))
+    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def embed_domains(
+    model,
+    dataset,
+    config: Optional[EmbedConfig] = None,
+    device=None,
+    cache_dir: Optional[str] = None,
+    domains: Optional[Sequence[str]] = None,
+    group=None,
+    progress: bool = False,
+) -> DomainEmbeddings:
+    """Embed the domains of ``dataset`` with ``model`` (a proxy with ``hidden_states``).
+
+    Domains found in ``cache_dir`` are not embedded again; the rest are sharded over the
+    ranks of ``group`` (or the default group when torch.distributed is initialised) and
+    all-reduced. Every rank returns the same result; only rank 0 writes the cache.
+    """
+    cfg = config or EmbedConfig()
+    names = list(dataset.domains if domains is None else domains)
+    if not names:
+        raise ChameleonUserError("domains: expected at least one domain to embed")
+    missing = [n for n in names if n not in dataset.domains]
+    if missing:
+        raise ChameleonUserError(f"domains: {missing} are not in the dataset (it has {dataset.domains})")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:
+        dataset.check_vocab(vocab)
+    dataset.check_window(cfg.window, cfg.split, names)
+    block = getattr(getattr(model, "config", None), "block_size", None)
+    if block is not None and cfg.window > block:
+        raise ChameleonUserError(f"window: {cfg.window} tokens exceed the proxy's block_size {block}")
+    layer = model.default_embedding_layer if cfg.layer is None else cfg.layer
+
+    dev = _resolve_device(device)
+    precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
+    me = distributed.info(group)
+    proxy_hash = model.content_hash
+    keys = {n: _cache_key(proxy_hash, layer, precision, dataset, n, cfg) for n in names}
+    cached = {n: _read_cache(cache_dir, keys[n], n) for n in names}
+    todo = [n for n in names if cached[n] is None]
+
+    fresh = {}
+    if todo:
+        model = model.to(dev).eval()
+        run = _embed_reference if cfg.pooling == "reference" else _embed_masked
+        fresh = run(model, dataset, cfg, todo, layer, dev, me, group, progress)
+        if me.is_main:
+            for n in todo:
+                _write_cache(cache_dir, keys[n], n, *fresh[n])
+        distributed.barrier(group)
+
+    sums, counts = [], []
+    for n in names:
+        total, count = cached[n] if cached[n] is not None else fresh[n]
+        sums.append(total.double().cpu() / count)
+        counts.append(int(count))
+    settings = dict(asdict(cfg), layer=layer, precision=precision, proxy_sha256=proxy_hash)
+    return DomainEmbeddings(names, torch.stack(sums), counts, settings, computed=todo)
+
+
+def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, attention_mask=None) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        return model.hidden_states(ids, layer, attention_mask=attention_mask)
+
+
+def _work_items(dataset, cfg: EmbedConfig, todo: Sequence[str], me) -> tuple:
+    """This rank's contiguous share of all (domain, window) items, and each domain's starts."""
+    starts = {n: window_starts(dataset, n, cfg) for n in todo}
+    total = cfg.n_windows * len(todo)
+    share = distributed.shard_range(total, me.rank, me.world_size)
+    return share, starts
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, what: str):
+        self.enabled, self.total, self.what = enabled, total, what
+        self.done, self.t0, self.tokens = 0, time.perf_counter(), 0
+
+    def update(self, n: int, tokens: int) -> None:
+        self.done += n
+        self.tokens += tokens
+        if self.enabled and (self.done == self.total or self.done % max(1, self.total // 10) < n):
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            print(f"[embed] {self.what}: {self.done}/{self.total} windows, {self.tokens / dt:,.0f} tokens/s", flush=True)
+
+
+@torch.inference_mode()
+def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
+    """Clean method: full windows (no padding), means summed per domain by domain_mean_pool."""
+    share, starts = _work_items(dataset, cfg, todo, me)
+    H = None
+    sums = counts = None
+    bar = _Progress(progress and me.is_main, len(share), f"rank {me.rank}")
+    items = list(share)
+    for b0 in range(0, len(items), cfg.batch_size):
+        chunk = items[b0 : b0 + cfg.batch_size]
+        dom = np.array([i // cfg.n_windows for i in chunk])
+        win = np.array([i % cfg.n_windows for i in chunk])
+        windows = np.concatenate(
+            [dataset.windows_at(todo[d], starts[todo[d]][win[dom == d]], cfg.window, cfg.split) for d in np.unique(dom)]
+        )  # [b, l]; rows grouped by domain in the same order as `dom` (items are sorted)
+        ids = torch.from_numpy(windows).to(dev)
+        hidden = _forward(model, ids, layer, dev)  # [b, l, H]
+        s, c = domain_mean_pool(hidden, None, torch.from_numpy(dom).to(dev), len(todo))
+        if sums is None:
+            H = hidden.shape[-1]
+            sums = torch.zeros(len(todo), H, dtype=torch.float64, device=dev)
+            counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
+        sums += s.double()
+        counts += c
+        bar.update(len(chunk), ids.numel())
+    if sums is None:  # this rank had no work (more ranks than windows)
+        H = _hidden_size(model)
+        sums = torch.zeros(len(todo), H, dtype=torch.float64, device=dev)
+        counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
+    distributed.all_reduce_sum_(sums, group)
+    distributed.all_reduce_sum_(counts, group)
+    return {n: (sums[i].cpu(), int(counts[i])) for i, n in enumerate(todo)}
+
+
+@torch.inference_mode()
+def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress):
+    """The reference pipeline's pooling: re-tokenised windows, right-padded batches, the
+    mean over padding included, duplicates dropped (np.unique) before averaging."""
+    tokenizer = getattr(dataset, "tokenizer", None)
+    if tokenizer is None:
+        raise ChameleonUserError("pooling='reference' needs a dataset with a tokenizer (to re-tokenise windows)")
+    share, starts = _work_items(dataset, cfg, todo, me)
+    items = list(share)
+    rows = []  # (domain index, window vector) for this rank, in item order
+    bar = _Progress(progress and me.is_main, len(items), f"rank {me.rank} (reference pooling)")
+    for b0 in range(0, len(items), cfg.batch_size):
+        chunk = items[b0 : b0 + cfg.batch_size]
+        dom = [i // cfg.n_windows for i in chunk]
+        windows = np.stack(
+            [dataset.windows_at(todo[d], starts[todo[d]][[i % cfg.n_windows]], cfg.window, cfg.split)[0]
+             for d, i in zip(dom, chunk)]
+        )
+        ids, _ = _pad_right(_retokenise(tokenizer, windows, cfg.window), tokenizer.eos_id)
+        hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev)
+        pooled = masked_mean_pool(hidden, None).double().cpu().numpy()  # padding included, as the reference
+        rows.extend(zip(dom, pooled))
+        bar.update(len(chunk), ids.size)
+    if distributed.is_distributed(group):
+        gathered = [None] * me.world_size
+        torch.distributed.all_gather_object(gathered, rows, group=group)
+        rows = [r for part in gathered for r in part]
+    out = {}
+    for d, name in enumerate(todo):
+        vecs = np.stack([v for dd, v in rows if dd == d])
+        unique = np.unique(vecs, axis=0)
+        out[name] = (torch.from_numpy(unique.sum(0)), unique.shape[0])
+    return out
+
+
+def _hidden_size(model) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("n_embd", "hidden_size", "d_model"):
+        if cfg is not None and hasattr(cfg, attr):
+            return int(getattr(cfg, attr))
+    raise ChameleonUserError("cannot tell the proxy's hidden size; give every rank at least one window")

@@ -1,0 +1,566 @@
+"""Exports of Chameleon domain weights for the trainers people use (METHOD.md, step 6).
+
+A ``weights.json`` (see :mod:`chameleon_ext.weights`) holds the per-domain mixture weights
+alpha. This module validates such a file and turns its ``weights`` into what each trainer
+reads:
+
+* Megatron-LM: the ``--data-path`` blend string ``"w1 prefix1 w2 prefix2 ..."``;
+* Hugging Face ``datasets.interleave_datasets(..., probabilities=[...])``;
+* a YAML mixture (``mixture: [{name, weight}, ...]``) for config-driven trainers.
+
+Every weight is written with Python's shortest round-trip representation (``repr``), so an
+export parses back to exactly the same floats. Files are written atomically (temporary file
+in the same folder, then ``os.replace``) so a trainer never reads a half-written mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import re
+import secrets
+from collections import Counter
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+from .errors import ChameleonUserError
+
+__all__ = [
+    "load_weights",
+    "megatron_blend",
+    "parse_megatron_blend",
+    "hf_interleave_probabilities",
+    "mixture_yaml",
+    "parse_mixture_yaml",
+    "write_exports",
+    "atomic_path",
+    "EXPORT_FILES",
+]
+
+SUM_TOLERANCE = 1e-6
+REQUIRED_KEYS = ("domains", "weights")
+# Metadata copied from a weights file into the ``chameleon:`` block of mixture.yaml.
+META_KEYS = ("mode", "lambda", "temperature", "normalize")
+# kind -> file name written by :func:`write_exports`.
+EXPORT_FILES = {
+    "megatron": "megatron_data_path.txt",
+    "hf_interleave": "hf_interleave_probabilities.json",
+    "mixture_yaml": "mixture.yaml",
+}
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_number(value) -> bool:
+    # numbers.Real admits numpy scalars; bool is an int subclass, and a ``true`` weight in a
+    # JSON file is a mistake, not 1.0.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_weight_values(weights: Mapping[str, float], source: str) -> Dict[str, float]:
+    """Every weight a finite number >= 0; returns them as floats in the mapping's order."""
+    if not isinstance(weights, Mapping):
+        raise ChameleonUserError(f"{source}: weights must be a mapping domain -> weight, got {type(weights).__name__}")
+    if len(weights) == 0:
+        raise ChameleonUserError(f"{source}: weights is empty (no domains)")
+    if isinstance(weights.get("weights"), Mapping):
+        raise ChameleonUserError(
+            f"{source}: got a whole weights.json document; pass its 'weights' entry (not the whole file)"
+        )
+    out: Dict[str, float] = {}
+    for name, value in weights.items():
+        if not isinstance(name, str) or not name:
+            raise ChameleonUserError(f"{source}: domain names must be non-empty strings, got {name!r}")
+        if not _is_number(value):
+            raise ChameleonUserError(f"{source}: weight of domain {name!r} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ChameleonUserError(f"{source}: weight of domain {name!r} is not finite ({value!r})")
+        if value < 0:
+            raise ChameleonUserError(f"{source}: weight of domain {name!r} is negative ({value!r})")
+        out[name] = value
+    return out
+
+
+def _check_domains(domains, source: str) -> List[str]:
+    """``domains`` must be a list of distinct non-empty strings."""
+    if not isinstance(domains, (list, tuple)):
+        raise ChameleonUserError(f"{source}: 'domains' must be a list of domain names, got {type(domains).__name__}")
+    if len(domains) == 0:
+        raise ChameleonUserError(f"{source}: 'domains' is empty")
+    for name in domains:
+        if not isinstance(name, str) or not name:
+            raise ChameleonUserError(f"{source}: 'domains' must hold non-empty strings, got {name!r}")
+    duplicates = sorted(d for d, count in Counter(domains).items() if count > 1)
+    if duplicates:
+        raise ChameleonUserError(f"{source}: 'domains' lists {duplicates} more than once")
+    return list(domains)
+
+
+def _check_same_domains(domains: Sequence[str], names: Sequence[str], source: str, what: str) -> None:
+    """The set of ``names`` (keys of ``what``) must equal the set of ``domains``."""
+    name_set, domain_set = set(names), set(domains)
+    missing = [d for d in domains if d not in name_set]
+    extra = [n for n in names if n not in domain_set]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"not in domains {extra}")
+        raise ChameleonUserError(f"{source}: {what} do not match 'domains' ({'; '.join(parts)})")
+
+
+def _read_json(path: PathLike) -> dict:
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ChameleonUserError(f"{source}: weights file not found") from None
+    except IsADirectoryError:
+        raise ChameleonUserError(f"{source}: is a directory, expected a weights.json file") from None
+    except UnicodeDecodeError as e:
+        raise ChameleonUserError(f"{source}: weights file is not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ChameleonUserError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise ChameleonUserError(f"{source}: cannot read weights file ({e.strerror})") from None
+    if not isinstance(doc, dict):
+        raise ChameleonUserError(f"{source}: expected a JSON object at top level, got {type(doc).__name__}")
+    return doc
+
+
+def load_weights(path_or_dict: Union[PathLike, Mapping]) -> dict:
+    """Read and validate a ``weights.json`` (a path) or an already-loaded weights dict.
+
+    Checks that ``domains`` and ``weights`` are present, that ``weights`` has exactly the
+    ``domains`` as keys, that every weight is a finite number >= 0 and that they sum to 1
+    within 1e-6. Returns a copy of the document whose ``weights`` are floats ordered as
+    ``domains`` (the contract's order; a hand-edited file with shuffled keys is accepted).
+    Every problem raises :class:`ChameleonUserError` naming the file and what is wrong.
+    """
+    if isinstance(path_or_dict, Mapping):
+        source, doc = "weights dict", dict(path_or_dict)
+    elif isinstance(path_or_dict, (str, os.PathLike)):
+        source = os.fspath(path_or_dict)
+        doc = _read_json(path_or_dict)
+    else:
+        raise ChameleonUserError(
+            f"load_weights expects a path to weights.json or a dict, got {type(path_or_dict).__name__}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in doc]
+    if missing:
+        raise ChameleonUserError(f"{source}: missing required key(s) {missing}")
+    domains = _check_domains(doc["domains"], source)
+    weights = _check_weight_values(doc["weights"], source)
+    _check_same_domains(domains, list(weights), source, "'weights' keys")
+    total = math.fsum(weights.values())
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise ChameleonUserError(
+            f"{source}: weights must sum to 1 (within {SUM_TOLERANCE:g}), got sum {total!r}"
+        )
+    doc["domains"] = domains
+    doc["weights"] = {d: weights[d] for d in domains}
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM
+# --------------------------------------------------------------------------------------------
+
+
+def _format_weight(weight: float) -> str:
+    # repr is the shortest string that float() maps back to the same double.
+    return repr(float(weight))
+
+
+def megatron_blend(weights: Mapping[str, float], prefixes: Optional[Mapping[str, str]] = None) -> str:
+    """The Megatron-LM ``--data-path`` blend ``"w1 prefix1 w2 prefix2 ..."``.
+
+    Domains keep the order of ``weights``. ``prefixes`` maps domains to their data prefix
+    (the path of the ``.bin``/``.idx`` pair without extension); a domain it does not name
+    (or every domain, without ``prefixes``) uses its own name as prefix; entries for other
+    names are ignored. Megatron splits the argument on whitespace, so a prefix containing any is
+    refused, as are two domains sharing a prefix. Weights are not renormalised (Megatron normalises the blend itself).
+    """
+    weights = _check_weight_values(weights, "megatron_blend")
+    if prefixes is None:
+        prefixes = {}
+    elif not isinstance(prefixes, Mapping):
+        raise ChameleonUserError(f"megatron_blend: prefixes must map domain -> prefix, got {type(prefixes).__name__}")
+    tokens = []
+    owner: Dict[str, str] = {}  # prefix -> the domain that uses it
+    for domain, weight in weights.items():
+        prefix = prefixes.get(domain, domain)
+        if not isinstance(prefix, str) or not prefix:
+            raise ChameleonUserError(
+                f"megatron_blend: prefix of domain {domain!r} must be a non-empty string, got {prefix!r}"
+            )
+        if any(ch.isspace() for ch in prefix):
+            raise ChameleonUserError(
+                f"megatron_blend: prefix {prefix!r} of domain {domain!r} contains whitespace; "
+                "Megatron splits --data-path on whitespace, so rename or symlink the data"
+            )
+        if prefix in owner:
+            # Megatron would sample the same files under two domains, summing their weights.
+            raise ChameleonUserError(
+                f"megatron_blend: domains {owner[prefix]!r} and {domain!r} share the prefix {prefix!r}"
+            )
+        owner[prefix] = domain
+        tokens += [_format_weight(weight), prefix]
+    return " ".join(tokens)
+
+
+def parse_megatron_blend(blend: str) -> Dict[str, float]:
+    """Inverse of :func:`megatron_blend`: ``"w1 p1 w2 p2 ..."`` -> ``{p1: w1, p2: w2, ...}``."""
+    if not isinstance(blend, str):
+        raise ChameleonUserError(f"Megatron blend must be a string, got {type(blend).__name__}")
+    tokens = blend.split()
+    if not tokens:
+        raise ChameleonUserError("Megatron blend string is empty")
+    if len(tokens) % 2:
+        raise ChameleonUserError(
+            f"Megatron blend must alternate weight and prefix (an even number of tokens), got {len(tokens)} tokens"
+        )
+    out: Dict[str, float] = {}
+    for raw_weight, prefix in zip(tokens[0::2], tokens[1::2]):
+        try:
+            weight = float(raw_weight)
+        except ValueError:
+            raise ChameleonUserError(
+                f"Megatron blend: weight {raw_weight!r} (before prefix {prefix!r}) is not a number"
+            ) from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ChameleonUserError(
+                f"Megatron blend: weight of prefix {prefix!r} must be finite and >= 0, got {raw_weight!r}"
+            )
+        if prefix in out:
+            raise ChameleonUserError(f"Megatron blend: prefix {prefix!r} appears more than once")
+        out[prefix] = weight
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------------------------
+
+
+def hf_interleave_probabilities(weights: Mapping[str, float], domains: Optional[Sequence[str]] = None) -> List[float]:
+    """The ``probabilities=`` list for ``datasets.interleave_datasets``, in ``domains`` order.
+
+    ``domains`` defaults to the order of ``weights`` and must otherwise name exactly its keys
+    (it is the order of the datasets passed to ``interleave_datasets``). The weights are
+    renormalised so that ``sum(probabilities) == 1.0`` in float arithmetic whenever possible:
+    the rounding residue goes on the largest entry, where it changes the mixture least (or on
+    the last non-zero entry when the largest cannot absorb it exactly). For adversarial inputs
+    (many tiny trailing weights) a residue of one ulp of 1.0 can remain.
+    """
+    weights = _check_weight_values(weights, "hf_interleave_probabilities")
+    if domains is None:
+        domains = list(weights)
+    else:
+        domains = _check_domains(list(domains), "hf_interleave_probabilities")
+        _check_same_domains(domains, list(weights), "hf_interleave_probabilities", "weights keys")
+    values = [weights[d] for d in domains]
+    total = math.fsum(values)
+    if total <= 0.0:
+        raise ChameleonUserError("hf_interleave_probabilities: all weights are zero, nothing to sample")
+    if not math.isfinite(total):
+        raise ChameleonUserError(f"hf_interleave_probabilities: the weights' sum overflows ({total!r})")
+    probs = [v / total for v in values]
+    # The residue goes on the largest entry, where it changes the mixture least. When the
+    # rounding of the running sum cannot be steered through that entry, the last non-zero
+    # entry takes it: it is added last, so 1.0 - (sum of the rest) is exact for it.
+    largest = max(range(len(probs)), key=probs.__getitem__)
+    if not _absorb_residue(probs, largest):
+        last = max(i for i, p in enumerate(probs) if p > 0.0)
+        _absorb_residue(probs, last)
+    return probs
+
+
+_RESIDUE_MAX_REL_CHANGE = 1e-9  # a residue is a few ulps; never let it reshape a small entry
+_RESIDUE_MAX_ULP_STEPS = 64
+
+
+def _absorb_residue(probs: List[float], i: int) -> bool:
+    """Change ``probs[i]`` (in place) so that ``sum(probs) == 1.0`` exactly, as Python's
+    left-to-right ``sum`` computes it. Returns False, with ``probs`` unchanged, when no value
+    within a relative ``1e-9`` of the original gets there."""
+    start = probs[i]
+
+    def within_bounds() -> bool:
+        return abs(probs[i] - start) <= _RESIDUE_MAX_REL_CHANGE * start
+
+    # Usually one or two steps of "add what is missing" settle it.
+    for _ in range(4):
+        residue = 1.0 - sum(probs)
+        if residue == 0.0:
+            if within_bounds():
+                return True
+            break
+        probs[i] += residue
+        if not within_bounds():
+            break
+    else:
+        # Rounding of the partial sums after entry i can hide the residue: walk entry i one
+        # ulp at a time towards 1.0 (the sum is monotone in it) until it lands or jumps over.
+        direction = math.inf if sum(probs) < 1.0 else -math.inf
+        for _ in range(_RESIDUE_MAX_ULP_STEPS):
+            probs[i] = math.nextafter(probs[i], direction)
+            if not within_bounds():
+                break
+            total = sum(probs)
+            if total == 1.0:
+                return True
+            if (total > 1.0) == (direction > 0):
+                break
+    probs[i] = start
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# YAML mixture
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_module():
+    """pyyaml when importable, else None (the hand-written emitter/parser take over)."""
+    try:
+        import yaml
+    except ImportError:
+        return None
+    return yaml
+
+
+def _yaml_float(value: float) -> str:
+    # YAML 1.1 (pyyaml) reads '1e-05' as a string; it needs a dot in the mantissa, as pyyaml
+    # itself writes it.
+    text = repr(float(value)).lower()
+    if "." not in text and "e" in text:
+        text = text.replace("e", ".0e", 1)
+    return text
+
+
+# Plain (unquoted) strings YAML reads back as the same string; anything else gets quoted.
+_PLAIN_YAML_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+# YAML 1.1 reads these words as booleans or null.
+_YAML_SPECIAL_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
+
+
+def _yaml_scalar(value) -> str:
+    """One scalar for the fallback emitter; strings that YAML would misread are JSON-quoted
+    (a JSON string is a valid YAML double-quoted scalar)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _yaml_float(value)
+    if isinstance(value, int):
+        return str(value)
+    if value is None:
+        return "null"
+    text = str(value)
+    if _PLAIN_YAML_STRING.fullmatch(text) and text.lower() not in _YAML_SPECIAL_WORDS:
+        return text
+    return json.dumps(text)
+
+
+def _emit_mixture_fallback(doc: dict) -> str:
+    lines = ["mixture:"]
+    for entry in doc["mixture"]:
+        lines.append(f"  - name: {_yaml_scalar(entry['name'])}")
+        lines.append(f"    weight: {_yaml_scalar(entry['weight'])}")
+    if "chameleon" in doc:
+        lines.append("chameleon:")
+        for key, value in doc["chameleon"].items():
+            lines.append(f"  {key}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _mixture_doc(weights: Mapping[str, float], meta: Optional[Mapping]) -> dict:
+    weights = _check_weight_values(weights, "mixture_yaml")
+    doc: dict = {"mixture": [{"name": d, "weight": w} for d, w in weights.items()]}
+    if meta:
+        chameleon = {key: meta[key] for key in META_KEYS if key in meta}
+        for key, value in chameleon.items():
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ChameleonUserError(f"mixture_yaml: meta[{key!r}] must be a scalar, got {type(value).__name__}")
+        if chameleon:
+            doc["chameleon"] = chameleon
+    return doc
+
+
+def mixture_yaml(weights: Mapping[str, float], meta: Optional[Mapping] = None) -> str:
+    """A YAML mixture, domains in the order of ``weights``::
+
+        mixture:
+          - name: web
+            weight: 0.31
+          ...
+        chameleon:
+          mode: pretrain
+          lambda: 10.0
+          temperature: 5.0
+
+    ``meta`` may be a whole weights.json dict: only ``mode``, ``lambda``, ``temperature`` and
+    ``normalize`` are copied under ``chameleon:``. Uses pyyaml when importable, else a small
+    emitter that writes the same layout.
+    """
+    doc = _mixture_doc(weights, meta)
+    yaml = _yaml_module()
+    if yaml is None:
+        return _emit_mixture_fallback(doc)
+
+    class _IndentedDumper(yaml.SafeDumper):
+        # pyyaml writes list items flush with their key by default; indent them as people do.
+        def increase_indent(self, flow=False, indentless=False):
+            return super().increase_indent(flow, False)
+
+    return yaml.dump(doc, Dumper=_IndentedDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _parse_scalar_fallback(text: str):
+    """A scalar of the fallback parser: quoted string, number or plain string."""
+    text = text.strip()
+    if text.startswith('"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ChameleonUserError(f"mixture YAML: malformed quoted string {text}") from None
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    return text
+
+
+def _parse_mixture_fallback(text: str) -> list:
+    """Reads back the layout :func:`mixture_yaml` writes (block list of name/weight maps)."""
+    entries: list = []
+    in_mixture = False
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not line[0].isspace():
+            in_mixture = stripped == "mixture:"
+            continue
+        if not in_mixture:
+            continue
+        if stripped.startswith("- "):
+            entries.append({})
+            stripped = stripped[2:].strip()
+        if not entries or ":" not in stripped:
+            raise ChameleonUserError(f"mixture YAML: cannot read line {lineno}: {line!r}")
+        key, _, value = stripped.partition(":")
+        entries[-1][key.strip()] = _parse_scalar_fallback(value)
+    return entries
+
+
+def parse_mixture_yaml(text: str) -> Dict[str, float]:
+    """Inverse of :func:`mixture_yaml`: YAML text -> ``{name: weight}`` in file order."""
+    if not isinstance(text, str):
+        raise ChameleonUserError(f"mixture YAML must be a string, got {type(text).__name__}")
+    yaml = _yaml_module()
+    if yaml is None:
+        entries = _parse_mixture_fallback(text)
+    else:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ChameleonUserError(f"mixture YAML is not valid YAML: {e}") from None
+        if not isinstance(doc, dict) or "mixture" not in doc:
+            raise ChameleonUserError("mixture YAML has no top-level 'mixture' list")
+        entries = doc["mixture"]
+    if not isinstance(entries, list) or not entries:
+        raise ChameleonUserError("mixture YAML: 'mixture' must be a non-empty list of {name, weight} entries")
+    out: Dict[str, float] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "weight" not in entry:
+            raise ChameleonUserError(f"mixture YAML: entry {i} must have 'name' and 'weight', got {entry!r}")
+        name, raw = str(entry["name"]), entry["weight"]
+        try:
+            # A weight may come back as a string ('1e-05' is not a float in YAML 1.1).
+            weight = float(raw) if not isinstance(raw, bool) else math.nan
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ChameleonUserError(f"mixture YAML: weight of {name!r} must be a finite number >= 0, got {raw!r}")
+        if name in out:
+            raise ChameleonUserError(f"mixture YAML: domain {name!r} appears more than once")
+        out[name] = weight
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it
+    onto ``path``, on failure remove it. Readers see the old file or the new one, never a
+    partial one (same folder, hence same filesystem, so the rename is atomic)."""
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 lets the umask decide the final permissions, as a plain open() would
+    # (mkstemp would leave the published file readable by its owner only).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+
+def write_exports(
+    weights_json: Union[PathLike, Mapping], out_dir: PathLike, prefixes: Optional[Mapping[str, str]] = None
+) -> Dict[str, str]:
+    """Validate a weights.json (path or dict) and write every export into ``out_dir``.
+
+    Writes ``megatron_data_path.txt``, ``hf_interleave_probabilities.json``
+    (``{"domains": [...], "probabilities": [...]}``) and ``mixture.yaml``; returns
+    ``{kind: path}`` with the kinds of :data:`EXPORT_FILES`. All exports are built before the
+    first file is written, so a bad prefix leaves ``out_dir`` untouched.
+    """
+    doc = load_weights(weights_json)
+    domains, weights = doc["domains"], doc["weights"]
+    texts = {
+        "megatron": megatron_blend(weights, prefixes) + "\n",
+        "hf_interleave": json.dumps(
+            {"domains": domains, "probabilities": hf_interleave_probabilities(weights, domains)}, indent=2
+        )
+        + "\n",
+        "mixture_yaml": mixture_yaml(weights, doc),
+    }
+    out_dir = os.fspath(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ChameleonUserError(f"{out_dir}: cannot create output folder ({e.strerror})") from None
+    paths = {}
+    for kind, text in texts.items():
+        path = os.path.join(out_dir, EXPORT_FILES[kind])
+        _write_text_atomic(path, text)
+        paths[kind] = path
+    return paths

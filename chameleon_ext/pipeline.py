@@ -1,0 +1,178 @@
+"""The method end to end: proxy -> domain embeddings -> weights -> files other trainers read.
+
+The command line (``chameleon``) is a thin layer over these functions:
+
+    proxy = train_proxy(dataset, out_dir="runs/proxy")                 # uniform mixture
+    result = compute_weights(dataset, proxy_path, out_dir="runs/w")   # weights.json & co.
+    compare_mixtures(dataset, {"uniform": ..., "chameleon": ...})     # base models, perplexity
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict, Mapping, Optional, Sequence
+
+from . import distributed
+from ._version import __version__
+from .embed import DomainEmbeddings, EmbedConfig, embed_domains
+from .errors import ChameleonUserError
+from .model import GPT, GPTConfig, load_model
+from .trainer import TrainConfig, evaluate, train
+from .weights import DEFAULT_LAMBDA, DomainWeights, chameleon_weights
+
+__all__ = [
+    "MODES",
+    "train_proxy",
+    "load_proxy",
+    "compute_weights",
+    "weights_from_embeddings",
+    "write_weights",
+    "read_weights",
+    "compare_mixtures",
+    "write_json_atomic",
+]
+
+# "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
+MODES = ("pretrain", "finetune", "transfer")
+
+
+def write_json_atomic(path: str, obj) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def train_proxy(dataset, out_dir: str, preset: str = "small", block_size: int = 256,
+                config: Optional[TrainConfig] = None, model_overrides: Optional[dict] = None,
+                seed: int = 0) -> str:
+    """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``."""
+    cfg = config or TrainConfig(out_dir=out_dir, seed=seed, block_size=block_size)
+    cfg.out_dir = out_dir
+    model = GPT(GPTConfig.preset(preset, dataset.vocab_size, block_size, **(model_overrides or {})), seed=seed)
+    result = train(model, dataset, "uniform", cfg)
+    return result["model_path"] or os.path.join(out_dir, "model.pt")
+
+
+def load_proxy(path: str, device="cpu"):
+    """A proxy from a chameleon_ext ``model.pt``/``ckpt.pt``, or a local Hugging Face model folder."""
+    if os.path.isdir(path):
+        from .model import load_hf_model
+
+        return load_hf_model(path, map_location=device)
+    return load_model(path, map_location=device)
+
+
+def weights_from_embeddings(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+                            temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+    if mode not in MODES:
+        raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
+    if len(set(emb.domains)) != len(emb.domains):
+        raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
+    rule = "pretrain" if mode == "transfer" else mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = chameleon_weights(emb.embeddings, rule, lam=lam, temperature=temperature,
+                                   normalize=normalize, domains=emb.domains)
+    result.mode = mode
+    return result
+
+
+def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None,
+                  plots: bool = True, exports: bool = True) -> Dict[str, str]:
+    """Write ``weights.json``, ``domain_embeddings.pt``, the exports and the pictures."""
+    os.makedirs(out_dir, exist_ok=True)
+    doc = {"method": "chameleon", "version": __version__}
+    doc.update(result.as_dict())
+    doc["normalization"] = "S / sum(S)" if result.normalize else "none"
+    doc["proxy"] = proxy or {}
+    doc["embedding"] = {k: emb.settings.get(k) for k in ("n_windows", "window", "seed", "pooling", "layer", "split",
+                                                          "batch_size", "precision")}
+    doc["embedding"]["counts"] = dict(zip(emb.domains, emb.counts))
+    doc["embedding"]["embedded_now"] = list(emb.computed)
+    paths = {"weights": write_json_atomic(os.path.join(out_dir, "weights.json"), doc)}
+    emb_path = os.path.join(out_dir, "domain_embeddings.pt")
+    emb.save(emb_path)
+    paths["embeddings"] = emb_path
+    if exports:
+        from .exports import write_exports
+
+        paths.update(write_exports(doc, out_dir))
+    if plots:
+        from .plots import plot_affinity, plot_weights
+
+        title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
+        p = plot_weights(result.domains, result.weights.tolist(), os.path.join(out_dir, "weights.png"), title=title,
+                         scores=result.krls.tolist())
+        if p:
+            paths["weights_png"] = p
+        p = plot_affinity(result.domains, result.affinity.numpy(), os.path.join(out_dir, "affinity.png"),
+                          title="Centred affinity of the domain embeddings")
+        if p:
+            paths["affinity_png"] = p
+    return paths
+
+
+def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """``{domain: weight}`` from a weights.json, checked against ``domains`` when given."""
+    from .exports import load_weights
+
+    doc = load_weights(path)
+    weights = {d: float(doc["weights"][d]) for d in doc["domains"]}
+    if domains is not None and set(weights) != set(domains):
+        extra, missing = sorted(set(weights) - set(domains)), sorted(set(domains) - set(weights))
+        raise ChameleonUserError(
+            f"weights file {path!r} does not match the data: "
+            f"domains only in the weights {extra}, domains only in the data {missing}"
+        )
+    return weights
+
+
+def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+                    temperature: Optional[float] = None, normalize: bool = True,
+                    embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
+                    plots: bool = True, progress: bool = False, group=None):
+    """Embed the domains with the proxy (cached), compute the weights, write the files.
+
+    Returns ``(DomainWeights, DomainEmbeddings, paths)``; only rank 0 writes.
+    """
+    if mode not in MODES:
+        raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
+    proxy = load_proxy(proxy_path, device="cpu")
+    if cache_dir is None:
+        cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
+    emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
+                        progress=progress)
+    result = weights_from_embeddings(emb, mode, lam, temperature, normalize)
+    paths = {}
+    if distributed.info(group).is_main:
+        proxy_info = {"path": os.path.abspath(proxy_path), "sha256": emb.settings["proxy_sha256"],
+                      "layer": emb.settings["layer"], "n_layer": getattr(proxy, "n_layer", None)}
+        paths = write_weights(out_dir, result, emb, proxy_info, plots=plots)
+    distributed.barrier(group)
+    return result, emb, paths
+
+
+def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = "small",
+                     block_size: int = 256, config: Optional[TrainConfig] = None, eval_windows: int = 32,
+                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Train one base model per mixture on the same token budget and return the per-domain
+    validation perplexity table ``{mixture: {domain: ppl, ..., "average": ppl}}``."""
+    table = {}
+    for name, weights in mixtures.items():
+        cfg = TrainConfig(**{**(config or TrainConfig()).to_dict(), "out_dir": os.path.join(out_dir, name),
+                             "block_size": block_size, "seed": seed})
+        model = GPT(GPTConfig.preset(preset, dataset.vocab_size, block_size), seed=seed)
+        train(model, dataset, weights, cfg)
+        ev = evaluate(model, dataset, eval_windows, block_size, seed=seed, device=cfg.device)
+        table[name] = {d: ev[d]["ppl"] for d in dataset.domains}
+        table[name]["average"] = ev["average"]["mean_ppl"]
+    return table
+
