@@ -147,7 +147,7 @@ def extension_modules():
 
     sources = ["csrc/chameleon.cpp", "csrc/krls_library.cpp", "csrc/python_module.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):

@@ -174,6 +174,7 @@ def cmd_eval(args) -> int:
     _init_distributed(args)
     ds = _dataset(args)
     model = load_model(args.model)
+    ds.check_vocab(model.config.vocab_size)  # else an id >= vocab fails deep inside the embedding
     block = args.block_size or model.config.block_size
     ev = evaluate(model, ds, args.eval_windows, min(block, model.config.block_size), seed=args.seed,
                   device=args.device)
@@ -209,10 +210,12 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     """The whole method on one dataset: proxy, weights, two base models, perplexity table."""
-    from .pipeline import compare_mixtures, compute_weights, train_proxy, write_json_atomic
+    from .pipeline import check_weight_options, compare_mixtures, compute_weights, train_proxy, write_json_atomic
 
     _init_distributed(args)
     t0 = time.perf_counter()
+    check_weight_options(args.mode, args.lam, args.temperature)  # fail before training, not after
+    embed_config = _embed_config(args, args.block_size)
     ds = _dataset(args)
     out = args.out
     _say(f"[1/4] data: {len(ds.domains)} domains from {ds.path}: {', '.join(ds.domains)}")
@@ -222,7 +225,7 @@ def cmd_run(args) -> int:
     _say("[3/4] domain embeddings and Chameleon weights")
     result, emb, paths = compute_weights(
         ds, proxy, os.path.join(out, "weights"), mode=args.mode, lam=args.lam, temperature=args.temperature,
-        normalize=not args.no_normalize, embed_config=_embed_config(args, args.block_size), device=args.device,
+        normalize=not args.no_normalize, embed_config=embed_config, device=args.device,
         cache_dir=args.embed_cache, plots=not args.no_plots)
     for d, w in zip(result.domains, result.weights.tolist()):
         _say(f"      {d:<16} {w:.4f}")
@@ -371,7 +374,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except ChameleonUserError as exc:
-        print(f"chameleon {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (e.g. torch.load's multi-line explanations).
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"chameleon {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"chameleon {args.command}: interrupted (the last checkpoint is kept)", file=sys.stderr)

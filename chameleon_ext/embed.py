@@ -88,11 +88,18 @@ def load_domain_embeddings(path: str) -> DomainEmbeddings:
     """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`."""
     if not os.path.isfile(path):
         raise ChameleonUserError(f"embeddings file {path!r} does not exist")
+    from .model import torch_load_failure
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        domains, emb = list(obj["domains"]), obj["embeddings"]
     except Exception as exc:
-        raise ChameleonUserError(f"embeddings file {path!r} cannot be read: {exc}") from exc
+        raise ChameleonUserError(f"embeddings file {path!r} cannot be read: {torch_load_failure(exc)}") from exc
+    if not isinstance(obj, dict) or "domains" not in obj or "embeddings" not in obj:
+        raise ChameleonUserError(
+            f"embeddings file {path!r} holds no 'domains' and 'embeddings'; expected a domain_embeddings.pt "
+            "written by 'chameleon embed' or 'chameleon weights'"
+        )
+    domains, emb = list(obj["domains"]), obj["embeddings"]
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(domains):
         raise ChameleonUserError(f"embeddings file {path!r}: expected embeddings [k, d] for {len(domains)} domains")
     return DomainEmbeddings(domains, emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
@@ -130,6 +137,10 @@ def _cache_key(proxy_hash: str, layer: int, precision: str, dataset, name: str, 
         "pooling": cfg.pooling,
         "split": cfg.split,
     }
+    if cfg.pooling == "reference":
+        # Reference pooling averages over each batch's padding, so the batch size changes the
+        # result; rev 2: batches hold one domain's windows and the forward masks padded keys.
+        spec.update(batch_size=cfg.batch_size, reference_rev=2)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -331,26 +342,31 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
 @torch.inference_mode()
 def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress):
     """The reference pipeline's pooling: re-tokenised windows, right-padded batches, the
-    mean over padding included, duplicates dropped (np.unique) before averaging."""
+    mean over padding included, duplicates dropped (np.unique) before averaging.
+
+    As in the reference, a batch holds ``batch_size`` consecutive windows of ONE domain (the
+    reference embeds domain by domain), so a domain's padding -- and hence its embedding --
+    never depends on the other domains; whole batches are sharded over the ranks. The
+    forward gets the attention mask (the reference calls ``model(**tokenizer_output)``), so
+    padded keys are masked out and only the final mean runs over the padding."""
     tokenizer = getattr(dataset, "tokenizer", None)
     if tokenizer is None:
         raise ChameleonUserError("pooling='reference' needs a dataset with a tokenizer (to re-tokenise windows)")
-    share, starts = _work_items(dataset, cfg, todo, me)
-    items = list(share)
-    rows = []  # (domain index, window vector) for this rank, in item order
-    bar = _Progress(progress and me.is_main, len(items), f"rank {me.rank} (reference pooling)")
-    for b0 in range(0, len(items), cfg.batch_size):
-        chunk = items[b0 : b0 + cfg.batch_size]
-        dom = [i // cfg.n_windows for i in chunk]
-        windows = np.stack(
-            [dataset.windows_at(todo[d], starts[todo[d]][[i % cfg.n_windows]], cfg.window, cfg.split)[0]
-             for d, i in zip(dom, chunk)]
-        )
-        ids, _ = _pad_right(_retokenise(tokenizer, windows, cfg.window), tokenizer.eos_id)
-        hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev)
+    starts = {n: window_starts(dataset, n, cfg) for n in todo}
+    batches = [(d, j) for d in range(len(todo)) for j in range(0, cfg.n_windows, cfg.batch_size)]
+    share = [batches[i] for i in distributed.shard_range(len(batches), me.rank, me.world_size)]
+    rows = []  # (domain index, window vector) for this rank, in window order
+    n_items = sum(min(cfg.batch_size, cfg.n_windows - j) for _, j in share)
+    bar = _Progress(progress and me.is_main, n_items, f"rank {me.rank} (reference pooling)")
+    for d, j in share:
+        name = todo[d]
+        windows = dataset.windows_at(name, starts[name][j : j + cfg.batch_size], cfg.window, cfg.split)
+        ids, mask = _pad_right(_retokenise(tokenizer, windows, cfg.window), tokenizer.eos_id)
+        hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev,
+                          attention_mask=torch.from_numpy(mask).to(dev))
         pooled = masked_mean_pool(hidden, None).double().cpu().numpy()  # padding included, as the reference
-        rows.extend(zip(dom, pooled))
-        bar.update(len(chunk), ids.size)
+        rows.extend((d, v) for v in pooled)
+        bar.update(len(windows), ids.size)
     if distributed.is_distributed(group):
         gathered = [None] * me.world_size
         torch.distributed.all_gather_object(gathered, rows, group=group)

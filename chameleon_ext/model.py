@@ -320,9 +320,12 @@ def _attention_mask_4d(attention_mask: Optional[torch.Tensor], idx: torch.Tensor
     T = idx.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     mask = causal[None, None] & valid[:, None, None, :]
-    # Every query may attend to itself, so a row whose keys are all padding (a padded query
-    # under left padding) stays finite instead of producing NaN.
-    return mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
+    # A query whose keys are all padding (a padded query under left padding) attends to itself,
+    # so its row stays finite instead of producing NaN. Every other query, padded ones after
+    # right padding included, attends to the real tokens only, as in Hugging Face (reference
+    # pooling averages over padded positions, so their states must match).
+    no_key = ~mask.any(-1, keepdim=True)
+    return mask | (torch.eye(T, dtype=torch.bool, device=idx.device)[None, None] & no_key)
 
 
 # -- hashing and checkpoint I/O --------------------------------------------------------------
@@ -379,6 +382,15 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
+def torch_load_failure(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed, without torch's
+    multi-line advice to switch ``weights_only`` off."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it is not a file of tensors written by torch.save (not a chameleon_ext file?)"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
 def save_model(path: Union[str, os.PathLike], model: GPT) -> str:
     """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash."""
     if not isinstance(model, GPT):
@@ -402,7 +414,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ChameleonUserError(f"model file {path!r} cannot be read: {exc}") from exc
+        raise ChameleonUserError(f"model file {path!r} cannot be read: {torch_load_failure(exc)}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         cfg, sd, digest = obj["config"], obj["state_dict"], obj.get("sha256")
     elif isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # trainer checkpoint

@@ -10,6 +10,7 @@ The command line (``chameleon``) is a thin layer over these functions:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Dict, Mapping, Optional, Sequence
@@ -24,6 +25,7 @@ from .weights import DEFAULT_LAMBDA, DomainWeights, chameleon_weights
 
 __all__ = [
     "MODES",
+    "check_weight_options",
     "train_proxy",
     "load_proxy",
     "compute_weights",
@@ -70,10 +72,20 @@ def load_proxy(path: str, device="cpu"):
     return load_model(path, map_location=device)
 
 
-def weights_from_embeddings(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                            temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+def check_weight_options(mode: str, lam: float, temperature: Optional[float]) -> None:
+    """Raise ChameleonUserError for a bad mode, lambda or temperature (before any work is done)."""
     if mode not in MODES:
         raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
+    checks = [("lambda (--lam)", lam)] + ([] if temperature is None else [("temperature (--temperature)", temperature)])
+    for name, value in checks:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if not ok:
+            raise ChameleonUserError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def weights_from_embeddings(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+                            temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+    check_weight_options(mode, lam, temperature)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
     rule = "pretrain" if mode == "transfer" else mode
@@ -143,8 +155,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
 
     Returns ``(DomainWeights, DomainEmbeddings, paths)``; only rank 0 writes.
     """
-    if mode not in MODES:
-        raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
+    check_weight_options(mode, lam, temperature)
     proxy = load_proxy(proxy_path, device="cpu")
     if cache_dir is None:
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")

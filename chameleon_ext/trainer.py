@@ -730,6 +730,27 @@ def evaluate(model: torch.nn.Module, dataset: MixtureDataset, n_windows: int, bl
 # training
 
 
+def _settle_ddp_buckets(ddp: torch.nn.Module, model: GPT, rows: int, T: int,
+                        device: torch.device) -> None:
+    """One synchronised forward/backward of a zero loss, so that DDP's gradient buckets are
+    re-laid-out (DDP does that once, in the order gradients became ready in the first
+    backward) before the first real step. An uninterrupted run and a resumed one then reduce
+    every step with the same bucket layout, hence the same summation order, which keeps
+    resume bitwise exact for any world size (without this, the first step after a resume
+    would use the initial layout and differ in the last bits when world size > 2). Eval mode:
+    no dropout, so no RNG is consumed; the zero gradients are discarded."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(rows, T, dtype=torch.long, device=device)
+        with _autocast(device):
+            _, loss = ddp(x, x)
+        (loss * 0.0).backward()
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+
+
 def _check_model_config(model: GPT, saved: Mapping[str, Any], source: str) -> None:
     cur = model.config.to_dict()
     diff = [k for k in cur if cur[k] != saved.get(k)]
@@ -899,12 +920,17 @@ def train(model: GPT, dataset: MixtureDataset, weights: WeightsLike, config: Tra
     # DDP broadcasts rank 0's parameters at construction (a no-op after a resume, where every
     # rank loaded the same checkpoint) and averages gradients across ranks in backward.
     ddp = None
-    if distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=group)
-    forward = ddp if ddp is not None else model
     micro_batch = cfg.batch_size // world  # rows per rank per micro-batch
+    if distributed:
+        try:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                process_group=group)
+            _settle_ddp_buckets(ddp, model, micro_batch, T, device)
+        except BaseException:
+            metrics.close()
+            raise
+    forward = ddp if ddp is not None else model
 
     progress = _Progress(cfg.steps, step, cfg.quiet or not is_main)
     for msg in progress_msgs:

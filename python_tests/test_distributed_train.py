@@ -45,9 +45,9 @@ STEPS = 6  # the straight run; the split run stops at STEPS // 2 and resumes in 
 EVAL = dict(n_windows=5, batch_size=2)  # 5 windows over 2 ranks: uneven shards
 
 
-def _model(seed=0):
-    return GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK),
-               seed=seed)
+def _model(seed=0, dropout=0.0):
+    return GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
+                         dropout=dropout), seed=seed)
 
 
 def _cfg(out_dir, **kw):
@@ -124,8 +124,13 @@ def _scenario_first_run(rank, world, data_root, work):
     straight = _model()
     res = train(straight, ds, WEIGHTS, _cfg(os.path.join(work, "straight"), eval_every=3))
     part = train(_model(), ds, WEIGHTS, _cfg(os.path.join(work, "split")), stop_at=STEPS // 2)
-    _save({"params": straight.state_dict(), "result": res, "part_step": part["step"]},
-          os.path.join(work, f"first_rank{rank}.pt"))
+    # with dropout, exact resume also needs each rank's own torch RNG state back
+    straight_do = _model(dropout=0.1)
+    train(straight_do, ds, WEIGHTS, _cfg(os.path.join(work, "straight_do")))
+    train(_model(dropout=0.1), ds, WEIGHTS, _cfg(os.path.join(work, "split_do")),
+          stop_at=STEPS // 2)
+    _save({"params": straight.state_dict(), "result": res, "part_step": part["step"],
+           "params_do": straight_do.state_dict()}, os.path.join(work, f"first_rank{rank}.pt"))
 
 
 def _scenario_second_run(rank, world, data_root, work):
@@ -135,6 +140,10 @@ def _scenario_second_run(rank, world, data_root, work):
     resumed = _model(seed=rank + 7)
     out["resume"] = train(resumed, ds, WEIGHTS, _cfg(os.path.join(work, "split")))
     out["params"] = resumed.state_dict()
+    torch.manual_seed(1234 + rank)  # disturb the global RNG: the checkpoint must restore it
+    resumed_do = _model(seed=rank + 7, dropout=0.1)
+    train(resumed_do, ds, WEIGHTS, _cfg(os.path.join(work, "split_do")))
+    out["params_do"] = resumed_do.state_dict()
     # distributed evaluation of a fixed model (trained, so losses differ across domains)
     model = load_model(os.path.join(work, "straight", "model.pt"))
     out["eval"] = evaluate(model, ds, EVAL["n_windows"], BLOCK, seed=3, device="cpu",
@@ -284,6 +293,8 @@ def test_checkpoint_resume_under_two_processes_is_exact(runs):
         for k in straight:
             assert torch.equal(out["params"][k], straight[k]), f"rank {r}: {k} differs"
         assert out["resume"]["loss"] == runs["first"][0]["result"]["loss"]
+        for k, v in runs["first"][0]["params_do"].items():  # with dropout
+            assert torch.equal(out["params_do"][k], v), f"rank {r}, dropout: {k} differs"
     ckpt = load_checkpoint(os.path.join(runs["work"], "split", "ckpt.pt"))
     assert ckpt["world_size"] == WORLD and len(ckpt["samplers"]) == len(ckpt["rngs"]) == WORLD
     assert [s["rank"] for s in ckpt["samplers"]] == [0, 1]

@@ -13,17 +13,10 @@
 #include <vector>
 
 #include "../checks.h"
+#include "clones.h"
 
 namespace chameleon {
 namespace {
-
-// The row-accumulate loops are compiled twice (AVX2 and baseline) and picked at load
-// time, so one wheel is fast on current CPUs and still runs on old ones.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CHAMELEON_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define CHAMELEON_CLONES
-#endif
 
 inline float bf16_to_float(uint16_t bits) {
   uint32_t w = static_cast<uint32_t>(bits) << 16;
