@@ -2,8 +2,9 @@
 
     python benchmarks/summarize.py out/bench.json > out/bench.md
 
-For every group: each provider's median time, its speed relative to the ext op (how many
-times slower than ext; < 1 means faster than ext), and for pooling the achieved GB/s.
+For every group: each provider's median time, its time relative to the ext op (how many
+times slower than ext; < 1 means faster than ext), the achieved GB/s for pooling and the
+tokens/s for embedding extraction.
 """
 
 import json
@@ -20,15 +21,16 @@ def main(path):
     machine = data.get("machine_info", {})
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('system', '')} "
           f"python {machine.get('python_version', '')}; {data.get('datetime', '')}\n")
-    print("| group | provider | median ms | time / ext | GB/s |")
-    print("|---|---|---:|---:|---:|")
+    print("| group | provider | median ms | time / ext | GB/s | tokens/s |")
+    print("|---|---|---:|---:|---:|---:|")
     for group in sorted(groups):
         rows = groups[group]
         ext = rows.get("ext", (None,))[0]
         for provider, (median, info) in sorted(rows.items(), key=lambda kv: kv[1][0]):
             ratio = f"{median / ext:.2f}x" if ext else "-"
             gbs = f"{info['bytes_read'] / median / 1e9:.1f}" if "bytes_read" in info else ""
-            print(f"| {group} | {provider} | {median * 1e3:.3f} | {ratio} | {gbs} |")
+            tps = f"{info['tokens_per_s']:,.0f}" if "tokens_per_s" in info else ""
+            print(f"| {group} | {provider} | {median * 1e3:.3f} | {ratio} | {gbs} | {tps} |")
 
 
 if __name__ == "__main__":

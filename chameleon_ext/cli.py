@@ -48,10 +48,12 @@ def _embed_config(args, proxy_block: Optional[int] = None):
     from .embed import EmbedConfig
 
     defaults = BUILTIN_EMBED if args.data == BUILTIN else DEFAULT_EMBED
-    window = args.window or defaults["window"]
+    # "is None", not "or": an explicit --window 0 / --n-windows 0 is an error, not the default
+    window = defaults["window"] if args.window is None else args.window
     if args.window is None and proxy_block is not None and window > proxy_block:
         window = proxy_block  # default only: an explicit --window larger than the proxy is an error
-    return EmbedConfig(n_windows=args.n_windows or defaults["n_windows"], window=window,
+    n_windows = defaults["n_windows"] if args.n_windows is None else args.n_windows
+    return EmbedConfig(n_windows=n_windows, window=window,
                        batch_size=args.embed_batch_size, layer=args.layer, seed=args.seed,
                        pooling=args.pooling, split="train")
 
