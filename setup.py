@@ -147,7 +147,9 @@ def extension_modules():
 
     sources = ["csrc/chameleon.cpp", "csrc/krls_library.cpp", "csrc/python_module.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel`
+    # in this build of ATen; without the flag the CPU kernels would silently run on one thread.
+    cxx = ["-O3", "-fno-math-errno", "-fvisibility=hidden", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -169,6 +171,7 @@ def extension_modules():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
     )
     ext = cpp_extension.CUDAExtension(**kwargs) if with_cuda else cpp_extension.CppExtension(**kwargs)
     return [ext], cpp_extension.BuildExtension

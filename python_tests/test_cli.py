@@ -1,0 +1,406 @@
+"""The ``chameleon`` command line, in-process through ``chameleon_ext.cli.main``: the method
+end to end on a tiny generated dataset, the files it writes, and how it reports bad input
+(exit status 2, one line on stderr naming the culprit, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import chameleon_ext
+from chameleon_ext.cli import main
+from chameleon_ext.exports import parse_megatron_blend, parse_mixture_yaml
+from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
+
+DOMAINS = ["alpha", "digits", "dna"]
+COMMON = ["--device", "cpu", "--quiet"]
+EMBED = ["--n-windows", "4", "--window", "32"]
+TRAIN = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--warmup", "1", "--ckpt-every", "0",
+         "--eval-windows", "2"]
+COMMANDS = ["run", "train-proxy", "embed", "weights", "train", "eval", "export"]
+
+
+def _write_domains(root, names=DOMAINS, seed=0):
+    """Small text domains with different statistics (a few KB each)."""
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over the lazy dog".split()
+    texts = {
+        "alpha": [" ".join(words[i] for i in rng.integers(0, 9, 250)) for _ in range(3)],
+        "digits": [" ".join(str(v) for v in rng.integers(0, 10**5, 120)) for _ in range(4)],
+        "dna": ["".join("ACGT"[i] for i in rng.integers(0, 4, 3000))],
+        "zeta": [" ".join(f"item_{i}: value={i * 7 % 13};" for i in range(150))],
+    }
+    for name in names:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for j, text in enumerate(texts[name]):
+            with open(os.path.join(root, name, f"part{j}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+    return str(root)
+
+
+def _run(argv, capsys):
+    """``main(argv)`` -> (exit status, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _ok(argv, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 0, f"{argv[0]} failed with {code}: {err}"
+    return out
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    _write_domains(root / "data")
+    return root
+
+
+@pytest.fixture(scope="module")
+def proxy(work):
+    out = work / "proxy"
+    assert main(["train-proxy", "--data", str(work / "data"), "--out", str(out), "--steps", "3", *TRAIN, *COMMON]) == 0
+    return str(out / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def weights_dir(work, proxy):
+    out = work / "weights"
+    args = ["weights", "--data", str(work / "data"), "--proxy", proxy, "--mode", "pretrain", "--out", str(out),
+            *EMBED, *COMMON]
+    assert main(args) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_train_proxy_writes_a_loadable_model(proxy):
+    model = load_model(proxy)
+    assert model.config.vocab_size == 257 and model.config.block_size == 32 and model.config.n_layer == 2
+    assert os.path.isfile(os.path.join(os.path.dirname(proxy), "metrics.jsonl"))
+
+
+def test_weights_pretrain_writes_every_file(weights_dir, proxy):
+    doc = _read_json(weights_dir / "weights.json")
+    assert doc["method"] == "chameleon" and doc["version"] == chameleon_ext.__version__
+    assert doc["mode"] == "pretrain" and doc["lambda"] == 10.0 and doc["temperature"] == 5.0
+    assert doc["normalize"] is True and doc["normalization"] == "S / sum(S)"
+    assert doc["domains"] == DOMAINS
+    w = doc["weights"]
+    assert list(w) == DOMAINS and all(0 < v < 1 for v in w.values())
+    assert math.isclose(math.fsum(w.values()), 1.0, abs_tol=1e-12)
+    assert list(doc["krls"]) == DOMAINS and math.isclose(math.fsum(doc["krls"].values()), 1.0, abs_tol=1e-12)
+    assert all(0 <= v < 1 for v in doc["krls_raw"].values())
+    # pretraining rule: a lower leverage score gets a higher weight
+    order = sorted(DOMAINS, key=lambda d: doc["krls"][d])
+    assert [w[d] for d in order] == sorted(w.values(), reverse=True)
+    p = doc["proxy"]
+    assert p["path"] == os.path.abspath(proxy)
+    assert p["sha256"] == load_model(proxy).content_hash and p["layer"] == 1 and p["n_layer"] == 2
+    e = doc["embedding"]
+    assert (e["n_windows"], e["window"], e["seed"], e["pooling"], e["layer"]) == (4, 32, 0, "masked", 1)
+    assert e["counts"] == {d: 4 for d in DOMAINS} and e["embedded_now"] == DOMAINS
+
+    # domain_embeddings.pt -> the same weights through the public API
+    emb = torch.load(weights_dir / "domain_embeddings.pt", weights_only=True)
+    assert emb["domains"] == DOMAINS
+    assert emb["embeddings"].dim() == 2 and emb["embeddings"].shape[0] == 3
+    again = chameleon_ext.chameleon_weights(emb["embeddings"], "pretrain", lam=10.0)
+    np.testing.assert_allclose(again.weights.numpy(), [w[d] for d in DOMAINS], rtol=0, atol=1e-12)
+
+    # the exports parse back to the same weights
+    with open(weights_dir / "megatron_data_path.txt", encoding="utf-8") as f:
+        blend = parse_megatron_blend(f.read())
+    with open(weights_dir / "mixture.yaml", encoding="utf-8") as f:
+        mixture = parse_mixture_yaml(f.read())
+    hf = _read_json(weights_dir / "hf_interleave_probabilities.json")
+    for parsed in (blend, mixture, dict(zip(hf["domains"], hf["probabilities"]))):
+        assert list(parsed) == DOMAINS
+        np.testing.assert_allclose([parsed[d] for d in DOMAINS], [w[d] for d in DOMAINS], rtol=0, atol=1e-12)
+    for png in ("weights.png", "affinity.png"):
+        path = weights_dir / png
+        assert path.is_file() and path.stat().st_size > 1000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_eval_export(work, weights_dir, capsys):
+    data, base = work / "data", work / "base"
+    out = _ok(["train", "--data", data, "--weights", weights_dir / "weights.json", "--out", base, "--steps", "2",
+               *TRAIN, *COMMON], capsys)
+    assert "trained to step 2" in out
+    model_path = base / "model.pt"
+    assert load_model(str(model_path)).config.block_size == 32
+
+    out = _ok(["eval", "--data", data, "--model", model_path, "--eval-windows", "2", "--out", work / "eval.json",
+               *COMMON], capsys)
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S+)\s+([0-9.]+)$", line.strip())
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    assert set(rows) == set(DOMAINS) | {"average"}, out
+    assert all(1.0 < v < 1000.0 for v in rows.values())
+    ev = _read_json(work / "eval.json")
+    assert set(DOMAINS) <= set(ev) and math.isclose(ev["average"]["mean_ppl"], rows["average"], abs_tol=1e-3)
+
+    out = _ok(["export", "--weights", weights_dir / "weights.json", "--out", work / "exports",
+               "--prefix", "alpha=/data/alpha_text_document", *COMMON], capsys)
+    assert "megatron" in out
+    with open(work / "exports" / "megatron_data_path.txt", encoding="utf-8") as f:
+        blend = parse_megatron_blend(f.read())
+    weights = _read_json(weights_dir / "weights.json")["weights"]
+    assert blend == {"/data/alpha_text_document": weights["alpha"], "digits": weights["digits"],
+                     "dna": weights["dna"]}
+    assert _read_json(work / "exports" / "hf_interleave_probabilities.json")["domains"] == DOMAINS
+
+
+def test_weights_finetune_uses_the_cache(work, weights_dir, proxy, capsys):
+    out_dir = work / "weights_ft"
+    _ok(["weights", "--data", work / "data", "--proxy", proxy, "--mode", "finetune", "--out", out_dir,
+         *EMBED, *COMMON], capsys)
+    doc = _read_json(out_dir / "weights.json")
+    assert doc["mode"] == "finetune" and doc["temperature"] == 0.2
+    assert doc["embedding"]["embedded_now"] == []  # embedded by the pretrain run already
+    assert doc["krls"] == _read_json(weights_dir / "weights.json")["krls"]
+    order = sorted(DOMAINS, key=lambda d: doc["krls"][d])  # finetuning: higher leverage, higher weight
+    assert [doc["weights"][d] for d in order] == sorted(doc["weights"].values())
+
+
+def test_weights_transfer_embeds_only_the_new_domain(work, weights_dir, proxy, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(work / "data", data)  # with its caches (tokens and embeddings)
+    _write_domains(data, ["zeta"])
+    out = _ok(["weights", "--data", data, "--proxy", proxy, "--mode", "transfer", "--out", tmp_path / "w",
+               *EMBED, *COMMON], capsys)
+    assert "zeta" in out
+    doc = _read_json(tmp_path / "w" / "weights.json")
+    assert doc["mode"] == "transfer" and doc["temperature"] == 5.0
+    assert doc["domains"] == DOMAINS + ["zeta"]
+    assert doc["embedding"]["embedded_now"] == ["zeta"]
+    assert math.isclose(math.fsum(doc["weights"].values()), 1.0, abs_tol=1e-12)
+    old = torch.load(weights_dir / "domain_embeddings.pt", weights_only=True)["embeddings"]
+    new = torch.load(tmp_path / "w" / "domain_embeddings.pt", weights_only=True)["embeddings"]
+    assert torch.equal(new[:3], old)  # the cached domains are the same vectors
+
+
+def test_weights_from_an_embeddings_file_needs_no_data_or_proxy(weights_dir, tmp_path, capsys):
+    out_dir = tmp_path / "from_emb"
+    _ok(["weights", "--embeddings", weights_dir / "domain_embeddings.pt", "--data", tmp_path / "no_such_folder",
+         "--out", out_dir, "--no-plots", *COMMON], capsys)
+    doc = _read_json(out_dir / "weights.json")
+    ref = _read_json(weights_dir / "weights.json")
+    assert doc["domains"] == DOMAINS
+    np.testing.assert_allclose([doc["weights"][d] for d in DOMAINS], [ref["weights"][d] for d in DOMAINS],
+                               rtol=0, atol=1e-12)
+    assert doc["proxy"] == {"embeddings": os.path.abspath(weights_dir / "domain_embeddings.pt")}
+    assert not (out_dir / "weights.png").exists()
+
+
+def test_embed_command_writes_the_embeddings(work, proxy, weights_dir, capsys):
+    out = _ok(["embed", "--data", work / "data", "--proxy", proxy, "--out", work / "emb", *EMBED, *COMMON], capsys)
+    assert "0 domain(s), 3 from the cache" in out.replace("embedded ", "")
+    emb = torch.load(work / "emb" / "domain_embeddings.pt", weights_only=True)
+    ref = torch.load(weights_dir / "domain_embeddings.pt", weights_only=True)
+    assert emb["domains"] == DOMAINS and torch.equal(emb["embeddings"], ref["embeddings"])
+
+
+def test_run_end_to_end(tmp_path, capsys):
+    data = _write_domains(tmp_path / "data")
+    out_dir = tmp_path / "run"
+    out = _ok(["run", "--data", data, "--out", out_dir, "--preset", "tiny", "--proxy-steps", "3", "--steps", "3",
+               "--block-size", "32", "--n-windows", "4", "--window", "32", "--eval-windows", "2",
+               "--batch-size", "4", *COMMON], capsys)
+    assert "validation perplexity" in out
+    res = _read_json(out_dir / "results.json")
+    assert res["domains"] == DOMAINS
+    assert math.isclose(math.fsum(res["weights"].values()), 1.0, abs_tol=1e-12)
+    table = res["perplexity"]
+    assert set(table) == {"uniform", "chameleon"}
+    for row in table.values():
+        assert set(row) == set(DOMAINS) | {"average"}
+        assert all(math.isfinite(v) and v > 1.0 for v in row.values())
+        assert math.isclose(row["average"], sum(row[d] for d in DOMAINS) / 3, rel_tol=1e-9)
+    assert os.path.isfile(res["weights_file"]) and (out_dir / "perplexity.png").is_file()
+    assert _read_json(res["weights_file"])["weights"] == res["weights"]
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_one_domain_gets_weight_one_with_a_warning(proxy, tmp_path, capsys):
+    data = _write_domains(tmp_path / "one", ["alpha"])
+    with pytest.warns(UserWarning, match="only one domain"):
+        _ok(["weights", "--data", data, "--proxy", proxy, "--out", tmp_path / "w", "--no-plots", *EMBED, *COMMON],
+            capsys)
+    assert _read_json(tmp_path / "w" / "weights.json")["weights"] == {"alpha": 1.0}
+
+
+@pytest.mark.parametrize("names", [["alpha", "copy", "dna"], ["alpha", "copy"]])
+def test_duplicate_domains_get_finite_weights(proxy, tmp_path, capsys, names):
+    root = tmp_path / "dup"
+    _write_domains(root, [n for n in names if n != "copy"])
+    shutil.copytree(root / "alpha", root / "copy")  # identical content under another name
+    _ok(["weights", "--data", root, "--proxy", proxy, "--out", tmp_path / "w", "--no-plots", *EMBED, *COMMON], capsys)
+    doc = _read_json(tmp_path / "w" / "weights.json")
+    assert doc["domains"] == sorted(names)
+    values = list(doc["weights"].values())
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert math.isclose(math.fsum(values), 1.0, abs_tol=1e-12)
+    assert all(math.isfinite(v) for v in doc["krls"].values())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad(work, proxy, weights_dir, tmp_path_factory):
+    """Broken datasets and files, by name."""
+    root = tmp_path_factory.mktemp("bad")
+    paths = {"missing": root / "no_such_folder", "empty": root / "empty"}
+    os.makedirs(paths["empty"])
+
+    paths["empty_domain"] = root / "empty_domain"
+    _write_domains(paths["empty_domain"], ["alpha"])
+    os.makedirs(paths["empty_domain"] / "hollow")
+
+    paths["empty_file_domain"] = root / "empty_file_domain"
+    _write_domains(paths["empty_file_domain"], ["alpha"])
+    os.makedirs(paths["empty_file_domain"] / "blank")
+    (paths["empty_file_domain"] / "blank" / "nothing.txt").write_text("", encoding="utf-8")
+
+    paths["short"] = root / "short"
+    _write_domains(paths["short"], ["alpha"])
+    os.makedirs(paths["short"] / "stub")
+    (paths["short"] / "stub" / "s.txt").write_text("too short", encoding="utf-8")
+
+    paths["non_utf8"] = root / "non_utf8"
+    _write_domains(paths["non_utf8"], ["alpha"])
+    os.makedirs(paths["non_utf8"] / "latin")
+    (paths["non_utf8"] / "latin" / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 20)
+
+    paths["big_vocab"] = root / "big_vocab"  # pre-tokenised with a GPT-2-sized vocabulary
+    os.makedirs(paths["big_vocab"] / "gpt2tokens")
+    np.random.default_rng(0).integers(0, 1000, 4000).astype(np.uint16).tofile(
+        paths["big_vocab"] / "gpt2tokens" / "train.bin")
+    (paths["big_vocab"] / "gpt2tokens" / "meta.json").write_text('{"vocab_size": 50257, "dtype": "uint16"}')
+
+    paths["small_vocab_model"] = root / "small_vocab.pt"
+    save_model(paths["small_vocab_model"], GPT(GPTConfig.preset("tiny", 100, 32)))
+
+    paths["other_data"] = root / "other_data"
+    _write_domains(paths["other_data"], ["alpha", "zeta"])
+    paths.update(data=work / "data", proxy=proxy, weights=weights_dir / "weights.json",
+                 embeddings=weights_dir / "domain_embeddings.pt", out=root / "out")
+    return {k: str(v) for k, v in paths.items()}
+
+
+# (argv with {placeholders}, what the one error line must contain)
+BAD_INPUTS = {
+    "missing_data_folder": ("weights --data {missing} --proxy {proxy}", ["data folder", "no_such_folder",
+                                                                            "does not exist"]),
+    "empty_data_folder": ("train-proxy --data {empty} --steps 1", ["data folder", "empty", "no domain subfolders"]),
+    "empty_domain": ("weights --data {empty_domain} --proxy {proxy}", ["domain 'hollow' is empty"]),
+    "empty_file_domain": ("train --data {empty_file_domain} --steps 1", ["domain 'blank' is empty"]),
+    "domain_shorter_than_window": ("weights --data {short} --proxy {proxy} --window 32",
+                                   ["domain 'stub' is shorter than one window"]),
+    "domain_shorter_than_block": ("train --data {short} --steps 1 --block-size 32",
+                                  ["domain 'stub' is shorter than one window"]),
+    "non_utf8_file": ("weights --data {non_utf8} --proxy {proxy}", ["domain 'latin'", "latin1.txt", "UTF-8"]),
+    "bin_vocab_vs_proxy": ("weights --data {big_vocab} --proxy {proxy}",
+                           ["vocabulary mismatch", "'gpt2tokens'", "257"]),
+    "bin_vocab_vs_eval_model": ("eval --data {big_vocab} --model {proxy}", ["vocabulary mismatch", "'gpt2tokens'"]),
+    "bin_vocab_vs_init_from": ("train --data {big_vocab} --init-from {proxy} --steps 1",
+                               ["vocabulary mismatch", "'gpt2tokens'"]),
+    "small_vocab_proxy": ("weights --data {data} --proxy {small_vocab_model}", ["vocabulary mismatch", "100 ids"]),
+    "small_vocab_eval": ("eval --data {data} --model {small_vocab_model}", ["vocabulary mismatch", "100 ids"]),
+    "weights_domains_mismatch": ("train --data {other_data} --weights {weights} --steps 1",
+                                 ["does not match the data", "weights.json", "zeta"]),
+    "missing_proxy": ("weights --data {data} --proxy {missing}/model.pt", ["model path", "model.pt", "does not exist"]),
+    "missing_eval_model": ("eval --data {data} --model {missing}/model.pt", ["model.pt", "does not exist"]),
+    "missing_init_from": ("train --data {data} --init-from {missing}/ckpt.pt --steps 1", ["ckpt.pt"]),
+    "not_a_checkpoint": ("eval --data {data} --model {weights}", ["weights.json", "cannot be read"]),
+    "not_an_embeddings_file": ("weights --embeddings {proxy}", ["embeddings file", "model.pt"]),
+    "missing_weights_file": ("export --weights {missing}/weights.json", ["weights.json", "not found"]),
+    "prefix_without_equals": ("export --weights {weights} --prefix alpha", ["--prefix", "DOMAIN=PATH", "'alpha'"]),
+    "prefix_unknown_domain": ("export --weights {weights} --prefix nodomain=/x", ["--prefix", "nodomain"]),
+    "window_beyond_proxy_block": ("weights --data {data} --proxy {proxy} --window 64",
+                                  ["window", "64", "block_size 32"]),
+    "layer_beyond_proxy": ("weights --data {data} --proxy {proxy} --layer 7", ["layer", "7"]),
+    "zero_windows": ("weights --data {data} --proxy {proxy} --n-windows 0", ["n_windows", "0"]),
+    "negative_lambda": ("weights --embeddings {embeddings} --lam -1", ["--lam", "-1"]),
+    "zero_temperature": ("run --data {data} --temperature 0", ["--temperature", "0"]),
+    "weights_without_proxy": ("weights --data {data}", ["--proxy"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_clear_line(bad, capsys, case):
+    template, needles = BAD_INPUTS[case]
+    argv = template.format(**bad).split()
+    if argv[0] in ("weights", "embed", "run"):
+        argv += ["--n-windows", "4"] if "--n-windows" not in argv else []
+    if argv[0] != "export":
+        argv += ["--device", "cpu"]
+    argv += ["--out", os.path.join(bad["out"], case), "--quiet"]
+    code, out, err = _run(argv, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"chameleon {argv[0]}: error: ")
+    assert "Traceback" not in err and "Traceback" not in out
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_entry_point_reports_bad_input_as_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "chameleon_ext", "eval", "--data", str(tmp_path / "nope"),
+                           "--model", str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"chameleon eval: error: data folder {str(tmp_path / 'nope')!r} does not exist"]
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "chameleon_ext", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in COMMANDS:
+        assert cmd in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert out.startswith(f"usage: chameleon {command}")
+    assert "--seed" in out and "--device" in out
+    assert "(default: 0)" in out and "(default: auto)" in out  # --seed, --device
+    if command in ("run", "train-proxy", "train"):
+        assert "--steps" in out and "--preset" in out
+    if command in ("run", "weights", "embed"):
+        assert "--n-windows" in out and "--window" in out and "--layer" in out
+    if command in ("run", "weights"):
+        assert "(default: pretrain)" in out and "(default: 10.0)" in out
