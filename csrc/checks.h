@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <cstdlib>
 #include <string>
 
 namespace chameleon {
@@ -137,5 +138,19 @@ inline void raise_krls_failures(const at::Tensor& status, const at::Tensor& deta
 // The library path (LAPACK on CPU, cuSOLVER on CUDA, through ATen): used above the size at
 // which a fused per-matrix kernel stops paying off. Defined in krls_library.cpp.
 at::Tensor krls_library(const at::Tensor& K, double lam, bool center, bool scale_by_k);
+// Its second half: A [batch, k, k] float64 = H K H + mu I, already checked -> scores with
+// K's leading shape and out_dtype; raises for a matrix that is not positive definite.
+at::Tensor krls_factor_scores(const at::Tensor& A, double mu, at::IntArrayRef K_shape, at::ScalarType out_dtype);
+
+// Which krls path to take. CHAMELEON_KRLS_PATH=fused|library forces one (benchmarks and
+// tests use it to compare the two at the same sizes); otherwise `fused_by_default` decides.
+inline bool krls_use_fused(bool fused_by_default) {
+  const char* env = std::getenv("CHAMELEON_KRLS_PATH");
+  if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return fused_by_default;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "fused" || v == "library",
+                    "CHAMELEON_KRLS_PATH must be 'fused', 'library' or 'auto', got '", v, "'");
+  return v == "fused";
+}
 
 }  // namespace chameleon

@@ -394,3 +394,63 @@ def test_bad_config_is_an_error(kw, match):
 def test_bad_layer_is_an_error(dataset, model):
     with pytest.raises(ChameleonUserError, match="layer"):
         embed_domains(model, dataset, _cfg(layer=3))
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_DOMAINS = ["alpha", "digits", "dna"]  # reference pooling: 3 batches each, 9 batches split 5 / 4
+DIST_WINDOWS = 7  # 21 windows split 11 / 10: not on a batch boundary
+
+
+def _dist_worker(rank, world, port, data_root, out_dir):
+    """One rank of a gloo run (what torchrun would start): embeds, writes what it got."""
+    from chameleon_ext import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        distributed.init_from_env("cpu")
+        ds = load_dataset(data_root)
+        model = _model()
+        out = {}
+        for pooling in ("masked", "reference"):
+            cfg = _cfg(pooling=pooling, batch_size=3, n_windows=DIST_WINDOWS)
+            emb = embed_domains(model, ds, cfg, device="cpu", cache_dir=os.path.join(out_dir, "cache"),
+                                domains=DIST_DOMAINS)
+            again = embed_domains(model, ds, cfg, device="cpu", cache_dir=os.path.join(out_dir, "cache"),
+                                  domains=DIST_DOMAINS)
+            out[pooling] = {"emb": emb.embeddings, "counts": emb.counts, "computed": emb.computed,
+                            "again": again.embeddings, "again_computed": again.computed}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_two_ranks_give_the_single_process_embeddings(data_root, dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(2, _free_port(), data_root, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = _model()
+    for pooling in ("masked", "reference"):
+        single = embed_domains(model, dataset, _cfg(pooling=pooling, batch_size=3, n_windows=DIST_WINDOWS),
+                               domains=DIST_DOMAINS)
+        for got in ranks:
+            g = got[pooling]
+            assert torch.equal(g["emb"], ranks[0][pooling]["emb"])  # every rank returns the same
+            _close(g["emb"], single.embeddings, tol=1e-7)
+            assert g["counts"] == single.counts and g["computed"] == DIST_DOMAINS
+            assert g["again_computed"] == [] and torch.equal(g["again"], g["emb"])  # rank 0 wrote the cache

@@ -205,3 +205,23 @@ def test_fuzz_krls_against_eigen_oracle(batch, k, d, log_lam, log_scale, seed):
     K = make_kernels(batch, k, d=d, seed=seed) * 10.0**log_scale
     S = chameleon_ext.krls(K, 10.0**log_lam)
     np.testing.assert_allclose(S.numpy(), reference.krls_eigh_numpy(K.numpy(), 10.0**log_lam), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,k", [(1, 5), (9, 40), (3, 64), (2, 130)])
+def test_fused_and_library_paths_agree(device, batch, k, monkeypatch):
+    """CHAMELEON_KRLS_PATH forces either implementation; both match the oracle."""
+    K = make_kernels(batch, k, device=device)
+    expected = reference.krls(K, 0.9)
+    for path in ("fused", "library", "auto"):
+        monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
+        torch.testing.assert_close(chameleon_ext.krls(K, 0.9), expected, rtol=1e-10, atol=1e-12, msg=path)
+    bad = K.clone()
+    bad[batch - 1, 0, 0] = float("nan")
+    for path in ("fused", "library"):
+        monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
+        with pytest.raises(ValueError, match=rf"batch index {batch - 1}\) holds NaN"):
+            chameleon_ext.krls(bad, 0.9)
+    monkeypatch.setenv("CHAMELEON_KRLS_PATH", "fastest")
+    with pytest.raises(ValueError, match="CHAMELEON_KRLS_PATH must be 'fused', 'library' or 'auto'"):
+        chameleon_ext.krls(K, 0.9)

@@ -22,8 +22,9 @@
 namespace chameleon {
 namespace {
 
-// Crossover picked by benchmarks/bench_krls.py on a 2-core x86 CPU (see RESULTS.md).
-constexpr int64_t kFusedMaxK = 128;
+// Largest k for the fused kernel (its group buffer is k * k * kLanes doubles per thread);
+// the batch-dependent crossover is in krls_cpu, picked with benchmarks/bench_krls.py.
+constexpr int64_t kFusedMaxK = 1024;
 // Matrices per group: two AVX2 registers of doubles, enough independent work to hide the
 // latency of the dependent multiply-add chains.
 constexpr int kLanes = 8;
@@ -232,11 +233,72 @@ at::Tensor krls_fused_cpu(const at::Tensor& K, double lam, bool center, bool sca
   return out.reshape(shape);
 }
 
+// The library path's preparation on CPU, one pass per matrix: checks, symmetric part,
+// centring and mu on the diagonal, into a fresh float64 [batch, k, k]. (ATen elementwise
+// ops would take several passes and allocations over the whole batch.)
+at::Tensor prepare_library_cpu(const at::Tensor& K, double mu, bool center) {
+  const int64_t k = K.size(-1);
+  const int64_t batch = K.numel() / (k * k);
+  const at::Tensor Kf = K.reshape({batch, k, k});
+  at::Tensor A = at::empty({batch, k, k}, K.options().dtype(at::kDouble));
+  at::Tensor status = at::zeros({batch}, at::kInt);
+  int32_t* st = status.data_ptr<int32_t>();
+  double* out = A.data_ptr<double>();
+  const double tol = krls_symmetry_tol(K.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(K.scalar_type(), "krls_prepare_cpu", [&] {
+    const scalar_t* base = Kf.const_data_ptr<scalar_t>();
+    const int64_t sb = Kf.stride(0), sr = Kf.stride(1), sc = Kf.stride(2);
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> rowmean(k);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* src = base + b * sb;
+        double* a = out + b * k * k;
+        double maxabs = 0.0, maxasym = 0.0;
+        bool finite = true;
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j <= i; ++j) {
+            const double x = static_cast<double>(src[i * sr + j * sc]);
+            const double y = static_cast<double>(src[j * sr + i * sc]);
+            finite = finite && std::isfinite(x) && std::isfinite(y);
+            maxabs = max_d(maxabs, max_d(std::fabs(x), std::fabs(y)));
+            maxasym = max_d(maxasym, std::fabs(x - y));
+            a[i * k + j] = a[j * k + i] = 0.5 * (x + y);
+          }
+        if (!finite) st[b] = kKrlsNonFinite;
+        else if (maxasym > tol * maxabs) st[b] = kKrlsNotSymmetric;
+        if (st[b] != kKrlsOk) continue;
+        double grand = 0.0;
+        if (center) {
+          for (int64_t i = 0; i < k; ++i) {
+            double sum = 0.0;
+            for (int64_t j = 0; j < k; ++j) sum += a[i * k + j];
+            rowmean[i] = sum / static_cast<double>(k);
+            grand += rowmean[i];
+          }
+          grand /= static_cast<double>(k);
+          for (int64_t i = 0; i < k; ++i)
+            for (int64_t j = 0; j < k; ++j) a[i * k + j] += grand - rowmean[i] - rowmean[j];
+        }
+        for (int64_t i = 0; i < k; ++i) a[i * k + i] += mu;
+      }
+    });
+  });
+  raise_krls_failures(status, at::zeros({batch}, at::kInt), K.sizes(), "krls");
+  return A;
+}
+
 at::Tensor krls_cpu(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
   check_krls_args(K, lam, "krls");
   if (K.numel() == 0) return at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
-  if (K.size(-1) <= kFusedMaxK) return krls_fused_cpu(K, lam, center, scale_by_k);
-  return krls_library(K, lam, center, scale_by_k);
+  const int64_t k = K.size(-1);
+  const int64_t batch = K.numel() / (k * k);
+  // The fused kernel wins while there are enough groups of kLanes matrices to keep every
+  // thread busy; a few large matrices are better served by multithreaded blocked LAPACK.
+  const int64_t groups = (batch + kLanes - 1) / kLanes;
+  const bool fused_by_default = k <= 32 || (k <= kFusedMaxK && groups >= at::get_num_threads());
+  if (k <= kFusedMaxK && krls_use_fused(fused_by_default)) return krls_fused_cpu(K, lam, center, scale_by_k);
+  const double mu = scale_by_k ? lam * static_cast<double>(k) : lam;
+  return krls_factor_scores(prepare_library_cpu(K, mu, center), mu, K.sizes(), K.scalar_type());
 }
 
 }  // namespace

@@ -159,7 +159,7 @@ at::Tensor krls_cuda(const at::Tensor& K, double lam, bool center, bool scale_by
   const c10::cuda::CUDAGuard guard(K.device());
   if (K.numel() == 0) return at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
   const int64_t k = K.size(-1);
-  if (k > kFusedMaxK) return krls_library(K, lam, center, scale_by_k);
+  if (k > kFusedMaxK || !krls_use_fused(true)) return krls_library(K, lam, center, scale_by_k);
 
   const int64_t batch = K.numel() / (k * k);
   const at::Tensor Kf = K.reshape({batch, k, k});
