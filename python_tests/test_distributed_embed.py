@@ -89,7 +89,13 @@ def runs(tmp_path_factory):
     data_root = str(tmp_path_factory.mktemp("demb_data"))
     work = str(tmp_path_factory.mktemp("demb_work"))
     ds = _make_dataset(data_root)
-    mp.spawn(_worker, args=(WORLD, _free_port(), data_root, work), nprocs=WORLD, join=True)
+    for attempt in range(3):  # retry only a port taken between finding it free and binding it
+        try:
+            mp.spawn(_worker, args=(WORLD, _free_port(), data_root, work), nprocs=WORLD, join=True)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
     ranks = [torch.load(os.path.join(work, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     single = {name: embed_domains(_model(), ds, cfg, device="cpu") for name, cfg in CONFIGS.items()}
     return ds, ranks, single

@@ -99,8 +99,16 @@ def _entry(rank, world, port, scenario, args, timeout_s):
 
 
 def _spawn(scenario, *args, timeout_s=60):
-    mp.spawn(_entry, args=(WORLD, _free_port(), scenario, args, timeout_s), nprocs=WORLD,
-             join=True)
+    # A port found free can be taken again before the workers bind it; only that failure is
+    # retried, with a new port.
+    for attempt in range(3):
+        try:
+            mp.spawn(_entry, args=(WORLD, _free_port(), scenario, args, timeout_s), nprocs=WORLD,
+                     join=True)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
 
 
 def _save(obj, path):
