@@ -241,11 +241,14 @@ def cmd_run(args) -> int:
     _print_table(table, ds.domains)
     record = {"dataset": ds.path, "domains": ds.domains, "weights": chameleon, "perplexity": table,
               "seconds": time.perf_counter() - t0, "proxy": proxy, "weights_file": paths.get("weights")}
-    write_json_atomic(os.path.join(out, "results.json"), record)
-    if not args.no_plots:
-        from .plots import plot_perplexity
+    from . import distributed
 
-        plot_perplexity(table, os.path.join(out, "perplexity.png"))
+    if distributed.info().is_main:
+        write_json_atomic(os.path.join(out, "results.json"), record)
+        if not args.no_plots:
+            from .plots import plot_perplexity
+
+            plot_perplexity(table, os.path.join(out, "perplexity.png"))
     _say(f"\nwrote {os.path.join(out, 'results.json')} (and weights/, perplexity.png) "
          f"in {record['seconds']:.0f} s")
     return 0

@@ -466,7 +466,10 @@ class HFCausalLM(nn.Module):
         return state_dict_sha256(self.hf.state_dict())
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        logits = self.hf(input_ids=idx).logits
+        out = self.hf(input_ids=idx)
+        if not hasattr(out, "logits"):
+            raise ChameleonUserError("this Hugging Face model is an encoder: it embeds domains but has no LM head")
+        logits = out.logits
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -494,7 +497,8 @@ class _HFShape:
 
 def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
                   torch_dtype: Optional[torch.dtype] = None) -> HFCausalLM:
-    """Wrap the Hugging Face causal LM saved in the local folder ``path`` (no network access)."""
+    """Wrap the Hugging Face causal LM (or, failing that, encoder) saved in the local folder
+    ``path`` (no network access)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ChameleonUserError(f"model path {path!r} is not a folder holding a Hugging Face model")
@@ -505,9 +509,15 @@ def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.
             f"loading the Hugging Face model at {path!r} needs the optional package "
             "'transformers' (pip install transformers)"
         ) from exc
-    kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    kw = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        # A checkpoint saved from a causal LM loads with its LM head; anything else (an
+        # encoder such as BERT) loads as the bare model, which is all embedding needs.
+        archs = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        hf = auto.from_pretrained(path, local_files_only=True, **kw)
     except Exception as exc:
-        raise ChameleonUserError(f"could not load a Hugging Face causal LM from {path!r}: {exc}") from exc
+        raise ChameleonUserError(f"could not load a Hugging Face causal LM or encoder from {path!r}: {exc}") from exc
     return HFCausalLM(hf.eval()).to(map_location)

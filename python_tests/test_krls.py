@@ -225,3 +225,23 @@ def test_fused_and_library_paths_agree(device, batch, k, monkeypatch):
     monkeypatch.setenv("CHAMELEON_KRLS_PATH", "fastest")
     with pytest.raises(ValueError, match="CHAMELEON_KRLS_PATH must be 'fused', 'library' or 'auto'"):
         chameleon_ext.krls(K, 0.9)
+
+
+def test_ops_under_default_inductor_compile():
+    """fullgraph with the default backend (Inductor): the fake kernels carry the graph and
+    the real kernels run inside the compiled code."""
+    from .factories import make_hidden, make_mask
+
+    torch._dynamo.reset()
+    hidden = make_hidden(4, 10, 8)
+    mask = make_mask(4, 10)
+    K = make_kernels(3, 5)
+
+    @torch.compile(fullgraph=True)
+    def f(h, m, K):
+        pooled = chameleon_ext.masked_mean_pool(h, m)
+        return pooled.sum(-1), chameleon_ext.krls(K, 2.0)
+
+    pooled_sum, S = f(hidden, mask, K)
+    torch.testing.assert_close(pooled_sum, reference.masked_mean_pool(hidden, mask).sum(-1))
+    torch.testing.assert_close(S, reference.krls(K, 2.0), rtol=1e-10, atol=1e-12)
