@@ -258,11 +258,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def hidden_states(self, idx: torch.Tensor, layer: Optional[int] = None,
                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -291,6 +287,14 @@ class GPT(nn.Module):
         if layer == n:
             x = self.ln_f(x)
         return x
+
+
+def next_token_loss(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Mean cross-entropy of logits ``[B, T, V]`` against targets ``[B, T]`` (-1 ignored), in
+    float32 whatever the logits' dtype; None without targets."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 def _check_layer(layer, n_layer: int) -> int:
@@ -469,12 +473,7 @@ class HFCausalLM(nn.Module):
         out = self.hf(input_ids=idx)
         if not hasattr(out, "logits"):
             raise ChameleonUserError("this Hugging Face model is an encoder: it embeds domains but has no LM head")
-        logits = out.logits
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        return out.logits, next_token_loss(out.logits, targets)
 
     def hidden_states(self, idx: torch.Tensor, layer: Optional[int] = None,
                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
