@@ -24,7 +24,7 @@ namespace {
 
 // Largest k for the fused kernel (its group buffer is k * k * kLanes doubles per thread);
 // the batch-dependent crossover is in krls_cpu, picked with benchmarks/bench_krls.py.
-constexpr int64_t kFusedMaxK = 1024;
+constexpr int64_t kFusedMaxK = 512;
 // Matrices per group: two AVX2 registers of doubles, enough independent work to hide the
 // latency of the dependent multiply-add chains.
 constexpr int kLanes = 8;
