@@ -21,6 +21,7 @@ from chameleon_ext import distributed
 from chameleon_ext.data import builtin_dataset_path, load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains
 from chameleon_ext.model import GPT, GPTConfig
+from python_tests.factories import exit_spawned_worker
 
 # (layers, width, windows per domain, window length)
 CASES = [(4, 256, 32, 256)]
@@ -56,6 +57,7 @@ def _worker(rank, world, port, case, result_path):
                    result_path)
     if world > 1:
         torch.distributed.destroy_process_group()
+    exit_spawned_worker()
 
 
 @pytest.mark.parametrize("world", [1, 2])

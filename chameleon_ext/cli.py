@@ -377,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _run_command(args)
+    finally:
+        _close_distributed()
+
+
+def _close_distributed() -> None:
+    # Under torchrun: tear the process group down while Python is fully alive (gloo's
+    # threads can otherwise abort the process during interpreter shutdown).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_command(args) -> int:
+    try:
         return args.func(args)
     except ChameleonUserError as exc:
         # One line, whatever the message holds (e.g. torch.load's multi-line explanations).

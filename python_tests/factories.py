@@ -59,3 +59,17 @@ def make_kernels(batch, k, d: Optional[int] = None, dtype=torch.float64, device=
     if scales is not None:
         K = K * torch.as_tensor(scales, dtype=torch.float64).view(-1, 1, 1)
     return K.to(dtype=dtype, device=device)
+
+
+def exit_spawned_worker() -> None:
+    """End a spawned torch.distributed worker that finished its work, skipping interpreter
+    finalisation: at that point gloo's C++ threads can still hold objects whose teardown
+    aborts the process ("terminate called without an active exception", SIGABRT), which
+    would fail a run whose results are already written. Call it after
+    ``destroy_process_group()`` on the success path only; errors still propagate to
+    ``torch.multiprocessing.spawn`` as usual."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

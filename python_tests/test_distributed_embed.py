@@ -19,6 +19,8 @@ from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains
 from chameleon_ext.model import GPT, GPTConfig
 
+from .factories import exit_spawned_worker
+
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with gloo is not available",
@@ -82,6 +84,7 @@ def _worker(rank, world, port, data_root, work):
         torch.save(out, os.path.join(work, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+    exit_spawned_worker()
 
 
 @pytest.fixture(scope="module")

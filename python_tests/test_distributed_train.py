@@ -33,6 +33,8 @@ from chameleon_ext.trainer import (
     train,
 )
 
+from .factories import exit_spawned_worker
+
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with gloo is not available",
@@ -96,6 +98,7 @@ def _entry(rank, world, port, scenario, args, timeout_s):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    exit_spawned_worker()
 
 
 def _spawn(scenario, *args, timeout_s=60):

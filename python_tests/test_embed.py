@@ -435,6 +435,9 @@ def _dist_worker(rank, world, port, data_root, out_dir):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    from .factories import exit_spawned_worker
+
+    exit_spawned_worker()
 
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
