@@ -130,11 +130,12 @@ def cmd_weights(args) -> int:
         if not args.proxy:
             raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
         ds = _dataset(args)
-        block = getattr(getattr(load_proxy(args.proxy), "config", None), "block_size", None)
+        proxy = load_proxy(args.proxy)
+        block = getattr(getattr(proxy, "config", None), "block_size", None)
         result, emb, paths = compute_weights(
             ds, args.proxy, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=_embed_config(args, block), device=args.device,
-            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet)
+            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy)
         if args.mode == "transfer":
             _say(f"transfer: embedded {emb.computed or 'no'} domain(s) with the frozen proxy; "
                  f"the rest came from the cache")

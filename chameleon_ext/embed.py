@@ -86,14 +86,9 @@ class DomainEmbeddings:
 
 def load_domain_embeddings(path: str) -> DomainEmbeddings:
     """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`."""
-    if not os.path.isfile(path):
-        raise ChameleonUserError(f"embeddings file {path!r} does not exist")
-    from .model import torch_load_failure
+    from .model import read_torch_file
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChameleonUserError(f"embeddings file {path!r} cannot be read: {torch_load_failure(exc)}") from exc
+    obj = read_torch_file(path, "embeddings file")
     if not isinstance(obj, dict) or "domains" not in obj or "embeddings" not in obj:
         raise ChameleonUserError(
             f"embeddings file {path!r} holds no 'domains' and 'embeddings'; expected a domain_embeddings.pt "

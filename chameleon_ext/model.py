@@ -395,6 +395,18 @@ def torch_load_failure(exc: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
+def read_torch_file(path: Union[str, os.PathLike], what: str):
+    """``torch.load(path, weights_only=True)`` on CPU, with one-line user errors naming ``what``
+    (e.g. "model file") for a missing or unreadable file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ChameleonUserError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ChameleonUserError(f"{what} {path!r} cannot be read: {torch_load_failure(exc)}") from exc
+
+
 def save_model(path: Union[str, os.PathLike], model: GPT) -> str:
     """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash."""
     if not isinstance(model, GPT):
@@ -415,10 +427,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ChameleonUserError(f"model path {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChameleonUserError(f"model file {path!r} cannot be read: {torch_load_failure(exc)}") from exc
+    obj = read_torch_file(path, "model file")
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         cfg, sd, digest = obj["config"], obj["state_dict"], obj.get("sha256")
     elif isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # trainer checkpoint

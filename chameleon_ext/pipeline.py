@@ -150,13 +150,16 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
 def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
                     temperature: Optional[float] = None, normalize: bool = True,
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
-                    plots: bool = True, progress: bool = False, group=None):
+                    plots: bool = True, progress: bool = False, group=None, proxy=None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
 
+    ``proxy``: the model already loaded from ``proxy_path``, if the caller has it (loading
+    verifies the file's hash, which costs a pass over a large proxy).
     Returns ``(DomainWeights, DomainEmbeddings, paths)``; only rank 0 writes.
     """
     check_weight_options(mode, lam, temperature)
-    proxy = load_proxy(proxy_path, device="cpu")
+    if proxy is None:
+        proxy = load_proxy(proxy_path, device="cpu")
     if cache_dir is None:
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
