@@ -8,38 +8,25 @@ reports tokens/s, which lands in extra_info (``benchmarks/summarize.py`` shows t
 from __future__ import annotations
 
 import os
-import socket
-import sys
 import tempfile
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from chameleon_ext import distributed
 from chameleon_ext.data import builtin_dataset_path, load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains
 from chameleon_ext.model import GPT, GPTConfig
-from python_tests.factories import exit_spawned_worker
+from python_tests.factories import exit_spawned_worker, set_worker_env, spawn_workers
 
 # (layers, width, windows per domain, window length)
 CASES = [(4, 256, 32, 256)]
 QUICK_CASES = [(2, 32, 4, 32)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, case, result_path):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
+    set_worker_env(rank, world, port)
     if world > 1:
         distributed.init_from_env(device="cpu")
     layers, width, n, length = case
@@ -68,7 +55,7 @@ def bench_embed_processes(benchmark, world, case):
         path = os.path.join(tmp, "result.pt")
 
         def run():
-            mp.spawn(_worker, args=(world, _free_port(), case, path), nprocs=world, join=True)
+            spawn_workers(_worker, world, case, path)
             return torch.load(path, weights_only=False)
 
         result = benchmark.pedantic(run, rounds=1, iterations=1)

@@ -4,8 +4,6 @@ Run with timing:      make bench     (writes out/bench.json and prints the ratio
 Smoke-run, untimed:   pytest benchmarks --benchmark-disable   (each case once, small shapes)
 """
 
-import pytest
-
 
 def pytest_generate_tests(metafunc):
     """A benchmark taking ``case`` runs over its module's CASES when timed, and over the small

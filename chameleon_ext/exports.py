@@ -260,8 +260,8 @@ def hf_interleave_probabilities(weights: Mapping[str, float], domains: Optional[
     (it is the order of the datasets passed to ``interleave_datasets``). The weights are
     renormalised so that ``sum(probabilities) == 1.0`` in float arithmetic whenever possible:
     the rounding residue goes on the largest entry, where it changes the mixture least (or on
-    the last non-zero entry when the largest cannot absorb it exactly). For adversarial inputs
-    (many tiny trailing weights) a residue of one ulp of 1.0 can remain.
+    the last non-zero entry when the largest cannot absorb it exactly). Only when the last
+    non-zero entry is smaller than the residue itself can a few ulps of 1.0 remain.
     """
     weights = _check_weight_values(weights, "hf_interleave_probabilities")
     if domains is None:
@@ -281,8 +281,14 @@ def hf_interleave_probabilities(weights: Mapping[str, float], domains: Optional[
     # entry takes it: it is added last, so 1.0 - (sum of the rest) is exact for it.
     largest = max(range(len(probs)), key=probs.__getitem__)
     if not _absorb_residue(probs, largest):
+        # The last non-zero entry is added last: set it to 1 - (sum of those before it).
+        # For s in [0.5, 1] that difference is exact (Sterbenz), and for s < 0.5 the final
+        # addition rounds back to exactly 1.0, so the sum is 1.0 whenever it stays >= 0. The
+        # change is the rounding residue of the sum: a few ulps of 1.0 in absolute terms.
         last = max(i for i, p in enumerate(probs) if p > 0.0)
-        _absorb_residue(probs, last)
+        before = sum(probs[:last])
+        if before <= 1.0:
+            probs[last] = 1.0 - before
     return probs
 
 

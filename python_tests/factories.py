@@ -73,3 +73,44 @@ def exit_spawned_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# --------------------------------------------------------------------------- torch.distributed workers
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_worker_env(rank: int, world: int, port: int, timeout_s=None) -> None:
+    """The environment torchrun gives a worker, on loopback, one thread per worker (2 workers
+    share 2 cores); then ``chameleon_ext.distributed.init_from_env`` sets the group up."""
+    import sys
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    if timeout_s is not None:
+        env["CHAMELEON_DIST_TIMEOUT"] = str(timeout_s)
+    os.environ.update(env)
+    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+
+
+def spawn_workers(fn, world: int, *args) -> None:
+    """``fn(rank, world, port, *args)`` in ``world`` fresh processes on a free port. A port
+    found free can be taken before the workers bind it: only that failure is retried."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(3):
+        try:
+            mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
-import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import chameleon_ext
 from chameleon_ext import distributed
@@ -19,7 +16,7 @@ from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains
 from chameleon_ext.model import GPT, GPTConfig
 
-from .factories import exit_spawned_worker
+from .factories import exit_spawned_worker, set_worker_env, spawn_workers
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -52,18 +49,8 @@ def _make_dataset(root):
     return load_dataset(root)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, data_root, work):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "CHAMELEON_DIST_TIMEOUT": "60"})
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
+    set_worker_env(rank, world, port, timeout_s=60)
     distributed.init_from_env(device="cpu")
     try:
         ds = load_dataset(data_root)
@@ -92,13 +79,7 @@ def runs(tmp_path_factory):
     data_root = str(tmp_path_factory.mktemp("demb_data"))
     work = str(tmp_path_factory.mktemp("demb_work"))
     ds = _make_dataset(data_root)
-    for attempt in range(3):  # retry only a port taken between finding it free and binding it
-        try:
-            mp.spawn(_worker, args=(WORLD, _free_port(), data_root, work), nprocs=WORLD, join=True)
-            break
-        except Exception as exc:  # noqa: BLE001
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
+    spawn_workers(_worker, WORLD, data_root, work)
     ranks = [torch.load(os.path.join(work, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     single = {name: embed_domains(_model(), ds, cfg, device="cpu") for name, cfg in CONFIGS.items()}
     return ds, ranks, single

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 import time
 import traceback
 
@@ -33,7 +31,7 @@ from chameleon_ext.trainer import (
     train,
 )
 
-from .factories import exit_spawned_worker
+from .factories import exit_spawned_worker, set_worker_env, spawn_workers
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -75,22 +73,11 @@ def _make_dataset(root):
     return load_dataset(root)  # builds the token cache once, before any worker reads it
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- worker plumbing -------------------------------------------------------------------------
 
 
 def _entry(rank, world, port, scenario, args, timeout_s):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "CHAMELEON_DIST_TIMEOUT": str(timeout_s)})
-    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)  # 2 workers on 2 cores
+    set_worker_env(rank, world, port, timeout_s)
     di = distributed.init_from_env(device="cpu")
     assert (di.rank, di.world_size) == (rank, world)
     try:
@@ -102,16 +89,7 @@ def _entry(rank, world, port, scenario, args, timeout_s):
 
 
 def _spawn(scenario, *args, timeout_s=60):
-    # A port found free can be taken again before the workers bind it; only that failure is
-    # retried, with a new port.
-    for attempt in range(3):
-        try:
-            mp.spawn(_entry, args=(WORLD, _free_port(), scenario, args, timeout_s), nprocs=WORLD,
-                     join=True)
-            return
-        except Exception as exc:  # noqa: BLE001
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
+    spawn_workers(_entry, WORLD, scenario, args, timeout_s)
 
 
 def _save(obj, path):

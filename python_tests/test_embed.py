@@ -399,14 +399,6 @@ def test_bad_layer_is_an_error(dataset, model):
 # --------------------------------------------------------------------------- torch.distributed
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_DOMAINS = ["alpha", "digits", "dna"]  # reference pooling: 3 batches each, 9 batches split 5 / 4
 DIST_WINDOWS = 7  # 21 windows split 11 / 10: not on a batch boundary
 
@@ -415,9 +407,9 @@ def _dist_worker(rank, world, port, data_root, out_dir):
     """One rank of a gloo run (what torchrun would start): embeds, writes what it got."""
     from chameleon_ext import distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    from .factories import set_worker_env
+
+    set_worker_env(rank, world, port)
     try:
         distributed.init_from_env("cpu")
         ds = load_dataset(data_root)
@@ -443,9 +435,9 @@ def _dist_worker(rank, world, port, data_root, out_dir):
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
 def test_two_ranks_give_the_single_process_embeddings(data_root, dataset, tmp_path):
-    import torch.multiprocessing as mp
+    from .factories import spawn_workers
 
-    mp.spawn(_dist_worker, args=(2, _free_port(), data_root, str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_dist_worker, 2, data_root, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = _model()
     for pooling in ("masked", "reference"):
