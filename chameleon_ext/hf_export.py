@@ -188,7 +188,8 @@ def _byte_symbols() -> list:
     """The printable character GPT-2's byte-level BPE uses for each byte 0..255: printable
     Latin-1 bytes stand for themselves, the other 68 take code points 256, 257, ... in byte
     order (so no symbol is whitespace or a control character)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    printable = (set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+                 | set(range(ord("®"), ord("ÿ") + 1)))
     symbols, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -285,7 +286,8 @@ def _verify(model, hf_sd: Dict[str, torch.Tensor], config: dict) -> Optional[flo
         import transformers
     except ImportError:
         return None
-    hf_cfg = transformers.GPT2Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype")})
+    hf_cfg = transformers.GPT2Config(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype")})
     hf = transformers.GPT2LMHeadModel(hf_cfg).float().eval()
     missing, unexpected = hf.load_state_dict({k: v.float() for k, v in hf_sd.items()}, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied

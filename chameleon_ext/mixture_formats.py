@@ -404,7 +404,8 @@ def _check_formats(formats) -> List[str]:
     formats = list(formats)
     unknown = [f for f in formats if f not in MIXTURE_FORMATS]
     if unknown or not formats:
-        raise ChameleonUserError(f"unknown export format(s) {unknown or formats}; expected some of {list(MIXTURE_FORMATS)}")
+        raise ChameleonUserError(
+            f"unknown export format(s) {unknown or formats}; expected some of {list(MIXTURE_FORMATS)}")
     return list(dict.fromkeys(formats))
 
 

@@ -128,7 +128,8 @@ def test_megatron_and_nemo_refuse_paths_they_cannot_hold(bad, what, fmt):
 
 
 def test_domain_name_as_default_prefix_is_checked_too():
-    with pytest.raises(ChameleonUserError, match="megatron-per-split: path 'my web' of domain 'my web' contains whitespace"):
+    with pytest.raises(ChameleonUserError,
+                       match="megatron-per-split: path 'my web' of domain 'my web' contains whitespace"):
         megatron_per_split_args({"my web": 1.0})
 
 
