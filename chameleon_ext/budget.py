@@ -57,7 +57,8 @@ COUNTED = "counted"
 @dataclass(frozen=True)
 class TokenCount:
     """A domain's size in tokens and where the number comes from ("counted", or e.g.
-    "estimated from 2048 sampled windows")."""
+    "estimated from 2048 sampled windows"). A counted size must be a whole number; an estimate
+    may be fractional and is rounded to the nearest token."""
 
     tokens: int
     source: str = COUNTED
@@ -183,7 +184,11 @@ def _check_counts(token_counts, domains: List[str]) -> Dict[str, TokenCount]:
             c = TokenCount(c["tokens"], str(c.get("source", COUNTED)))
         elif not isinstance(c, TokenCount):
             c = TokenCount(c)
-        out[d] = TokenCount(_check_int(f"token count of domain {d!r}", c.tokens, 0), c.source)
+        tokens = c.tokens
+        if c.source != COUNTED and isinstance(tokens, numbers.Real) and not isinstance(tokens, bool) \
+                and math.isfinite(tokens) and tokens >= 0:
+            tokens = round(tokens)  # an estimate (e.g. size x tokens per byte) need not be whole
+        out[d] = TokenCount(_check_int(f"token count of domain {d!r}", tokens, 0), c.source)
     return out
 
 

@@ -124,6 +124,15 @@ def test_bad_arguments(kwargs, match):
         plan_token_budget({"a": 1.0}, {"a": 100}, **kwargs)
 
 
+def test_estimates_may_be_fractional_counts_may_not():
+    plan = plan_token_budget({"a": 1.0}, {"a": TokenCount(1234.6, "estimated from bytes")}, token_budget=10)
+    assert plan.domains[0].token_count == 1235
+    with pytest.raises(ChameleonUserError, match="token count of domain 'a' must be an integer"):
+        plan_token_budget({"a": 1.0}, {"a": 1234.6}, token_budget=10)
+    with pytest.raises(ChameleonUserError, match="token count of domain 'a' must be an integer"):
+        plan_token_budget({"a": 1.0}, {"a": TokenCount(math.nan, "estimated")}, token_budget=10)
+
+
 def test_counts_must_match_domains():
     with pytest.raises(ChameleonUserError, match=r"missing \['b'\]; not in the weights \['c'\]"):
         plan_token_budget({"a": 0.5, "b": 0.5}, {"a": 1, "c": 1}, token_budget=10)
