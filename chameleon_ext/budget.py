@@ -48,6 +48,7 @@ __all__ = [
     "DomainTokenShare",
     "TokenShareReport",
     "token_share_report",
+    "DomainTokenCounter",
 ]
 
 # A count given as a bare integer was counted, not estimated.
@@ -383,3 +384,44 @@ def token_share_report(target_weights: Mapping[str, float], tokens_seen: Mapping
         achieved, target = counts[d] / total, w / total_weight
         rows.append(DomainTokenShare(d, counts[d], achieved, target, achieved - target))
     return TokenShareReport(total_tokens=total, domains=rows)
+
+
+class DomainTokenCounter:
+    """Tokens drawn per domain during a run, for :func:`token_share_report` at its end.
+
+    ``add(domain_ids, tokens)`` takes one batch: ``domain_ids`` ``[B]`` (the domain index of each
+    row) and ``tokens`` ``[B]`` (the tokens each row trains on, e.g. ``(targets != -1).sum(1)``)
+    or one int for every row. Counts are exact int64 on the CPU; :attr:`counts` is the ``[k]``
+    tensor a distributed trainer all-reduces (SUM) before reporting.
+    """
+
+    def __init__(self, domains):
+        self.domains = list(domains)
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ChameleonUserError(f"DomainTokenCounter: domains must be distinct names, got {self.domains!r}")
+        import torch
+
+        self.counts = torch.zeros(len(self.domains), dtype=torch.int64)
+
+    def add(self, domain_ids, tokens) -> None:
+        import torch
+
+        ids = torch.as_tensor(domain_ids, device="cpu").reshape(-1).long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.domains)):
+            raise ChameleonUserError(
+                f"DomainTokenCounter.add: domain ids must be in [0, {len(self.domains)}), got "
+                f"{int(ids.min())}..{int(ids.max())}")
+        n = torch.as_tensor(tokens, device="cpu").long()
+        n = n.expand(ids.shape) if n.dim() == 0 else n.reshape(-1)
+        if n.shape != ids.shape:
+            raise ChameleonUserError(
+                f"DomainTokenCounter.add: tokens must be one int or [B] = [{ids.numel()}], got {tuple(n.shape)}")
+        if n.numel() and int(n.min()) < 0:
+            raise ChameleonUserError("DomainTokenCounter.add: token counts must be >= 0")
+        self.counts.index_add_(0, ids, n)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {d: int(c) for d, c in zip(self.domains, self.counts.tolist())}
+
+    def report(self, target_weights: Mapping[str, float]) -> TokenShareReport:
+        return token_share_report(target_weights, self.as_dict())

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chameleon_ext.budget import TokenCount, cap_repetition, plan_token_budget, token_share_report
+from chameleon_ext.budget import (
+    DomainTokenCounter,
+    TokenCount,
+    cap_repetition,
+    plan_token_budget,
+    token_share_report,
+)
 from chameleon_ext.errors import ChameleonUserError
 
 
@@ -224,3 +230,23 @@ def test_token_share_report_missing_domain_is_zero_and_errors():
         token_share_report({"a": 1.0}, {"a": 0})
     with pytest.raises(ChameleonUserError, match="tokens seen in domain 'a'"):
         token_share_report({"a": 1.0}, {"a": 1.5})
+
+
+def test_domain_token_counter_counts_tokens_not_rows():
+    import torch
+
+    c = DomainTokenCounter(["a", "b", "c"])
+    c.add(torch.tensor([0, 1, 1, 2]), torch.tensor([512, 512, 100, 0]))  # a padded row, an empty one
+    c.add([2, 2], 7)  # one int for every row
+    assert c.as_dict() == {"a": 512, "b": 612, "c": 14}
+    r = c.report({"a": 0.5, "b": 0.25, "c": 0.25})
+    assert r.total_tokens == 1138
+    assert [d.achieved_share for d in r.domains] == [512 / 1138, 612 / 1138, 14 / 1138]
+    c.add(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))  # an empty batch
+    assert c.as_dict()["a"] == 512
+    with pytest.raises(ChameleonUserError, match=r"domain ids must be in \[0, 3\), got 0..3"):
+        c.add([0, 3], 1)
+    with pytest.raises(ChameleonUserError, match=r"tokens must be one int or \[B\] = \[2\]"):
+        c.add([0, 1], [1, 2, 3])
+    with pytest.raises(ChameleonUserError, match="distinct"):
+        DomainTokenCounter(["a", "a"])
