@@ -238,8 +238,8 @@ def test_default_cache_dir_and_fingerprint_depends_on_tokenizer(mixed):
         def encode_array(self, text):
             return super().encode_array(text).astype(np.int64) + 1
 
-    ds2 = load_dataset(mixed, tokenizer=Shifted(), cache_dir=str(mixed / "other_cache"))
-    assert ds2.domains == ds.domains  # a cache_dir inside the data folder is not a domain
+    ds2 = load_dataset(mixed, tokenizer=Shifted(), cache_dir=str(mixed / ".other_cache"))
+    assert ds2.domains == ds.domains  # a hidden cache_dir inside the data folder is not a domain
     assert ds2.fingerprint("prose") != ds.fingerprint("prose")
     assert int(ds2.train_tokens("prose")[0]) == int(ds.train_tokens("prose")[0]) + 1
 
