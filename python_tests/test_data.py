@@ -259,6 +259,231 @@ def test_large_file_streams_in_chunks(tmp_path, monkeypatch):
     assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))  # one document, one EOS
 
 
+# -- token cache integrity -------------------------------------------------------------------
+
+
+def _text_dataset(root, docs=None):
+    docs = docs or {"a.txt": "alpha beta gamma\n" * 40, "b.txt": "delta epsilon\n" * 40}
+    for rel, text in docs.items():
+        _write(str(root / "dom" / rel), text)
+    return _encode_docs(*(docs[k] for k in sorted(docs)))
+
+
+def _entry(ds, name="dom"):
+    tpath = ds._domains[name].cache_path
+    with open(tpath + ".json") as f:
+        return tpath, json.load(f)
+
+
+def test_token_cache_records_hash_and_true_max(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    tpath, meta = _entry(ds)
+    on_disk = np.fromfile(tpath, dtype=np.uint16)
+    assert np.array_equal(on_disk, expected)
+    assert meta["max_id"] == int(np.max(expected)) == EOS  # independent: the reference stream
+    assert meta["n_tokens"] == len(expected)
+    import hashlib
+    with open(tpath, "rb") as f:
+        raw = f.read()
+    assert meta["sha256"] == hashlib.sha256(raw).hexdigest()
+    bs = meta["block_size"]
+    assert meta["blocks"] == [hashlib.sha256(raw[i:i + bs]).hexdigest()[:32] for i in range(0, len(raw), bs)]
+    assert ds.verify() == []
+
+
+def test_same_size_garbage_in_token_cache_is_rebuilt(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    size = os.path.getsize(tpath)
+    with open(tpath, "r+b") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    with pytest.warns(UserWarning, match="damaged"):
+        ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Blocks of 64 bytes and no random samples: only the first and last block are checked on
+    load, so damage in the middle passes the cheap check (as it may in a large file)."""
+    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)
+    monkeypatch.setattr(dataset_mod, "_SAMPLE_BLOCKS", 0)
+
+
+def _poke(tpath, index, value):
+    arr = np.memmap(tpath, dtype=np.uint16, mode="r+")
+    arr[index] = value
+    arr.flush()
+    del arr
+
+
+def test_id_beyond_vocab_in_unsampled_block(tmp_path, tiny_blocks):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, meta = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    assert len(meta["blocks"]) > 10
+    mid = len(expected) // 2
+    _poke(tpath, mid, 300)  # beyond the byte vocabulary of 257
+
+    ds = load_dataset(tmp_path / "d", val_fraction=0)  # the sampled check misses it
+    assert int(ds.train_tokens("dom")[mid]) == 300
+    # windows never hand it to the model: one line naming the domain and the cache file
+    e = _expect_error("beyond the vocabulary", lambda: ds.windows_at("dom", [mid - 3], 8),
+                      "'dom'", "300", tpath)
+    assert "\n" not in str(e)
+    # check_vocab scans the true maximum, finds the record wrong, and rebuilds the entry
+    with pytest.warns(UserWarning, match="damaged"):
+        ds.check_vocab(257)
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
+
+
+def test_full_verify_finds_in_vocab_damage(tmp_path, tiny_blocks):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    _poke(tpath, len(expected) // 2, ord("Z"))  # a valid id: only the hashes can tell
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert not np.array_equal(ds.train_tokens("dom"), expected)
+    ds.check_vocab(257)  # the max is unchanged, so this does not notice (by design)
+    with pytest.warns(UserWarning, match="block .* does not match"):
+        assert ds.verify() == ["dom"]
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+
+    _poke(tpath, len(expected) // 3, ord("Z"))
+    with pytest.warns(UserWarning, match="damaged"):
+        ds = load_dataset(tmp_path / "d", val_fraction=0, verify="full")
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    _expect_error("verify", lambda: load_dataset(tmp_path / "d", verify="fast"), "'fast'")
+
+
+def test_damaged_cache_metadata_is_rebuilt(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, meta = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    for bad in ({**meta, "max_id": 10**6}, {**meta, "n_tokens": meta["n_tokens"] + 1},
+                {**meta, "blocks": []}, "not an object", None):
+        _write(tpath + ".json", "{broken" if bad is None else json.dumps(bad))
+        with pytest.warns(UserWarning, match="damaged"):
+            ds = load_dataset(tmp_path / "d", val_fraction=0)
+        assert np.array_equal(ds.train_tokens("dom"), expected)
+
+
+def test_cache_entry_replaced_by_folder(tmp_path):
+    _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d"))
+    os.unlink(tpath)
+    os.mkdir(tpath)
+    with pytest.warns(UserWarning, match="is a folder"):
+        e = _expect_error("it is a folder", lambda: load_dataset(tmp_path / "d"), tpath)
+    assert "\n" not in str(e)
+    os.rmdir(tpath)
+    with pytest.warns(UserWarning, match="damaged"):  # metadata without its token file
+        assert load_dataset(tmp_path / "d").domains == ["dom"]  # removing the folder is enough
+
+
+# -- symlinks and the cache's place -----------------------------------------------------------
+
+
+def test_symlink_loop_and_duplicate_links_read_once(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    dom = tmp_path / "d" / "dom"
+    os.symlink(".", dom / "loop")            # dom/loop -> dom: a cycle
+    os.symlink("a.txt", dom / "c_alias.txt")  # a second name for a file already read
+    os.mkdir(dom / "sub")
+    os.symlink("..", dom / "sub" / "up")      # a cycle two levels deep
+    _write(str(dom / "sub" / "z.txt"), "zeta\n")
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    docs = {"a.txt": "alpha beta gamma\n" * 40, "b.txt": "delta epsilon\n" * 40, "sub/z.txt": "zeta\n"}
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs(*(docs[k] for k in sorted(docs))))
+    assert [r for r, _ in ds._domains["dom"].files] == ["a.txt", "b.txt", "sub/z.txt"]
+    assert len(expected) < ds.n_tokens("dom")
+
+
+def test_cache_dir_inside_the_data_tree_is_refused(tmp_path):
+    _text_dataset(tmp_path / "d")
+    _write(str(tmp_path / "d" / "web" / "x.txt"), "web text\n")
+    d = tmp_path / "d"
+    for cache, names in ((d, ["is the data folder itself"]),
+                         (d / "web", ["inside domain 'web'"]),
+                         (d / "web" / "cache", ["inside domain 'web'"]),
+                         (d / "new_cache", ["read as a domain named 'new_cache'"])):
+        e = _expect_error("cache_dir", lambda: load_dataset(d, cache_dir=cache), str(cache), *names)
+        assert "\n" not in str(e)
+    assert not os.path.exists(d / "new_cache") and not os.path.exists(d / "index")
+    assert not os.path.exists(d / ".chameleon_cache")  # refused before any work
+    # the default hidden cache, another hidden folder and an outside folder all work
+    for cache in (None, d / ".mine", tmp_path / "outside"):
+        assert load_dataset(d, cache_dir=cache).domains == ["dom", "web"]
+
+
+def test_empty_paths_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _text_dataset(tmp_path)  # the current folder is a valid dataset: "" must not mean it
+    _expect_error("data folder: expected a folder path, got an empty string", lambda: load_dataset(""))
+    _expect_error("cache_dir: expected a folder path", lambda: load_dataset(".", cache_dir=""))
+    _expect_error("data folder", lambda: load_dataset(None))
+
+
+def test_fingerprint_is_cheap_and_stable(tmp_path, monkeypatch):
+    _text_dataset(tmp_path / "d")
+    _write_bin(str(tmp_path / "d" / "bin"), [1, 2, 3, 4], vocab=257)
+    ds = load_dataset(tmp_path / "d")
+    fps = {n: ds.fingerprint(n) for n in ds.domains}
+    calls = []
+    real = dataset_mod._content_fingerprint
+    monkeypatch.setattr(dataset_mod, "_content_fingerprint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = load_dataset(tmp_path / "d")
+    assert {n: again.fingerprint(n) for n in again.domains} == fps
+    assert {n: again.fingerprint(n) for n in again.domains} == fps
+    assert calls == []  # unchanged files: no file is read to fingerprint them
+    # a changed domain says so
+    _write(str(tmp_path / "d" / "dom" / "b.txt"), "changed\n")
+    assert load_dataset(tmp_path / "d").fingerprint("dom") != fps["dom"]
+
+
+# -- streaming and odd text ------------------------------------------------------------------
+
+
+def test_jsonl_lone_surrogate_is_one_line_error(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '{"text": "ok"}\n{"text": "bad \\ud800 here"}\n')
+    e = _expect_error("lone surrogate", lambda: load_dataset(tmp_path / "d"), "'web'", "x.jsonl",
+                      "line 2", "\\ud800")
+    assert "\n" not in str(e)
+    # a surrogate *pair* is one valid character
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '{"text": "ok \\ud83d\\ude00"}\n')
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("ok \U0001F600"))
+
+
+@pytest.mark.parametrize("text", ["x" * 1000, ("word " * 300), "ab\ncd " * 150 + "e" * 700])
+def test_chunks_without_newlines_are_exact_and_bounded(tmp_path, monkeypatch, text):
+    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", 64)
+    chunks = []
+    real = dataset_mod._encode
+    monkeypatch.setattr(dataset_mod, "_encode", lambda tok, c: chunks.append(len(c)) or real(tok, c))
+    _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))
+    assert max(chunks) <= 2 * 64 and sum(chunks) == len(text)
+
+
+def test_corrupted_bin_metadata(tmp_path):
+    _write_bin(str(tmp_path / "a" / "gpt"), [1, 2, 3])
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), "{not json")
+    e = _expect_error("not valid JSON", lambda: load_dataset(tmp_path / "a"), "'gpt'", "meta.json")
+    assert "\n" not in str(e)
+    for vocab in ("50257", 0, -5, 1.5, True, 1 << 17):
+        _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": vocab, "dtype": "uint16"}))
+        e = _expect_error("vocab_size", lambda: load_dataset(tmp_path / "a"), "'gpt'", "meta.json")
+        assert "\n" not in str(e)
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), "[1, 2]")
+    _expect_error("JSON object", lambda: load_dataset(tmp_path / "a"), "meta.json")
+    os.unlink(tmp_path / "a" / "gpt" / "train.bin")
+    os.mkdir(tmp_path / "a" / "gpt" / "train.bin")
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": 257, "dtype": "uint16"}))
+    _expect_error("is a folder", lambda: load_dataset(tmp_path / "a"), "train.bin")
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

@@ -260,6 +260,10 @@ class MixtureDataset:
         """Re-tokenise text domain ``d`` into its cache entry after ``problem`` was found."""
         warnings.warn(f"token cache {d.cache_path!r} of domain {d.name!r} is damaged ({problem}); "
                       "rebuilding it from the text", stacklevel=3)
+        if _content_fingerprint("text", d.files, d.name, self.tokenizer.name) != d.fingerprint:
+            raise ChameleonUserError(
+                f"domain {d.name!r}: its files in {d.path!r} changed after the dataset was "
+                "loaded; load it again")
         meta = _tokenise_domain(d.name, d.files, self.tokenizer, self.cache_dir,
                                 _safe_name(d.name), d.fingerprint)
         tokens = _open_tokens(d.cache_path, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
