@@ -17,8 +17,12 @@ A domain is one of two kinds:
   lines are JSON objects with a string ``text`` field. Each text file and each JSON line is
   one *document*; documents are joined with the tokenizer's EOS id (EOS after every document,
   as in the reference's data preparation). Files are streamed (a file at a time, big files in
-  line-aligned chunks) and the tokens are written incrementally into a uint16/uint32 memmap in
-  the cache folder, so a domain never has to fit in memory.
+  chunks of at most 8M characters, cut at a newline or space where possible, even in a file
+  with no newline) and the tokens are written incrementally into a uint16/uint32 memmap in the
+  cache folder, so a domain never has to fit in memory (one JSONL line is parsed whole).
+  Links are followed, but each real folder and file is read once, so a link loop
+  (``loop -> .``) or a second link to a file cannot repeat text. A JSONL ``text`` holding a
+  lone surrogate escape (``{"text": "\\ud800"}``, not Unicode text) is an error naming file and line.
 * **pre-tokenised** -- the folder holds ``train.bin`` (and optionally ``val.bin``) as flat
   token arrays, with ``meta.json`` beside them declaring ``{"vocab_size": 50257, "dtype":
   "uint16"}`` (dtype ``uint16`` or ``uint32``). Other files in such a folder (a README, the
@@ -93,8 +97,9 @@ _CACHE_FORMAT = "chameleon_ext.tokens/2"
 VERIFY_MODES = ("sample", "full")
 _BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _BIN_FILES = ("train.bin", "val.bin", "meta.json")
-# Big text files are tokenised in line-aligned chunks of about this many characters, so memory
-# stays bounded; each chunk is still part of the same document (no EOS between chunks).
+# Big text files are tokenised in chunks of this to twice this many characters (cut at a newline
+# or space where possible), so memory stays bounded; each chunk is still part of the same
+# document (no EOS between chunks).
 _CHUNK_CHARS = 1 << 22
 _HASH_BLOCK = 1 << 20
 # Token files are verified per block: at most this many blocks of at least _HASH_BLOCK bytes.
@@ -554,7 +559,7 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
 
     train = _open_bin(name, os.path.join(dpath, "train.bin"), dtype, allow_empty=False)
     val_path = os.path.join(dpath, "val.bin")
-    if os.path.isfile(val_path):
+    if os.path.lexists(val_path):  # a broken link is an error, not "no val.bin"
         val = _open_bin(name, val_path, dtype, allow_empty=True)
     else:
         train, val = _split(train, val_fraction)
@@ -872,14 +877,16 @@ def _iter_documents(name: str, rel: str, full: str) -> Iterator[Iterator[str]]:
             with _reading(name, full):
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        yield iter((_jsonl_text(name, full, lineno, line),))
+                        text = _jsonl_text(name, full, lineno, line)
+                        yield _bounded_chunks(text[i:i + _CHUNK_CHARS]
+                                              for i in range(0, len(text), _CHUNK_CHARS))
         else:
             yield _text_chunks(name, full, f)
 
 
 # Unpaired UTF-16 surrogates: JSON can spell them ("\ud800") but they are not Unicode text and
 # cannot be encoded as UTF-8, so no tokenizer can take them.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _jsonl_text(name: str, full: str, lineno: int, line: str) -> str:
@@ -910,15 +917,24 @@ def _jsonl_text(name: str, full: str, lineno: int, line: str) -> str:
 
 
 def _text_chunks(name: str, full: str, f) -> Iterator[str]:
-    """Chunks of about ``_CHUNK_CHARS`` characters (at most twice that) of the open text file
-    ``f``, cut after a newline where there is one, else after a space, else anywhere: memory
-    stays bounded even for a file with no newline at all."""
+    """The open text file ``f`` in bounded chunks (see :func:`_bounded_chunks`)."""
+    def blocks():
+        while True:
+            with _reading(name, full):
+                block = f.read(_CHUNK_CHARS)
+            if not block:
+                return
+            yield block
+    return _bounded_chunks(blocks())
+
+
+def _bounded_chunks(blocks: Iterator[str]) -> Iterator[str]:
+    """Re-cut ``blocks`` into chunks of at most ``2 * _CHUNK_CHARS`` characters, each cut after
+    a newline where there is one, else after a space, else anywhere (the cut matters only to
+    subword tokenizers, which see fewer split words this way). Memory stays bounded even for a
+    file, or a JSONL document, with no newline at all."""
     carry = ""
-    while True:
-        with _reading(name, full):
-            block = f.read(_CHUNK_CHARS)
-        if not block:
-            break
+    for block in blocks:
         text = carry + block
         cut = text.rfind("\n") + 1
         if cut == 0 or len(text) - cut > _CHUNK_CHARS:
