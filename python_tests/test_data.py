@@ -467,6 +467,33 @@ def test_chunks_without_newlines_are_exact_and_bounded(tmp_path, monkeypatch, te
     assert max(chunks) <= 2 * 64 and sum(chunks) == len(text)
 
 
+def test_windows_at_checks_starts_and_memory(mixed):
+    ds = load_dataset(mixed, val_fraction=0)
+    n = ds.n_tokens("prose")
+    tr = np.asarray(ds.train_tokens("prose"))
+    w = ds.windows_at("prose", [0, n - 8], 8)
+    assert np.array_equal(w, np.stack([tr[:8], tr[n - 8:]]))
+    for bad in ([-1], [n - 7], [0, n]):
+        e = _expect_error("starts", lambda: ds.windows_at("prose", bad, 8), "'prose'", str(n - 8))
+        assert "\n" not in e.args[0]
+    e = _expect_error("GiB", lambda: ds.sample_windows("prose", 1 << 40, 8, np.random.default_rng(0)),
+                      "'prose'", "fewer")
+    assert ds.windows_at("prose", np.zeros(0, dtype=np.int64), 8).shape == (0, 8)
+    for bad in (3.7, -1, "2", True):
+        _expect_error("window count", lambda: ds.sample_windows("prose", bad, 8, np.random.default_rng(0)))
+
+
+def test_deeply_nested_jsonl_and_cache_dir_that_is_a_file(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), "[" * 100_000 + "]" * 100_000 + "\n")
+    e = _expect_error("line 1", lambda: load_dataset(tmp_path / "d"), "x.jsonl")
+    assert "\n" not in str(e)
+    _write(str(tmp_path / "e" / "web" / "x.txt"), "hello\n")
+    _write(str(tmp_path / "cachefile"), "not a folder")
+    e = _expect_error("cache_dir", lambda: load_dataset(tmp_path / "e", cache_dir=tmp_path / "cachefile"),
+                      "cachefile", "existing file")
+    assert "\n" not in str(e)
+
+
 def test_corrupted_bin_metadata(tmp_path):
     _write_bin(str(tmp_path / "a" / "gpt"), [1, 2, 3])
     _write(str(tmp_path / "a" / "gpt" / "meta.json"), "{not json")

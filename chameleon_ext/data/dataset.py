@@ -71,6 +71,7 @@ boundaries. (The reference draws starts from ``[0, n - length)``; every full win
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -319,10 +320,11 @@ class MixtureDataset:
             raise ChameleonUserError(
                 f"rng: expected a numpy.random.Generator, got {type(rng).__name__}"
             )
-        if int(n) < 0:
-            raise ChameleonUserError(f"n: expected a non-negative window count, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
         length = _check_length(length)
         total = self._check_domain_window(name, length, split)
+        _check_memory(int(n), length + 1, name)  # the windows and their starts
         starts = rng.integers(0, total - length + 1, size=int(n))
         return self.windows_at(name, starts, length, split)
 
@@ -330,7 +332,15 @@ class MixtureDataset:
                    split: str = "train") -> np.ndarray:
         """Windows of ``length`` tokens starting at ``starts`` ``[n]``: ``[n, length]`` int64."""
         toks = self.tokens(name, split)
-        starts = np.asarray(starts, dtype=np.int64)
+        length = _check_length(length)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if starts.size and (int(starts.min()) < 0 or int(starts.max()) > n - length):
+            raise ChameleonUserError(
+                f"starts: every window start must lie in [0, {n - length}] for windows of "
+                f"{length} tokens in the {split} split of domain {name!r} ({n} tokens), got "
+                f"{int(starts.min())}..{int(starts.max())}")
+        _check_memory(starts.shape[0], length, name)
         out = np.empty((starts.shape[0], length), dtype=np.int64)
         # Row by row slicing reads each window as one contiguous run of the memmap, which beats
         # fancy indexing with an [n, length] index array on large files.
@@ -515,6 +525,26 @@ def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
     n = tokens.shape[0]
     n_val = int(n * val_fraction)
     return tokens[: n - n_val], tokens[n - n_val:]
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_memory(n: int, length: int, name: str) -> None:
+    """Refuse a window batch larger than this machine's memory before allocating it (the
+    allocation may otherwise "succeed" lazily and the process be killed while filling it)."""
+    need = int(n) * int(length) * 8
+    total = _machine_memory()
+    if total and need > total:
+        raise ChameleonUserError(
+            f"{n} windows of {length} tokens from domain {name!r} need {need / 2**30:.1f} GiB "
+            f"as int64, more than this machine's {total / 2**30:.1f} GiB of memory; draw fewer "
+            "or shorter windows")
 
 
 def _chunked_max(arr: np.ndarray, chunk: int = 1 << 24) -> int:
