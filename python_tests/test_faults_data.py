@@ -251,3 +251,26 @@ def test_file_without_newline_streams_in_bounded_memory(tmp_path, monkeypatch):
     tokens = ds.train_tokens("dom")
     assert tokens.shape[0] == n + 1 and int(tokens[-1]) == EOS
     assert np.array_equal(tokens[:-1], np.resize(pattern, n))
+
+
+# -- the built-in dataset --------------------------------------------------------------------
+
+
+def test_builtin_dataset_build_killed_or_out_of_space(tmp_path, monkeypatch):
+    from chameleon_ext.data import BUILTIN_DOMAINS, builtin_dataset_path
+
+    env = {**os.environ, io.FAULT_ENV: "write:.complete:open=kill", "PYTHONPATH": ROOT}
+    code = "import sys; from chameleon_ext.data import builtin_dataset_path; builtin_dataset_path(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [e for e in os.listdir(tmp_path) if e.endswith(".chameleon-tmp")]  # the dead build
+    assert not (tmp_path / "builtin-v1").exists()
+
+    monkeypatch.setenv(io.FAULT_ENV, "write:*.jsonl:data=enospc")
+    _one_line_error(lambda: builtin_dataset_path(tmp_path), "No space left on device", ".jsonl")
+    assert os.listdir(tmp_path) == []  # the dead build is gone, and ours after its failure
+    monkeypatch.delenv(io.FAULT_ENV)
+    path = builtin_dataset_path(tmp_path)
+    assert os.listdir(tmp_path) == ["builtin-v1"]
+    assert load_dataset(path).domains == sorted(BUILTIN_DOMAINS)
