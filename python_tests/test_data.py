@@ -298,8 +298,9 @@ def test_same_size_garbage_in_token_cache_is_rebuilt(tmp_path):
     size = os.path.getsize(tpath)
     with open(tpath, "r+b") as f:
         f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    with pytest.warns(UserWarning, match="damaged"):
+    with pytest.warns(UserWarning, match="damaged") as record:
         ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert len(record) == 1 and tpath in str(record[0].message) and record[0].filename == __file__
     assert np.array_equal(ds.train_tokens("dom"), expected)
     assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
 

@@ -735,11 +735,12 @@ def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
     # 1) unchanged since last load: the stat key names the fingerprint; nothing is read.
     #    verify="full" skips this shortcut and re-hashes the sources.
     fp = _indexed_fingerprint(index_path) if verify != "full" else None
-    meta = _load_token_meta(name, cache_dir, safe, fp, tok, verify) if fp else None
+    meta, damaged = _load_token_meta(name, cache_dir, safe, fp, tok, verify) if fp else (None, False)
     if meta is None:
         # 2) hash the content; identical content (e.g. touched or copied files) reuses tokens.
-        fp = _content_fingerprint("text", files, name, tok.name)
-        meta = _load_token_meta(name, cache_dir, safe, fp, tok, verify)
+        indexed, fp = fp, _content_fingerprint("text", files, name, tok.name)
+        if not (damaged and fp == indexed):  # an entry found damaged is not checked twice
+            meta, _ = _load_token_meta(name, cache_dir, safe, fp, tok, verify)
         if meta is None:
             # 3) new content (or a damaged entry): tokenise into the cache.
             meta = _tokenise_domain(name, files, tok, cache_dir, safe, fp)
@@ -776,25 +777,26 @@ def _open_tokens(tpath: str, dtype, n_tokens: Optional[int] = None) -> np.ndarra
 
 
 def _load_token_meta(name: str, cache_dir: str, safe: str, fp: str, tok: Tokenizer,
-                     verify: str) -> Optional[dict]:
-    """The cache entry's metadata if it is complete and passes ``verify``, else None (absent
-    entries silently; damaged ones with a warning, since they are then rebuilt)."""
+                     verify: str) -> tuple[Optional[dict], bool]:
+    """``(metadata, damaged)``: the cache entry's metadata if it is complete and passes
+    ``verify``, else None, silently for an absent entry, with a warning (and ``damaged``) for
+    a damaged one, since it is then rebuilt."""
     tpath = _token_path(cache_dir, safe, fp)
     meta = io.read_json_or_none(tpath + ".json")
     if meta is None:
         if os.path.lexists(tpath + ".json"):
             problem = "its metadata is unreadable"
         else:
-            return None  # never written, or killed before its commit marker
+            return None, False  # never written, or killed before its commit marker
     elif meta.get("format") != _CACHE_FORMAT:
-        return None  # an older layout: rebuilt silently
+        return None, False  # an older layout: rebuilt silently
     else:
         problem = _check_token_meta(meta, fp, tok) or _verify_tokens(tpath, meta, verify)
     if problem:
         warnings.warn(f"token cache {tpath!r} of domain {name!r} is damaged ({problem}); "
                       "rebuilding it from the text", stacklevel=4)
-        return None
-    return meta
+        return None, True
+    return meta, False
 
 
 def _check_token_meta(meta: dict, fp: str, tok: Tokenizer) -> Optional[str]:
