@@ -413,8 +413,18 @@ def test_cache_dir_inside_the_data_tree_is_refused(tmp_path):
     assert not os.path.exists(d / "new_cache") and not os.path.exists(d / "index")
     assert not os.path.exists(d / ".chameleon_cache")  # refused before any work
     # the default hidden cache, another hidden folder and an outside folder all work
-    for cache in (None, d / ".mine", tmp_path / "outside"):
-        assert load_dataset(d, cache_dir=cache).domains == ["dom", "web"]
+    for cache in (None, d / ".mine", tmp_path / "outside", d / "web" / ".cache"):
+        ds = load_dataset(d, cache_dir=cache, val_fraction=0)
+        assert ds.domains == ["dom", "web"]
+        assert np.array_equal(ds.train_tokens("web"), _encode_docs("web text\n"))
+    # a link inside a domain that leads to the cache is not followed into it
+    os.symlink(tmp_path / "outside", d / "web" / "to_cache")
+    ds = load_dataset(d, cache_dir=tmp_path / "outside", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("web text\n"))
+    os.unlink(d / "web" / "to_cache")
+    # a cache reached through a link to it: refused as inside the domain the link is in
+    os.symlink(d / "web", tmp_path / "web_link")
+    _expect_error("inside domain 'web'", lambda: load_dataset(d, cache_dir=tmp_path / "web_link" / "c"))
 
 
 def test_empty_paths_are_refused(tmp_path, monkeypatch):

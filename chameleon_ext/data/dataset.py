@@ -458,7 +458,8 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
 
 
 def _check_cache_location(path: str, cache_dir: str, names: list) -> None:
-    """Refuse a cache folder that the loader would read as data (or that would hide data)."""
+    """Refuse a cache folder that the loader would read as data (or that would hide data):
+    the data folder itself, or a folder reached from it through non-hidden names only."""
     real_data, real_cache = os.path.realpath(path), os.path.realpath(cache_dir)
     hint = (f"put it outside the data folder or in a hidden folder such as "
             f"{os.path.join(path, DEFAULT_CACHE_DIRNAME)!r} (the default)")
@@ -466,18 +467,29 @@ def _check_cache_location(path: str, cache_dir: str, names: list) -> None:
         raise ChameleonUserError(
             f"cache_dir {cache_dir!r} is the data folder itself: its index/ subfolder would be "
             f"read as a domain; {hint}")
-    for name in names:  # also catches a cache inside a domain that is a link to elsewhere
-        real_dom = os.path.realpath(os.path.join(path, name))
-        if real_cache == real_dom or real_cache.startswith(real_dom + os.sep):
+    for name in names:  # through its real path: a domain may be a link to elsewhere
+        parts = _visible_parts(real_cache, os.path.realpath(os.path.join(path, name)))
+        if parts is not None:
             raise ChameleonUserError(
                 f"cache_dir {cache_dir!r} is inside domain {name!r}: that domain would be "
                 f"dropped or would read the token cache as its text; {hint}")
-    rel = os.path.relpath(real_cache, real_data)
-    first = rel.split(os.sep)[0]
-    if first != ".." and not first.startswith("."):
+    parts = _visible_parts(real_cache, real_data)
+    if parts:
         raise ChameleonUserError(
             f"cache_dir {cache_dir!r} is a non-hidden folder of the data folder {path!r}: it "
-            f"would be read as a domain named {first!r}; {hint}")
+            f"would be read as a domain named {parts[0]!r}; {hint}")
+
+
+def _visible_parts(real: str, real_base: str) -> Optional[list]:
+    """The path of ``real`` below ``real_base`` as a list of names, if it is inside it and no
+    name is hidden (so a folder listing would reach it); else None."""
+    rel = os.path.relpath(real, real_base)
+    if rel == ".":
+        return []
+    parts = rel.split(os.sep)
+    if parts[0] == ".." or any(p.startswith(".") for p in parts):
+        return None
+    return parts
 
 
 def _dataset_vocab(domains: list[_Domain], tok: Tokenizer) -> int:
@@ -651,15 +663,16 @@ def _remember_fingerprint(index_path: str, fp: str) -> None:
 # -- text domains ----------------------------------------------------------------------------
 
 
-def _list_text_files(name: str, dpath: str) -> list[tuple[str, str]]:
+def _list_text_files(name: str, dpath: str, skip: Sequence[str] = ()) -> list[tuple[str, str]]:
     """Sorted ``(relpath, abspath)`` of every non-hidden file under ``dpath``.
 
     Links are followed, but each real folder is listed once and each real file read once: a
     link back up the tree (``loop -> .``) or a second link to a file already listed would
     otherwise repeat the same text, and the validation split would then copy training text.
-    A link to a folder listed earlier in sorted order is skipped, as is its content.
+    A link to a folder listed earlier in sorted order is skipped, as is its content, and so
+    are the real folders in ``skip`` (the token cache, should a link lead to it).
     """
-    found, seen_dirs = [], set()
+    found, seen_dirs = [], {os.path.realpath(p) for p in skip}
     stack = [(dpath, "")]
     while stack:
         folder, rel = stack.pop()
@@ -719,7 +732,7 @@ def _content_fingerprint(kind: str, files: list[tuple[str, str]], domain: str,
 
 def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
                       val_fraction: float, verify: str = "sample") -> _Domain:
-    files = _list_text_files(name, dpath)
+    files = _list_text_files(name, dpath, skip=(cache_dir,))
     if not files:
         raise ChameleonUserError(
             f"domain {name!r} is empty: {dpath!r} holds no (non-hidden) data files"
