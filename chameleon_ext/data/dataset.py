@@ -38,9 +38,10 @@ touched-but-identical domain is re-hashed but not re-tokenised; a changed file c
 own domain's fingerprint. :meth:`MixtureDataset.fingerprint` is meant to key embedding caches
 and to tell a resumed run that a domain's data changed.
 
-The cache folder must not be read as data: ``cache_dir`` may be outside the data folder or a
-hidden folder in it (the default), but never the data folder itself, a domain folder, or a
-non-hidden folder that would be listed as a domain; such a ``cache_dir`` is refused.
+The cache folder must not be read as data: ``cache_dir`` may be outside the data folder or
+under a hidden folder in it (the default), but never the data folder itself nor a folder the
+loader would list (a domain folder, a folder inside one, or a non-hidden folder of the data
+folder, which would become a domain); such a ``cache_dir`` is refused, naming the domain.
 
 Every cache file is written through :func:`chameleon_ext.io.atomic_write` (temp file, fsync,
 rename), so a kill, a full disk or a read-only folder never leaves a half-written entry; temp
@@ -391,8 +392,8 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
         tokenizer: ``"byte"``, a local Hugging Face tokenizer folder, or a tokenizer object;
             used for text/jsonl domains.
         cache_dir: where tokenised text domains are cached; default
-            ``<path>/.chameleon_cache``. It must not be the data folder, a domain folder or
-            inside one, nor a non-hidden folder of the data folder.
+            ``<path>/.chameleon_cache``. It must not be the data folder nor a folder the
+            loader would list as (part of) a domain; hidden folders are fine.
         val_fraction: fraction in ``[0, 1)`` of each token stream held out for validation when
             the domain has no ``val.bin``.
         verify: how token caches are checked before use: ``"sample"`` (size and a few blocks;
