@@ -433,6 +433,7 @@ def test_empty_paths_are_refused(tmp_path, monkeypatch):
     _expect_error("data folder: expected a folder path, got an empty string", lambda: load_dataset(""))
     _expect_error("cache_dir: expected a folder path", lambda: load_dataset(".", cache_dir=""))
     _expect_error("data folder", lambda: load_dataset(None))
+    _expect_error("cache_dir: expected a folder path, got int", lambda: load_dataset(".", cache_dir=5))
 
 
 def test_fingerprint_is_cheap_and_stable(tmp_path, monkeypatch):
@@ -505,6 +506,38 @@ def test_deeply_nested_jsonl_and_cache_dir_that_is_a_file(tmp_path):
     assert "\n" not in str(e)
 
 
+def test_broken_links_are_named_not_skipped(tmp_path):
+    _text_dataset(tmp_path / "d")
+    d = tmp_path / "d"
+    os.symlink(tmp_path / "gone", d / "web")  # a domain that points nowhere
+    e = _expect_error("broken link", lambda: load_dataset(d), "'web'", "gone")
+    assert "\n" not in str(e)
+    os.unlink(d / "web")
+    os.symlink("b_loop", d / "a_loop")
+    os.symlink("a_loop", d / "b_loop")  # a loop of links
+    _expect_error("broken link", lambda: load_dataset(d), "'a_loop'")
+    os.unlink(d / "a_loop"), os.unlink(d / "b_loop")
+    os.symlink(tmp_path / "gone.txt", d / "dom" / "stale.txt")  # a file that points nowhere
+    _expect_error("broken link", lambda: load_dataset(d), "'dom'", "stale.txt")
+    os.unlink(d / "dom" / "stale.txt")
+    os.symlink(tmp_path / "gone.txt", d / "dom" / ".hidden_stale")  # hidden: skipped as ever
+    _write_bin(str(d / "gpt"), [1, 2], vocab=257)
+    os.unlink(d / "gpt" / "train.bin")
+    os.symlink(tmp_path / "gone.bin", d / "gpt" / "train.bin")
+    _expect_error("broken link", lambda: load_dataset(d), "'gpt'", "train.bin")
+
+
+def test_odd_jsonl_lines(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '\ufeff{"text": "bom"}\n{"text": "two"}\n')
+    ds = load_dataset(tmp_path / "d", val_fraction=0)  # a byte order mark is not an error
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("bom", "two"))
+    _write(str(tmp_path / "e" / "web" / "x.jsonl"), '{"text": "a"}\n{"text": "b", "n": ' + "9" * 5000 + "}\n")
+    e = _expect_error("line 2", lambda: load_dataset(tmp_path / "e"), "x.jsonl")
+    assert "\n" not in str(e)
+    _write(str(tmp_path / "f" / "web" / "x.jsonl"), '{"text": "a"}\n\ufeff{"text": "b"}\n')
+    _expect_error("line 2 is not valid JSON", lambda: load_dataset(tmp_path / "f"))  # only line 1
+
+
 def test_corrupted_bin_metadata(tmp_path):
     _write_bin(str(tmp_path / "a" / "gpt"), [1, 2, 3])
     _write(str(tmp_path / "a" / "gpt" / "meta.json"), "{not json")
@@ -514,6 +547,8 @@ def test_corrupted_bin_metadata(tmp_path):
         _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": vocab, "dtype": "uint16"}))
         e = _expect_error("vocab_size", lambda: load_dataset(tmp_path / "a"), "'gpt'", "meta.json")
         assert "\n" not in str(e)
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": 257, "dtype": ["uint16"]}))
+    _expect_error("unknown token dtype", lambda: load_dataset(tmp_path / "a"), "meta.json")
     _write(str(tmp_path / "a" / "gpt" / "meta.json"), "[1, 2]")
     _expect_error("JSON object", lambda: load_dataset(tmp_path / "a"), "meta.json")
     os.unlink(tmp_path / "a" / "gpt" / "train.bin")

@@ -21,7 +21,8 @@ A domain is one of two kinds:
   with no newline) and the tokens are written incrementally into a uint16/uint32 memmap in the
   cache folder, so a domain never has to fit in memory (one JSONL line is parsed whole).
   Links are followed, but each real folder and file is read once, so a link loop
-  (``loop -> .``) or a second link to a file cannot repeat text. A JSONL ``text`` holding a
+  (``loop -> .``) or a second link to a file cannot repeat text; a broken link (or a loop of
+  links) is an error naming it, not silently skipped. A JSONL ``text`` holding a
   lone surrogate escape (``{"text": "\\ud800"}``, not Unicode text) is an error naming file and line.
 * **pre-tokenised** -- the folder holds ``train.bin`` (and optionally ``val.bin``) as flat
   token arrays, with ``meta.json`` beside them declaring ``{"vocab_size": 50257, "dtype":
@@ -423,13 +424,17 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
     if verify not in VERIFY_MODES:
         raise ChameleonUserError(f"verify: expected one of {list(VERIFY_MODES)}, got {verify!r}")
     tok = load_tokenizer(tokenizer)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ChameleonUserError(f"cache_dir: expected a folder path, got {type(cache_dir).__name__}")
     if cache_dir is not None and os.fspath(cache_dir) == "":
         raise ChameleonUserError("cache_dir: expected a folder path, got an empty string")
     cache_dir = (os.path.join(path, DEFAULT_CACHE_DIRNAME) if cache_dir is None
                  else os.path.abspath(os.fspath(cache_dir)))
 
-    names = sorted(e for e in _listdir(path, f"data folder {path!r}")
-                   if not e.startswith(".") and os.path.isdir(os.path.join(path, e)))
+    entries = sorted(e for e in _listdir(path, f"data folder {path!r}") if not e.startswith("."))
+    for e in entries:
+        _check_link(os.path.join(path, e), f"data folder {path!r}: entry {e!r}")
+    names = [e for e in entries if os.path.isdir(os.path.join(path, e))]
     _check_cache_location(path, cache_dir, names)
     if not names:
         raise ChameleonUserError(
@@ -456,6 +461,15 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
 
     vocab_size = _dataset_vocab(domains, tok)
     return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir)
+
+
+def _check_link(full: str, what: str) -> None:
+    """A link that leads nowhere (a missing target, or a loop of links) would silently drop the
+    data it was meant to add: an error naming it."""
+    if os.path.islink(full) and not os.path.exists(full):
+        raise ChameleonUserError(
+            f"{what} is a broken link ({full!r} -> {os.readlink(full)!r}: its target does not "
+            "exist or is a loop of links); fix or remove it")
 
 
 def _check_cache_location(path: str, cache_dir: str, names: list) -> None:
@@ -575,6 +589,8 @@ def _safe_name(name: str) -> str:
 
 
 def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
+    for f in _BIN_FILES:
+        _check_link(os.path.join(dpath, f), f"domain {name!r}: {f}")
     meta_path = os.path.join(dpath, "meta.json")
     if not os.path.lexists(meta_path):
         raise ChameleonUserError(
@@ -583,7 +599,7 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
         )
     meta = io.read_json(meta_path, f"domain {name!r}: meta.json")
     dtype_name = meta.get("dtype")
-    if dtype_name not in _BIN_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _BIN_DTYPES:
         raise ChameleonUserError(
             f"domain {name!r}: unknown token dtype {dtype_name!r} in {meta_path!r}; expected "
             f"one of {sorted(_BIN_DTYPES)}"
@@ -692,8 +708,10 @@ def _list_text_files(name: str, dpath: str, skip: Sequence[str] = ()) -> list[tu
             full = os.path.join(folder, entry)
             if os.path.isdir(full):
                 subdirs.append((full, f"{rel}{entry}/"))
-            elif os.path.isfile(full):  # FIFOs, devices and broken links are not data
+            elif os.path.isfile(full):  # FIFOs and devices are not data
                 found.append((f"{rel}{entry}", full))
+            else:
+                _check_link(full, f"domain {name!r}: {rel}{entry}")
         stack.extend(reversed(subdirs))  # depth first, in sorted order
     found.sort()
     out, seen_files = [], set()
@@ -936,11 +954,17 @@ _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _jsonl_text(name: str, full: str, lineno: int, line: str) -> str:
+    if lineno == 1 and line.startswith("\ufeff"):
+        line = line[1:]  # a UTF-8 byte order mark, as some editors write: not part of the JSON
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ChameleonUserError(
             f"domain {name!r}: file {full!r} line {lineno} is not valid JSON ({exc.msg})"
+        ) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise ChameleonUserError(
+            f"domain {name!r}: file {full!r} line {lineno} cannot be parsed ({exc})"
         ) from None
     except RecursionError:
         raise ChameleonUserError(
