@@ -380,6 +380,21 @@ def test_cache_entry_replaced_by_folder(tmp_path):
     os.rmdir(tpath)
     with pytest.warns(UserWarning, match="damaged"):  # metadata without its token file
         assert load_dataset(tmp_path / "d").domains == ["dom"]  # removing the folder is enough
+    # the metadata replaced by a folder: reported the same way
+    os.unlink(tpath + ".json")
+    os.mkdir(tpath + ".json")
+    with pytest.warns(UserWarning, match="metadata is unreadable"):
+        e = _expect_error("it is a folder", lambda: load_dataset(tmp_path / "d"), tpath + ".json")
+    assert "\n" not in str(e)
+    os.rmdir(tpath + ".json")
+    # an index entry replaced by a folder only costs a re-hash: the index is a hint
+    load_dataset(tmp_path / "d")
+    index = tmp_path / "d" / ".chameleon_cache" / "index"
+    for f in os.listdir(index):
+        os.unlink(index / f)
+        os.mkdir(index / f)
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs("alpha beta gamma\n" * 40, "delta epsilon\n" * 40))
 
 
 # -- symlinks and the cache's place -----------------------------------------------------------
