@@ -192,8 +192,8 @@ class MixtureDataset:
 
         Identical files (same relative paths and bytes) tokenised with the same tokenizer give
         the same fingerprint on any machine and in any later release (it changes only if the
-        tokenisation rules do); changing any file of the domain changes it. A resumed run
-        records it and compares (the trainer does), so training on changed text is noticed.
+        tokenisation rules do); changing any file of the domain changes it. A run can record
+        it and compare on resume, so training on changed text is noticed.
 
         Cheap: text domains are fingerprinted during :func:`load_dataset` (from the cache's
         stat-key index when nothing changed), so this is a lookup; a pre-tokenised domain is
