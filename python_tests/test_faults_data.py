@@ -110,6 +110,24 @@ def test_kill_before_the_metadata_commit(tmp_path):
     assert np.array_equal(ds.train_tokens("dom"), _reference(DOCS))
 
 
+# (the kills mid-data and before the metadata commit are the two tests above; each child
+# process costs seconds, mostly importing torch, so the points are not all repeated here)
+@pytest.mark.parametrize("point", ["write:*.tokens:open", "write:dom-text-*.json:replace"])
+def test_kill_at_any_cache_write_point_then_exact_reload(tmp_path, point):
+    root = _dataset(tmp_path)
+    proc = _load_in_child(root, f"{point}=kill")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ds = load_dataset(root, val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _reference(DOCS))
+    assert _temps(root) == [] and ds.verify() == []
+    # and the entry is complete now: a second load neither re-tokenises nor warns
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load_dataset(root, val_fraction=0)
+    assert np.array_equal(again.train_tokens("dom"), _reference(DOCS))
+
+
 def test_live_writers_temp_files_are_kept(tmp_path):
     root = _dataset(tmp_path)
     load_dataset(root)
