@@ -305,6 +305,27 @@ def test_same_size_garbage_in_token_cache_is_rebuilt(tmp_path):
     assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
 
 
+def test_uint32_token_cache_hashes_and_max(tmp_path, monkeypatch):
+    class Wide(ByteTokenizer):  # a vocabulary too big for uint16: ids are bytes + 65536
+        name, vocab_size, eos_id = "wide", 70_000, 69_999
+
+        def encode_array(self, text):
+            return super().encode_array(text).astype(np.int64) + 65536
+
+    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)  # several blocks
+    _write(str(tmp_path / "d" / "dom" / "a.txt"), "wide ids\n" * 30)
+    ds = load_dataset(tmp_path / "d", tokenizer=Wide(), val_fraction=0)
+    ref = np.asarray(list(("wide ids\n" * 30).encode()), dtype=np.int64) + 65536
+    ref = np.append(ref, 69_999)
+    assert ds.train_tokens("dom").dtype == np.uint32
+    assert np.array_equal(ds.train_tokens("dom"), ref)
+    tpath, meta = _entry(ds)
+    assert meta["dtype"] == "uint32" and meta["max_id"] == 69_999 and len(meta["blocks"]) > 2
+    ds.check_vocab(70_000)
+    _expect_error("vocabulary mismatch", lambda: ds.check_vocab(69_999), "69999")
+    assert ds.verify() == []
+
+
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Blocks of 64 bytes and no random samples: only the first and last block are checked on
