@@ -238,8 +238,8 @@ def test_default_cache_dir_and_fingerprint_depends_on_tokenizer(mixed):
         def encode_array(self, text):
             return super().encode_array(text).astype(np.int64) + 1
 
-    ds2 = load_dataset(mixed, tokenizer=Shifted(), cache_dir=str(mixed / "other_cache"))
-    assert ds2.domains == ds.domains  # a cache_dir inside the data folder is not a domain
+    ds2 = load_dataset(mixed, tokenizer=Shifted(), cache_dir=str(mixed / ".other_cache"))
+    assert ds2.domains == ds.domains  # a hidden cache_dir inside the data folder is not a domain
     assert ds2.fingerprint("prose") != ds.fingerprint("prose")
     assert int(ds2.train_tokens("prose")[0]) == int(ds.train_tokens("prose")[0]) + 1
 
@@ -257,6 +257,340 @@ def test_large_file_streams_in_chunks(tmp_path, monkeypatch):
     _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
     ds = load_dataset(tmp_path / "d", val_fraction=0)
     assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))  # one document, one EOS
+
+
+# -- token cache integrity -------------------------------------------------------------------
+
+
+def _text_dataset(root, docs=None):
+    docs = docs or {"a.txt": "alpha beta gamma\n" * 40, "b.txt": "delta epsilon\n" * 40}
+    for rel, text in docs.items():
+        _write(str(root / "dom" / rel), text)
+    return _encode_docs(*(docs[k] for k in sorted(docs)))
+
+
+def _entry(ds, name="dom"):
+    tpath = ds._domains[name].cache_path
+    with open(tpath + ".json") as f:
+        return tpath, json.load(f)
+
+
+def test_token_cache_records_hash_and_true_max(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    tpath, meta = _entry(ds)
+    on_disk = np.fromfile(tpath, dtype=np.uint16)
+    assert np.array_equal(on_disk, expected)
+    assert meta["max_id"] == int(np.max(expected)) == EOS  # independent: the reference stream
+    assert meta["n_tokens"] == len(expected)
+    import hashlib
+    with open(tpath, "rb") as f:
+        raw = f.read()
+    assert meta["sha256"] == hashlib.sha256(raw).hexdigest()
+    bs = meta["block_size"]
+    assert meta["blocks"] == [hashlib.sha256(raw[i:i + bs]).hexdigest()[:32] for i in range(0, len(raw), bs)]
+    assert ds.verify() == []
+
+
+def test_same_size_garbage_in_token_cache_is_rebuilt(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    size = os.path.getsize(tpath)
+    with open(tpath, "r+b") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    with pytest.warns(UserWarning, match="damaged") as record:
+        ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert len(record) == 1 and tpath in str(record[0].message) and record[0].filename == __file__
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
+
+
+def test_uint32_token_cache_hashes_and_max(tmp_path, monkeypatch):
+    class Wide(ByteTokenizer):  # a vocabulary too big for uint16: ids are bytes + 65536
+        name, vocab_size, eos_id = "wide", 70_000, 69_999
+
+        def encode_array(self, text):
+            return super().encode_array(text).astype(np.int64) + 65536
+
+    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)  # several blocks
+    _write(str(tmp_path / "d" / "dom" / "a.txt"), "wide ids\n" * 30)
+    ds = load_dataset(tmp_path / "d", tokenizer=Wide(), val_fraction=0)
+    ref = np.asarray(list(("wide ids\n" * 30).encode()), dtype=np.int64) + 65536
+    ref = np.append(ref, 69_999)
+    assert ds.train_tokens("dom").dtype == np.uint32
+    assert np.array_equal(ds.train_tokens("dom"), ref)
+    tpath, meta = _entry(ds)
+    assert meta["dtype"] == "uint32" and meta["max_id"] == 69_999 and len(meta["blocks"]) > 2
+    ds.check_vocab(70_000)
+    _expect_error("vocabulary mismatch", lambda: ds.check_vocab(69_999), "69999")
+    assert ds.verify() == []
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Blocks of 64 bytes and no random samples: only the first and last block are checked on
+    load, so damage in the middle passes the cheap check (as it may in a large file)."""
+    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)
+    monkeypatch.setattr(dataset_mod, "_SAMPLE_BLOCKS", 0)
+
+
+def _poke(tpath, index, value):
+    arr = np.memmap(tpath, dtype=np.uint16, mode="r+")
+    arr[index] = value
+    arr.flush()
+    del arr
+
+
+def test_id_beyond_vocab_in_unsampled_block(tmp_path, tiny_blocks):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, meta = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    assert len(meta["blocks"]) > 10
+    mid = len(expected) // 2
+    _poke(tpath, mid, 300)  # beyond the byte vocabulary of 257
+
+    ds = load_dataset(tmp_path / "d", val_fraction=0)  # the sampled check misses it
+    assert int(ds.train_tokens("dom")[mid]) == 300
+    # windows never hand it to the model: one line naming the domain and the cache file
+    e = _expect_error("beyond the vocabulary", lambda: ds.windows_at("dom", [mid - 3], 8),
+                      "'dom'", "300", tpath)
+    assert "\n" not in str(e)
+    # check_vocab scans the true maximum, finds the record wrong, and rebuilds the entry
+    with pytest.warns(UserWarning, match="damaged"):
+        ds.check_vocab(257)
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    assert np.array_equal(np.fromfile(tpath, dtype=np.uint16), expected)
+
+
+def test_full_verify_finds_in_vocab_damage(tmp_path, tiny_blocks):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    _poke(tpath, len(expected) // 2, ord("Z"))  # a valid id: only the hashes can tell
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert not np.array_equal(ds.train_tokens("dom"), expected)
+    ds.check_vocab(257)  # the max is unchanged, so this does not notice (by design)
+    with pytest.warns(UserWarning, match="block .* does not match"):
+        assert ds.verify() == ["dom"]
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+
+    _poke(tpath, len(expected) // 3, ord("Z"))
+    with pytest.warns(UserWarning, match="damaged"):
+        ds = load_dataset(tmp_path / "d", val_fraction=0, verify="full")
+    assert np.array_equal(ds.train_tokens("dom"), expected)
+    _expect_error("verify", lambda: load_dataset(tmp_path / "d", verify="fast"), "'fast'")
+
+
+def test_damaged_cache_metadata_is_rebuilt(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    tpath, meta = _entry(load_dataset(tmp_path / "d", val_fraction=0))
+    for bad in ({**meta, "max_id": 10**6}, {**meta, "n_tokens": meta["n_tokens"] + 1},
+                {**meta, "blocks": []}, "not an object", None):
+        _write(tpath + ".json", "{broken" if bad is None else json.dumps(bad))
+        with pytest.warns(UserWarning, match="damaged"):
+            ds = load_dataset(tmp_path / "d", val_fraction=0)
+        assert np.array_equal(ds.train_tokens("dom"), expected)
+
+
+def test_cache_entry_replaced_by_folder(tmp_path):
+    _text_dataset(tmp_path / "d")
+    tpath, _ = _entry(load_dataset(tmp_path / "d"))
+    os.unlink(tpath)
+    os.mkdir(tpath)
+    with pytest.warns(UserWarning, match="is a folder"):
+        e = _expect_error("it is a folder", lambda: load_dataset(tmp_path / "d"), tpath)
+    assert "\n" not in str(e)
+    os.rmdir(tpath)
+    with pytest.warns(UserWarning, match="damaged"):  # metadata without its token file
+        assert load_dataset(tmp_path / "d").domains == ["dom"]  # removing the folder is enough
+    # the metadata replaced by a folder: reported the same way
+    os.unlink(tpath + ".json")
+    os.mkdir(tpath + ".json")
+    with pytest.warns(UserWarning, match="metadata is unreadable"):
+        e = _expect_error("it is a folder", lambda: load_dataset(tmp_path / "d"), tpath + ".json")
+    assert "\n" not in str(e)
+    os.rmdir(tpath + ".json")
+    # an index entry replaced by a folder only costs a re-hash: the index is a hint
+    load_dataset(tmp_path / "d")
+    index = tmp_path / "d" / ".chameleon_cache" / "index"
+    for f in os.listdir(index):
+        os.unlink(index / f)
+        os.mkdir(index / f)
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs("alpha beta gamma\n" * 40, "delta epsilon\n" * 40))
+
+
+# -- symlinks and the cache's place -----------------------------------------------------------
+
+
+def test_symlink_loop_and_duplicate_links_read_once(tmp_path):
+    expected = _text_dataset(tmp_path / "d")
+    dom = tmp_path / "d" / "dom"
+    os.symlink(".", dom / "loop")            # dom/loop -> dom: a cycle
+    os.symlink("a.txt", dom / "c_alias.txt")  # a second name for a file already read
+    os.mkdir(dom / "sub")
+    os.symlink("..", dom / "sub" / "up")      # a cycle two levels deep
+    _write(str(dom / "sub" / "z.txt"), "zeta\n")
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    docs = {"a.txt": "alpha beta gamma\n" * 40, "b.txt": "delta epsilon\n" * 40, "sub/z.txt": "zeta\n"}
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs(*(docs[k] for k in sorted(docs))))
+    assert [r for r, _ in ds._domains["dom"].files] == ["a.txt", "b.txt", "sub/z.txt"]
+    assert len(expected) < ds.n_tokens("dom")
+
+
+def test_cache_dir_inside_the_data_tree_is_refused(tmp_path):
+    _text_dataset(tmp_path / "d")
+    _write(str(tmp_path / "d" / "web" / "x.txt"), "web text\n")
+    d = tmp_path / "d"
+    for cache, names in ((d, ["is the data folder itself"]),
+                         (d / "web", ["inside domain 'web'"]),
+                         (d / "web" / "cache", ["inside domain 'web'"]),
+                         (d / "new_cache", ["read as a domain named 'new_cache'"])):
+        e = _expect_error("cache_dir", lambda: load_dataset(d, cache_dir=cache), str(cache), *names)
+        assert "\n" not in str(e)
+    assert not os.path.exists(d / "new_cache") and not os.path.exists(d / "index")
+    assert not os.path.exists(d / ".chameleon_cache")  # refused before any work
+    # the default hidden cache, another hidden folder and an outside folder all work
+    for cache in (None, d / ".mine", tmp_path / "outside", d / "web" / ".cache"):
+        ds = load_dataset(d, cache_dir=cache, val_fraction=0)
+        assert ds.domains == ["dom", "web"]
+        assert np.array_equal(ds.train_tokens("web"), _encode_docs("web text\n"))
+    # a link inside a domain that leads to the cache is not followed into it
+    os.symlink(tmp_path / "outside", d / "web" / "to_cache")
+    ds = load_dataset(d, cache_dir=tmp_path / "outside", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("web text\n"))
+    os.unlink(d / "web" / "to_cache")
+    # a cache reached through a link to it: refused as inside the domain the link is in
+    os.symlink(d / "web", tmp_path / "web_link")
+    _expect_error("inside domain 'web'", lambda: load_dataset(d, cache_dir=tmp_path / "web_link" / "c"))
+
+
+def test_empty_paths_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _text_dataset(tmp_path)  # the current folder is a valid dataset: "" must not mean it
+    _expect_error("data folder: expected a folder path, got an empty string", lambda: load_dataset(""))
+    _expect_error("cache_dir: expected a folder path", lambda: load_dataset(".", cache_dir=""))
+    _expect_error("data folder", lambda: load_dataset(None))
+    _expect_error("cache_dir: expected a folder path, got int", lambda: load_dataset(".", cache_dir=5))
+
+
+def test_fingerprint_is_cheap_and_stable(tmp_path, monkeypatch):
+    _text_dataset(tmp_path / "d")
+    _write_bin(str(tmp_path / "d" / "bin"), [1, 2, 3, 4], vocab=257)
+    ds = load_dataset(tmp_path / "d")
+    fps = {n: ds.fingerprint(n) for n in ds.domains}
+    calls = []
+    real = dataset_mod._content_fingerprint
+    monkeypatch.setattr(dataset_mod, "_content_fingerprint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = load_dataset(tmp_path / "d")
+    assert {n: again.fingerprint(n) for n in again.domains} == fps
+    assert {n: again.fingerprint(n) for n in again.domains} == fps
+    assert calls == []  # unchanged files: no file is read to fingerprint them
+    # a changed domain says so
+    _write(str(tmp_path / "d" / "dom" / "b.txt"), "changed\n")
+    assert load_dataset(tmp_path / "d").fingerprint("dom") != fps["dom"]
+
+
+# -- streaming and odd text ------------------------------------------------------------------
+
+
+def test_jsonl_lone_surrogate_is_one_line_error(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '{"text": "ok"}\n{"text": "bad \\ud800 here"}\n')
+    e = _expect_error("lone surrogate", lambda: load_dataset(tmp_path / "d"), "'web'", "x.jsonl",
+                      "line 2", "\\ud800")
+    assert "\n" not in str(e)
+    # a surrogate *pair* is one valid character
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '{"text": "ok \\ud83d\\ude00"}\n')
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("ok \U0001F600"))
+
+
+@pytest.mark.parametrize("text", ["x" * 1000, ("word " * 300), "ab\ncd " * 150 + "e" * 700])
+def test_chunks_without_newlines_are_exact_and_bounded(tmp_path, monkeypatch, text):
+    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", 64)
+    chunks = []
+    real = dataset_mod._encode
+    monkeypatch.setattr(dataset_mod, "_encode", lambda tok, c: chunks.append(len(c)) or real(tok, c))
+    _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
+    ds = load_dataset(tmp_path / "d", val_fraction=0)
+    assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))
+    assert max(chunks) <= 2 * 64 and sum(chunks) == len(text)
+
+
+def test_windows_at_checks_starts_and_memory(mixed):
+    ds = load_dataset(mixed, val_fraction=0)
+    n = ds.n_tokens("prose")
+    tr = np.asarray(ds.train_tokens("prose"))
+    w = ds.windows_at("prose", [0, n - 8], 8)
+    assert np.array_equal(w, np.stack([tr[:8], tr[n - 8:]]))
+    for bad in ([-1], [n - 7], [0, n]):
+        e = _expect_error("starts", lambda: ds.windows_at("prose", bad, 8), "'prose'", str(n - 8))
+        assert "\n" not in e.args[0]
+    e = _expect_error("GiB", lambda: ds.sample_windows("prose", 1 << 40, 8, np.random.default_rng(0)),
+                      "'prose'", "fewer")
+    assert ds.windows_at("prose", np.zeros(0, dtype=np.int64), 8).shape == (0, 8)
+    for bad in (3.7, -1, "2", True):
+        _expect_error("window count", lambda: ds.sample_windows("prose", bad, 8, np.random.default_rng(0)))
+
+
+def test_deeply_nested_jsonl_and_cache_dir_that_is_a_file(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), "[" * 100_000 + "]" * 100_000 + "\n")
+    e = _expect_error("line 1", lambda: load_dataset(tmp_path / "d"), "x.jsonl")
+    assert "\n" not in str(e)
+    _write(str(tmp_path / "e" / "web" / "x.txt"), "hello\n")
+    _write(str(tmp_path / "cachefile"), "not a folder")
+    e = _expect_error("cache_dir", lambda: load_dataset(tmp_path / "e", cache_dir=tmp_path / "cachefile"),
+                      "cachefile", "existing file")
+    assert "\n" not in str(e)
+
+
+def test_broken_links_are_named_not_skipped(tmp_path):
+    _text_dataset(tmp_path / "d")
+    d = tmp_path / "d"
+    os.symlink(tmp_path / "gone", d / "web")  # a domain that points nowhere
+    e = _expect_error("broken link", lambda: load_dataset(d), "'web'", "gone")
+    assert "\n" not in str(e)
+    os.unlink(d / "web")
+    os.symlink("b_loop", d / "a_loop")
+    os.symlink("a_loop", d / "b_loop")  # a loop of links
+    _expect_error("broken link", lambda: load_dataset(d), "'a_loop'")
+    os.unlink(d / "a_loop"), os.unlink(d / "b_loop")
+    os.symlink(tmp_path / "gone.txt", d / "dom" / "stale.txt")  # a file that points nowhere
+    _expect_error("broken link", lambda: load_dataset(d), "'dom'", "stale.txt")
+    os.unlink(d / "dom" / "stale.txt")
+    os.symlink(tmp_path / "gone.txt", d / "dom" / ".hidden_stale")  # hidden: skipped as ever
+    _write_bin(str(d / "gpt"), [1, 2], vocab=257)
+    os.unlink(d / "gpt" / "train.bin")
+    os.symlink(tmp_path / "gone.bin", d / "gpt" / "train.bin")
+    _expect_error("broken link", lambda: load_dataset(d), "'gpt'", "train.bin")
+
+
+def test_odd_jsonl_lines(tmp_path):
+    _write(str(tmp_path / "d" / "web" / "x.jsonl"), '\ufeff{"text": "bom"}\n{"text": "two"}\n')
+    ds = load_dataset(tmp_path / "d", val_fraction=0)  # a byte order mark is not an error
+    assert np.array_equal(ds.train_tokens("web"), _encode_docs("bom", "two"))
+    _write(str(tmp_path / "e" / "web" / "x.jsonl"), '{"text": "a"}\n{"text": "b", "n": ' + "9" * 5000 + "}\n")
+    e = _expect_error("line 2", lambda: load_dataset(tmp_path / "e"), "x.jsonl")
+    assert "\n" not in str(e)
+    _write(str(tmp_path / "f" / "web" / "x.jsonl"), '{"text": "a"}\n\ufeff{"text": "b"}\n')
+    _expect_error("line 2 is not valid JSON", lambda: load_dataset(tmp_path / "f"))  # only line 1
+
+
+def test_corrupted_bin_metadata(tmp_path):
+    _write_bin(str(tmp_path / "a" / "gpt"), [1, 2, 3])
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), "{not json")
+    e = _expect_error("not valid JSON", lambda: load_dataset(tmp_path / "a"), "'gpt'", "meta.json")
+    assert "\n" not in str(e)
+    for vocab in ("50257", 0, -5, 1.5, True, 1 << 17):
+        _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": vocab, "dtype": "uint16"}))
+        e = _expect_error("vocab_size", lambda: load_dataset(tmp_path / "a"), "'gpt'", "meta.json")
+        assert "\n" not in str(e)
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": 257, "dtype": ["uint16"]}))
+    _expect_error("unknown token dtype", lambda: load_dataset(tmp_path / "a"), "meta.json")
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), "[1, 2]")
+    _expect_error("JSON object", lambda: load_dataset(tmp_path / "a"), "meta.json")
+    os.unlink(tmp_path / "a" / "gpt" / "train.bin")
+    os.mkdir(tmp_path / "a" / "gpt" / "train.bin")
+    _write(str(tmp_path / "a" / "gpt" / "meta.json"), json.dumps({"vocab_size": 257, "dtype": "uint16"}))
+    _expect_error("is a folder", lambda: load_dataset(tmp_path / "a"), "train.bin")
 
 
 # -- errors ----------------------------------------------------------------------------------

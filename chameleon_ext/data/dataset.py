@@ -17,8 +17,13 @@ A domain is one of two kinds:
   lines are JSON objects with a string ``text`` field. Each text file and each JSON line is
   one *document*; documents are joined with the tokenizer's EOS id (EOS after every document,
   as in the reference's data preparation). Files are streamed (a file at a time, big files in
-  line-aligned chunks) and the tokens are written incrementally into a uint16/uint32 memmap in
-  the cache folder, so a domain never has to fit in memory.
+  chunks of at most 8M characters, cut at a newline or space where possible, even in a file
+  with no newline) and the tokens are written incrementally into a uint16/uint32 memmap in the
+  cache folder, so a domain never has to fit in memory (one JSONL line is parsed whole).
+  Links are followed, but each real folder and file is read once, so a link loop
+  (``loop -> .``) or a second link to a file cannot repeat text; a broken link (or a loop of
+  links) is an error naming it, not silently skipped. A JSONL ``text`` holding a
+  lone surrogate escape (``{"text": "\\ud800"}``, not Unicode text) is an error naming file and line.
 * **pre-tokenised** -- the folder holds ``train.bin`` (and optionally ``val.bin``) as flat
   token arrays, with ``meta.json`` beside them declaring ``{"vocab_size": 50257, "dtype":
   "uint16"}`` (dtype ``uint16`` or ``uint32``). Other files in such a folder (a README, the
@@ -31,7 +36,31 @@ in a file named by the domain's *fingerprint*: sha256 over the tokenizer name an
 relative path, size and bytes. A cheap stat key (paths, sizes, mtimes) points at the
 fingerprint, so an unchanged domain is neither re-read nor re-tokenised on the next load; a
 touched-but-identical domain is re-hashed but not re-tokenised; a changed file changes only its
-own domain's fingerprint. :meth:`MixtureDataset.fingerprint` is meant to key embedding caches.
+own domain's fingerprint. :meth:`MixtureDataset.fingerprint` is meant to key embedding caches
+and to tell a resumed run that a domain's data changed.
+
+The cache folder must not be read as data: ``cache_dir`` may be outside the data folder or
+under a hidden folder in it (the default), but never the data folder itself nor a folder the
+loader would list (a domain folder, a folder inside one, or a non-hidden folder of the data
+folder, which would become a domain); such a ``cache_dir`` is refused, naming the domain.
+
+Every cache file is written through :func:`chameleon_ext.io.atomic_write` (temp file, fsync,
+rename), so a kill, a full disk or a read-only folder never leaves a half-written entry; temp
+files of writers that died (SIGKILL) are removed by the next load. Each ``.tokens`` file has a
+``.tokens.json`` beside it (written last: it commits the entry) recording the token count,
+dtype, the sha256 of the whole file, a digest per block (at most 1024 blocks) and the true
+largest token id, all computed by reading the finished file back. They are checked on use:
+
+* ``verify="sample"`` (the default) on every load: size, the first and last block and 6
+  random blocks (different on each load, so repeated runs cover the whole file), and that
+  those blocks hold no id above the recorded maximum;
+* ``verify="full"`` (or :meth:`MixtureDataset.verify`): every block, the whole-file hash and
+  the true maximum, and the sources are re-hashed even if their stat key is unchanged;
+* :meth:`MixtureDataset.check_vocab` scans the true maximum id of every domain once, so an id
+  beyond the model's vocabulary is found before training, whatever sampling missed.
+
+A damaged entry is rebuilt from the text with a warning; ids beyond the vocabulary that reach a
+window anyway are a one-line error, never an IndexError inside the model.
 
 Split and windows
 -----------------
@@ -44,31 +73,41 @@ boundaries. (The reference draws starts from ``[0, n - length)``; every full win
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
-import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import io
 from ..errors import ChameleonUserError
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["MixtureDataset", "load_dataset", "DEFAULT_CACHE_DIRNAME"]
 
 DEFAULT_CACHE_DIRNAME = ".chameleon_cache"
-# Bump when the token-cache layout or the tokenisation rules change: old caches are ignored.
-_CACHE_FORMAT = "chameleon_ext.tokens/1"
+# Bump when the tokenisation rules change: it is hashed into every fingerprint, so bumping it
+# changes them all (and invalidates embedding caches keyed by them).
+_TOKENS_RULES = "chameleon_ext.tokens/1"
+# Bump when the cache metadata layout changes: older entries are rebuilt, fingerprints stay.
+_CACHE_FORMAT = "chameleon_ext.tokens/2"
+VERIFY_MODES = ("sample", "full")
 _BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _BIN_FILES = ("train.bin", "val.bin", "meta.json")
-# Big text files are tokenised in line-aligned chunks of about this many characters, so memory
-# stays bounded; each chunk is still part of the same document (no EOS between chunks).
+# Big text files are tokenised in chunks of this to twice this many characters (cut at a newline
+# or space where possible), so memory stays bounded; each chunk is still part of the same
+# document (no EOS between chunks).
 _CHUNK_CHARS = 1 << 22
 _HASH_BLOCK = 1 << 20
+# Token files are verified per block: at most this many blocks of at least _HASH_BLOCK bytes.
+_MAX_BLOCKS = 1024
+_SAMPLE_BLOCKS = 6  # random blocks checked per load, besides the first and the last
 
 
 @dataclass
@@ -83,6 +122,8 @@ class _Domain:
     max_id: Optional[int] = None  # largest token id, when known
     fingerprint: Optional[str] = None
     stat_key: Optional[str] = None
+    cache_path: Optional[str] = None  # text domains: the .tokens file
+    max_checked: bool = False  # max_id is the true maximum of the tokens (scanned this run)
 
 
 class MixtureDataset:
@@ -147,12 +188,18 @@ class MixtureDataset:
         return int(self.tokens(name, split).shape[0])
 
     def fingerprint(self, name: str) -> str:
-        """Stable hex digest of domain ``name``'s content and tokenizer.
+        """Stable hex digest (sha256) of domain ``name``'s content and tokenizer.
 
         Identical files (same relative paths and bytes) tokenised with the same tokenizer give
-        the same fingerprint on any machine; changing any file of the domain changes it. Note
-        that windows drawn from the *train split* also depend on :attr:`val_fraction`, so a
-        cache of window embeddings should key on both.
+        the same fingerprint on any machine and in any later release (it changes only if the
+        tokenisation rules do); changing any file of the domain changes it. A run can record
+        it and compare on resume, so training on changed text is noticed.
+
+        Cheap: text domains are fingerprinted during :func:`load_dataset` (from the cache's
+        stat-key index when nothing changed), so this is a lookup; a pre-tokenised domain is
+        hashed on the first call, once per stat key (remembered in the cache folder when it is
+        writable), then looked up. Note that windows drawn from the *train split* also depend
+        on :attr:`val_fraction`, so a cache of window embeddings should key on both.
         """
         d = self._get(name)
         if d.fingerprint is None:  # pre-tokenised domains are hashed lazily (they can be big)
@@ -164,6 +211,10 @@ class MixtureDataset:
     def check_vocab(self, vocab_size: int) -> None:
         """Raise if any domain holds a token id ``>= vocab_size`` (e.g. the model's vocab).
 
+        The true largest id of each domain is scanned once per dataset object (the recorded
+        one is not trusted); a token cache whose true maximum differs from the one recorded
+        with it is damaged and rebuilt first.
+
         Raises:
             ChameleonUserError: naming the first offending domain, its largest id and the
                 vocabulary size.
@@ -171,8 +222,7 @@ class MixtureDataset:
         vocab_size = int(vocab_size)
         for name in self.domains:
             d = self._domains[name]
-            if d.max_id is None:
-                d.max_id = max(_chunked_max(d.train), _chunked_max(d.val))
+            self._check_max(d)
             if d.max_id >= vocab_size:
                 raise ChameleonUserError(
                     f"vocabulary mismatch: domain {name!r} holds token id {d.max_id}, but the "
@@ -180,6 +230,53 @@ class MixtureDataset:
                     "tokenise the data with the model's tokenizer or build the model with "
                     f"vocab_size >= {d.max_id + 1}"
                 )
+
+    def _check_max(self, d: _Domain) -> None:
+        if d.max_checked:
+            return
+        if d.kind == "text":
+            true_max = _chunked_max(_open_tokens(d.cache_path, d.train.dtype))
+            if true_max != d.max_id:
+                self._rebuild(d, f"it holds token id {true_max} but recorded {d.max_id} as its largest")
+                true_max = _chunked_max(_open_tokens(d.cache_path, d.train.dtype))
+        else:
+            true_max = max(_chunked_max(d.train), _chunked_max(d.val))
+        d.max_id, d.max_checked = true_max, True
+
+    def verify(self) -> list:
+        """Fully verify every text domain's token cache now (each block's digest, the whole
+        file's sha256 and the true largest id) and rebuild the damaged ones from the text.
+
+        Returns:
+            The names of the domains whose caches were rebuilt (empty when all were sound).
+        """
+        rebuilt = []
+        for name in self.domains:
+            d = self._domains[name]
+            if d.kind != "text":
+                continue
+            meta = io.read_json_or_none(d.cache_path + ".json")
+            problem = (_verify_tokens(d.cache_path, meta, "full") if meta is not None
+                       else "its metadata is missing or unreadable")
+            if problem:
+                self._rebuild(d, problem)
+                rebuilt.append(name)
+            d.max_checked = True
+        return rebuilt
+
+    def _rebuild(self, d: _Domain, problem: str) -> None:
+        """Re-tokenise text domain ``d`` into its cache entry after ``problem`` was found."""
+        warnings.warn(f"token cache {d.cache_path!r} of domain {d.name!r} is damaged ({problem}); "
+                      "rebuilding it from the text", stacklevel=3)
+        if _content_fingerprint("text", d.files, d.name, self.tokenizer.name) != d.fingerprint:
+            raise ChameleonUserError(
+                f"domain {d.name!r}: its files in {d.path!r} changed after the dataset was "
+                "loaded; load it again")
+        meta = _tokenise_domain(d.name, d.files, self.tokenizer, self.cache_dir,
+                                _safe_name(d.name), d.fingerprint)
+        tokens = _open_tokens(d.cache_path, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
+        d.train, d.val = _split(tokens, self.val_fraction)
+        d.max_id, d.max_checked = meta["max_id"], True
 
     def check_window(self, length: int, split: str = "train",
                      domains: Optional[Sequence[str]] = None) -> None:
@@ -225,10 +322,11 @@ class MixtureDataset:
             raise ChameleonUserError(
                 f"rng: expected a numpy.random.Generator, got {type(rng).__name__}"
             )
-        if int(n) < 0:
-            raise ChameleonUserError(f"n: expected a non-negative window count, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
         length = _check_length(length)
         total = self._check_domain_window(name, length, split)
+        _check_memory(int(n), length + 1, name)  # the windows and their starts
         starts = rng.integers(0, total - length + 1, size=int(n))
         return self.windows_at(name, starts, length, split)
 
@@ -236,12 +334,30 @@ class MixtureDataset:
                    split: str = "train") -> np.ndarray:
         """Windows of ``length`` tokens starting at ``starts`` ``[n]``: ``[n, length]`` int64."""
         toks = self.tokens(name, split)
-        starts = np.asarray(starts, dtype=np.int64)
+        length = _check_length(length)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if starts.size and (int(starts.min()) < 0 or int(starts.max()) > n - length):
+            raise ChameleonUserError(
+                f"starts: every window start must lie in [0, {n - length}] for windows of "
+                f"{length} tokens in the {split} split of domain {name!r} ({n} tokens), got "
+                f"{int(starts.min())}..{int(starts.max())}")
+        _check_memory(starts.shape[0], length, name)
         out = np.empty((starts.shape[0], length), dtype=np.int64)
         # Row by row slicing reads each window as one contiguous run of the memmap, which beats
         # fancy indexing with an [n, length] index array on large files.
         for i, s in enumerate(starts):
             out[i] = toks[s:s + length]
+        # One pass over a batch: an id beyond the vocabulary (damaged tokens that sampling did
+        # not catch) stops here with the domain's name instead of as an IndexError in the model.
+        if out.size and int(out.max()) >= self.vocab_size:
+            d = self._get(name)
+            where = d.cache_path if d.kind == "text" else d.path
+            raise ChameleonUserError(
+                f"domain {name!r}: token id {int(out.max())} in its {split} split is beyond the "
+                f"vocabulary ({self.vocab_size} ids); its tokens in {where!r} are damaged "
+                "(text domains: load with verify='full' to rebuild them)"
+            )
         return out
 
     # -- reporting ---------------------------------------------------------------------------
@@ -269,7 +385,7 @@ class MixtureDataset:
 
 def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer] = "byte",
                  cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 val_fraction: float = 0.1) -> MixtureDataset:
+                 val_fraction: float = 0.1, verify: str = "sample") -> MixtureDataset:
     """Discover, tokenise (with caching) and split the domains of the dataset at ``path``.
 
     Args:
@@ -277,15 +393,24 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
         tokenizer: ``"byte"``, a local Hugging Face tokenizer folder, or a tokenizer object;
             used for text/jsonl domains.
         cache_dir: where tokenised text domains are cached; default
-            ``<path>/.chameleon_cache``.
+            ``<path>/.chameleon_cache``. It must not be the data folder nor a folder the
+            loader would list as (part of) a domain; hidden folders are fine.
         val_fraction: fraction in ``[0, 1)`` of each token stream held out for validation when
             the domain has no ``val.bin``.
+        verify: how token caches are checked before use: ``"sample"`` (size and a few blocks;
+            cheap) or ``"full"`` (every byte, the true largest id, and the source files
+            re-hashed). A damaged entry is rebuilt with a warning.
 
     Raises:
-        ChameleonUserError: missing/empty dataset folder, an empty domain, a non-UTF-8 or
-            unreadable file, a malformed ``.jsonl`` line, a ``meta.json`` with unknown dtype,
-            inconsistent vocabularies, or an invalid option.
+        ChameleonUserError: an empty, missing or unreadable dataset folder, an empty domain, a
+            non-UTF-8 or unreadable file, a malformed ``.jsonl`` line, a ``meta.json`` with
+            unknown dtype, inconsistent vocabularies, a misplaced or unwritable cache folder,
+            or an invalid option.
     """
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path) == "":
+        raise ChameleonUserError("data folder: expected a folder path, got an empty string")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ChameleonUserError(f"data folder: expected a folder path, got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         what = "does not exist" if not os.path.exists(path) else "is not a folder"
@@ -296,36 +421,90 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
         raise ChameleonUserError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
     if not (0.0 <= val_fraction < 1.0):
         raise ChameleonUserError(f"val_fraction: expected a number in [0, 1), got {val_fraction}")
+    if verify not in VERIFY_MODES:
+        raise ChameleonUserError(f"verify: expected one of {list(VERIFY_MODES)}, got {verify!r}")
     tok = load_tokenizer(tokenizer)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ChameleonUserError(f"cache_dir: expected a folder path, got {type(cache_dir).__name__}")
+    if cache_dir is not None and os.fspath(cache_dir) == "":
+        raise ChameleonUserError("cache_dir: expected a folder path, got an empty string")
     cache_dir = (os.path.join(path, DEFAULT_CACHE_DIRNAME) if cache_dir is None
                  else os.path.abspath(os.fspath(cache_dir)))
 
-    names = sorted(e for e in _listdir(path, f"data folder {path!r}")
-                   if not e.startswith(".") and os.path.isdir(os.path.join(path, e))
-                   # a user-given cache_dir inside the data folder is not a domain
-                   and os.path.abspath(os.path.join(path, e)) != cache_dir)
+    entries = sorted(e for e in _listdir(path, f"data folder {path!r}") if not e.startswith("."))
+    for e in entries:
+        _check_link(os.path.join(path, e), f"data folder {path!r}: entry {e!r}")
+    names = [e for e in entries if os.path.isdir(os.path.join(path, e))]
+    _check_cache_location(path, cache_dir, names)
     if not names:
         raise ChameleonUserError(
             f"data folder {path!r} holds no domain subfolders; expected one subfolder per "
             "domain (e.g. web/, code/) containing text, .jsonl or train.bin files"
         )
+    # Writers killed outright (SIGKILL) leave temp files; theirs are safe to delete now.
+    io.remove_stale_temps(cache_dir)
+    io.remove_stale_temps(os.path.join(cache_dir, "index"))
 
     domains = []
     for name in names:
         dpath = os.path.join(path, name)
-        if os.path.isfile(os.path.join(dpath, "train.bin")):
+        if os.path.lexists(os.path.join(dpath, "train.bin")):
             domains.append(_open_bin_domain(name, dpath, val_fraction))
         else:
             for f in ("val.bin", "meta.json"):
-                if os.path.isfile(os.path.join(dpath, f)):
+                if os.path.lexists(os.path.join(dpath, f)):
                     raise ChameleonUserError(
                         f"domain {name!r}: found {f} but no train.bin in {dpath!r}; a "
                         "pre-tokenised domain needs train.bin (+ meta.json)"
                     )
-            domains.append(_open_text_domain(name, dpath, tok, cache_dir, val_fraction))
+            domains.append(_open_text_domain(name, dpath, tok, cache_dir, val_fraction, verify))
 
     vocab_size = _dataset_vocab(domains, tok)
     return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir)
+
+
+def _check_link(full: str, what: str) -> None:
+    """A link that leads nowhere (a missing target, or a loop of links) would silently drop the
+    data it was meant to add: an error naming it."""
+    if os.path.islink(full) and not os.path.exists(full):
+        raise ChameleonUserError(
+            f"{what} is a broken link ({full!r} -> {os.readlink(full)!r}: its target does not "
+            "exist or is a loop of links); fix or remove it")
+
+
+def _check_cache_location(path: str, cache_dir: str, names: list) -> None:
+    """Refuse a cache folder that the loader would read as data (or that would hide data):
+    the data folder itself, or a folder reached from it through non-hidden names only."""
+    real_data, real_cache = os.path.realpath(path), os.path.realpath(cache_dir)
+    hint = (f"put it outside the data folder or in a hidden folder such as "
+            f"{os.path.join(path, DEFAULT_CACHE_DIRNAME)!r} (the default)")
+    if real_cache == real_data:
+        raise ChameleonUserError(
+            f"cache_dir {cache_dir!r} is the data folder itself: its index/ subfolder would be "
+            f"read as a domain; {hint}")
+    for name in names:  # through its real path: a domain may be a link to elsewhere
+        parts = _visible_parts(real_cache, os.path.realpath(os.path.join(path, name)))
+        if parts is not None:
+            raise ChameleonUserError(
+                f"cache_dir {cache_dir!r} is inside domain {name!r}: that domain would be "
+                f"dropped or would read the token cache as its text; {hint}")
+    parts = _visible_parts(real_cache, real_data)
+    if parts:
+        raise ChameleonUserError(
+            f"cache_dir {cache_dir!r} is a non-hidden folder of the data folder {path!r}: it "
+            f"would be read as a domain named {parts[0]!r}; {hint}")
+
+
+def _visible_parts(real: str, real_base: str) -> Optional[list]:
+    """The path of ``real`` below ``real_base`` as a list of names, if it is inside it and no
+    name is hidden (so a folder listing would reach it); else None."""
+    rel = os.path.relpath(real, real_base)
+    if rel == ".":
+        return []
+    parts = rel.split(os.sep)
+    if parts[0] == ".." or any(p.startswith(".") for p in parts):
+        return None
+    return parts
 
 
 def _dataset_vocab(domains: list[_Domain], tok: Tokenizer) -> int:
@@ -375,6 +554,26 @@ def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
     return tokens[: n - n_val], tokens[n - n_val:]
 
 
+@functools.lru_cache(maxsize=1)
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_memory(n: int, length: int, name: str) -> None:
+    """Refuse a window batch larger than this machine's memory before allocating it (the
+    allocation may otherwise "succeed" lazily and the process be killed while filling it)."""
+    need = int(n) * int(length) * 8
+    total = _machine_memory()
+    if total and need > total:
+        raise ChameleonUserError(
+            f"{n} windows of {length} tokens from domain {name!r} need {need / 2**30:.1f} GiB "
+            f"as int64, more than this machine's {total / 2**30:.1f} GiB of memory; draw fewer "
+            "or shorter windows")
+
+
 def _chunked_max(arr: np.ndarray, chunk: int = 1 << 24) -> int:
     m = -1
     for i in range(0, arr.shape[0], chunk):
@@ -390,21 +589,17 @@ def _safe_name(name: str) -> str:
 
 
 def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
+    for f in _BIN_FILES:
+        _check_link(os.path.join(dpath, f), f"domain {name!r}: {f}")
     meta_path = os.path.join(dpath, "meta.json")
-    if not os.path.isfile(meta_path):
+    if not os.path.lexists(meta_path):
         raise ChameleonUserError(
             f"domain {name!r}: train.bin has no meta.json beside it in {dpath!r}; write one like "
             '{"vocab_size": 50257, "dtype": "uint16"} so the token dtype is known'
         )
-    try:
-        with open(meta_path, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ChameleonUserError(f"domain {name!r}: cannot read {meta_path!r}: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ChameleonUserError(f"domain {name!r}: {meta_path!r} must hold a JSON object")
+    meta = io.read_json(meta_path, f"domain {name!r}: meta.json")
     dtype_name = meta.get("dtype")
-    if dtype_name not in _BIN_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _BIN_DTYPES:
         raise ChameleonUserError(
             f"domain {name!r}: unknown token dtype {dtype_name!r} in {meta_path!r}; expected "
             f"one of {sorted(_BIN_DTYPES)}"
@@ -423,7 +618,7 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
 
     train = _open_bin(name, os.path.join(dpath, "train.bin"), dtype, allow_empty=False)
     val_path = os.path.join(dpath, "val.bin")
-    if os.path.isfile(val_path):
+    if os.path.lexists(val_path):  # a broken link is an error, not "no val.bin"
         val = _open_bin(name, val_path, dtype, allow_empty=True)
     else:
         train, val = _split(train, val_fraction)
@@ -431,10 +626,13 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
 
 
 def _open_bin(name: str, fpath: str, dtype, allow_empty: bool) -> np.ndarray:
+    if os.path.isdir(fpath):
+        raise ChameleonUserError(f"domain {name!r}: {fpath!r} is a folder, expected a token file")
     try:
         size = os.path.getsize(fpath)
     except OSError as exc:
-        raise ChameleonUserError(f"domain {name!r}: cannot read {fpath!r}: {exc}") from exc
+        raise ChameleonUserError(
+            f"domain {name!r}: cannot read {fpath!r}: {io.os_error_reason(exc)}") from exc
     itemsize = np.dtype(dtype).itemsize
     if size % itemsize:
         raise ChameleonUserError(
@@ -448,7 +646,8 @@ def _open_bin(name: str, fpath: str, dtype, allow_empty: bool) -> np.ndarray:
     try:
         return np.memmap(fpath, dtype=dtype, mode="r")
     except OSError as exc:
-        raise ChameleonUserError(f"domain {name!r}: cannot read {fpath!r}: {exc}") from exc
+        raise ChameleonUserError(
+            f"domain {name!r}: cannot read {fpath!r}: {io.os_error_reason(exc)}") from exc
 
 
 def _bin_fingerprint(d: _Domain, cache_dir: str) -> str:
@@ -456,37 +655,71 @@ def _bin_fingerprint(d: _Domain, cache_dir: str) -> str:
     files = [f for f in _BIN_FILES if os.path.isfile(os.path.join(d.path, f))]
     stat_key = _stat_key("bin", d.path, [(f, os.path.join(d.path, f)) for f in files])
     index_path = os.path.join(cache_dir, "index", f"{_safe_name(d.name)}-bin-{stat_key}.json")
-    rec = _read_json(index_path)
-    if rec and rec.get("format") == _CACHE_FORMAT and isinstance(rec.get("fingerprint"), str):
-        return rec["fingerprint"]
-    fp = _content_fingerprint("bin", [(f, os.path.join(d.path, f)) for f in files], d.name)
-    try:  # best effort: a read-only dataset simply re-hashes next time
-        _write_json_atomic(index_path, {"format": _CACHE_FORMAT, "fingerprint": fp})
-    except OSError:
-        pass
+    fp = _indexed_fingerprint(index_path)
+    if fp is None:
+        fp = _content_fingerprint("bin", [(f, os.path.join(d.path, f)) for f in files], d.name)
+        _remember_fingerprint(index_path, fp)
     return fp
+
+
+def _indexed_fingerprint(index_path: str) -> Optional[str]:
+    rec = io.read_json_or_none(index_path)
+    fp = rec.get("fingerprint") if rec and rec.get("format") == _CACHE_FORMAT else None
+    return fp if isinstance(fp, str) and re.fullmatch(r"[0-9a-f]{64}", fp) else None
+
+
+def _remember_fingerprint(index_path: str, fp: str) -> None:
+    """Point the stat key at ``fp``; best effort (a read-only cache simply re-hashes next time)."""
+    try:
+        io.write_json(index_path, {"format": _CACHE_FORMAT, "fingerprint": fp},
+                      "token cache index entry")
+    except ChameleonUserError:
+        pass
 
 
 # -- text domains ----------------------------------------------------------------------------
 
 
-def _list_text_files(name: str, dpath: str) -> list[tuple[str, str]]:
-    """Sorted ``(relpath, abspath)`` of every non-hidden file under ``dpath``."""
-    out = []
-    def onerror(exc: OSError):
-        raise ChameleonUserError(
-            f"domain {name!r}: cannot read folder {exc.filename!r}: {exc.strerror or exc}"
-        )
-    for root, dirs, files in os.walk(dpath, onerror=onerror, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for fname in files:
-            if fname.startswith("."):
-                continue
-            full = os.path.join(root, fname)
-            if os.path.isfile(full):
-                rel = os.path.relpath(full, dpath).replace(os.sep, "/")
-                out.append((rel, full))
-    out.sort()
+def _list_text_files(name: str, dpath: str, skip: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Sorted ``(relpath, abspath)`` of every non-hidden file under ``dpath``.
+
+    Links are followed, but each real folder is listed once and each real file read once: a
+    link back up the tree (``loop -> .``) or a second link to a file already listed would
+    otherwise repeat the same text, and the validation split would then copy training text.
+    A link to a folder listed earlier in sorted order is skipped, as is its content, and so
+    are the real folders in ``skip`` (the token cache, should a link lead to it).
+    """
+    found, seen_dirs = [], {os.path.realpath(p) for p in skip}
+    stack = [(dpath, "")]
+    while stack:
+        folder, rel = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            continue
+        seen_dirs.add(real)
+        try:
+            entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+        except OSError as exc:
+            raise ChameleonUserError(
+                f"domain {name!r}: cannot read folder {folder!r}: {io.os_error_reason(exc)}"
+            ) from exc
+        subdirs = []
+        for entry in entries:
+            full = os.path.join(folder, entry)
+            if os.path.isdir(full):
+                subdirs.append((full, f"{rel}{entry}/"))
+            elif os.path.isfile(full):  # FIFOs and devices are not data
+                found.append((f"{rel}{entry}", full))
+            else:
+                _check_link(full, f"domain {name!r}: {rel}{entry}")
+        stack.extend(reversed(subdirs))  # depth first, in sorted order
+    found.sort()
+    out, seen_files = [], set()
+    for rel, full in found:
+        real = os.path.realpath(full)
+        if real not in seen_files:
+            seen_files.add(real)
+            out.append((rel, full))
     return out
 
 
@@ -501,7 +734,7 @@ def _stat_key(kind: str, dpath: str, files: list[tuple[str, str]], tok_name: str
 
 def _content_fingerprint(kind: str, files: list[tuple[str, str]], domain: str,
                          tok_name: str = "") -> str:
-    h = hashlib.sha256(f"{_CACHE_FORMAT}\0{kind}\0{tok_name}\0".encode())
+    h = hashlib.sha256(f"{_TOKENS_RULES}\0{kind}\0{tok_name}\0".encode())
     for rel, full in files:
         try:
             size = os.path.getsize(full)
@@ -511,14 +744,14 @@ def _content_fingerprint(kind: str, files: list[tuple[str, str]], domain: str,
                     h.update(block)
         except OSError as exc:
             raise ChameleonUserError(
-                f"domain {domain!r}: cannot read file {full!r}: {exc.strerror or exc}"
+                f"domain {domain!r}: cannot read file {full!r}: {io.os_error_reason(exc)}"
             ) from exc
     return h.hexdigest()
 
 
 def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
-                      val_fraction: float) -> _Domain:
-    files = _list_text_files(name, dpath)
+                      val_fraction: float, verify: str = "sample") -> _Domain:
+    files = _list_text_files(name, dpath, skip=(cache_dir,))
     if not files:
         raise ChameleonUserError(
             f"domain {name!r} is empty: {dpath!r} holds no (non-hidden) data files"
@@ -526,65 +759,156 @@ def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
     try:
         stat_key = _stat_key("text", dpath, files, tok.name)
     except OSError as exc:
-        raise ChameleonUserError(f"domain {name!r}: cannot stat {exc.filename!r}: {exc}") from exc
+        raise ChameleonUserError(
+            f"domain {name!r}: cannot stat {exc.filename!r}: {io.os_error_reason(exc)}") from exc
     safe = _safe_name(name)
     index_path = os.path.join(cache_dir, "index", f"{safe}-text-{stat_key}.json")
 
     # 1) unchanged since last load: the stat key names the fingerprint; nothing is read.
-    rec = _read_json(index_path)
-    fp = rec.get("fingerprint") if rec and rec.get("format") == _CACHE_FORMAT else None
-    meta = _read_token_meta(cache_dir, safe, fp) if isinstance(fp, str) else None
+    #    verify="full" skips this shortcut and re-hashes the sources.
+    fp = _indexed_fingerprint(index_path) if verify != "full" else None
+    meta, damaged = _load_token_meta(name, cache_dir, safe, fp, tok, verify) if fp else (None, False)
     if meta is None:
         # 2) hash the content; identical content (e.g. touched or copied files) reuses tokens.
-        fp = _content_fingerprint("text", files, name, tok.name)
-        meta = _read_token_meta(cache_dir, safe, fp)
+        indexed, fp = fp, _content_fingerprint("text", files, name, tok.name)
+        if not (damaged and fp == indexed):  # an entry found damaged is not checked twice
+            meta, _ = _load_token_meta(name, cache_dir, safe, fp, tok, verify)
         if meta is None:
-            # 3) new content: tokenise into the cache.
+            # 3) new content (or a damaged entry): tokenise into the cache.
             meta = _tokenise_domain(name, files, tok, cache_dir, safe, fp)
-        try:
-            _write_json_atomic(index_path, {"format": _CACHE_FORMAT, "fingerprint": fp})
-        except OSError as exc:
-            raise _cache_error(cache_dir, exc)
+        _remember_fingerprint(index_path, fp)
 
     if meta["n_tokens"] == 0:
         raise ChameleonUserError(
             f"domain {name!r} is empty: its {len(files)} file(s) in {dpath!r} hold no text"
         )
-    dtype = _BIN_DTYPES[meta["dtype"]]
-    tokens = np.memmap(_token_path(cache_dir, safe, fp), dtype=dtype, mode="r",
-                       shape=(meta["n_tokens"],))
+    tpath = _token_path(cache_dir, safe, fp)
+    tokens = _open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
     train, val = _split(tokens, val_fraction)
     return _Domain(name=name, path=dpath, kind="text", train=train, val=val,
                    vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
-                   fingerprint=fp, stat_key=stat_key)
+                   fingerprint=fp, stat_key=stat_key, cache_path=tpath,
+                   max_checked=verify == "full")
 
 
 def _token_path(cache_dir: str, safe: str, fp: str) -> str:
     return os.path.join(cache_dir, f"{safe}-{fp[:32]}.tokens")
 
 
-def _read_token_meta(cache_dir: str, safe: str, fp: str) -> Optional[dict]:
-    """The cache entry's metadata if it is complete and consistent, else None."""
+def _token_dtype(tok: Tokenizer) -> str:
+    return "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+
+
+def _open_tokens(tpath: str, dtype, n_tokens: Optional[int] = None) -> np.ndarray:
+    try:
+        if n_tokens == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(tpath, dtype=dtype, mode="r", shape=None if n_tokens is None else (n_tokens,))
+    except (OSError, ValueError) as exc:
+        raise ChameleonUserError(f"cannot read token cache {tpath!r}: {io.os_error_reason(exc)}") from exc
+
+
+def _load_token_meta(name: str, cache_dir: str, safe: str, fp: str, tok: Tokenizer,
+                     verify: str) -> tuple[Optional[dict], bool]:
+    """``(metadata, damaged)``: the cache entry's metadata if it is complete and passes
+    ``verify``, else None, silently for an absent entry, with a warning (and ``damaged``) for
+    a damaged one, since it is then rebuilt."""
     tpath = _token_path(cache_dir, safe, fp)
-    meta = _read_json(tpath + ".json")
-    if not meta or meta.get("format") != _CACHE_FORMAT or meta.get("fingerprint") != fp:
-        return None
-    if meta.get("dtype") not in _BIN_DTYPES or not isinstance(meta.get("n_tokens"), int):
-        return None
+    meta = io.read_json_or_none(tpath + ".json")
+    if meta is None:
+        if os.path.lexists(tpath + ".json"):
+            problem = "its metadata is unreadable"
+        else:
+            return None, False  # never written, or killed before its commit marker
+    elif meta.get("format") != _CACHE_FORMAT:
+        return None, False  # an older layout: rebuilt silently
+    else:
+        problem = _check_token_meta(meta, fp, tok) or _verify_tokens(tpath, meta, verify)
+    if problem:
+        warnings.warn(f"token cache {tpath!r} of domain {name!r} is damaged ({problem}); "
+                      "rebuilding it from the text", stacklevel=4)
+        return None, True
+    return meta, False
+
+
+def _check_token_meta(meta: dict, fp: str, tok: Tokenizer) -> Optional[str]:
+    """What is inconsistent in a token cache entry's metadata, or None."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if meta.get("fingerprint") != fp:
+        return "its metadata names another fingerprint"
+    if meta.get("dtype") != _token_dtype(tok):
+        return f"dtype {meta.get('dtype')!r}, expected {_token_dtype(tok)!r}"
+    if not is_int(meta.get("n_tokens")) or meta["n_tokens"] < 0:
+        return f"bad token count {meta.get('n_tokens')!r}"
+    max_id = meta.get("max_id")
+    if not is_int(max_id) or not -1 <= max_id < tok.vocab_size:
+        return f"recorded largest id {max_id!r} outside the vocabulary of {tok.vocab_size}"
+    bs, blocks = meta.get("block_size"), meta.get("blocks")
+    if not is_int(bs) or bs <= 0 or not isinstance(blocks, list) or not isinstance(meta.get("sha256"), str):
+        return "its content hashes are missing"
+    size = meta["n_tokens"] * np.dtype(_BIN_DTYPES[meta["dtype"]]).itemsize
+    if len(blocks) != -(-size // bs):
+        return "its block hashes do not match its token count"
+    return None
+
+
+def _verify_tokens(tpath: str, meta: dict, verify: str) -> Optional[str]:
+    """Check the ``.tokens`` file against its metadata (sampled or full); the problem or None."""
+    if os.path.isdir(tpath):
+        return "the token file is a folder"
+    dtype = np.dtype(_BIN_DTYPES[meta["dtype"]])
     try:
         size = os.path.getsize(tpath)
-    except OSError:
-        return None
-    if size != meta["n_tokens"] * np.dtype(_BIN_DTYPES[meta["dtype"]]).itemsize:
-        return None
-    return meta
+    except OSError as exc:
+        return f"the token file cannot be read: {io.os_error_reason(exc)}"
+    if size != meta["n_tokens"] * dtype.itemsize:
+        return f"the token file is {size} bytes, its metadata says {meta['n_tokens'] * dtype.itemsize}"
+    bs, blocks = meta["block_size"], meta["blocks"]
+    if verify == "full":
+        which = range(len(blocks))
+    else:  # first, last and a few random blocks: a different sample on each load
+        rng = np.random.default_rng()
+        which = sorted({0, len(blocks) - 1, *rng.integers(0, max(len(blocks), 1), _SAMPLE_BLOCKS).tolist()})
+        which = [i for i in which if 0 <= i < len(blocks)]
+    whole = hashlib.sha256() if verify == "full" else None
+    true_max = -1
+    try:
+        with open(tpath, "rb") as f:
+            for i in which:
+                f.seek(i * bs)
+                block = f.read(bs)
+                if hashlib.sha256(block).hexdigest()[:32] != blocks[i]:
+                    return f"block {i} (bytes {i * bs}..{i * bs + len(block)}) does not match its hash"
+                if whole is not None:
+                    whole.update(block)
+                if block:
+                    true_max = max(true_max, int(np.frombuffer(block, dtype=dtype).max()))
+    except OSError as exc:
+        return f"the token file cannot be read: {io.os_error_reason(exc)}"
+    if true_max > meta["max_id"]:
+        return f"it holds token id {true_max} but recorded {meta['max_id']} as its largest"
+    if whole is not None:
+        if whole.hexdigest() != meta["sha256"]:
+            return "its sha256 does not match"
+        if true_max != meta["max_id"]:
+            return f"its largest token id is {true_max} but {meta['max_id']} was recorded"
+    return None
 
 
-def _cache_error(cache_dir: str, exc: OSError) -> ChameleonUserError:
-    return ChameleonUserError(
-        f"cache_dir: cannot write the token cache in {cache_dir!r} ({exc.strerror or exc}); "
-        "pass a writable cache_dir"
-    )
+def _hash_tokens(tpath: str, dtype) -> dict:
+    """Read a finished token file back: its sha256, block size and digests, true largest id."""
+    size = os.path.getsize(tpath)
+    bs = _HASH_BLOCK
+    while -(-size // bs) > _MAX_BLOCKS:
+        bs *= 2
+    whole, blocks, max_id = hashlib.sha256(), [], -1
+    with open(tpath, "rb") as f:
+        for block in iter(lambda: f.read(bs), b""):
+            whole.update(block)
+            blocks.append(hashlib.sha256(block).hexdigest()[:32])
+            max_id = max(max_id, int(np.frombuffer(block, dtype=dtype).max()))
+    return {"sha256": whole.hexdigest(), "block_size": bs, "blocks": blocks, "max_id": max_id}
 
 
 @contextmanager
@@ -599,15 +923,16 @@ def _reading(name: str, full: str):
         ) from None
     except OSError as exc:
         raise ChameleonUserError(
-            f"domain {name!r}: cannot read file {full!r}: {exc.strerror or exc}"
+            f"domain {name!r}: cannot read file {full!r}: {io.os_error_reason(exc)}"
         ) from exc
 
 
 def _iter_documents(name: str, rel: str, full: str) -> Iterator[Iterator[str]]:
     """Yield each document of one file as an iterator of text chunks.
 
-    A ``.jsonl`` file yields one document per non-blank line (its ``text`` field); any other
-    file is one document read in line-aligned chunks of about ``_CHUNK_CHARS`` characters.
+    A ``.jsonl`` file yields one document per non-blank line (its ``text`` field; a line is
+    parsed whole, so one JSON document must fit in memory); any other file is one document
+    read in chunks of about ``_CHUNK_CHARS`` characters, whatever its line lengths.
     """
     with _reading(name, full):
         f = open(full, "r", encoding="utf-8", newline="")
@@ -616,17 +941,34 @@ def _iter_documents(name: str, rel: str, full: str) -> Iterator[Iterator[str]]:
             with _reading(name, full):
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        yield iter((_jsonl_text(name, full, lineno, line),))
+                        text = _jsonl_text(name, full, lineno, line)
+                        yield _bounded_chunks(text[i:i + _CHUNK_CHARS]
+                                              for i in range(0, len(text), _CHUNK_CHARS))
         else:
             yield _text_chunks(name, full, f)
 
 
+# Unpaired UTF-16 surrogates: JSON can spell them ("\ud800") but they are not Unicode text and
+# cannot be encoded as UTF-8, so no tokenizer can take them.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _jsonl_text(name: str, full: str, lineno: int, line: str) -> str:
+    if lineno == 1 and line.startswith("\ufeff"):
+        line = line[1:]  # a UTF-8 byte order mark, as some editors write: not part of the JSON
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ChameleonUserError(
             f"domain {name!r}: file {full!r} line {lineno} is not valid JSON ({exc.msg})"
+        ) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise ChameleonUserError(
+            f"domain {name!r}: file {full!r} line {lineno} cannot be parsed ({exc})"
+        ) from None
+    except RecursionError:
+        raise ChameleonUserError(
+            f"domain {name!r}: file {full!r} line {lineno} is nested too deeply to parse"
         ) from None
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str):
@@ -634,21 +976,46 @@ def _jsonl_text(name: str, full: str, lineno: int, line: str) -> str:
             f"domain {name!r}: file {full!r} line {lineno} has no string 'text' field; "
             '.jsonl lines must look like {"text": "..."}'
         )
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise ChameleonUserError(
+            f"domain {name!r}: file {full!r} line {lineno}: its text holds a lone surrogate "
+            f"escape (\\u{ord(bad.group()):04x} at character {bad.start()}), which is not "
+            "Unicode text; fix or remove that line"
+        )
     return text
 
 
 def _text_chunks(name: str, full: str, f) -> Iterator[str]:
-    """Line-aligned chunks of about ``_CHUNK_CHARS`` characters of the open text file ``f``."""
-    buf, size = [], 0
-    with _reading(name, full):
-        for line in f:
-            buf.append(line)
-            size += len(line)
-            if size >= _CHUNK_CHARS:
-                yield "".join(buf)
-                buf, size = [], 0
-    if buf:
-        yield "".join(buf)
+    """The open text file ``f`` in bounded chunks (see :func:`_bounded_chunks`)."""
+    def blocks():
+        while True:
+            with _reading(name, full):
+                block = f.read(_CHUNK_CHARS)
+            if not block:
+                return
+            yield block
+    return _bounded_chunks(blocks())
+
+
+def _bounded_chunks(blocks: Iterator[str]) -> Iterator[str]:
+    """Re-cut ``blocks`` into chunks of at most ``2 * _CHUNK_CHARS`` characters, each cut after
+    a newline where there is one, else after a space, else anywhere (the cut matters only to
+    subword tokenizers, which see fewer split words this way). Memory stays bounded even for a
+    file, or a JSONL document, with no newline at all."""
+    carry = ""
+    for block in blocks:
+        text = carry + block
+        cut = text.rfind("\n") + 1
+        if cut == 0 or len(text) - cut > _CHUNK_CHARS:
+            cut = text.rfind(" ") + 1
+            if cut == 0 or len(text) - cut > _CHUNK_CHARS:
+                cut = len(text)
+        carry = text[cut:]
+        if cut:
+            yield text[:cut]
+    if carry:
+        yield carry
 
 
 def _encode(tok: Tokenizer, text: str) -> np.ndarray:
@@ -660,83 +1027,53 @@ def _tokenise_domain(name: str, files: list[tuple[str, str]], tok: Tokenizer, ca
                      safe: str, fp: str) -> dict:
     """Stream every document of the domain into ``<cache>/<safe>-<fp>.tokens``; return meta.
 
-    Tokens go to a temp file in the cache folder that is renamed into place only when
-    complete, followed by its ``.json`` metadata (the commit marker), so a crash leaves no
-    half-written entry that a later load could mistake for a complete one.
+    Tokens go through :func:`io.atomic_write` (a temp file renamed into place only when
+    complete, removed on any failure), then the file is read back to record its hashes and
+    true largest id in ``.tokens.json`` (the commit marker, written last), so a crash leaves no
+    entry that a later load could mistake for a complete one.
     """
-    dtype_name = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    dtype_name = _token_dtype(tok)
     dtype = _BIN_DTYPES[dtype_name]
     eos = np.asarray([tok.eos_id], dtype=dtype)
+    _check_cache_writable(cache_dir)
+    tpath = _token_path(cache_dir, safe, fp)
+    n_tokens, n_docs = 0, 0
+    with io.atomic_write(tpath, "token cache", "wb") as out:
+        for rel, full in files:
+            for doc in _iter_documents(name, rel, full):
+                doc_tokens = 0
+                for chunk in doc:
+                    ids = _encode(tok, chunk)
+                    if ids.size == 0:
+                        continue
+                    if int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0:
+                        bad = int(ids.max()) if int(ids.max()) >= tok.vocab_size else int(ids.min())
+                        raise ChameleonUserError(
+                            f"tokenizer {tok.name!r} produced id {bad} outside its vocabulary "
+                            f"(vocab_size {tok.vocab_size}) on {full!r}"
+                        )
+                    out.write(memoryview(np.ascontiguousarray(ids, dtype=dtype)))
+                    doc_tokens += ids.size
+                if doc_tokens:  # empty documents add nothing, not even an EOS
+                    out.write(eos.tobytes())
+                    n_tokens += doc_tokens + 1
+                    n_docs += 1
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{safe}-", suffix=".tmp", dir=cache_dir)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; caches may be shared
+        hashes = _hash_tokens(tpath, dtype)
     except OSError as exc:
-        raise _cache_error(cache_dir, exc)
-    n_tokens, n_docs, max_id = 0, 0, -1
+        raise ChameleonUserError(
+            f"cannot read back token cache {tpath!r}: {io.os_error_reason(exc)}") from exc
+    meta = {"format": _CACHE_FORMAT, "domain": name, "fingerprint": fp,
+            "tokenizer": tok.name, "dtype": dtype_name, "n_tokens": n_tokens,
+            "n_documents": n_docs, "files": [r for r, _ in files], **hashes}
+    io.write_json(tpath + ".json", meta, "token cache metadata")
+    return meta
+
+
+def _check_cache_writable(cache_dir: str) -> None:
     try:
-        with os.fdopen(fd, "wb") as out:
-            for rel, full in files:
-                for doc in _iter_documents(name, rel, full):
-                    doc_tokens = 0
-                    for chunk in doc:
-                        ids = _encode(tok, chunk)
-                        if ids.size == 0:
-                            continue
-                        m = int(ids.max())
-                        if m >= tok.vocab_size or int(ids.min()) < 0:
-                            raise ChameleonUserError(
-                                f"tokenizer {tok.name!r} produced id {m} outside its vocabulary "
-                                f"(vocab_size {tok.vocab_size}) on {full!r}"
-                            )
-                        max_id = max(max_id, m)
-                        out.write(ids.astype(dtype, copy=False).tobytes())
-                        doc_tokens += ids.size
-                    if doc_tokens:  # empty documents add nothing, not even an EOS
-                        out.write(eos.tobytes())
-                        n_tokens += doc_tokens + 1
-                        n_docs += 1
-            out.flush()
-            os.fsync(out.fileno())
-        if n_tokens:
-            max_id = max(max_id, int(tok.eos_id))
-        tpath = _token_path(cache_dir, safe, fp)
-        os.replace(tmp, tpath)
-        meta = {"format": _CACHE_FORMAT, "domain": name, "fingerprint": fp,
-                "tokenizer": tok.name, "dtype": dtype_name, "n_tokens": n_tokens,
-                "n_documents": n_docs, "max_id": max_id, "files": [r for r, _ in files]}
-        _write_json_atomic(tpath + ".json", meta)
-        return meta
-    except OSError as exc:
-        raise _cache_error(cache_dir, exc)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-# -- small file helpers ----------------------------------------------------------------------
-
-
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        io.check_writable_folder(cache_dir, "cache_dir")
+    except ChameleonUserError as exc:
+        raise ChameleonUserError(
+            f"{exc}; the text domains must be tokenised into it: pass a writable cache_dir "
+            "(--cache-dir)") from None
