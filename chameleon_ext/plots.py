@@ -6,7 +6,7 @@ each function warns and returns None instead of failing the run that wanted a pi
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``),
 never through ``pyplot``: that renders PNG without a display, leaves the caller's pyplot
 backend and figure list alone, and frees each figure when it goes out of scope. Every PNG is
-written atomically (temporary file in the same folder, then ``os.replace``).
+written atomically (:func:`chameleon_ext.io.atomic_write`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
+from . import io
 from .errors import ChameleonUserError
-from .exports import atomic_path
 
 __all__ = ["plot_weights", "plot_affinity", "plot_perplexity"]
 
@@ -103,11 +103,9 @@ def _new_figure(figsize, fn: str, path: str):
 
 def _save_png(fig, path: str) -> str:
     """Render ``fig`` to ``path`` as PNG (creating its folder), atomically; returns ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with atomic_path(path) as tmp:
-        # The temporary name does not end in .png, so the format is given explicitly.
-        fig.savefig(tmp, format="png", dpi=DPI)
+    with io.atomic_write(path, "picture") as f:
+        # A file object has no name ending in .png, so the format is given explicitly.
+        fig.savefig(f, format="png", dpi=DPI)
     return path
 
 
