@@ -572,7 +572,12 @@ def _command_of(argv: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(only=_command_of(argv) or "").parse_args(argv)
+    command = _command_of(argv)
+    try:
+        parser = build_parser(only=command or "")
+    except ImportError as exc:  # the command's options come from modules that need the ops
+        return _ops_missing(command, exc)
+    args = parser.parse_args(argv)
     previous = _on_sigterm_interrupt()
     try:
         return _run_command(args)
@@ -623,10 +628,16 @@ def _run_command(args) -> int:
         print(f"chameleon {args.command}: interrupted by {name} ({what})", file=sys.stderr)
         return code
     except ImportError as exc:
-        if "chameleon_ext._C" not in str(exc):
-            raise
-        print(f"chameleon {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _ops_missing(args.command, exc)
+
+
+def _ops_missing(command: Optional[str], exc: ImportError) -> int:
+    """A broken build of the compiled ops: one line saying how to rebuild (other ImportErrors
+    are bugs and keep their traceback)."""
+    if "chameleon_ext._C" not in str(exc):
+        raise exc
+    print(f"chameleon {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

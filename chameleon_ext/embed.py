@@ -79,9 +79,9 @@ class DomainEmbeddings:
 
     def save(self, path: str) -> None:
         """``{"domains": [...], "embeddings": Tensor[k, d], ...}``, written atomically."""
-        from .model import atomic_save
+        from .io import save_torch
 
-        atomic_save(self.to_dict(), path)
+        save_torch(self.to_dict(), path, "embeddings file")
 
 
 def load_domain_embeddings(path: str) -> DomainEmbeddings:
