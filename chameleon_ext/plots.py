@@ -146,7 +146,7 @@ def plot_weights(
     uniform weight 1/k dashed for reference), saved as PNG at ``path``.
 
     ``weights`` and ``scores`` are [k] lists, tensors, arrays or mappings domain -> value (so
-    a loaded weights.json's ``weights`` and ``krls`` can be passed directly). With ``scores``
+    a loaded weights.json's ``weights`` and ``leverage`` can be passed directly). With ``scores``
     a second panel shows the KRLS leverage scores normalised to sum to 1. Returns ``path``,
     or None (with a warning) when matplotlib is missing.
     """
@@ -174,7 +174,7 @@ def plot_weights(
     axes[0].set_title("domain weights")
     if normalised_scores is not None:
         _weight_panel(axes[1], domains, normalised_scores, "leverage score $S_i / \\sum_j S_j$", None, fontsize)
-        axes[1].set_title("normalised KRLS scores")
+        axes[1].set_title("normalised leverage scores")
     fig.suptitle(title or f"Chameleon domain weights (k = {k})")
     return _save_png(fig, path)
 
