@@ -26,9 +26,8 @@ BUILTIN = "builtin"
 # Only the domain-embedding sampling is smaller on the built-in data (its domains are ~100 KB);
 # every other default is the library's (TrainConfig, EmbedConfig, weights.DEFAULT_*).
 BUILTIN_EMBED = {"n_windows": 128, "window": 128}
-# The `run` command's budget on the built-in data, and the sequence length of every command
-# that creates a model (the small presets are trained at 128 tokens).
-RUN_STEPS, RUN_PROXY_STEPS, BLOCK_SIZE = 300, 200, 128
+# The `run` command's budget on the built-in data.
+RUN_STEPS, RUN_PROXY_STEPS = 300, 200
 SEED_MAX = 2**64 - 1  # torch.manual_seed's range; numpy's generators take any of these
 
 
@@ -118,11 +117,11 @@ def _check_args(args) -> None:
 
 def _check_outputs(args) -> None:
     """Every output is writable before the long work starts (a read-only folder or a file in
-    the place of the output folder is found now, not after an hour of training)."""
-    from . import distributed, io
+    the place of the output folder is found now, not after an hour of training). Every rank
+    checks, before the process group exists, so under torchrun all ranks stop alike instead of
+    the others waiting for a rank 0 that has left."""
+    from . import io
 
-    if not distributed.info().is_main:
-        return
     if args.command == "eval":
         if args.out:
             if os.path.isdir(args.out):
@@ -450,13 +449,13 @@ def _add_weights(p):
 
 def _add_training(p, steps: Optional[int] = None):
     from .model import GPTConfig
+    from .pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
     from .trainer import TrainConfig
 
     library = TrainConfig()
-    presets = GPTConfig.preset_names()
     g = p.add_argument_group("training")
-    g.add_argument("--preset", default="small", choices=presets, help="model size (see the README's presets)")
-    g.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="sequence length")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=GPTConfig.preset_names(), help="model size")
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="sequence length")
     g.add_argument("--steps", type=int, default=library.steps if steps is None else steps, help="optimiser steps")
     g.add_argument("--batch-size", type=int, default=library.batch_size,
                    help="sequences per step (global across ranks)")

@@ -1,4 +1,5 @@
-"""The method end to end: proxy -> domain embeddings -> weights -> files other trainers read.
+"""The method end to end: proxy -> domain embeddings -> weights -> files other trainers read
+(docs/method.md, steps 1-6).
 
 The command line (``chameleon``) is a thin layer over these functions:
 
@@ -25,6 +26,8 @@ from .weights import DEFAULT_LAMBDA, DomainWeights, weights_from_embeddings as _
 
 __all__ = [
     "MODES",
+    "DEFAULT_PRESET",
+    "DEFAULT_BLOCK_SIZE",
     "check_weight_options",
     "train_proxy",
     "load_proxy",
@@ -37,9 +40,13 @@ __all__ = [
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
 MODES = ("pretrain", "finetune", "transfer")
+# The model every command creates unless told otherwise: the small preset at 128 tokens (what
+# the README's runs and `chameleon run` use; TrainConfig holds the optimiser's defaults).
+DEFAULT_PRESET = "small"
+DEFAULT_BLOCK_SIZE = 128
 
 
-def train_proxy(dataset, out_dir: str, preset: str = "small", block_size: int = 256,
+def train_proxy(dataset, out_dir: str, preset: str = DEFAULT_PRESET, block_size: int = DEFAULT_BLOCK_SIZE,
                 config: Optional[TrainConfig] = None, model_overrides: Optional[dict] = None,
                 seed: int = 0) -> str:
     """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``."""
@@ -191,11 +198,14 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     return result, emb, paths
 
 
-def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = "small",
-                     block_size: int = 256, config: Optional[TrainConfig] = None, eval_windows: int = 32,
-                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = DEFAULT_PRESET,
+                     block_size: int = DEFAULT_BLOCK_SIZE, config: Optional[TrainConfig] = None,
+                     eval_windows: Optional[int] = None, seed: int = 0) -> Dict[str, Dict[str, float]]:
     """Train one base model per mixture on the same token budget and return the per-domain
-    validation perplexity table ``{mixture: {domain: ppl, ..., "average": ppl}}``."""
+    validation perplexity table ``{mixture: {domain: ppl, ..., "average": ppl}}``.
+    ``eval_windows`` defaults to the config's (``TrainConfig.eval_windows``)."""
+    if eval_windows is None:
+        eval_windows = (config or TrainConfig()).eval_windows
     table = {}
     for name, weights in mixtures.items():
         cfg = TrainConfig(**{**(config or TrainConfig()).to_dict(), "out_dir": os.path.join(out_dir, name),

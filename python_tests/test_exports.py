@@ -327,16 +327,12 @@ def test_mixture_yaml_awkward_names():
         ("mixture:\n  - name: web\n    weight: lots\n", "finite number"),
         ("mixture:\n  - name: web\n    weight: -0.1\n", "finite number"),
         ("mixture:\n  - name: web\n    weight: 0.5\n  - name: web\n    weight: 0.5\n", "more than once"),
+        ("mixture: [unclosed\n", "not valid YAML"),
     ],
 )
 def test_parse_mixture_yaml_errors(text, problem):
     with pytest.raises(ChameleonUserError, match=problem):
         E.parse_mixture_yaml(text)
-
-
-def test_parse_mixture_yaml_invalid_yaml():
-    with pytest.raises(ChameleonUserError, match="not valid YAML"):
-        E.parse_mixture_yaml("mixture: [unclosed\n")
 
 
 # --------------------------------------------------------------------------------------------
