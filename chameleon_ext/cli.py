@@ -103,7 +103,7 @@ def _check_int(args, name: str, low: int, high: Optional[int] = None, what: str 
 
 def _check_args(args) -> None:
     """Option values that are wrong whatever the data: one line, before anything is loaded."""
-    _check_int(args, "--seed", 0, SEED_MAX, f"an integer in [0, 2**64 - 1]")
+    _check_int(args, "--seed", 0, SEED_MAX, "an integer in [0, 2**64 - 1]")
     for name in ("--block-size", "--steps", "--proxy-steps", "--batch-size", "--grad-accum", "--embed-batch-size"):
         _check_int(args, name, 1, None, "a positive integer")
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):

@@ -392,3 +392,42 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
         assert "--n-windows" in out and "--window" in out and "--layer" in out
     if command in ("run", "weights"):
         assert "(default: pretrain)" in out and "(default: 10.0)" in out
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_parser_defaults_and_choices_are_the_library_s():
+    from chameleon_ext.cli import build_parser
+    from chameleon_ext.embed import POOLINGS, EmbedConfig
+    from chameleon_ext.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET, MODES
+    from chameleon_ext.trainer import TrainConfig
+    from chameleon_ext.weights import DEFAULT_LAMBDA
+
+    lib = TrainConfig()
+    assert lib.min_lr == lib.lr / 10 and TrainConfig(lr=1e-3).min_lr == 1e-3 / 10  # lr / 10 lives here
+    parser = build_parser()
+    for command in ("train", "train-proxy", "run"):
+        a = parser.parse_args([command])
+        assert (a.lr, a.warmup, a.batch_size, a.grad_accum, a.eval_every, a.eval_windows, a.ckpt_every, a.seed) == (
+            lib.lr, lib.warmup_steps, lib.batch_size, lib.grad_accum, lib.eval_every, lib.eval_windows,
+            lib.ckpt_every, lib.seed)
+        assert (a.preset, a.block_size) == (DEFAULT_PRESET, DEFAULT_BLOCK_SIZE)
+    assert parser.parse_args(["eval", "--model", "m.pt"]).eval_windows == lib.eval_windows
+    emb = EmbedConfig()
+    w = parser.parse_args(["weights"])
+    assert (w.lam, w.mode, w.pooling, w.embed_batch_size, w.layer) == (
+        DEFAULT_LAMBDA, MODES[0], emb.pooling, emb.batch_size, emb.layer)
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    choices = {a.dest: a.choices for a in sub["weights"]._actions if a.choices}
+    assert choices["mode"] == list(MODES) and choices["pooling"] == list(POOLINGS)
+    preset = next(a for a in sub["train"]._actions if a.dest == "preset")
+    assert preset.choices == GPTConfig.preset_names()
+
+
+def test_unknown_preset_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "huge"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chameleon train: error: argument --preset: invalid choice: 'huge'")
