@@ -108,6 +108,14 @@ def _check_args(args) -> None:
         _check_int(args, name, 1, None, "a positive integer")
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
         _check_int(args, name, 0, None, "a non-negative integer")
+    if args.command == "eval":  # in training 0 windows switches evaluation off; here it is all there is
+        _check_int(args, "--eval-windows", 1, None, "a positive integer")
+    if getattr(args, "embeddings", None):
+        given = [opt for opt, value in (("--data", getattr(args, "data", None)), ("--proxy", args.proxy))
+                 if value is not None]
+        if given:
+            raise ChameleonUserError(f"{' and '.join(given)} cannot be used with --embeddings: the weights come "
+                                     "from the embeddings file alone; drop one or the other")
     if getattr(args, "data", None) == "":
         raise ChameleonUserError(f"--data: expected a dataset folder or {BUILTIN!r}, got an empty string")
     for name in ("embeddings", "proxy", "weights", "model", "init_from", "cache_dir", "embed_cache"):
@@ -155,10 +163,13 @@ def _check_memory(option: str, value: int, need: float, detail: str) -> None:
 
 
 def _check_training_memory(args, vocab_size: int, n_domains: int, block: int) -> None:
-    # One micro-batch: int64 inputs and targets, and float32 logits, their softmax and gradient.
+    # One micro-batch on one rank (torchrun splits the global batch): int64 inputs and targets,
+    # and float32 logits, their softmax and gradient.
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    rows = -(-args.batch_size // world)
     per_row = block * (16 + 12 * vocab_size)
-    _check_memory("--batch-size", args.batch_size, args.batch_size * per_row,
-                  f"{args.batch_size} x {block} tokens of int64 ids and float32 logits over {vocab_size} ids")
+    _check_memory("--batch-size", args.batch_size, rows * per_row,
+                  f"{rows} x {block} tokens per rank of int64 ids and float32 logits over {vocab_size} ids")
     # Evaluation draws every domain's windows up front: int64 tokens, inputs and targets.
     eval_need = args.eval_windows * n_domains * (block + 1) * 8 * 3
     _check_memory("--eval-windows", args.eval_windows, eval_need,
@@ -218,11 +229,6 @@ def cmd_weights(args) -> int:
 
     _init_distributed(args)
     if args.embeddings:
-        given = [opt for opt, value in (("--data", getattr(args, "data", None)), ("--proxy", args.proxy))
-                 if value is not None]
-        if given:
-            raise ChameleonUserError(f"{' and '.join(given)} cannot be used with --embeddings: the weights come "
-                                     "from the embeddings file alone; drop one or the other")
         emb = load_domain_embeddings(args.embeddings)
         result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
         paths = write_weights(args.out, result, emb, {"embeddings": os.path.abspath(args.embeddings)},

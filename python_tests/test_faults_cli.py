@@ -369,3 +369,8 @@ def test_sigterm_prints_one_line_and_leaves_no_mixed_set(tmp_path, emb_file):
     assert stderr.strip().splitlines() == ["chameleon weights: interrupted by SIGTERM (no file was mixed)"]
     assert not (out / "weights.json").exists()
     assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is False
+
+
+def test_eval_zero_windows_names_the_option(capsys, data, tiny_model):
+    _one_line_error(["eval", "--data", data, "--model", tiny_model, "--eval-windows", "0", *COMMON], capsys,
+                    "--eval-windows", "positive integer")
