@@ -374,3 +374,28 @@ def test_sigterm_prints_one_line_and_leaves_no_mixed_set(tmp_path, emb_file):
 def test_eval_zero_windows_names_the_option(capsys, data, tiny_model):
     _one_line_error(["eval", "--data", data, "--model", tiny_model, "--eval-windows", "0", *COMMON], capsys,
                     "--eval-windows", "positive integer")
+
+
+def test_manifest_edge_cases(tmp_path):
+    from chameleon_ext.errors import ChameleonUserError
+    from chameleon_ext.manifest import begin_set, check_member, finish_set
+
+    a, b = tmp_path / "a.json", tmp_path / "b.txt"
+    a.write_text("{}")
+    b.write_text("b")
+    check_member(str(a))  # no manifest: read as before
+    begin_set(str(tmp_path))
+    with pytest.raises(ChameleonUserError, match="incomplete output set"):
+        check_member(str(a), "weights file")
+    finish_set(str(tmp_path), [str(a), str(b), "/elsewhere/c.txt"])  # a file of another folder is not recorded
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {"a.json", "b.txt"}
+    check_member(str(a))
+    (tmp_path / "notes.txt").write_text("added by hand")
+    check_member(str(tmp_path / "notes.txt"))  # not part of the set: not checked
+    b.write_text("changed")
+    with pytest.raises(ChameleonUserError, match="does not match its output set"):
+        check_member(str(b))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "other/1", "complete": True}))
+    with pytest.raises(ChameleonUserError, match="unknown format 'other/1'"):
+        check_member(str(a))
