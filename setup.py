@@ -192,9 +192,9 @@ def main():
         packages=find_packages(include=["chameleon_ext", "chameleon_ext.*"]),
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext},
-        install_requires=["torch>=2.4", "numpy"],
+        install_requires=["torch>=2.4", "numpy", "pyyaml"],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "pyyaml"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis"],
             "hf": ["transformers"],
             "plot": ["matplotlib"],
         },

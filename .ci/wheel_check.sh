@@ -11,7 +11,7 @@ wheel=$(ls dist/chameleon_ext-*.whl)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install -q "$TORCH_SPEC" numpy
+"$tmp/venv/bin/pip" install -q "$TORCH_SPEC" numpy pyyaml
 "$tmp/venv/bin/pip" install -q --no-deps "$wheel"
 cd "$tmp"
 "$tmp/venv/bin/python" "$root/.ci/wheel_smoke.py"

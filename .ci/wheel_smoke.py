@@ -15,6 +15,6 @@ out = chameleon_ext.masked_mean_pool(h, m)
 torch.testing.assert_close(out[0], h[0, :2].mean(0))
 assert torch.equal(out[1], torch.zeros(4))
 X = torch.randn(5, 3, dtype=torch.float64)
-w = chameleon_ext.domain_weights(X)
+w = chameleon_ext.weights_from_embeddings(X).weights
 assert abs(w.sum().item() - 1) < 1e-12 and torch.all(w > 0)
 print("wheel smoke test OK:", os.path.basename(chameleon_ext._C.__file__))

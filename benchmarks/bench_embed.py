@@ -6,7 +6,7 @@
                                 only, full windows, no padding, fused per-domain pooling);
 * ``ext_reference_pooling``  -- ``embed_domains(pooling="reference")``, the parity mode;
 * ``reference``              -- a faithful re-creation of the reference pipeline
-                                (benchmarks/reference_pipeline.py): windows decoded and
+                                (python_tests/reference_pipeline.py): windows decoded and
                                 re-tokenised, right-padded batches, EVERY block plus the final
                                 LayerNorm and the LM head with every hidden state kept (what
                                 ``output_hidden_states=True`` costs), mean over the padding;
@@ -18,7 +18,7 @@ work unit for every provider). Each provider's domain weights are checked agains
 counterpart with the same pooling (ext vs reference_masked, ext_reference_pooling vs
 reference) to 1e-5 -- outside the timed region.
 
-``bench_weights`` times embeddings ``[k, d]`` -> Chameleon weights (``chameleon_weights``)
+``bench_weights`` times embeddings ``[k, d]`` -> Chameleon weights (``weights_from_embeddings``)
 against the reference's NumPy computation (``np.linalg.inv``), for k = 1000 domains.
 
 Smoke run (``--benchmark-disable``) uses QUICK_CASES / QUICK_WEIGHTS_CASES: seconds in all.
@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.reference_pipeline import reference_embeddings, reference_weights_numpy
-from chameleon_ext import chameleon_weights
+from python_tests.reference_pipeline import reference_embeddings, reference_weights_numpy
+from chameleon_ext import weights_from_embeddings
 from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains, window_starts
 from chameleon_ext.model import GPT, GPTConfig
@@ -183,8 +183,8 @@ def bench_embed_extraction(benchmark, provider, case, bench_tmp):
     if other is None:
         other = _OUTPUTS[(case, counterpart)] = PROVIDERS[counterpart][0](case, ds, model, starts)
     torch.testing.assert_close(emb.double(), other.double(), rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
-    w = chameleon_weights(emb.double().cpu(), "pretrain").weights
-    w_other = chameleon_weights(other.double().cpu(), "pretrain").weights
+    w = weights_from_embeddings(emb.double().cpu(), "pretrain").weights
+    w_other = weights_from_embeddings(other.double().cpu(), "pretrain").weights
     torch.testing.assert_close(w, w_other, rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
 
 
@@ -201,7 +201,7 @@ def bench_weights_from_embeddings(benchmark, provider, weights_case):
     benchmark.extra_info.update(provider=provider, k=k, d=d)
     if provider == "ext":
         def run():
-            return chameleon_weights(X, "pretrain").weights.numpy()
+            return weights_from_embeddings(X, "pretrain").weights.numpy()
     else:
         def run():
             return reference_weights_numpy(Xn, "pretrain")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -22,9 +23,12 @@ from typing import List, Optional
 from .errors import ChameleonUserError
 
 BUILTIN = "builtin"
-# The reference's embedding settings, and the smaller ones used on the built-in data.
-DEFAULT_EMBED = {"n_windows": 2048, "window": 512}
+# Only the domain-embedding sampling is smaller on the built-in data (its domains are ~100 KB);
+# every other default is the library's (TrainConfig, EmbedConfig, weights.DEFAULT_*).
 BUILTIN_EMBED = {"n_windows": 128, "window": 128}
+# The `run` command's budget on the built-in data.
+RUN_STEPS, RUN_PROXY_STEPS = 300, 200
+SEED_MAX = 2**64 - 1  # torch.manual_seed's range; numpy's generators take any of these
 
 
 # --------------------------------------------------------------------------- helpers
@@ -47,7 +51,8 @@ def _dataset(args):
 def _embed_config(args, proxy_block: Optional[int] = None):
     from .embed import EmbedConfig
 
-    defaults = BUILTIN_EMBED if args.data == BUILTIN else DEFAULT_EMBED
+    library = EmbedConfig()
+    defaults = BUILTIN_EMBED if args.data == BUILTIN else {"n_windows": library.n_windows, "window": library.window}
     # "is None", not "or": an explicit --window 0 / --n-windows 0 is an error, not the default
     window = defaults["window"] if args.window is None else args.window
     if args.window is None and proxy_block is not None and window > proxy_block:
@@ -58,12 +63,15 @@ def _embed_config(args, proxy_block: Optional[int] = None):
                        pooling=args.pooling, split="train")
 
 
-def _train_config(args, out_dir: str, steps: int):
+def _train_config(args, out_dir: str, steps: int, eval_at_end: bool = False):
     from .trainer import TrainConfig
 
+    eval_every = args.eval_every
+    if eval_at_end and eval_every == 0:
+        eval_every = steps  # "0: at the end only", as --eval-every's help says
     return TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       block_size=args.block_size, lr=args.lr, min_lr=args.lr / 10,
-                       warmup_steps=min(args.warmup, max(steps - 1, 0)), eval_every=args.eval_every,
+                       block_size=args.block_size, lr=args.lr, min_lr=None,
+                       warmup_steps=min(args.warmup, max(steps - 1, 0)), eval_every=eval_every,
                        eval_windows=args.eval_windows, ckpt_every=args.ckpt_every, seed=args.seed,
                        device=args.device, out_dir=out_dir, quiet=args.quiet)
 
@@ -82,16 +90,114 @@ def _print_table(table: dict, domains: List[str]) -> None:
         _say(f"{d:<{width}}  " + "  ".join(f"{table[r][d]:>12.3f}" for r in runs))
 
 
+# --------------------------------------------------------------------------- checks before any work
+
+
+def _check_int(args, name: str, low: int, high: Optional[int] = None, what: str = "an integer") -> None:
+    value = getattr(args, name.lstrip("-").replace("-", "_"), None)
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        raise ChameleonUserError(f"{name}: expected {what}, got {value}")
+
+
+def _check_args(args) -> None:
+    """Option values that are wrong whatever the data: one line, before anything is loaded."""
+    _check_int(args, "--seed", 0, SEED_MAX, "an integer in [0, 2**64 - 1]")
+    for name in ("--block-size", "--steps", "--proxy-steps", "--batch-size", "--grad-accum", "--embed-batch-size"):
+        _check_int(args, name, 1, None, "a positive integer")
+    for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
+        _check_int(args, name, 0, None, "a non-negative integer")
+    if args.command == "eval":  # in training 0 windows switches evaluation off; here it is all there is
+        _check_int(args, "--eval-windows", 1, None, "a positive integer")
+    if getattr(args, "embeddings", None):
+        given = [opt for opt, value in (("--data", getattr(args, "data", None)), ("--proxy", args.proxy))
+                 if value is not None]
+        if given:
+            raise ChameleonUserError(f"{' and '.join(given)} cannot be used with --embeddings: the weights come "
+                                     "from the embeddings file alone; drop one or the other")
+    if getattr(args, "data", None) == "":
+        raise ChameleonUserError(f"--data: expected a dataset folder or {BUILTIN!r}, got an empty string")
+    for name in ("embeddings", "proxy", "weights", "model", "init_from", "cache_dir", "embed_cache"):
+        if getattr(args, name, None) == "":
+            raise ChameleonUserError(f"--{name.replace('_', '-')}: expected a path, got an empty string")
+
+
+def _check_outputs(args) -> None:
+    """Every output is writable before the long work starts (a read-only folder or a file in
+    the place of the output folder is found now, not after an hour of training). Every rank
+    checks, before the process group exists, so under torchrun all ranks stop alike instead of
+    the others waiting for a rank 0 that has left."""
+    from . import io
+
+    if args.command == "eval":
+        if args.out:
+            if os.path.isdir(args.out):
+                raise ChameleonUserError(f"--out {args.out!r} is a folder; expected the path of a JSON file")
+            io.check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out folder")
+        return
+    if getattr(args, "out", None) is not None:
+        io.check_writable_folder(args.out, "--out")
+    if getattr(args, "embed_cache", None):
+        io.check_writable_folder(args.embed_cache, "--embed-cache")
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def _check_memory(option: str, value: int, need: float, detail: str) -> None:
+    """An option whose value cannot fit in this machine's memory is an error saying how much
+    it would need (a lower bound: ``detail`` says what was counted)."""
+    total = _physical_memory()
+    if total is not None and need > total:
+        raise ChameleonUserError(f"{option} {value}: needs at least {_gib(need)} of memory ({detail}); "
+                                 f"this machine has {_gib(total)}")
+
+
+def _check_training_memory(args, vocab_size: int, n_domains: int, block: int) -> None:
+    # One micro-batch on one rank (torchrun splits the global batch): int64 inputs and targets,
+    # and float32 logits, their softmax and gradient.
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    rows = -(-args.batch_size // world)
+    per_row = block * (16 + 12 * vocab_size)
+    _check_memory("--batch-size", args.batch_size, rows * per_row,
+                  f"{rows} x {block} tokens per rank of int64 ids and float32 logits over {vocab_size} ids")
+    # Evaluation draws every domain's windows up front: int64 tokens, inputs and targets.
+    eval_need = args.eval_windows * n_domains * (block + 1) * 8 * 3
+    _check_memory("--eval-windows", args.eval_windows, eval_need,
+                  f"{args.eval_windows} windows x {n_domains} domains x {block + 1} int64 tokens")
+
+
+def _check_embedding_memory(cfg, proxy) -> None:
+    # Per domain: the window starts (int64); reference pooling also keeps every window's pooled
+    # float64 vector, for its de-duplication.
+    hidden = getattr(getattr(proxy, "config", None), "n_embd", None) or 1
+    per_window = 8 + (8 * hidden if cfg.pooling == "reference" else 0)
+    what = "int64 window starts" + (f" and float64 pooled vectors of {hidden} values" if per_window > 8 else "")
+    _check_memory("--n-windows", cfg.n_windows, cfg.n_windows * per_window, f"{cfg.n_windows} {what}")
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_train_proxy(args) -> int:
+    from .model import GPTConfig
     from .pipeline import train_proxy
 
     _init_distributed(args)
     ds = _dataset(args)
+    _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
+    GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)  # a bad preset fails now
     path = train_proxy(ds, args.out, preset=args.preset, block_size=args.block_size,
-                       config=_train_config(args, args.out, args.steps), seed=args.seed)
+                       config=_train_config(args, args.out, args.steps, eval_at_end=True), seed=args.seed)
     _say(f"proxy written to {path}")
     return 0
 
@@ -105,42 +211,47 @@ def cmd_embed(args) -> int:
     ds = _dataset(args)
     proxy = load_proxy(args.proxy)
     cfg = _embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
+    _check_embedding_memory(cfg, proxy)
     cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
     emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
+    path = os.path.join(args.out, "domain_embeddings.pt")
     if distributed.info().is_main:
-        os.makedirs(args.out, exist_ok=True)
-        emb.save(os.path.join(args.out, "domain_embeddings.pt"))
+        emb.save(path)  # one file, replaced atomically: old or new, never a mix
     _say(f"embedded {len(emb.computed)} domain(s), {len(emb.domains) - len(emb.computed)} from the cache; "
-         f"wrote {os.path.join(args.out, 'domain_embeddings.pt')}")
+         f"wrote {path}")
     return 0
 
 
 def cmd_weights(args) -> int:
     from . import distributed
     from .embed import load_domain_embeddings
-    from .pipeline import compute_weights, load_proxy, weights_from_embeddings, write_weights
+    from .pipeline import compute_weights, load_proxy, weights_for_domains, write_weights
 
     _init_distributed(args)
     if args.embeddings:
         emb = load_domain_embeddings(args.embeddings)
-        result = weights_from_embeddings(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
+        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
         paths = write_weights(args.out, result, emb, {"embeddings": os.path.abspath(args.embeddings)},
-                              plots=not args.no_plots) if distributed.info().is_main else {}
+                              plots=not args.no_plots, notice=_say) if distributed.info().is_main else {}
     else:
         if not args.proxy:
             raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
+        if getattr(args, "data", None) is None:
+            args.data = BUILTIN
         ds = _dataset(args)
         proxy = load_proxy(args.proxy)
         block = getattr(getattr(proxy, "config", None), "block_size", None)
+        cfg = _embed_config(args, block)
+        _check_embedding_memory(cfg, proxy)
         result, emb, paths = compute_weights(
             ds, args.proxy, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
-            normalize=not args.no_normalize, embed_config=_embed_config(args, block), device=args.device,
-            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy)
+            normalize=not args.no_normalize, embed_config=cfg, device=args.device,
+            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say)
         if args.mode == "transfer":
             _say(f"transfer: embedded {emb.computed or 'no'} domain(s) with the frozen proxy; "
                  f"the rest came from the cache")
-    for d, w, s in zip(result.domains, result.weights.tolist(), result.krls.tolist()):
-        _say(f"{d:<20} weight {w:.6f}   krls {s:.6f}")
+    for d, w, s in zip(result.domains, result.weights.tolist(), result.leverage.tolist()):
+        _say(f"{d:<20} weight {w:.6f}   leverage {s:.6f}")
     if paths:
         _say(f"wrote {paths['weights']}")
     return 0
@@ -162,8 +273,9 @@ def cmd_train(args) -> int:
     else:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
-    cfg = _train_config(args, args.out, args.steps)
+    cfg = _train_config(args, args.out, args.steps, eval_at_end=True)
     cfg.block_size = min(cfg.block_size or block, block)
+    _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
     result = train(model, ds, weights, cfg, init_from=args.init_from)
     _say(f"trained to step {result['step']}, loss {result['loss']:.4f}; model at {result['model_path']}")
     return 0
@@ -178,21 +290,23 @@ def cmd_eval(args) -> int:
     ds = _dataset(args)
     model = load_model(args.model)
     ds.check_vocab(model.config.vocab_size)  # else an id >= vocab fails deep inside the embedding
-    block = args.block_size or model.config.block_size
-    ev = evaluate(model, ds, args.eval_windows, min(block, model.config.block_size), seed=args.seed,
-                  device=args.device)
+    block = min(args.block_size or model.config.block_size, model.config.block_size)
+    _check_memory("--eval-windows", args.eval_windows, args.eval_windows * len(ds.domains) * (block + 1) * 24,
+                  f"{args.eval_windows} windows x {len(ds.domains)} domains x {block + 1} int64 tokens")
+    ev = evaluate(model, ds, args.eval_windows, block, seed=args.seed, device=args.device)
     table = {"ppl": {d: ev[d]["ppl"] for d in ds.domains}}
     table["ppl"]["average"] = ev["average"]["mean_ppl"]
     _print_table(table, ds.domains)
     if args.out and distributed.info().is_main:
-        from .pipeline import write_json_atomic
+        from .io import write_json
 
-        write_json_atomic(args.out, ev)
+        write_json(args.out, ev, "evaluation results")
         _say(f"wrote {args.out}")
     return 0
 
 
 def cmd_export(args) -> int:
+    # Pure file work: nothing here may import the compiled ops (test_faults_cli.py checks).
     from .exports import load_weights, write_exports
 
     prefixes = {}
@@ -207,19 +321,25 @@ def cmd_export(args) -> int:
         raise ChameleonUserError(f"--prefix: {unknown} are not domains of {args.weights} ({doc['domains']})")
     paths = write_exports(doc, args.out, prefixes=prefixes or None)
     for kind, path in paths.items():
-        _say(f"{kind}: {path}")
+        print(f"{kind}: {path}", flush=True)
     return 0
 
 
 def cmd_run(args) -> int:
     """The whole method on one dataset: proxy, weights, two base models, perplexity table."""
-    from .pipeline import check_weight_options, compare_mixtures, compute_weights, train_proxy, write_json_atomic
+    from . import distributed
+    from .io import write_json
+    from .model import GPTConfig
+    from .pipeline import check_weight_options, compare_mixtures, compute_weights, train_proxy
 
     _init_distributed(args)
     t0 = time.perf_counter()
     check_weight_options(args.mode, args.lam, args.temperature)  # fail before training, not after
     embed_config = _embed_config(args, args.block_size)
     ds = _dataset(args)
+    GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)
+    _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
+    _check_embedding_memory(embed_config, None)
     out = args.out
     _say(f"[1/4] data: {len(ds.domains)} domains from {ds.path}: {', '.join(ds.domains)}")
     _say(f"[2/4] training the proxy ({args.preset}, {args.proxy_steps} steps, uniform mixture)")
@@ -229,7 +349,7 @@ def cmd_run(args) -> int:
     result, emb, paths = compute_weights(
         ds, proxy, os.path.join(out, "weights"), mode=args.mode, lam=args.lam, temperature=args.temperature,
         normalize=not args.no_normalize, embed_config=embed_config, device=args.device,
-        cache_dir=args.embed_cache, plots=not args.no_plots)
+        cache_dir=args.embed_cache, plots=not args.no_plots, notice=_say)
     for d, w in zip(result.domains, result.weights.tolist()):
         _say(f"      {d:<16} {w:.4f}")
     _say(f"[4/4] base models on the same token budget ({args.steps} steps each): uniform vs chameleon")
@@ -242,10 +362,8 @@ def cmd_run(args) -> int:
     _print_table(table, ds.domains)
     record = {"dataset": ds.path, "domains": ds.domains, "weights": chameleon, "perplexity": table,
               "seconds": time.perf_counter() - t0, "proxy": proxy, "weights_file": paths.get("weights")}
-    from . import distributed
-
     if distributed.info().is_main:
-        write_json_atomic(os.path.join(out, "results.json"), record)
+        write_json(os.path.join(out, "results.json"), record, "results file")
         if not args.no_plots:
             from .plots import plot_perplexity
 
@@ -256,93 +374,133 @@ def cmd_run(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+#
+# Defaults and choices come from the library (TrainConfig, EmbedConfig, weights.DEFAULT_*,
+# the model presets), so the command line and the Python API cannot drift apart. Each
+# command's options are built only when that command runs: `export` then imports nothing that
+# needs the compiled ops.
 
 
-def _add_common(p, data=True):
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user error
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _seed(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid _seed value"
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text}")
+    return value
+
+
+_seed.__name__ = "seed"
+
+
+def _add_common(p, data=True, data_default=BUILTIN):
+    from .trainer import TrainConfig
+
+    library = TrainConfig()
+    p.add_argument("--seed", type=_seed, default=library.seed, help="seed for sampling, initialisation and data order")
+    p.add_argument("--device", default=library.device, choices=["auto", "cpu", "cuda"], help="where to compute")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     if data:
-        p.add_argument("--data", default=BUILTIN,
-                       help="dataset folder (one subfolder per domain), or 'builtin' for the built-in data")
-        p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer folder")
+        from .data import load_dataset
+        import inspect
+
+        params = inspect.signature(load_dataset).parameters
+        # weights: no default in the namespace, so an explicit --data beside --embeddings is seen
+        p.add_argument("--data", default=data_default if data_default == BUILTIN else argparse.SUPPRESS,
+                       help="dataset folder (one subfolder per domain), or 'builtin' for the built-in data"
+                            + ("" if data_default == BUILTIN else " (default: builtin, unless --embeddings)"))
+        p.add_argument("--tokenizer", default=params["tokenizer"].default,
+                       help="'byte' or a local Hugging Face tokenizer folder")
         p.add_argument("--cache-dir", default=None, help="token cache folder (default: <data>/.chameleon_cache)")
-        p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each domain")
+        p.add_argument("--val-fraction", type=float, default=params["val_fraction"].default,
+                       help="held-out share of each domain")
 
 
 def _add_embed(p):
+    from .embed import POOLINGS, EmbedConfig
+
+    library = EmbedConfig()
     g = p.add_argument_group("domain embeddings")
     g.add_argument("--n-windows", type=int, default=None,
-                   help=f"windows per domain (default {DEFAULT_EMBED['n_windows']}; "
+                   help=f"windows per domain (default {library.n_windows}; "
                         f"{BUILTIN_EMBED['n_windows']} on the built-in data)")
     g.add_argument("--window", type=int, default=None,
-                   help=f"tokens per window (default {DEFAULT_EMBED['window']}, capped at the proxy's "
+                   help=f"tokens per window (default {library.window}, capped at the proxy's "
                         f"block size; {BUILTIN_EMBED['window']} on the built-in data)")
-    g.add_argument("--layer", type=int, default=None, help="proxy layer to pool (default: the middle, as the reference)")
-    g.add_argument("--pooling", default="masked", choices=["masked", "reference"],
+    g.add_argument("--layer", type=int, default=library.layer,
+                   help="proxy layer to pool (default: the middle, as the reference)")
+    g.add_argument("--pooling", default=library.pooling, choices=list(POOLINGS),
                    help="'reference' reproduces the reference implementation's pooling quirks")
-    g.add_argument("--embed-batch-size", type=int, default=16, help="windows per forward pass")
+    g.add_argument("--embed-batch-size", type=int, default=library.batch_size, help="windows per forward pass")
     g.add_argument("--embed-cache", default=None, help="embedding cache folder (default: <cache-dir>/embeddings)")
 
 
 def _add_weights(p):
+    from .pipeline import MODES
+    from .weights import DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
+
+    temps = ", ".join(f"{t:g} {m}" for m, t in DEFAULT_TEMPERATURE.items())
     g = p.add_argument_group("weights")
-    g.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune", "transfer"],
-                   help="pretrain: inverse KRLS; finetune: KRLS; transfer: new domains, frozen proxy, pretrain rule")
-    g.add_argument("--lam", type=float, default=10.0, help="ridge lambda (mu = lambda * k)")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 5 pretrain, 0.2 finetune)")
+    g.add_argument("--mode", default=MODES[0], choices=list(MODES),
+                   help="pretrain: inverse leverage; finetune: leverage; transfer: new domains, frozen proxy, "
+                        "pretrain rule")
+    g.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="ridge lambda (mu = lambda * k)")
+    g.add_argument("--temperature", type=float, default=None, help=f"softmax temperature (default {temps})")
     g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the softmax")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG pictures")
 
 
-def _add_training(p, steps: int):
+def _add_training(p, steps: Optional[int] = None):
+    from .model import GPTConfig
+    from .pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
+    from .trainer import TrainConfig
+
+    library = TrainConfig()
     g = p.add_argument_group("training")
-    g.add_argument("--preset", default="small", help="model size: tiny, small, proxy (6x768), base (12x768)")
-    g.add_argument("--block-size", type=int, default=128, help="sequence length")
-    g.add_argument("--steps", type=int, default=steps, help="optimiser steps")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (global across ranks)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
-    g.add_argument("--warmup", type=int, default=30, help="warm-up steps")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
-    g.add_argument("--eval-windows", type=int, default=32, help="held-out windows per domain")
-    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=GPTConfig.preset_names(), help="model size")
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="sequence length")
+    g.add_argument("--steps", type=int, default=library.steps if steps is None else steps, help="optimiser steps")
+    g.add_argument("--batch-size", type=int, default=library.batch_size,
+                   help="sequences per step (global across ranks)")
+    g.add_argument("--grad-accum", type=int, default=library.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=library.lr, help="peak learning rate (cosine to lr/10)")
+    g.add_argument("--warmup", type=int, default=library.warmup_steps, help="warm-up steps")
+    g.add_argument("--eval-every", type=int, default=library.eval_every,
+                   help="evaluate every N steps and at the end (0: at the end only)")
+    g.add_argument("--eval-windows", type=int, default=library.eval_windows, help="held-out windows per domain")
+    g.add_argument("--ckpt-every", type=int, default=library.ckpt_every, help="checkpoint every N steps")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="chameleon", formatter_class=fmt,
-                                     description="Chameleon data mixing: domain weights from a proxy model's "
-                                                 "embeddings, and a minimal trainer.")
-    from ._version import __version__
-
-    parser.add_argument("--version", action="version", version=f"chameleon_ext {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", formatter_class=fmt, help="proxy -> weights -> base models (uniform vs chameleon)")
+def _add_run(p):
     _add_common(p)
     _add_embed(p)
     _add_weights(p)
-    _add_training(p, steps=300)
-    p.add_argument("--proxy-steps", type=int, default=200, help="proxy training steps")
+    _add_training(p, steps=RUN_STEPS)
+    p.add_argument("--proxy-steps", type=int, default=RUN_PROXY_STEPS, help="proxy training steps")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train-proxy", formatter_class=fmt, help="train the proxy on the uniform mixture")
+
+def _add_train_proxy(p):
     _add_common(p)
-    _add_training(p, steps=1000)
+    _add_training(p)
     p.add_argument("--out", default="runs/proxy", help="output folder (model.pt, ckpt.pt, metrics.jsonl)")
     p.set_defaults(func=cmd_train_proxy)
 
-    p = sub.add_parser("embed", formatter_class=fmt, help="domain embeddings with the proxy (cached)")
+
+def _add_embed_command(p):
     _add_common(p)
     _add_embed(p)
     p.add_argument("--proxy", required=True, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
     p.add_argument("--out", default="runs/embeddings", help="output folder (domain_embeddings.pt)")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("weights", formatter_class=fmt, help="domain weights -> weights.json, exports, pictures")
-    _add_common(p)
+
+def _add_weights_command(p):
+    _add_common(p, data_default=None)
     _add_embed(p)
     _add_weights(p)
     p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
@@ -350,42 +508,109 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/weights", help="output folder")
     p.set_defaults(func=cmd_weights)
 
-    p = sub.add_parser("train", formatter_class=fmt, help="train a model on a weighted mixture")
+
+def _add_train(p):
     _add_common(p)
-    _add_training(p, steps=1000)
+    _add_training(p)
     p.add_argument("--weights", default="uniform", help="a weights.json, or 'uniform'")
     p.add_argument("--init-from", default=None, help="start from this model.pt/ckpt.pt (finetuning)")
     p.add_argument("--out", default="runs/train", help="output folder")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", formatter_class=fmt, help="per-domain validation perplexity of a model")
+
+def _add_eval(p):
+    from .trainer import TrainConfig
+
     _add_common(p)
     p.add_argument("--model", required=True, help="model.pt or ckpt.pt")
-    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per domain")
+    p.add_argument("--eval-windows", type=int, default=TrainConfig().eval_windows, help="held-out windows per domain")
     p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--out", default=None, help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", formatter_class=fmt, help="Megatron / HF datasets / YAML mixtures from weights.json")
-    _add_common(p, data=False)
+
+def _add_export(p):
     p.add_argument("--weights", required=True, help="weights.json")
     p.add_argument("--out", default="runs/exports", help="output folder")
     p.add_argument("--prefix", action="append", help="DOMAIN=PATH data prefix for the Megatron blend (repeatable)")
     p.set_defaults(func=cmd_export)
+
+
+# name -> (one-line help, function adding the command's options)
+COMMANDS = {
+    "run": ("proxy -> weights -> base models (uniform vs chameleon)", _add_run),
+    "train-proxy": ("train the proxy on the uniform mixture", _add_train_proxy),
+    "embed": ("domain embeddings with the proxy (cached)", _add_embed_command),
+    "weights": ("domain weights -> weights.json, exports, pictures", _add_weights_command),
+    "train": ("train a model on a weighted mixture", _add_train),
+    "eval": ("per-domain validation perplexity of a model", _add_eval),
+    "export": ("Megatron / HF datasets / YAML mixtures from weights.json", _add_export),
+}
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only``, one whose other commands have no options yet (what
+    :func:`main` uses, so a command imports only what it needs)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="chameleon", formatter_class=fmt,
+                     description="Chameleon data mixing: domain weights from a proxy model's "
+                                 "embeddings, and a minimal trainer.")
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"chameleon_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, add) in COMMANDS.items():
+        p = sub.add_parser(name, formatter_class=fmt, help=help_text)
+        if only is None or only == name:
+            add(p)
     return parser
 
 
+def _command_of(argv: List[str]) -> Optional[str]:
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    try:
+        parser = build_parser(only=command or "")
+    except ImportError as exc:  # the command's options come from modules that need the ops
+        return _ops_missing(command, exc)
+    args = parser.parse_args(argv)
+    previous = _on_sigterm_interrupt()
     try:
         return _run_command(args)
     finally:
         _close_distributed()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's cancel, torchrun's shutdown) handled like Ctrl-C."""
+
+
+def _on_sigterm_interrupt():
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave it
+        return None
 
 
 def _close_distributed() -> None:
     # Under torchrun: tear the process group down while Python is fully alive (gloo's
     # threads can otherwise abort the process during interpreter shutdown).
+    if "torch.distributed" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -394,15 +619,30 @@ def _close_distributed() -> None:
 
 def _run_command(args) -> int:
     try:
+        _check_args(args)
+        _check_outputs(args)
         return args.func(args)
     except ChameleonUserError as exc:
         # One line, whatever the message holds (e.g. torch.load's multi-line explanations).
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"chameleon {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"chameleon {args.command}: interrupted (the last checkpoint is kept)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name, code = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(exc, _Terminated) else ("Ctrl-C", 130)
+        what = "the last checkpoint is kept" if args.command in ("train", "train-proxy", "run") else "no file was mixed"
+        print(f"chameleon {args.command}: interrupted by {name} ({what})", file=sys.stderr)
+        return code
+    except ImportError as exc:
+        return _ops_missing(args.command, exc)
+
+
+def _ops_missing(command: Optional[str], exc: ImportError) -> int:
+    """A broken build of the compiled ops: one line saying how to rebuild (other ImportErrors
+    are bugs and keep their traceback)."""
+    if "chameleon_ext._C" not in str(exc):
+        raise exc
+    print(f"chameleon {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Domain embeddings: the proxy's mean hidden state over sampled windows of each domain
-(METHOD.md step 2), with a cache and torch.distributed sharding.
+(docs/method.md, step 2), with a cache and torch.distributed sharding.
 
 For each domain, ``n_windows`` windows of ``window`` tokens are drawn with a generator
 seeded by (seed, domain name), so a domain's windows never depend on which other domains
@@ -10,7 +10,7 @@ across ranks (one all-reduce), so the embedding is the same whatever the world s
 
 ``pooling="reference"`` reproduces the reference implementation instead: windows are
 decoded to text and re-tokenised, batches are right-padded with EOS, the mean runs over
-padding too, and duplicate window vectors are dropped before averaging (METHOD.md §3).
+padding too, and duplicate window vectors are dropped before averaging (docs/method.md, "The reference implementation").
 """
 
 from __future__ import annotations
@@ -79,14 +79,17 @@ class DomainEmbeddings:
 
     def save(self, path: str) -> None:
         """``{"domains": [...], "embeddings": Tensor[k, d], ...}``, written atomically."""
-        from .model import atomic_save
+        from .io import save_torch
 
-        atomic_save(self.to_dict(), path)
+        save_torch(self.to_dict(), path, "embeddings file")
 
 
 def load_domain_embeddings(path: str) -> DomainEmbeddings:
-    """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`."""
+    """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`; every way its
+    content can be unusable (names, shape, dtype, NaN/Inf, overflow) is an error naming the file."""
+    from .manifest import check_member
     from .model import read_torch_file
+    from .weights import linear_affinity
 
     obj = read_torch_file(path, "embeddings file")
     if not isinstance(obj, dict) or "domains" not in obj or "embeddings" not in obj:
@@ -94,10 +97,23 @@ def load_domain_embeddings(path: str) -> DomainEmbeddings:
             f"embeddings file {path!r} holds no 'domains' and 'embeddings'; expected a domain_embeddings.pt "
             "written by 'chameleon embed' or 'chameleon weights'"
         )
-    domains, emb = list(obj["domains"]), obj["embeddings"]
+    check_member(path, "embeddings file")
+    domains, emb = obj["domains"], obj["embeddings"]
+    if not isinstance(domains, (list, tuple)) or not all(isinstance(d, str) and d for d in domains):
+        raise ChameleonUserError(f"embeddings file {path!r}: 'domains' must be a list of domain names, "
+                                 f"got {domains!r:.80}")
+    if len(set(domains)) != len(domains):
+        dup = sorted({d for d in domains if domains.count(d) > 1})
+        raise ChameleonUserError(f"embeddings file {path!r}: domain names {dup} appear more than once")
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(domains):
-        raise ChameleonUserError(f"embeddings file {path!r}: expected embeddings [k, d] for {len(domains)} domains")
-    return DomainEmbeddings(domains, emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise ChameleonUserError(
+            f"embeddings file {path!r}: expected embeddings [k, d] for {len(domains)} domains, got {shape}")
+    try:
+        linear_affinity(emb)  # k, d >= 1, real floating point, finite, Gram without overflow
+    except ValueError as exc:
+        raise ChameleonUserError(f"embeddings file {path!r}: {exc}") from None
+    return DomainEmbeddings(list(domains), emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
 
 
 def _domain_seed(seed: int, name: str) -> np.random.Generator:

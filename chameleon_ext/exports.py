@@ -1,4 +1,4 @@
-"""Exports of Chameleon domain weights for the trainers people use (METHOD.md, step 6).
+"""Exports of Chameleon domain weights for the trainers people use (docs/method.md, step 6).
 
 A ``weights.json`` (see :mod:`chameleon_ext.weights`) holds the per-domain mixture weights
 alpha. This module validates such a file and turns its ``weights`` into what each trainer
@@ -9,22 +9,28 @@ reads:
 * a YAML mixture (``mixture: [{name, weight}, ...]``) for config-driven trainers.
 
 Every weight is written with Python's shortest round-trip representation (``repr``), so an
-export parses back to exactly the same floats. Files are written atomically (temporary file
-in the same folder, then ``os.replace``) so a trainer never reads a half-written mixture.
+export parses back to exactly the same floats. Files are written through
+:func:`chameleon_ext.io.atomic_write`, so a trainer never reads a half-written mixture.
+
+The weights.json format (``"format": "chameleon_ext.weights/2"``): ``domains`` (list),
+``weights``, ``leverage`` (the scores fed to the softmax) and ``leverage_raw`` (the kernel ridge
+leverage scores), each ``{domain: float}``; ``mode``, ``lambda``, ``temperature``,
+``normalize`` (bool); ``proxy`` and ``embedding`` (provenance). Format 1 files (no
+``format`` key; ``krls``, ``krls_raw`` and ``normalization`` instead) are read and upgraded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-import re
-import secrets
 from collections import Counter
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+import yaml
+
+from . import io
 from .errors import ChameleonUserError
 
 __all__ = [
@@ -35,9 +41,13 @@ __all__ = [
     "mixture_yaml",
     "parse_mixture_yaml",
     "write_exports",
-    "atomic_path",
     "EXPORT_FILES",
+    "WEIGHTS_FORMAT",
 ]
+
+WEIGHTS_FORMAT = "chameleon_ext.weights/2"
+# Format 1 field -> format 2 field (the scores were named like the op that computes them).
+_FORMAT1_RENAMES = {"krls": "leverage", "krls_raw": "leverage_raw"}
 
 SUM_TOLERANCE = 1e-6
 REQUIRED_KEYS = ("domains", "weights")
@@ -118,23 +128,20 @@ def _check_same_domains(domains: Sequence[str], names: Sequence[str], source: st
         raise ChameleonUserError(f"{source}: {what} do not match 'domains' ({'; '.join(parts)})")
 
 
-def _read_json(path: PathLike) -> dict:
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise ChameleonUserError(f"{source}: weights file not found") from None
-    except IsADirectoryError:
-        raise ChameleonUserError(f"{source}: is a directory, expected a weights.json file") from None
-    except UnicodeDecodeError as e:
-        raise ChameleonUserError(f"{source}: weights file is not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ChameleonUserError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except OSError as e:
-        raise ChameleonUserError(f"{source}: cannot read weights file ({e.strerror})") from None
-    if not isinstance(doc, dict):
-        raise ChameleonUserError(f"{source}: expected a JSON object at top level, got {type(doc).__name__}")
+def upgrade_weights_doc(doc: dict, source: str) -> dict:
+    """A weights document in the current format: format 1 (no ``format`` key) is renamed
+    field by field; an unknown format is an error naming the file."""
+    fmt = doc.get("format")
+    if fmt == WEIGHTS_FORMAT:
+        return doc
+    if fmt is not None:
+        raise ChameleonUserError(f"{source}: unknown weights format {fmt!r} (this version reads {WEIGHTS_FORMAT!r})")
+    doc = dict(doc)
+    for old, new in _FORMAT1_RENAMES.items():
+        if old in doc and new not in doc:
+            doc[new] = doc.pop(old)
+    doc.pop("normalization", None)  # said the same as the boolean 'normalize'
+    doc["format"] = WEIGHTS_FORMAT
     return doc
 
 
@@ -143,19 +150,25 @@ def load_weights(path_or_dict: Union[PathLike, Mapping]) -> dict:
 
     Checks that ``domains`` and ``weights`` are present, that ``weights`` has exactly the
     ``domains`` as keys, that every weight is a finite number >= 0 and that they sum to 1
-    within 1e-6. Returns a copy of the document whose ``weights`` are floats ordered as
-    ``domains`` (the contract's order; a hand-edited file with shuffled keys is accepted).
+    within 1e-6. Returns a copy of the document in the current format (format 1 files are
+    upgraded) whose ``weights`` are floats ordered as ``domains`` (the contract's order; a
+    hand-edited file with shuffled keys is accepted). A file inside an output set with a
+    manifest is checked against it (:mod:`chameleon_ext.manifest`).
     Every problem raises :class:`ChameleonUserError` naming the file and what is wrong.
     """
     if isinstance(path_or_dict, Mapping):
         source, doc = "weights dict", dict(path_or_dict)
     elif isinstance(path_or_dict, (str, os.PathLike)):
+        from .manifest import check_member
+
         source = os.fspath(path_or_dict)
-        doc = _read_json(path_or_dict)
+        doc = io.read_json(source, "weights file")
+        check_member(source, "weights file")
     else:
         raise ChameleonUserError(
             f"load_weights expects a path to weights.json or a dict, got {type(path_or_dict).__name__}"
         )
+    doc = upgrade_weights_doc(doc, source)
     missing = [key for key in REQUIRED_KEYS if key not in doc]
     if missing:
         raise ChameleonUserError(f"{source}: missing required key(s) {missing}")
@@ -337,59 +350,6 @@ def _absorb_residue(probs: List[float], i: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _yaml_module():
-    """pyyaml when importable, else None (the hand-written emitter/parser take over)."""
-    try:
-        import yaml
-    except ImportError:
-        return None
-    return yaml
-
-
-def _yaml_float(value: float) -> str:
-    # YAML 1.1 (pyyaml) reads '1e-05' as a string; it needs a dot in the mantissa, as pyyaml
-    # itself writes it.
-    text = repr(float(value)).lower()
-    if "." not in text and "e" in text:
-        text = text.replace("e", ".0e", 1)
-    return text
-
-
-# Plain (unquoted) strings YAML reads back as the same string; anything else gets quoted.
-_PLAIN_YAML_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
-# YAML 1.1 reads these words as booleans or null.
-_YAML_SPECIAL_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
-
-
-def _yaml_scalar(value) -> str:
-    """One scalar for the fallback emitter; strings that YAML would misread are JSON-quoted
-    (a JSON string is a valid YAML double-quoted scalar)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return _yaml_float(value)
-    if isinstance(value, int):
-        return str(value)
-    if value is None:
-        return "null"
-    text = str(value)
-    if _PLAIN_YAML_STRING.fullmatch(text) and text.lower() not in _YAML_SPECIAL_WORDS:
-        return text
-    return json.dumps(text)
-
-
-def _emit_mixture_fallback(doc: dict) -> str:
-    lines = ["mixture:"]
-    for entry in doc["mixture"]:
-        lines.append(f"  - name: {_yaml_scalar(entry['name'])}")
-        lines.append(f"    weight: {_yaml_scalar(entry['weight'])}")
-    if "chameleon" in doc:
-        lines.append("chameleon:")
-        for key, value in doc["chameleon"].items():
-            lines.append(f"  {key}: {_yaml_scalar(value)}")
-    return "\n".join(lines) + "\n"
-
-
 def _mixture_doc(weights: Mapping[str, float], meta: Optional[Mapping]) -> dict:
     weights = _check_weight_values(weights, "mixture_yaml")
     doc: dict = {"mixture": [{"name": d, "weight": w} for d, w in weights.items()]}
@@ -416,13 +376,9 @@ def mixture_yaml(weights: Mapping[str, float], meta: Optional[Mapping] = None) -
           temperature: 5.0
 
     ``meta`` may be a whole weights.json dict: only ``mode``, ``lambda``, ``temperature`` and
-    ``normalize`` are copied under ``chameleon:``. Uses pyyaml when importable, else a small
-    emitter that writes the same layout.
+    ``normalize`` are copied under ``chameleon:``.
     """
     doc = _mixture_doc(weights, meta)
-    yaml = _yaml_module()
-    if yaml is None:
-        return _emit_mixture_fallback(doc)
 
     class _IndentedDumper(yaml.SafeDumper):
         # pyyaml writes list items flush with their key by default; indent them as people do.
@@ -432,57 +388,17 @@ def mixture_yaml(weights: Mapping[str, float], meta: Optional[Mapping] = None) -
     return yaml.dump(doc, Dumper=_IndentedDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def _parse_scalar_fallback(text: str):
-    """A scalar of the fallback parser: quoted string, number or plain string."""
-    text = text.strip()
-    if text.startswith('"'):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise ChameleonUserError(f"mixture YAML: malformed quoted string {text}") from None
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        return text[1:-1].replace("''", "'")
-    return text
-
-
-def _parse_mixture_fallback(text: str) -> list:
-    """Reads back the layout :func:`mixture_yaml` writes (block list of name/weight maps)."""
-    entries: list = []
-    in_mixture = False
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not line[0].isspace():
-            in_mixture = stripped == "mixture:"
-            continue
-        if not in_mixture:
-            continue
-        if stripped.startswith("- "):
-            entries.append({})
-            stripped = stripped[2:].strip()
-        if not entries or ":" not in stripped:
-            raise ChameleonUserError(f"mixture YAML: cannot read line {lineno}: {line!r}")
-        key, _, value = stripped.partition(":")
-        entries[-1][key.strip()] = _parse_scalar_fallback(value)
-    return entries
-
-
 def parse_mixture_yaml(text: str) -> Dict[str, float]:
     """Inverse of :func:`mixture_yaml`: YAML text -> ``{name: weight}`` in file order."""
     if not isinstance(text, str):
         raise ChameleonUserError(f"mixture YAML must be a string, got {type(text).__name__}")
-    yaml = _yaml_module()
-    if yaml is None:
-        entries = _parse_mixture_fallback(text)
-    else:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ChameleonUserError(f"mixture YAML is not valid YAML: {e}") from None
-        if not isinstance(doc, dict) or "mixture" not in doc:
-            raise ChameleonUserError("mixture YAML has no top-level 'mixture' list")
-        entries = doc["mixture"]
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ChameleonUserError(f"mixture YAML is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(doc, dict) or "mixture" not in doc:
+        raise ChameleonUserError("mixture YAML has no top-level 'mixture' list")
+    entries = doc["mixture"]
     if not isinstance(entries, list) or not entries:
         raise ChameleonUserError("mixture YAML: 'mixture' must be a non-empty list of {name, weight} entries")
     out: Dict[str, float] = {}
@@ -508,39 +424,11 @@ def parse_mixture_yaml(text: str) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it
-    onto ``path``, on failure remove it. Readers see the old file or the new one, never a
-    partial one (same folder, hence same filesystem, so the rename is atomic)."""
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 lets the umask decide the final permissions, as a plain open() would
-    # (mkstemp would leave the published file readable by its owner only).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-
-
 def write_exports(
-    weights_json: Union[PathLike, Mapping], out_dir: PathLike, prefixes: Optional[Mapping[str, str]] = None
+    weights_json: Union[PathLike, Mapping],
+    out_dir: PathLike,
+    prefixes: Optional[Mapping[str, str]] = None,
+    on_skip: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, str]:
     """Validate a weights.json (path or dict) and write every export into ``out_dir``.
 
@@ -548,25 +436,31 @@ def write_exports(
     (``{"domains": [...], "probabilities": [...]}``) and ``mixture.yaml``; returns
     ``{kind: path}`` with the kinds of :data:`EXPORT_FILES`. All exports are built before the
     first file is written, so a bad prefix leaves ``out_dir`` untouched.
+
+    An export whose format cannot hold the domains (a domain name with whitespace cannot be a
+    Megatron prefix) is an error; with ``on_skip``, that export is skipped instead, ``on_skip``
+    gets one line saying why, and the others are written.
     """
     doc = load_weights(weights_json)
     domains, weights = doc["domains"], doc["weights"]
-    texts = {
-        "megatron": megatron_blend(weights, prefixes) + "\n",
-        "hf_interleave": json.dumps(
-            {"domains": domains, "probabilities": hf_interleave_probabilities(weights, domains)}, indent=2
-        )
-        + "\n",
-        "mixture_yaml": mixture_yaml(weights, doc),
+    builders = {
+        "megatron": lambda: megatron_blend(weights, prefixes) + "\n",
+        "hf_interleave": lambda: json.dumps(
+            {"domains": domains, "probabilities": hf_interleave_probabilities(weights, domains)}, indent=2) + "\n",
+        "mixture_yaml": lambda: mixture_yaml(weights, doc),
     }
-    out_dir = os.fspath(out_dir)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ChameleonUserError(f"{out_dir}: cannot create output folder ({e.strerror})") from None
+    texts = {}
+    for kind, build in builders.items():
+        try:
+            texts[kind] = build()
+        except ChameleonUserError as exc:
+            if on_skip is None:
+                raise
+            on_skip(f"skipped the {kind} export ({EXPORT_FILES[kind]}): {exc}")
+    out_dir = io.check_writable_folder(os.fspath(out_dir), "export folder")
     paths = {}
     for kind, text in texts.items():
         path = os.path.join(out_dir, EXPORT_FILES[kind])
-        _write_text_atomic(path, text)
+        io.write_text(path, text, f"{kind} export")
         paths[kind] = path
     return paths

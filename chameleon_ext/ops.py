@@ -13,6 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import require_ops
+
+require_ops()  # without chameleon_ext._C the registrations below fail obscurely: say how to rebuild
+
 __all__ = ["masked_mean_pool", "domain_mean_pool", "krls"]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -58,6 +62,8 @@ def domain_mean_pool(
         Both add up across batches and ranks (all-reduce them). Deterministic on CPU and
         CUDA: rows are added in batch order. Differentiable in ``hidden`` through ``sums``.
     """
+    if isinstance(num_domains, bool) or int(num_domains) != num_domains:
+        raise ValueError(f"domain_mean_pool: num_domains must be an integer, got {num_domains!r}")
     return torch.ops.chameleon.domain_mean_pool.default(hidden, mask, domain_ids, int(num_domains))
 
 

@@ -1,4 +1,5 @@
-"""The method end to end: proxy -> domain embeddings -> weights -> files other trainers read.
+"""The method end to end: proxy -> domain embeddings -> weights -> files other trainers read
+(docs/method.md, steps 1-6).
 
 The command line (``chameleon``) is a thin layer over these functions:
 
@@ -9,50 +10,43 @@ The command line (``chameleon``) is a thin layer over these functions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from . import distributed
+from . import distributed, io
 from ._version import __version__
 from .embed import DomainEmbeddings, EmbedConfig, embed_domains
 from .errors import ChameleonUserError
+from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
 from .trainer import TrainConfig, evaluate, train
-from .weights import DEFAULT_LAMBDA, DomainWeights, chameleon_weights
+from .weights import DEFAULT_LAMBDA, DomainWeights, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
     "MODES",
+    "DEFAULT_PRESET",
+    "DEFAULT_BLOCK_SIZE",
     "check_weight_options",
     "train_proxy",
     "load_proxy",
     "compute_weights",
-    "weights_from_embeddings",
+    "weights_for_domains",
     "write_weights",
     "read_weights",
     "compare_mixtures",
-    "write_json_atomic",
 ]
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
 MODES = ("pretrain", "finetune", "transfer")
+# The model every command creates unless told otherwise: the small preset at 128 tokens (what
+# the README's runs and `chameleon run` use; TrainConfig holds the optimiser's defaults).
+DEFAULT_PRESET = "small"
+DEFAULT_BLOCK_SIZE = 128
 
 
-def write_json_atomic(path: str, obj) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def train_proxy(dataset, out_dir: str, preset: str = "small", block_size: int = 256,
+def train_proxy(dataset, out_dir: str, preset: str = DEFAULT_PRESET, block_size: int = DEFAULT_BLOCK_SIZE,
                 config: Optional[TrainConfig] = None, model_overrides: Optional[dict] = None,
                 seed: int = 0) -> str:
     """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``."""
@@ -83,52 +77,81 @@ def check_weight_options(mode: str, lam: float, temperature: Optional[float]) ->
             raise ChameleonUserError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
-def weights_from_embeddings(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                            temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+                        temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+    """:func:`chameleon_ext.weights_from_embeddings` for a :class:`DomainEmbeddings`, with the
+    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors."""
     check_weight_options(mode, lam, temperature)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
     rule = "pretrain" if mode == "transfer" else mode
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        result = chameleon_weights(emb.embeddings, rule, lam=lam, temperature=temperature,
-                                   normalize=normalize, domains=emb.domains)
+        try:
+            result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
+                                              normalize=normalize, domains=emb.domains)
+        except ValueError as exc:
+            raise ChameleonUserError(f"domain embeddings: {exc}") from None
     result.mode = mode
     return result
 
 
-def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None,
-                  plots: bool = True, exports: bool = True) -> Dict[str, str]:
-    """Write ``weights.json``, ``domain_embeddings.pt``, the exports and the pictures."""
-    os.makedirs(out_dir, exist_ok=True)
-    doc = {"method": "chameleon", "version": __version__}
+def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
+    """Deprecated name of :func:`weights_for_domains` (the library's
+    :func:`chameleon_ext.weights_from_embeddings` takes a tensor)."""
+    warnings.warn("chameleon_ext.pipeline.weights_from_embeddings is now weights_for_domains",
+                  DeprecationWarning, stacklevel=2)
+    return weights_for_domains(*args, **kwargs)
+
+
+def weights_document(result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None) -> dict:
+    """The weights.json document (format :data:`chameleon_ext.exports.WEIGHTS_FORMAT`)."""
+    from .exports import WEIGHTS_FORMAT
+
+    doc = {"format": WEIGHTS_FORMAT, "method": "chameleon", "version": __version__}
     doc.update(result.as_dict())
-    doc["normalization"] = "S / sum(S)" if result.normalize else "none"
     doc["proxy"] = proxy or {}
     doc["embedding"] = {k: emb.settings.get(k) for k in ("n_windows", "window", "seed", "pooling", "layer", "split",
                                                           "batch_size", "precision")}
     doc["embedding"]["counts"] = dict(zip(emb.domains, emb.counts))
     doc["embedding"]["embedded_now"] = list(emb.computed)
-    paths = {"weights": write_json_atomic(os.path.join(out_dir, "weights.json"), doc)}
+    return doc
+
+
+def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None,
+                  plots: bool = True, exports: bool = True,
+                  notice: Optional[Callable[[str], None]] = None) -> Dict[str, str]:
+    """Write ``weights.json``, ``domain_embeddings.pt``, the exports and the pictures as one
+    output set (:mod:`chameleon_ext.manifest`): a kill part-way leaves a folder every reader
+    refuses, never a new weights.json beside an older run's exports.
+
+    An export the domain names cannot go into (whitespace in a Megatron prefix) is skipped
+    with a line to ``notice`` (default: a warning); the other files are written."""
+    doc = weights_document(result, emb, proxy)
+    io.check_writable_folder(out_dir, "weights output folder")
+    begin_set(out_dir)
+    paths = {"weights": io.write_json(os.path.join(out_dir, "weights.json"), doc, "weights file")}
     emb_path = os.path.join(out_dir, "domain_embeddings.pt")
     emb.save(emb_path)
     paths["embeddings"] = emb_path
     if exports:
         from .exports import write_exports
 
-        paths.update(write_exports(doc, out_dir))
+        say = notice or (lambda line: warnings.warn(line, stacklevel=3))
+        paths.update(write_exports(doc, out_dir, on_skip=say))
     if plots:
         from .plots import plot_affinity, plot_weights
 
         title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
         p = plot_weights(result.domains, result.weights.tolist(), os.path.join(out_dir, "weights.png"), title=title,
-                         scores=result.krls.tolist())
+                         scores=result.leverage.tolist())
         if p:
             paths["weights_png"] = p
         p = plot_affinity(result.domains, result.affinity.numpy(), os.path.join(out_dir, "affinity.png"),
                           title="Centred affinity of the domain embeddings")
         if p:
             paths["affinity_png"] = p
+    paths["manifest"] = finish_set(out_dir, paths.values())
     return paths
 
 
@@ -150,7 +173,8 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
 def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
                     temperature: Optional[float] = None, normalize: bool = True,
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
-                    plots: bool = True, progress: bool = False, group=None, proxy=None):
+                    plots: bool = True, progress: bool = False, group=None, proxy=None,
+                    notice: Optional[Callable[[str], None]] = None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
 
     ``proxy``: the model already loaded from ``proxy_path``, if the caller has it (loading
@@ -164,21 +188,24 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
                         progress=progress)
-    result = weights_from_embeddings(emb, mode, lam, temperature, normalize)
+    result = weights_for_domains(emb, mode, lam, temperature, normalize)
     paths = {}
     if distributed.info(group).is_main:
         proxy_info = {"path": os.path.abspath(proxy_path), "sha256": emb.settings["proxy_sha256"],
                       "layer": emb.settings["layer"], "n_layer": getattr(proxy, "n_layer", None)}
-        paths = write_weights(out_dir, result, emb, proxy_info, plots=plots)
+        paths = write_weights(out_dir, result, emb, proxy_info, plots=plots, notice=notice)
     distributed.barrier(group)
     return result, emb, paths
 
 
-def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = "small",
-                     block_size: int = 256, config: Optional[TrainConfig] = None, eval_windows: int = 32,
-                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = DEFAULT_PRESET,
+                     block_size: int = DEFAULT_BLOCK_SIZE, config: Optional[TrainConfig] = None,
+                     eval_windows: Optional[int] = None, seed: int = 0) -> Dict[str, Dict[str, float]]:
     """Train one base model per mixture on the same token budget and return the per-domain
-    validation perplexity table ``{mixture: {domain: ppl, ..., "average": ppl}}``."""
+    validation perplexity table ``{mixture: {domain: ppl, ..., "average": ppl}}``.
+    ``eval_windows`` defaults to the config's (``TrainConfig.eval_windows``)."""
+    if eval_windows is None:
+        eval_windows = (config or TrainConfig()).eval_windows
     table = {}
     for name, weights in mixtures.items():
         cfg = TrainConfig(**{**(config or TrainConfig()).to_dict(), "out_dir": os.path.join(out_dir, name),

@@ -6,7 +6,7 @@ each function warns and returns None instead of failing the run that wanted a pi
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``),
 never through ``pyplot``: that renders PNG without a display, leaves the caller's pyplot
 backend and figure list alone, and frees each figure when it goes out of scope. Every PNG is
-written atomically (temporary file in the same folder, then ``os.replace``).
+written atomically (:func:`chameleon_ext.io.atomic_write`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
+from . import io
 from .errors import ChameleonUserError
-from .exports import atomic_path
 
 __all__ = ["plot_weights", "plot_affinity", "plot_perplexity"]
 
@@ -103,11 +103,9 @@ def _new_figure(figsize, fn: str, path: str):
 
 def _save_png(fig, path: str) -> str:
     """Render ``fig`` to ``path`` as PNG (creating its folder), atomically; returns ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with atomic_path(path) as tmp:
-        # The temporary name does not end in .png, so the format is given explicitly.
-        fig.savefig(tmp, format="png", dpi=DPI)
+    with io.atomic_write(path, "picture") as f:
+        # A file object has no name ending in .png, so the format is given explicitly.
+        fig.savefig(f, format="png", dpi=DPI)
     return path
 
 
@@ -148,7 +146,7 @@ def plot_weights(
     uniform weight 1/k dashed for reference), saved as PNG at ``path``.
 
     ``weights`` and ``scores`` are [k] lists, tensors, arrays or mappings domain -> value (so
-    a loaded weights.json's ``weights`` and ``krls`` can be passed directly). With ``scores``
+    a loaded weights.json's ``weights`` and ``leverage`` can be passed directly). With ``scores``
     a second panel shows the KRLS leverage scores normalised to sum to 1. Returns ``path``,
     or None (with a warning) when matplotlib is missing.
     """
@@ -176,7 +174,7 @@ def plot_weights(
     axes[0].set_title("domain weights")
     if normalised_scores is not None:
         _weight_panel(axes[1], domains, normalised_scores, "leverage score $S_i / \\sum_j S_j$", None, fontsize)
-        axes[1].set_title("normalised KRLS scores")
+        axes[1].set_title("normalised leverage scores")
     fig.suptitle(title or f"Chameleon domain weights (k = {k})")
     return _save_png(fig, path)
 

@@ -292,7 +292,9 @@ class TrainConfig:
             divisible by the world size; each rank takes ``batch_size / world_size`` rows.
         grad_accum: micro-batches accumulated per step.
         block_size: sequence length T; default the model's ``block_size``.
-        lr, min_lr: peak and final learning rate of the cosine schedule.
+        lr, min_lr: peak and final learning rate of the cosine schedule; ``min_lr=None``
+            means ``lr / 10``. The defaults (lr 3e-3, warm-up 30, 32 evaluation windows) are
+            the ones the README's runs use on the small presets; see the README's "Defaults".
         warmup_steps: linear warm-up steps from ~0 to ``lr``.
         weight_decay: AdamW decoupled weight decay, applied to matrices and embeddings only.
         beta1, beta2: AdamW betas.
@@ -313,15 +315,15 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     block_size: Optional[int] = None
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
+    lr: float = 3e-3
+    min_lr: Optional[float] = None
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 0
-    eval_windows: int = 16
+    eval_windows: int = 32
     eval_batch_size: int = 16
     ckpt_every: int = 100
     seed: int = 0
@@ -346,6 +348,8 @@ class TrainConfig:
                  "a non-negative integer")
         need("block_size", self.block_size is None or (is_int(self.block_size) and self.block_size > 0),
              "None or a positive integer")
+        if self.min_lr is None and isinstance(self.lr, (int, float)):
+            self.min_lr = self.lr / 10
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             need(name, isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

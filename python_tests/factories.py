@@ -12,10 +12,39 @@ import torch
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine"))]
 
-GOLDEN_PATH = os.environ.get(
-    "CHAMELEON_GOLDEN",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "krls_reference.json"),
-)
+# The reference implementation's golden vectors, kept in the repository (a missing file fails
+# the tests that read it; nothing is skipped).
+GOLDEN_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "krls_reference.json")
+
+# The small text dataset every test uses unless it needs special content.
+TEXT_DOMAINS = ("alpha", "digits", "dna", "zeta")
+DEFAULT_TEXT_DOMAINS = ("alpha", "digits", "dna")
+
+
+def write_text_domains(root, names=DEFAULT_TEXT_DOMAINS, seed=0) -> str:
+    """Small text domains with clearly different statistics (a few KB each) under ``root``:
+    ``alpha`` words, ``digits`` numbers, ``dna`` letters, ``zeta`` key=value records. ``names``
+    picks which (any of :data:`TEXT_DOMAINS`); the same ``seed`` writes the same bytes.
+    Returns ``root`` as a string (pass it to ``load_dataset``)."""
+    import numpy as np
+
+    unknown = sorted(set(names) - set(TEXT_DOMAINS))
+    if unknown:
+        raise ValueError(f"write_text_domains: unknown domains {unknown}; expected some of {TEXT_DOMAINS}")
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over the lazy dog".split()
+    texts = {
+        "alpha": [" ".join(words[i] for i in rng.integers(0, 9, 250)) for _ in range(3)],
+        "digits": [" ".join(str(v) for v in rng.integers(0, 10**5, 120)) for _ in range(4)],
+        "dna": ["".join("ACGT"[i] for i in rng.integers(0, 4, 3000))],
+        "zeta": [" ".join(f"item_{i}: value={i * 7 % 13};" for i in range(150))],
+    }
+    for name in names:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for j, text in enumerate(texts[name]):
+            with open(os.path.join(root, name, f"part{j}.txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+    return str(root)
 
 
 def make_hidden(B, T, H, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:

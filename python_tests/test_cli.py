@@ -21,30 +21,14 @@ from chameleon_ext.cli import main
 from chameleon_ext.exports import parse_megatron_blend, parse_mixture_yaml
 from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
 
+from .factories import write_text_domains as _write_domains
+
 DOMAINS = ["alpha", "digits", "dna"]
 COMMON = ["--device", "cpu", "--quiet"]
 EMBED = ["--n-windows", "4", "--window", "32"]
 TRAIN = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--warmup", "1", "--ckpt-every", "0",
          "--eval-windows", "2"]
 COMMANDS = ["run", "train-proxy", "embed", "weights", "train", "eval", "export"]
-
-
-def _write_domains(root, names=DOMAINS, seed=0):
-    """Small text domains with different statistics (a few KB each)."""
-    rng = np.random.default_rng(seed)
-    words = "the quick brown fox jumps over the lazy dog".split()
-    texts = {
-        "alpha": [" ".join(words[i] for i in rng.integers(0, 9, 250)) for _ in range(3)],
-        "digits": [" ".join(str(v) for v in rng.integers(0, 10**5, 120)) for _ in range(4)],
-        "dna": ["".join("ACGT"[i] for i in rng.integers(0, 4, 3000))],
-        "zeta": [" ".join(f"item_{i}: value={i * 7 % 13};" for i in range(150))],
-    }
-    for name in names:
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        for j, text in enumerate(texts[name]):
-            with open(os.path.join(root, name, f"part{j}.txt"), "w", encoding="utf-8") as f:
-                f.write(text)
-    return str(root)
 
 
 def _run(argv, capsys):
@@ -100,16 +84,17 @@ def test_train_proxy_writes_a_loadable_model(proxy):
 def test_weights_pretrain_writes_every_file(weights_dir, proxy):
     doc = _read_json(weights_dir / "weights.json")
     assert doc["method"] == "chameleon" and doc["version"] == chameleon_ext.__version__
+    assert doc["format"] == "chameleon_ext.weights/2"
     assert doc["mode"] == "pretrain" and doc["lambda"] == 10.0 and doc["temperature"] == 5.0
-    assert doc["normalize"] is True and doc["normalization"] == "S / sum(S)"
+    assert doc["normalize"] is True and "normalization" not in doc and "krls" not in doc
     assert doc["domains"] == DOMAINS
     w = doc["weights"]
     assert list(w) == DOMAINS and all(0 < v < 1 for v in w.values())
     assert math.isclose(math.fsum(w.values()), 1.0, abs_tol=1e-12)
-    assert list(doc["krls"]) == DOMAINS and math.isclose(math.fsum(doc["krls"].values()), 1.0, abs_tol=1e-12)
-    assert all(0 <= v < 1 for v in doc["krls_raw"].values())
+    assert list(doc["leverage"]) == DOMAINS and math.isclose(math.fsum(doc["leverage"].values()), 1.0, abs_tol=1e-12)
+    assert all(0 <= v < 1 for v in doc["leverage_raw"].values())
     # pretraining rule: a lower leverage score gets a higher weight
-    order = sorted(DOMAINS, key=lambda d: doc["krls"][d])
+    order = sorted(DOMAINS, key=lambda d: doc["leverage"][d])
     assert [w[d] for d in order] == sorted(w.values(), reverse=True)
     p = doc["proxy"]
     assert p["path"] == os.path.abspath(proxy)
@@ -122,7 +107,7 @@ def test_weights_pretrain_writes_every_file(weights_dir, proxy):
     emb = torch.load(weights_dir / "domain_embeddings.pt", weights_only=True)
     assert emb["domains"] == DOMAINS
     assert emb["embeddings"].dim() == 2 and emb["embeddings"].shape[0] == 3
-    again = chameleon_ext.chameleon_weights(emb["embeddings"], "pretrain", lam=10.0)
+    again = chameleon_ext.weights_from_embeddings(emb["embeddings"], "pretrain", lam=10.0)
     np.testing.assert_allclose(again.weights.numpy(), [w[d] for d in DOMAINS], rtol=0, atol=1e-12)
 
     # the exports parse back to the same weights
@@ -162,7 +147,7 @@ def test_train_eval_export(work, weights_dir, capsys):
     assert set(DOMAINS) <= set(ev) and math.isclose(ev["average"]["mean_ppl"], rows["average"], abs_tol=1e-3)
 
     out = _ok(["export", "--weights", weights_dir / "weights.json", "--out", work / "exports",
-               "--prefix", "alpha=/data/alpha_text_document", *COMMON], capsys)
+               "--prefix", "alpha=/data/alpha_text_document"], capsys)
     assert "megatron" in out
     with open(work / "exports" / "megatron_data_path.txt", encoding="utf-8") as f:
         blend = parse_megatron_blend(f.read())
@@ -179,8 +164,8 @@ def test_weights_finetune_uses_the_cache(work, weights_dir, proxy, capsys):
     doc = _read_json(out_dir / "weights.json")
     assert doc["mode"] == "finetune" and doc["temperature"] == 0.2
     assert doc["embedding"]["embedded_now"] == []  # embedded by the pretrain run already
-    assert doc["krls"] == _read_json(weights_dir / "weights.json")["krls"]
-    order = sorted(DOMAINS, key=lambda d: doc["krls"][d])  # finetuning: higher leverage, higher weight
+    assert doc["leverage"] == _read_json(weights_dir / "weights.json")["leverage"]
+    order = sorted(DOMAINS, key=lambda d: doc["leverage"][d])  # finetuning: higher leverage, higher weight
     assert [doc["weights"][d] for d in order] == sorted(doc["weights"].values())
 
 
@@ -203,8 +188,8 @@ def test_weights_transfer_embeds_only_the_new_domain(work, weights_dir, proxy, t
 
 def test_weights_from_an_embeddings_file_needs_no_data_or_proxy(weights_dir, tmp_path, capsys):
     out_dir = tmp_path / "from_emb"
-    _ok(["weights", "--embeddings", weights_dir / "domain_embeddings.pt", "--data", tmp_path / "no_such_folder",
-         "--out", out_dir, "--no-plots", *COMMON], capsys)
+    _ok(["weights", "--embeddings", weights_dir / "domain_embeddings.pt", "--out", out_dir, "--no-plots", *COMMON],
+        capsys)
     doc = _read_json(out_dir / "weights.json")
     ref = _read_json(weights_dir / "weights.json")
     assert doc["domains"] == DOMAINS
@@ -264,7 +249,7 @@ def test_duplicate_domains_get_finite_weights(proxy, tmp_path, capsys, names):
     values = list(doc["weights"].values())
     assert all(math.isfinite(v) and v >= 0 for v in values)
     assert math.isclose(math.fsum(values), 1.0, abs_tol=1e-12)
-    assert all(math.isfinite(v) for v in doc["krls"].values())
+    assert all(math.isfinite(v) for v in doc["leverage"].values())
 
 
 # --------------------------------------------------------------------------- bad input
@@ -338,7 +323,7 @@ BAD_INPUTS = {
     "missing_init_from": ("train --data {data} --init-from {missing}/ckpt.pt --steps 1", ["ckpt.pt"]),
     "not_a_checkpoint": ("eval --data {data} --model {weights}", ["weights.json", "cannot be read"]),
     "not_an_embeddings_file": ("weights --embeddings {proxy}", ["embeddings file", "model.pt"]),
-    "missing_weights_file": ("export --weights {missing}/weights.json", ["weights.json", "not found"]),
+    "missing_weights_file": ("export --weights {missing}/weights.json", ["weights.json", "does not exist"]),
     "prefix_without_equals": ("export --weights {weights} --prefix alpha", ["--prefix", "DOMAIN=PATH", "'alpha'"]),
     "prefix_unknown_domain": ("export --weights {weights} --prefix nodomain=/x", ["--prefix", "nodomain"]),
     "window_beyond_proxy_block": ("weights --data {data} --proxy {proxy} --window 64",
@@ -359,7 +344,7 @@ def test_bad_input_exits_2_with_one_clear_line(bad, capsys, case):
         argv += ["--n-windows", "4"] if "--n-windows" not in argv else []
     if argv[0] != "export":
         argv += ["--device", "cpu"]
-    argv += ["--out", os.path.join(bad["out"], case), "--quiet"]
+    argv += ["--out", os.path.join(bad["out"], case)] + (["--quiet"] if argv[0] != "export" else [])
     code, out, err = _run(argv, capsys)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
@@ -396,6 +381,9 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert out.startswith(f"usage: chameleon {command}")
+    if command == "export":  # pure file work: no seed, device or progress
+        assert "--seed" not in out and "--device" not in out and "--quiet" not in out
+        return
     assert "--seed" in out and "--device" in out
     assert "(default: 0)" in out and "(default: auto)" in out  # --seed, --device
     if command in ("run", "train-proxy", "train"):
@@ -404,3 +392,42 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
         assert "--n-windows" in out and "--window" in out and "--layer" in out
     if command in ("run", "weights"):
         assert "(default: pretrain)" in out and "(default: 10.0)" in out
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_parser_defaults_and_choices_are_the_library_s():
+    from chameleon_ext.cli import build_parser
+    from chameleon_ext.embed import POOLINGS, EmbedConfig
+    from chameleon_ext.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET, MODES
+    from chameleon_ext.trainer import TrainConfig
+    from chameleon_ext.weights import DEFAULT_LAMBDA
+
+    lib = TrainConfig()
+    assert lib.min_lr == lib.lr / 10 and TrainConfig(lr=1e-3).min_lr == 1e-3 / 10  # lr / 10 lives here
+    parser = build_parser()
+    for command in ("train", "train-proxy", "run"):
+        a = parser.parse_args([command])
+        assert (a.lr, a.warmup, a.batch_size, a.grad_accum, a.eval_every, a.eval_windows, a.ckpt_every, a.seed) == (
+            lib.lr, lib.warmup_steps, lib.batch_size, lib.grad_accum, lib.eval_every, lib.eval_windows,
+            lib.ckpt_every, lib.seed)
+        assert (a.preset, a.block_size) == (DEFAULT_PRESET, DEFAULT_BLOCK_SIZE)
+    assert parser.parse_args(["eval", "--model", "m.pt"]).eval_windows == lib.eval_windows
+    emb = EmbedConfig()
+    w = parser.parse_args(["weights"])
+    assert (w.lam, w.mode, w.pooling, w.embed_batch_size, w.layer) == (
+        DEFAULT_LAMBDA, MODES[0], emb.pooling, emb.batch_size, emb.layer)
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    choices = {a.dest: a.choices for a in sub["weights"]._actions if a.choices}
+    assert choices["mode"] == list(MODES) and choices["pooling"] == list(POOLINGS)
+    preset = next(a for a in sub["train"]._actions if a.dest == "preset")
+    assert preset.choices == GPTConfig.preset_names()
+
+
+def test_unknown_preset_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "huge"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chameleon train: error: argument --preset: invalid choice: 'huge'")

@@ -1,4 +1,4 @@
-"""Domain embeddings (METHOD.md step 2): values against independent re-computations, early
+"""Domain embeddings (docs/method.md, step 2): values against independent re-computations, early
 stopping at the chosen layer, the reference's pooling quirks, the cache, seeding, bad input."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.reference_pipeline import all_hidden_states, reference_embeddings, retokenise
+import chameleon_ext
 from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains, load_domain_embeddings, window_starts
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.model import GPT, GPTConfig
+
+from .reference_pipeline import all_hidden_states, reference_embeddings, retokenise
 
 BLOCK = 32
 WINDOW = 32
@@ -160,7 +162,7 @@ def test_reference_pooling_matches_an_independent_reference_pipeline(dataset, mo
     starts = {n: window_starts(dataset, n, cfg) for n in dataset.domains}
     # The re-creation: decode -> re-tokenise -> right-pad with EOS (+ attention mask) -> FULL
     # float64 forward keeping every state -> hidden_states[len // 2].mean(dim=1) over the padded
-    # length -> np.unique(axis=0) -> mean. See benchmarks/reference_pipeline.py.
+    # length -> np.unique(axis=0) -> mean. See python_tests/reference_pipeline.py.
     ref = reference_embeddings(model, dataset, starts, WINDOW, 3, pooling="reference", impl="manual")
     assert ref.domains == emb.domains
     _close(emb.embeddings, ref.embeddings)
@@ -449,3 +451,7 @@ def test_two_ranks_give_the_single_process_embeddings(data_root, dataset, tmp_pa
             _close(g["emb"], single.embeddings, tol=1e-7)
             assert g["counts"] == single.counts and g["computed"] == DIST_DOMAINS
             assert g["again_computed"] == [] and torch.equal(g["again"], g["emb"])  # rank 0 wrote the cache
+        # and so the same weights (this test also stands for the 2-process weights check)
+        w_single = chameleon_ext.weights_from_embeddings(single.embeddings).weights
+        w_dist = chameleon_ext.weights_from_embeddings(ranks[0][pooling]["emb"]).weights
+        torch.testing.assert_close(w_dist, w_single, rtol=0, atol=1e-6)

@@ -3,7 +3,6 @@ YAML mixture and the files written by write_exports."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 
 from chameleon_ext import exports as E
 from chameleon_ext.errors import ChameleonUserError
-from chameleon_ext.weights import chameleon_weights
+from chameleon_ext.weights import weights_from_embeddings
 
 SLIMPAJAMA = ["arxiv", "book", "c4", "commoncrawl", "github", "stackexchange", "wikipedia"]
 ONE_ULP_ABOVE_1 = 2.0**-52
@@ -34,8 +33,9 @@ def weights_doc(k=7, seed=0, mode="pretrain") -> dict:
     g = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k = 1 warns that its weight is 1.0
-        result = chameleon_weights(torch.randn(k, 16, generator=g, dtype=torch.float64), mode=mode, domains=names)
-    return {"method": "chameleon", "version": "0.1.0", **result.as_dict(), "proxy": {}, "embedding": {}}
+        result = weights_from_embeddings(torch.randn(k, 16, generator=g, dtype=torch.float64), mode=mode, domains=names)
+    return {"format": E.WEIGHTS_FORMAT, "method": "chameleon", "version": "0.1.0", **result.as_dict(),
+            "proxy": {}, "embedding": {}}
 
 
 def write_json(path, doc) -> str:
@@ -59,8 +59,28 @@ def test_load_weights_from_file_and_dict(tmp_path):
     assert loaded["domains"] == SLIMPAJAMA
     assert list(loaded["weights"]) == SLIMPAJAMA
     assert loaded["weights"] == doc["weights"]
-    assert loaded["mode"] == "pretrain" and loaded["krls"] == doc["krls"]
+    assert loaded["mode"] == "pretrain" and loaded["leverage"] == doc["leverage"]
     assert E.load_weights(doc)["weights"] == doc["weights"]
+
+
+def test_load_weights_reads_format_1_files(tmp_path):
+    # A weights.json of release 0.1: no "format", scores named like the op, two normalize keys.
+    new = weights_doc()
+    old = {k: v for k, v in new.items() if k not in ("format", "leverage", "leverage_raw")}
+    old.update(krls=new["leverage"], krls_raw=new["leverage_raw"], normalization="S / sum(S)")
+    loaded = E.load_weights(write_json(tmp_path / "weights.json", old))
+    assert loaded["format"] == E.WEIGHTS_FORMAT == "chameleon_ext.weights/2"
+    assert loaded["leverage"] == new["leverage"] and loaded["leverage_raw"] == new["leverage_raw"]
+    assert "krls" not in loaded and "normalization" not in loaded and loaded["normalize"] is True
+    assert loaded["weights"] == new["weights"]
+    # and the exports of an old file are those of the new one
+    assert E.write_exports(str(tmp_path / "weights.json"), tmp_path / "a") == E.write_exports(new, tmp_path / "a")
+
+
+def test_load_weights_rejects_an_unknown_format(tmp_path):
+    path = write_json(tmp_path / "weights.json", {**weights_doc(), "format": "chameleon_ext.weights/9"})
+    with pytest.raises(ChameleonUserError, match="unknown weights format 'chameleon_ext.weights/9'"):
+        E.load_weights(path)
 
 
 def test_load_weights_orders_weights_as_domains():
@@ -127,9 +147,9 @@ def test_load_weights_rejects_bad_files(tmp_path, content, problem):
 
 
 def test_load_weights_missing_file_and_directory(tmp_path):
-    with pytest.raises(ChameleonUserError, match="not found"):
+    with pytest.raises(ChameleonUserError, match="does not exist"):
         E.load_weights(tmp_path / "nope.json")
-    with pytest.raises(ChameleonUserError, match="is a directory"):
+    with pytest.raises(ChameleonUserError, match="is a folder"):
         E.load_weights(tmp_path)
     with pytest.raises(ChameleonUserError, match="path to weights.json or a dict"):
         E.load_weights(42)
@@ -272,25 +292,7 @@ AWKWARD_NAMES = [
 ]
 
 
-@pytest.fixture(params=["pyyaml", "fallback"])
-def yaml_backend(request, monkeypatch):
-    """Run a YAML test with pyyaml, and again with pyyaml made unimportable."""
-    if request.param == "pyyaml":
-        pytest.importorskip("yaml")
-    else:
-        real_import = builtins.__import__
-
-        def no_yaml(name, *args, **kwargs):
-            if name == "yaml" or name.startswith("yaml."):
-                raise ImportError("No module named 'yaml' (test)")
-            return real_import(name, *args, **kwargs)
-
-        monkeypatch.setattr(builtins, "__import__", no_yaml)
-        assert E._yaml_module() is None
-    return request.param
-
-
-def test_mixture_yaml_round_trip(yaml_backend):
+def test_mixture_yaml_round_trip():
     doc = weights_doc()
     text = E.mixture_yaml(doc["weights"], doc)
     assert text.startswith("mixture:\n  - name: arxiv\n    weight: ")
@@ -311,22 +313,10 @@ def test_mixture_yaml_round_trip_any_weights(values):
     assert all(abs(parsed[d] - w[d]) <= 1e-12 for d in w)
 
 
-def test_mixture_yaml_awkward_names(yaml_backend):
+def test_mixture_yaml_awkward_names():
     w = {name: 1.0 / len(AWKWARD_NAMES) for name in AWKWARD_NAMES}
     w["web"] = 1e-05  # YAML 1.1 reads "1e-05" as a string; must still come back as a float
     assert E.parse_mixture_yaml(E.mixture_yaml(w)) == w
-
-
-def test_fallback_emitter_is_read_by_pyyaml(monkeypatch):
-    yaml = pytest.importorskip("yaml")
-    doc = weights_doc()
-    w = {**doc["weights"], "yes": 0.0, "1e-05": 1e-05}
-    with_pyyaml = E.mixture_yaml(w, doc)
-    monkeypatch.setattr(E, "_yaml_module", lambda: None)
-    fallback = E.mixture_yaml(w, doc)
-    # An independent reader (pyyaml) sees the same document in both.
-    assert yaml.safe_load(fallback) == yaml.safe_load(with_pyyaml)
-    assert E.parse_mixture_yaml(with_pyyaml) == w  # fallback parser reads pyyaml's output
 
 
 @pytest.mark.parametrize(
@@ -337,17 +327,12 @@ def test_fallback_emitter_is_read_by_pyyaml(monkeypatch):
         ("mixture:\n  - name: web\n    weight: lots\n", "finite number"),
         ("mixture:\n  - name: web\n    weight: -0.1\n", "finite number"),
         ("mixture:\n  - name: web\n    weight: 0.5\n  - name: web\n    weight: 0.5\n", "more than once"),
+        ("mixture: [unclosed\n", "not valid YAML"),
     ],
 )
-def test_parse_mixture_yaml_errors(yaml_backend, text, problem):
+def test_parse_mixture_yaml_errors(text, problem):
     with pytest.raises(ChameleonUserError, match=problem):
         E.parse_mixture_yaml(text)
-
-
-def test_parse_mixture_yaml_invalid_yaml():
-    pytest.importorskip("yaml")
-    with pytest.raises(ChameleonUserError, match="not valid YAML"):
-        E.parse_mixture_yaml("mixture: [unclosed\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +361,8 @@ def test_write_exports_writes_all_three(tmp_path):
     mixture = E.parse_mixture_yaml(Path(paths["mixture_yaml"]).read_text())
     assert all(abs(mixture[d] - doc["weights"][d]) <= 1e-12 for d in SLIMPAJAMA)
 
-    # Files are published with the umask's permissions, not mkstemp's 0600.
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(paths["megatron"]).st_mode & 0o777 == 0o666 & ~umask
+    # Published as ordinary shared files (chameleon_ext.io's 0o644), not mkstemp's 0600.
+    assert os.stat(paths["megatron"]).st_mode & 0o777 == 0o644
 
 
 def test_write_exports_validates_before_writing(tmp_path):
@@ -393,18 +376,26 @@ def test_write_exports_validates_before_writing(tmp_path):
         E.write_exports(bad, out)
 
 
-def test_atomic_path_keeps_old_file_on_failure(tmp_path):
-    target = tmp_path / "mixture.yaml"
-    target.write_text("old\n")
-    with pytest.raises(RuntimeError):
-        with E.atomic_path(target) as tmp:
-            with open(tmp, "w") as f:
-                f.write("half")
-            raise RuntimeError("crash while writing")
-    assert target.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["mixture.yaml"]
-    with E.atomic_path(target) as tmp:
-        with open(tmp, "w") as f:
-            f.write("new\n")
-    assert target.read_text() == "new\n"
-    assert os.listdir(tmp_path) == ["mixture.yaml"]
+def test_write_exports_keeps_old_files_on_failure(tmp_path, monkeypatch):
+    doc = weights_doc()
+    first = E.write_exports(doc, tmp_path)
+    before = {kind: Path(p).read_bytes() for kind, p in first.items()}
+    monkeypatch.setenv("CHAMELEON_FAULT", "write:mixture.yaml:data=enospc")
+    other = weights_doc(seed=1)
+    with pytest.raises(ChameleonUserError, match=r"cannot write mixture_yaml export .*mixture.yaml.*No space left"):
+        E.write_exports(other, tmp_path)
+    assert Path(first["mixture_yaml"]).read_bytes() == before["mixture_yaml"]  # the previous good file
+    assert sorted(os.listdir(tmp_path)) == sorted(E.EXPORT_FILES.values())  # no temporary file left
+
+
+def test_write_exports_can_skip_an_export_the_names_cannot_hold(tmp_path):
+    doc = weights_doc(k=3)
+    doc = _with(doc, domains=["web text", "code", "books"],
+                weights={"web text": 0.5, "code": 0.25, "books": 0.25})
+    with pytest.raises(ChameleonUserError, match="whitespace"):
+        E.write_exports(doc, tmp_path / "strict")
+    notices = []
+    paths = E.write_exports(doc, tmp_path / "lenient", on_skip=notices.append)
+    assert set(paths) == {"hf_interleave", "mixture_yaml"}
+    assert len(notices) == 1 and "skipped the megatron export" in notices[0] and "'web text'" in notices[0]
+    assert E.parse_mixture_yaml(Path(paths["mixture_yaml"]).read_text()) == doc["weights"]

@@ -13,7 +13,7 @@ import torch
 
 from chameleon_ext import plots
 from chameleon_ext.errors import ChameleonUserError
-from chameleon_ext.weights import chameleon_weights
+from chameleon_ext.weights import weights_from_embeddings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KS = [1, 7, 60]
@@ -25,7 +25,7 @@ def domain_result(k):
     g = torch.Generator().manual_seed(k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k = 1 warns that its weight is 1.0
-        result = chameleon_weights(torch.randn(k, 24, generator=g, dtype=torch.float64), domains=names)
+        result = weights_from_embeddings(torch.randn(k, 24, generator=g, dtype=torch.float64), domains=names)
     return names, result
 
 
@@ -58,7 +58,7 @@ def needs_matplotlib():
 def test_plot_weights(tmp_path, needs_matplotlib, k):
     names, result = domain_result(k)
     path = str(tmp_path / f"weights_k{k}.png")
-    assert plots.plot_weights(names, result.weights, path, title=f"k = {k}", scores=result.krls) == path
+    assert plots.plot_weights(names, result.weights, path, title=f"k = {k}", scores=result.leverage) == path
     check_png(path)
     assert no_temporary_files(tmp_path)
 
@@ -146,7 +146,7 @@ def without_matplotlib(monkeypatch):
 def test_missing_matplotlib_warns_and_returns_none(tmp_path, without_matplotlib):
     names, result = domain_result(7)
     calls = [
-        lambda p: plots.plot_weights(names, result.weights, p, scores=result.krls),
+        lambda p: plots.plot_weights(names, result.weights, p, scores=result.leverage),
         lambda p: plots.plot_affinity(names, result.affinity, p),
         lambda p: plots.plot_perplexity({"uniform": {"web": 20.0, "average": 20.0}}, p),
     ]

@@ -1,7 +1,7 @@
 """A re-creation of the reference implementation's embedding pipeline (LIONS-EPFL/Chameleon,
 ``utils.py``), run on a chameleon_ext GPT, for parity tests and as the benchmark baseline.
 
-What the reference does, per domain and in this order (METHOD.md §3):
+What the reference does, per domain and in this order (docs/method.md, step 2):
 
 1. decode every sampled window to text (``get_random_samples``);
 2. per batch of ``batch_size`` texts of ONE domain: re-tokenise with truncation to the window
@@ -203,18 +203,27 @@ def reference_embeddings(model, dataset, starts: Mapping[str, np.ndarray], windo
     return ReferenceEmbeddings(names, np.stack(rows), counts, tokens)
 
 
-def reference_weights_numpy(X: np.ndarray, mode: str = "pretrain", lam: float = 10.0,
-                            temperature: Optional[float] = None, normalize: bool = True) -> np.ndarray:
-    """The reference's weights from domain embeddings ``[k, d]``, in float64 NumPy.
-
-    Centring as sklearn's KernelCenterer, KRLS with ``np.linalg.inv``, then the softmax. The
-    softmax subtracts the max (the reference's plain ``np.exp`` overflows for large k; the
-    result is otherwise identical)."""
+def reference_leverage_numpy(X: np.ndarray, lam: float = 10.0) -> np.ndarray:
+    """The reference's kernel ridge leverage scores of domain embeddings ``[k, d]`` in float64
+    NumPy: ``X X^T``, centring as sklearn's KernelCenterer, then
+    ``diag(Kc inv(Kc + lam k I))`` with ``np.linalg.inv`` (docs/method.md, steps 3-4)."""
     X = np.asarray(X, dtype=np.float64)
     K = X @ X.T
     k = K.shape[0]
     Kc = K - K.mean(0, keepdims=True) - K.mean(1, keepdims=True) + K.mean()
-    S = np.diag(Kc @ np.linalg.inv(Kc + lam * k * np.eye(k)))
+    return np.diag(Kc @ np.linalg.inv(Kc + lam * k * np.eye(k)))
+
+
+def reference_weights_numpy(X: np.ndarray, mode: str = "pretrain", lam: float = 10.0,
+                            temperature: Optional[float] = None, normalize: bool = True,
+                            return_scores: bool = False):
+    """The reference's weights from domain embeddings ``[k, d]``, in float64 NumPy: the one
+    NumPy oracle of the weight maths (tests and benchmarks alike).
+
+    :func:`reference_leverage_numpy`, ``S / sum(S)``, then the softmax. The softmax subtracts
+    the max (the reference's plain ``np.exp`` overflows for large k; the result is otherwise
+    identical). With ``return_scores``: ``(scores fed to the softmax, weights)``."""
+    S = reference_leverage_numpy(X, lam)
     if normalize:
         S = S / S.sum()
     if mode == "pretrain":
@@ -224,4 +233,5 @@ def reference_weights_numpy(X: np.ndarray, mode: str = "pretrain", lam: float = 
     else:
         raise ValueError(f"mode: expected 'pretrain' or 'finetune', got {mode!r}")
     e = np.exp(logits - logits.max())
-    return e / e.sum()
+    w = e / e.sum()
+    return (S, w) if return_scores else w
