@@ -14,6 +14,7 @@ command runs unchanged under ``torchrun`` (rank 0 writes and prints).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -108,6 +109,9 @@ def _check_args(args) -> None:
         _check_int(args, name, 1, None, "a positive integer")
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
         _check_int(args, name, 0, None, "a non-negative integer")
+    _check_int(args, "--token-budget", 1, None, "a positive integer")
+    if getattr(args, "max_epochs", None) is not None and not (args.max_epochs > 0 and math.isfinite(args.max_epochs)):
+        raise ChameleonUserError(f"--max-epochs: expected a positive number, got {args.max_epochs}")
     if args.command == "eval":  # in training 0 windows switches evaluation off; here it is all there is
         _check_int(args, "--eval-windows", 1, None, "a positive integer")
     if getattr(args, "embeddings", None):
@@ -228,6 +232,11 @@ def cmd_weights(args) -> int:
     from .pipeline import compute_weights, load_proxy, weights_for_domains, write_weights
 
     _init_distributed(args)
+    if args.embeddings and args.token_budget is not None:
+        raise ChameleonUserError("--token-budget needs the domains' token counts: give --data/--proxy, "
+                                 "not --embeddings")
+    if args.max_epochs is not None and args.token_budget is None:
+        raise ChameleonUserError("--max-epochs caps repetition under a --token-budget: give --token-budget too")
     if args.embeddings:
         emb = load_domain_embeddings(args.embeddings)
         result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
@@ -246,7 +255,8 @@ def cmd_weights(args) -> int:
         result, emb, paths = compute_weights(
             ds, args.proxy, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
-            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say)
+            cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say,
+            token_budget=args.token_budget, max_epochs=args.max_epochs)
         if args.mode == "transfer":
             _say(f"transfer: embedded {emb.computed or 'no'} domain(s) with the frozen proxy; "
                  f"the rest came from the cache")
@@ -305,23 +315,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _prefix_map(items, option: str, domains: List[str], source: str) -> dict:
+    prefixes = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ChameleonUserError(f"{option}: expected DOMAIN=PATH, got {item!r}")
+        d, p = item.split("=", 1)
+        prefixes[d] = p
+    unknown = sorted(set(prefixes) - set(domains))
+    if unknown:
+        raise ChameleonUserError(f"{option}: {unknown} are not domains of {source} ({domains})")
+    return prefixes
+
+
 def cmd_export(args) -> int:
     # Pure file work: nothing here may import the compiled ops (test_faults_cli.py checks).
     from .exports import load_weights, write_exports
 
-    prefixes = {}
-    for item in args.prefix or []:
-        if "=" not in item:
-            raise ChameleonUserError(f"--prefix: expected DOMAIN=PATH, got {item!r}")
-        d, p = item.split("=", 1)
-        prefixes[d] = p
     doc = load_weights(args.weights)
-    unknown = sorted(set(prefixes) - set(doc["domains"]))
-    if unknown:
-        raise ChameleonUserError(f"--prefix: {unknown} are not domains of {args.weights} ({doc['domains']})")
-    paths = write_exports(doc, args.out, prefixes=prefixes or None)
+    prefixes = _prefix_map(args.prefix, "--prefix", doc["domains"], args.weights)
+    splits = {name: _prefix_map(items, f"--{name}-prefix", doc["domains"], args.weights)
+              for name, items in (("valid", args.valid_prefix), ("test", args.test_prefix))}
+    formats = None
+    if args.format:
+        formats = [f.strip() for item in args.format for f in item.split(",") if f.strip()]
+    paths = write_exports(doc, args.out, prefixes=prefixes or None, formats=formats,
+                          split_prefixes={k: v for k, v in splits.items() if v} or None)
     for kind, path in paths.items():
         print(f"{kind}: {path}", flush=True)
+    return 0
+
+
+def cmd_export_model(args) -> int:
+    from .hf_export import export_hf
+
+    tokenizer = None if args.tokenizer in (None, "byte") else args.tokenizer
+    result = export_hf(args.model, args.hf, tokenizer=tokenizer, verify=not args.no_verify)
+    diff = result.get("max_logit_diff")
+    check = f"; transformers' logits match to {diff:.1e}" if diff is not None else ""
+    _say(f"wrote a Hugging Face GPT-2 folder {result['out_dir']}{check}")
     return 0
 
 
@@ -505,6 +537,11 @@ def _add_weights_command(p):
     _add_weights(p)
     p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="training tokens: report each domain's target tokens and epochs in weights.json")
+    p.add_argument("--max-epochs", type=float, default=None,
+                   help="cap each domain's repetition under --token-budget; the excess goes to the other "
+                        "domains in proportion to their weights")
     p.add_argument("--out", default="runs/weights", help="output folder")
     p.set_defaults(func=cmd_weights)
 
@@ -530,10 +567,26 @@ def _add_eval(p):
 
 
 def _add_export(p):
+    from .exports import export_formats
+
     p.add_argument("--weights", required=True, help="weights.json")
     p.add_argument("--out", default="runs/exports", help="output folder")
-    p.add_argument("--prefix", action="append", help="DOMAIN=PATH data prefix for the Megatron blend (repeatable)")
+    p.add_argument("--format", action="append", metavar="NAME",
+                   help=f"export only these (repeatable or comma-separated; default: all of {', '.join(export_formats())})")
+    p.add_argument("--prefix", action="append", help="DOMAIN=PATH data prefix of a domain's training data (repeatable)")
+    p.add_argument("--valid-prefix", action="append", default=None,
+                   help="DOMAIN=PATH validation data prefix (Megatron per-split and NeMo exports)")
+    p.add_argument("--test-prefix", action="append", default=None,
+                   help="DOMAIN=PATH test data prefix (Megatron per-split and NeMo exports)")
     p.set_defaults(func=cmd_export)
+
+
+def _add_export_model(p):
+    p.add_argument("--model", required=True, help="model.pt or ckpt.pt written by chameleon_ext")
+    p.add_argument("--hf", required=True, help="output folder for the Hugging Face model")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or the local Hugging Face tokenizer folder it was trained with")
+    p.add_argument("--no-verify", action="store_true", help="skip comparing transformers' logits with the model's")
+    p.set_defaults(func=cmd_export_model)
 
 
 # name -> (one-line help, function adding the command's options)
@@ -544,7 +597,8 @@ COMMANDS = {
     "weights": ("domain weights -> weights.json, exports, pictures", _add_weights_command),
     "train": ("train a model on a weighted mixture", _add_train),
     "eval": ("per-domain validation perplexity of a model", _add_eval),
-    "export": ("Megatron / HF datasets / YAML mixtures from weights.json", _add_export),
+    "export": ("mixtures for Megatron, NeMo, OLMo-core, nanotron, Mosaic, TorchTitan, HF, YAML", _add_export),
+    "export-model": ("a trained model as a Hugging Face GPT-2 folder", _add_export_model),
 }
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "mixture_yaml",
     "parse_mixture_yaml",
     "write_exports",
+    "export_formats",
     "EXPORT_FILES",
     "WEIGHTS_FORMAT",
 ]
@@ -424,24 +425,47 @@ def parse_mixture_yaml(text: str) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def export_formats() -> List[str]:
+    """Every export name :func:`write_exports` knows: this module's own kinds
+    (:data:`EXPORT_FILES`) and the trainer formats of :mod:`chameleon_ext.mixture_formats`."""
+    from .mixture_formats import MIXTURE_FORMATS
+
+    return list(EXPORT_FILES) + list(MIXTURE_FORMATS)
+
+
 def write_exports(
     weights_json: Union[PathLike, Mapping],
     out_dir: PathLike,
     prefixes: Optional[Mapping[str, str]] = None,
     on_skip: Optional[Callable[[str], None]] = None,
+    formats: Optional[Sequence[str]] = None,
+    split_prefixes: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> Dict[str, str]:
-    """Validate a weights.json (path or dict) and write every export into ``out_dir``.
+    """Validate a weights.json (path or dict) and write its exports into ``out_dir``: all of
+    :func:`export_formats` by default, or those named in ``formats``.
 
-    Writes ``megatron_data_path.txt``, ``hf_interleave_probabilities.json``
-    (``{"domains": [...], "probabilities": [...]}``) and ``mixture.yaml``; returns
-    ``{kind: path}`` with the kinds of :data:`EXPORT_FILES`. All exports are built before the
-    first file is written, so a bad prefix leaves ``out_dir`` untouched.
+    This module's kinds are ``megatron_data_path.txt``, ``hf_interleave_probabilities.json``
+    (``{"domains": [...], "probabilities": [...]}``) and ``mixture.yaml``; the trainer formats
+    (Megatron per-split args, NeMo, OLMo-core, nanotron, Mosaic Streaming, TorchTitan) come
+    from :mod:`chameleon_ext.mixture_formats` and follow the document's ``budget`` block when it
+    has one. Returns ``{name: path}``. All exports are built before the first file is written,
+    so a bad prefix leaves ``out_dir`` untouched.
 
     An export whose format cannot hold the domains (a domain name with whitespace cannot be a
     Megatron prefix) is an error; with ``on_skip``, that export is skipped instead, ``on_skip``
     gets one line saying why, and the others are written.
     """
+    from .mixture_formats import MIXTURE_FORMATS, render_mixture_formats
+
     doc = load_weights(weights_json)
+    known = export_formats()
+    if formats is None:
+        selected = known
+    else:
+        selected = [formats] if isinstance(formats, str) else list(dict.fromkeys(formats))
+        unknown = [f for f in selected if f not in known]
+        if unknown or not selected:
+            raise ChameleonUserError(f"unknown export format(s) {unknown or selected}; expected some of {known}")
     domains, weights = doc["domains"], doc["weights"]
     builders = {
         "megatron": lambda: megatron_blend(weights, prefixes) + "\n",
@@ -449,18 +473,38 @@ def write_exports(
             {"domains": domains, "probabilities": hf_interleave_probabilities(weights, domains)}, indent=2) + "\n",
         "mixture_yaml": lambda: mixture_yaml(weights, doc),
     }
+    for fmt in MIXTURE_FORMATS:
+        builders[fmt] = (lambda fmt=fmt: render_mixture_formats(
+            doc, [fmt], prefixes, _splits_for(fmt, split_prefixes))[fmt])
+    files = {**EXPORT_FILES, **MIXTURE_FORMATS}
     texts = {}
-    for kind, build in builders.items():
+    for kind in selected:
         try:
-            texts[kind] = build()
+            texts[kind] = builders[kind]()
         except ChameleonUserError as exc:
             if on_skip is None:
                 raise
-            on_skip(f"skipped the {kind} export ({EXPORT_FILES[kind]}): {exc}")
+            on_skip(f"skipped the {kind} export ({files[kind]}): {exc}")
     out_dir = io.check_writable_folder(os.fspath(out_dir), "export folder")
     paths = {}
     for kind, text in texts.items():
-        path = os.path.join(out_dir, EXPORT_FILES[kind])
+        path = os.path.join(out_dir, files[kind])
         io.write_text(path, text, f"{kind} export")
         paths[kind] = path
     return paths
+
+
+def _splits_for(fmt: str, split_prefixes):
+    """Held-out split prefixes under the names each format uses (Megatron says ``valid``,
+    NeMo ``validation``); formats without held-out splits get none."""
+    if not split_prefixes:
+        return None
+    valid = split_prefixes.get("valid") or split_prefixes.get("validation")
+    test = split_prefixes.get("test")
+    if fmt == "megatron-per-split":
+        table = {"valid": valid, "test": test}
+    elif fmt == "nemo":
+        table = {"validation": valid, "test": test}
+    else:
+        return None
+    return {k: v for k, v in table.items() if v} or None

@@ -120,14 +120,19 @@ def weights_document(result: DomainWeights, emb: DomainEmbeddings, proxy: Option
 
 def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None,
                   plots: bool = True, exports: bool = True,
-                  notice: Optional[Callable[[str], None]] = None) -> Dict[str, str]:
+                  notice: Optional[Callable[[str], None]] = None, budget: Optional[dict] = None) -> Dict[str, str]:
     """Write ``weights.json``, ``domain_embeddings.pt``, the exports and the pictures as one
     output set (:mod:`chameleon_ext.manifest`): a kill part-way leaves a folder every reader
     refuses, never a new weights.json beside an older run's exports.
 
     An export the domain names cannot go into (whitespace in a Megatron prefix) is skipped
-    with a line to ``notice`` (default: a warning); the other files are written."""
+    with a line to ``notice`` (default: a warning); the other files are written.
+
+    ``budget``: a token-budget plan (:meth:`chameleon_ext.budget.BudgetPlan.as_dict`) recorded
+    under ``budget``; the trainer exports then carry its achievable weights."""
     doc = weights_document(result, emb, proxy)
+    if budget is not None:
+        doc["budget"] = budget
     io.check_writable_folder(out_dir, "weights output folder")
     begin_set(out_dir)
     paths = {"weights": io.write_json(os.path.join(out_dir, "weights.json"), doc, "weights file")}
@@ -174,11 +179,14 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
                     temperature: Optional[float] = None, normalize: bool = True,
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
                     plots: bool = True, progress: bool = False, group=None, proxy=None,
-                    notice: Optional[Callable[[str], None]] = None):
+                    notice: Optional[Callable[[str], None]] = None, token_budget: Optional[int] = None,
+                    max_epochs: Optional[float] = None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
 
     ``proxy``: the model already loaded from ``proxy_path``, if the caller has it (loading
     verifies the file's hash, which costs a pass over a large proxy).
+    ``token_budget`` (with an optional repetition cap ``max_epochs``) adds a token-budget plan
+    (:func:`plan_budget`) to weights.json.
     Returns ``(DomainWeights, DomainEmbeddings, paths)``; only rank 0 writes.
     """
     check_weight_options(mode, lam, temperature)
@@ -189,13 +197,27 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
                         progress=progress)
     result = weights_for_domains(emb, mode, lam, temperature, normalize)
+    budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:
         proxy_info = {"path": os.path.abspath(proxy_path), "sha256": emb.settings["proxy_sha256"],
                       "layer": emb.settings["layer"], "n_layer": getattr(proxy, "n_layer", None)}
-        paths = write_weights(out_dir, result, emb, proxy_info, plots=plots, notice=notice)
+        paths = write_weights(out_dir, result, emb, proxy_info, plots=plots, notice=notice,
+                              budget=budget.as_dict() if budget is not None else None)
+        if budget is not None and notice is not None:
+            notice(budget.format())
     distributed.barrier(group)
     return result, emb, paths
+
+
+def plan_budget(dataset, result: DomainWeights, token_budget: int, max_epochs: Optional[float] = None):
+    """The token-budget plan of ``result``'s weights over ``dataset``'s training tokens
+    (counted exactly from the token caches): target tokens and epochs per domain, with
+    repetition capped at ``max_epochs`` (:func:`chameleon_ext.budget.plan_token_budget`)."""
+    from .budget import TokenCount, plan_token_budget
+
+    counts = {d: TokenCount(dataset.n_tokens(d, "train"), "counted (training split)") for d in result.domains}
+    return plan_token_budget(dict(zip(result.domains, result.weights.tolist())), counts, token_budget, max_epochs)
 
 
 def compare_mixtures(dataset, mixtures: Mapping[str, object], out_dir: str, preset: str = DEFAULT_PRESET,
