@@ -23,13 +23,9 @@ from chameleon_ext import distributed
 from chameleon_ext.data import load_dataset
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.model import GPT, GPTConfig, load_model
-from chameleon_ext.trainer import (
-    TrainConfig,
-    WeightedDomainSampler,
-    evaluate,
-    load_checkpoint,
-    train,
-)
+from chameleon_ext.checkpoint import load_checkpoint
+from chameleon_ext.data.sampler import WeightedDomainSampler
+from chameleon_ext.trainer import TrainConfig, evaluate, train
 
 from .factories import exit_spawned_worker, set_worker_env, spawn_workers
 
@@ -230,18 +226,8 @@ def test_global_stream_sampler_shards_the_single_process_batch(data_root):
                                                   for r in range(3)]
         for i, full in enumerate((x, y, d)):
             assert torch.equal(torch.cat([p[i] for p in parts]), full)
-    # per-rank streams: independent, and rank 0's equals the single-process stream
-    a = WeightedDomainSampler(ds, WEIGHTS, BLOCK, seed=5, rank=0, world_size=2, stream="rank")
-    b = WeightedDomainSampler(ds, WEIGHTS, BLOCK, seed=5, rank=1, world_size=2, stream="rank")
-    one = WeightedDomainSampler(ds, WEIGHTS, BLOCK, seed=5)
-    xa, xb, x1 = a.sample(4)[0], b.sample(4)[0], one.sample(4)[0]
-    assert xa.shape == xb.shape == (4, BLOCK) and torch.equal(xa, x1) and not torch.equal(xa, xb)
-    with pytest.raises(ChameleonUserError, match="its own state"):
-        b.load_state_dict(a.state_dict())
     with pytest.raises(ChameleonUserError, match="rank"):
         WeightedDomainSampler(ds, WEIGHTS, BLOCK, rank=2, world_size=2)
-    with pytest.raises(ChameleonUserError, match="stream"):
-        WeightedDomainSampler(ds, WEIGHTS, BLOCK, stream="per-node")
 
 
 def test_ddp_training_matches_single_process(runs):

@@ -12,15 +12,11 @@ import torch
 
 from chameleon_ext.data import load_dataset
 from chameleon_ext.errors import ChameleonUserError
-from chameleon_ext.model import GPT, GPTConfig, atomic_save, load_model, save_model
-from chameleon_ext.trainer import (
-    TrainConfig,
-    WeightedDomainSampler,
-    evaluate,
-    load_checkpoint,
-    normalize_weights,
-    train,
-)
+from chameleon_ext.checkpoint import load_checkpoint
+from chameleon_ext.data.sampler import WeightedDomainSampler, normalize_weights
+from chameleon_ext.io import save_torch
+from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
+from chameleon_ext.trainer import TrainConfig, evaluate, train
 
 BLOCK = 16
 
@@ -198,19 +194,20 @@ def test_atomic_checkpoint_survives_crash_during_save(dataset, tmp_path, monkeyp
         raise OSError("simulated crash / disk full during save")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ChameleonUserError, match="simulated"):
         train(_model(), dataset, "uniform", _cfg(out, steps=8, ckpt_every=2), stop_at=4)
     monkeypatch.undo()
     assert (out / "ckpt.pt").read_bytes() == before
     assert load_checkpoint(out / "ckpt.pt")["step"] == 2
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]  # no temp files left
+    # no temp files left; the previous checkpoint is kept beside it
+    assert sorted(os.listdir(out)) == ["ckpt.prev.pt", "ckpt.pt", "metrics.jsonl"]
 
-    # atomic_save directly: the old file stays when the write fails
+    # save_torch directly: the old file stays when the write fails
     target = tmp_path / "x.pt"
-    atomic_save({"v": 1}, target)
+    save_torch({"v": 1}, target)
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
-        atomic_save({"v": 2}, target)
+    with pytest.raises(ChameleonUserError):
+        save_torch({"v": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"v": 1}
 
