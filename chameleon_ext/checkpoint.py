@@ -122,6 +122,9 @@ def save_checkpoint(ckpt: dict, path: Union[str, os.PathLike]) -> str:
 
 def _keep_previous(path: str) -> None:
     prev = previous_path(path)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, prev):
+            return  # a writer killed between linking and replacing left them as one file
     tmp = io.temp_path(prev)
     try:
         try:
