@@ -168,7 +168,9 @@ class MetricsLog(Callback):
             self.loss_sum, self.skipped_total = self._before, self.skipped_total + 1
         else:
             self.good_steps += 1
-        if state.step % cfg.log_every and state.step != state.end_step:
+        # Not at stop_at: the window carries over in the checkpoint instead, so a split run
+        # logs the same lines as an uninterrupted one.
+        if state.step % cfg.log_every and state.step != cfg.steps:
             return
         distributed.all_reduce_sum_(self.loss_sum, state.group)  # equal shares of the rows
         total = float(self.loss_sum) / state.world_size  # one host sync per log step

@@ -27,139 +27,28 @@ Chameleon trains twice: a small *proxy* on the uniform mixture of the k domains
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from . import distributed, io
 from .callbacks import Batch, Callback, MetricsLog, PeriodicEval, TrainState
 from .data.sampler import WeightedDomainSampler, WeightsLike, uniform_weights
 from .errors import ChameleonUserError
-from .model import GPT, load_model, save_model
+from .evaluation import evaluate
+from .model import GPT, autocast, load_model, save_model
 from .progress import Progress
+from .train_config import TRAJECTORY_FIELDS, CosineSchedule, TrainConfig
 
 __all__ = ["TrainConfig", "CosineSchedule", "TrainingDiverged", "train", "evaluate",
            "uniform_weights"]
 
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.jsonl"
-AVERAGE_KEY = "average"
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters and bookkeeping options.
-
-    Attributes:
-        steps: optimiser steps in total (a resumed run continues up to this step).
-        batch_size: sequences per micro-batch in total over all processes (the *global*
-            micro-batch); one step sees ``batch_size * grad_accum`` sequences of
-            ``block_size`` tokens whatever the world size. Under torch.distributed it must be
-            divisible by the world size; each rank takes ``batch_size / world_size`` rows.
-        grad_accum: micro-batches accumulated per step.
-        block_size: sequence length T; default the model's ``block_size``.
-        lr, min_lr: peak and final learning rate of the cosine schedule.
-        warmup_steps: linear warm-up steps from ~0 to ``lr``.
-        weight_decay: AdamW decoupled weight decay, applied to matrices and embeddings only.
-        beta1, beta2: AdamW betas.
-        grad_clip: clip the global gradient norm to this value (0 disables).
-        eval_every: evaluate on the fixed held-out windows every this many steps and at the
-            end (0 disables evaluation).
-        eval_windows: held-out windows per domain for evaluation.
-        eval_batch_size: windows per forward pass during evaluation.
-        ckpt_every: checkpoint every this many steps (0: only at the end / at ``stop_at``).
-        seed: seeds the sampler, the evaluation windows and torch's RNG (dropout).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        out_dir: where ``ckpt.pt``, ``model.pt`` and ``metrics.jsonl`` are written.
-        log_every: log the training loss every this many steps.
-        quiet: no progress bar and no printed lines (metrics are still written).
-        max_bad_steps: stop with :class:`TrainingDiverged` after this many consecutive steps
-            whose loss or gradient is not finite (each is skipped: no update is made).
-    """
-
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    block_size: Optional[int] = None
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 0
-    eval_windows: int = 16
-    eval_batch_size: int = 16
-    ckpt_every: int = 100
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str = "runs/train"
-    log_every: int = 10
-    quiet: bool = False
-    max_bad_steps: int = 3
-
-    def __post_init__(self):
-        def need(name, ok, what):
-            if not ok:
-                raise ChameleonUserError(
-                    f"TrainConfig.{name}: expected {what}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size",
-                     "max_bad_steps"):
-            need(name, is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "eval_windows", "ckpt_every", "seed"):
-            need(name, is_int(getattr(self, name)) and getattr(self, name) >= 0,
-                 "a non-negative integer")
-        need("block_size", self.block_size is None or (is_int(self.block_size) and self.block_size > 0),
-             "None or a positive integer")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            need(name, isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                 and v >= 0, "a finite number >= 0")
-        need("lr", self.lr > 0, "a positive learning rate")
-        need("min_lr", self.min_lr <= self.lr, f"a value <= lr ({self.lr})")
-        for name in ("beta1", "beta2"):
-            need(name, isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < 1,
-                 "a value in [0, 1)")
-        need("device", isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
-                                                         or self.device.startswith("cuda:")),
-             "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        self.out_dir = os.fspath(self.out_dir)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Options that change the training trajectory: a resumed run must use the saved values.
-_TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps",
-                      "weight_decay", "beta1", "beta2", "grad_clip", "seed")
-
-
-class CosineSchedule:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``steps``: a pure function of the step, so resuming needs no state of its own."""
-
-    def __init__(self, lr: float, min_lr: float, warmup_steps: int, steps: int):
-        self.lr, self.min_lr = float(lr), float(min_lr)
-        self.warmup_steps, self.steps = int(warmup_steps), int(steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
 
 class TrainingDiverged(ChameleonUserError):
@@ -251,7 +140,7 @@ class _Trainer:
                 "resume=False")
         _check_model_config(self.model, ckpt["model_config"], f"checkpoint {path!r}")
         saved = ckpt["train_config"]
-        for key in _TRAJECTORY_FIELDS:
+        for key in TRAJECTORY_FIELDS:
             cur = self.T if key == "block_size" else getattr(cfg, key)
             old = (saved.get(key) or ckpt["model_config"]["block_size"]) if key == "block_size" \
                 else saved.get(key)
@@ -341,7 +230,7 @@ class _Trainer:
             sync = (self.ddp.no_sync() if self.ddp is not None and micro < cfg.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
-                with _autocast(self.device):
+                with autocast(self.device):
                     _, loss = self.forward(x, y)
                 # Average over micro-batches (and, via DDP, over ranks, which hold equal shares
                 # of the rows) so the gradient matches one big batch.
@@ -526,102 +415,6 @@ def train(model: GPT, dataset, weights: WeightsLike, config: TrainConfig, resume
 
 
 # ------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, n_windows: int, block_size: int, seed: int = 0,
-             device: Optional[Union[str, torch.device]] = None, batch_size: int = 16, *,
-             group: Optional[Any] = None, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Mean next-token loss and perplexity per domain on fixed held-out windows.
-
-    For each domain, ``n_windows`` windows of ``block_size + 1`` tokens are drawn from its
-    validation tokens with a generator seeded by ``(seed, domain name)``, so every call with
-    the same seed scores exactly the same tokens. The model is put in eval mode (and restored).
-
-    Under torch.distributed (``group``, default: the default group when initialised) every
-    rank of the group must call this: each domain's windows are split across the ranks with
-    :func:`~chameleon_ext.distributed.shard_range`, the loss sums and token counts are
-    all-reduced, and every rank returns the same result, equal (up to float rounding, ~1e-7)
-    to a single process's.
-
-    Args:
-        device: where to run; None uses the model's current device, ``"auto"`` prefers CUDA
-            (the model is moved there; ``cuda:LOCAL_RANK`` under torch.distributed).
-        group: the process group to evaluate over.
-        progress: show progress over the domains (rank 0).
-
-    Returns:
-        ``{domain: {"loss", "ppl"}}`` for every domain, plus ``"average"``: ``{"loss": mean of
-        the domain losses, "ppl": exp of that, "mean_ppl": mean of the domain perplexities}``
-        (the paper reports the mean perplexity over domains).
-
-    Raises:
-        ChameleonUserError: a domain's validation split is shorter than one window, or a domain
-            is named ``"average"``.
-        RuntimeError: another rank failed during the evaluation (that rank raises its own error).
-    """
-    if AVERAGE_KEY in dataset.domains:
-        raise ChameleonUserError(
-            f"evaluate: a domain is named {AVERAGE_KEY!r}, which collides with the average "
-            "entry of the results; rename that domain folder")
-    if int(n_windows) <= 0:
-        raise ChameleonUserError(f"n_windows: expected a positive integer, got {n_windows!r}")
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # plain forwards: no DDP hooks or collectives per batch
-    di = distributed.info(group)
-    names = list(dataset.domains)
-    k = len(names)
-    acc = torch.zeros(2, k, dtype=torch.float64)  # per domain: loss sum, token count (exact < 2**53)
-    was_training = model.training
-    bar = Progress(k, desc="eval", unit="domain", enabled=progress and di.is_main, plain_every=0.25)
-
-    def run():
-        dev = distributed.resolve_device(device, model, group)
-        model.to(dev)
-        model.eval()
-        for j, name in enumerate(names):
-            rng = np.random.default_rng([int(seed), _stable_domain_int(name)])
-            windows = dataset.sample_windows(name, int(n_windows), int(block_size) + 1, rng,
-                                             split="val")
-            mine = distributed.shard_range(windows.shape[0], di.rank, di.world_size)
-            windows = windows[mine.start:mine.stop]
-            for i in range(0, windows.shape[0], batch_size):
-                w = torch.from_numpy(windows[i:i + batch_size]).to(dev)
-                with _autocast(dev):
-                    logits, _ = model(w[:, :-1])
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                       w[:, 1:].reshape(-1), reduction="sum")
-                acc[0, j] += float(loss)
-                acc[1, j] += w[:, 1:].numel()
-            bar.update(1)
-
-    error = None
-    try:
-        run()
-    except Exception as exc:  # all ranks still meet in agree below
-        if di.world_size == 1:
-            raise
-        error = exc
-    finally:
-        model.train(was_training)
-        bar.close()
-    if di.world_size > 1:
-        distributed.agree(error, "evaluating", group)
-        red = acc.to(distributed.collective_device(group))
-        acc = distributed.all_reduce_sum_(red, group).cpu()
-    results: dict[str, dict[str, float]] = {}
-    for j, name in enumerate(names):
-        mean = float(acc[0, j]) / float(acc[1, j])
-        results[name] = {"loss": mean, "ppl": math.exp(mean)}
-    losses = [r["loss"] for r in results.values()]
-    avg = sum(losses) / len(losses)
-    results[AVERAGE_KEY] = {"loss": avg, "ppl": math.exp(avg),
-                            "mean_ppl": sum(r["ppl"] for r in results.values()) / len(losses)}
-    return results
-
-
-# ------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -633,14 +426,6 @@ def _rank_seed(seed: int, rank: int) -> int:
     if rank == 0:
         return int(seed)
     return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA only: tensor cores make it ~2x faster there with a float32 loss;
-    # CPU bf16 matmuls are slow on most CPUs and would break the bitwise resume tests.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -655,11 +440,6 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kw)
 
 
-def _stable_domain_int(name: str) -> int:
-    # Keyed by name, not index, so adding a domain leaves the others' eval windows unchanged.
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
-
-
 def _settle_ddp_buckets(ddp: torch.nn.Module, model: GPT, rows: int, T: int,
                         device: torch.device) -> None:
     """One synchronised forward/backward of a zero loss, so that DDP's gradient buckets are
@@ -672,7 +452,7 @@ def _settle_ddp_buckets(ddp: torch.nn.Module, model: GPT, rows: int, T: int,
     model.eval()
     try:
         x = torch.zeros(rows, T, dtype=torch.long, device=device)
-        with _autocast(device):
+        with autocast(device):
             _, loss = ddp(x, x)
         (loss * 0.0).backward()
     finally:
