@@ -392,6 +392,8 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     naming the file and the fault.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ChameleonUserError(f"model path {path!r} does not exist")
     obj = io.read_torch(path, "model file")
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         cfg, sd, digest = obj["config"], obj["state_dict"], obj.get("sha256")
