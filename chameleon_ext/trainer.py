@@ -37,15 +37,14 @@ import torch
 from . import checkpoint as ckpt_io
 from . import distributed, io
 from .callbacks import Batch, Callback, MetricsLog, PeriodicEval, TrainState
-from .data.sampler import WeightedDomainSampler, WeightsLike, uniform_weights
+from .data.sampler import WeightedDomainSampler, WeightsLike
 from .errors import ChameleonUserError
 from .evaluation import evaluate
 from .model import GPT, autocast, load_model, save_model
 from .progress import Progress
 from .train_config import TRAJECTORY_FIELDS, CosineSchedule, TrainConfig
 
-__all__ = ["TrainConfig", "CosineSchedule", "TrainingDiverged", "train", "evaluate",
-           "uniform_weights"]
+__all__ = ["TrainConfig", "CosineSchedule", "TrainingDiverged", "train", "evaluate"]
 
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.jsonl"
