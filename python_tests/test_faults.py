@@ -191,3 +191,28 @@ def test_resubmitted_finished_run_exits_zero(data, tmp_path, capsys):
     code, o, err = _train(data, out, capsys, steps=2)
     assert code == 0 and "past" in o and "step 3" in o and err == ""
     assert (out / "ckpt.pt").read_bytes() == ckpt
+
+
+# -- 15: an --out that cannot hold the run fails before any work ---------------------------------
+
+
+def test_out_that_is_a_file_is_one_line(data, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    code, _, err = _train(data, out, capsys, steps=2)
+    line = _one_line(err)
+    assert code == 2 and str(out) in line and "existing file" in line
+    assert out.read_text() == "not a folder"
+
+
+# -- 9: --init-from does not change --block-size silently ----------------------------------------
+
+
+def test_init_from_smaller_block_size_is_stated(data, tmp_path, capsys):
+    model = GPT(GPTConfig.preset("tiny", 257, 8))
+    save_model(tmp_path / "small.pt", model)
+    code = main(["train", "--data", data, "--out", str(tmp_path / "ft"), "--steps", "1",
+                 *TRAIN, "--init-from", str(tmp_path / "small.pt")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "--block-size 16 exceeds the block size 8 of --init-from" in out
