@@ -207,11 +207,17 @@ class _Trainer:
             start_step=self.step, end_step=end, progress=self.progress, evaluate=self.evaluate,
             tokens_per_step=cfg.batch_size * cfg.grad_accum * self.T)
         # Forward hooks for callbacks that asked for hidden states: they capture the layer's
-        # output during the training forward itself, so no extra pass is needed.
+        # output during the training forward itself, so no extra pass is needed (and nothing
+        # during evaluation, which runs in eval mode).
         self._captured: dict = {}
+
+        def capture(module, args, out, layer):
+            if module.training:
+                self._captured[layer] = out.detach()
+
         for layer in sorted({cb.hidden_layer for cb in self.callbacks if cb.hidden_layer is not None}):
             self._hooks.append(self.model.hidden_module(layer).register_forward_hook(
-                lambda mod, args, out, layer=layer: self._captured.__setitem__(layer, out.detach())))
+                lambda m, a, out, layer=layer: capture(m, a, out, layer)))
         for cb in self.callbacks:
             cb.on_train_start(self.state)
 
