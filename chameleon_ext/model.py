@@ -422,6 +422,18 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     return model.to(map_location)
 
 
+def check_same_config(model: "GPT", saved: Mapping[str, Any], source: str) -> None:
+    """Raise ChameleonUserError naming ``source`` unless the config ``saved`` (a dict) equals
+    ``model``'s."""
+    cur = model.config.to_dict()
+    diff = [k for k in cur if cur[k] != saved.get(k)]
+    if diff:
+        k = diff[0]
+        raise ChameleonUserError(
+            f"{source}: model {k} is {saved.get(k)!r} there but {cur[k]!r} in the given model; "
+            "build the model with the same configuration")
+
+
 def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise ChameleonUserError naming ``source`` unless ``sd`` has exactly ``model``'s tensor
     names and shapes and only finite floating-point values."""

@@ -101,6 +101,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check_resumable(self, saved: dict, block_size: int, saved_block_size: int) -> None:
+        """Raise unless this config continues the trajectory of ``saved`` (a checkpoint's
+        config): the options in :data:`TRAJECTORY_FIELDS` must be equal; ``steps`` may grow."""
+        for key in TRAJECTORY_FIELDS:
+            cur, old = ((block_size, saved_block_size) if key == "block_size"
+                        else (getattr(self, key), saved.get(key)))
+            if cur != old:
+                raise ChameleonUserError(
+                    f"TrainConfig.{key} is {cur!r} but the checkpoint in {self.out_dir!r} was "
+                    f"trained with {old!r}; use the same value to resume, or a new out_dir / "
+                    "resume=False")
+
 
 # Options that change the training trajectory: a resumed run must use the saved values.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps",

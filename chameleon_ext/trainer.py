@@ -40,9 +40,9 @@ from .callbacks import Batch, Callback, MetricsLog, PeriodicEval, TrainState
 from .data.sampler import WeightedDomainSampler, WeightsLike
 from .errors import ChameleonUserError
 from .evaluation import evaluate
-from .model import GPT, autocast, load_model, save_model
+from .model import GPT, autocast, check_same_config, load_model, save_model
 from .progress import Progress
-from .train_config import TRAJECTORY_FIELDS, CosineSchedule, TrainConfig
+from .train_config import CosineSchedule, TrainConfig
 
 __all__ = ["TrainConfig", "CosineSchedule", "TrainingDiverged", "train", "evaluate"]
 
@@ -61,8 +61,8 @@ class TrainingDiverged(ChameleonUserError):
 class _Trainer:
     """One run of :func:`train`: set-up, resume or initialise, steps, evaluation, saving."""
 
-    def __init__(self, model: GPT, dataset, weights: WeightsLike, cfg: TrainConfig,
-                 callbacks: Sequence[Callback], group: Optional[Any]):
+    def __init__(self, model: GPT, dataset, cfg: TrainConfig, callbacks: Sequence[Callback],
+                 group: Optional[Any]):
         self.model, self.dataset, self.cfg, self.group = model, dataset, cfg, group
         di = distributed.info(group)
         self.rank, self.world, self.is_main = di.rank, di.world_size, di.rank == 0
@@ -137,17 +137,9 @@ class _Trainer:
                 f"has world size {self.world}; resume with {w} process(es) in total (torchrun "
                 f"--nnodes N --nproc_per_node M with N * M = {w}), or use a new out_dir / "
                 "resume=False")
-        _check_model_config(self.model, ckpt["model_config"], f"checkpoint {path!r}")
+        check_same_config(self.model, ckpt["model_config"], f"checkpoint {path!r}")
         saved = ckpt["train_config"]
-        for key in TRAJECTORY_FIELDS:
-            cur = self.T if key == "block_size" else getattr(cfg, key)
-            old = (saved.get(key) or ckpt["model_config"]["block_size"]) if key == "block_size" \
-                else saved.get(key)
-            if cur != old:
-                raise ChameleonUserError(
-                    f"TrainConfig.{key} is {cur!r} but the checkpoint in {cfg.out_dir!r} was "
-                    f"trained with {old!r}; use the same value to resume, or a new out_dir / "
-                    "resume=False")
+        cfg.check_resumable(saved, self.T, saved.get("block_size") or ckpt["model_config"]["block_size"])
         changed = [d for d, f in ckpt["fingerprints"].items() if self.fingerprints.get(d) != f]
         if changed:
             self.notices.append(
@@ -178,7 +170,7 @@ class _Trainer:
     def initialise(self, init_from) -> None:
         if init_from is not None:
             src = load_model(init_from)  # verified: hash, shapes, finite weights
-            _check_model_config(self.model, src.config.to_dict(), f"init_from {os.fspath(init_from)!r}")
+            check_same_config(self.model, src.config.to_dict(), f"init_from {os.fspath(init_from)!r}")
             with torch.no_grad():
                 self.model.load_state_dict(src.state_dict())
             self.notices.append(f"initialised from {os.fspath(init_from)}")
@@ -400,7 +392,7 @@ def train(model: GPT, dataset, weights: WeightsLike, config: TrainConfig, resume
             "torch.distributed is not initialised; call chameleon_ext.distributed."
             "init_from_env() first, otherwise every process would train alone and write the "
             "same out_dir")
-    t = _Trainer(model, dataset, weights, config, callbacks, group)
+    t = _Trainer(model, dataset, config, callbacks, group)
     try:
         seen = t.collective("setting up training", lambda: t.setup(weights, resume), flag=bool)
         t.collective("loading the checkpoint / starting the run",
@@ -411,7 +403,7 @@ def train(model: GPT, dataset, weights: WeightsLike, config: TrainConfig, resume
         t.run(end)
     finally:
         t.close()
-    done = t.step >= config.steps and os.path.exists(t.model_path)
+    done = t.step >= config.steps
     return {"step": t.step, "loss": t.metrics.last_loss, "eval": t.metrics.last_eval,
             "tokens": t.step * config.batch_size * config.grad_accum * t.T,
             "checkpoint": t.ckpt_path, "model_path": t.model_path if done else None,
@@ -463,13 +455,3 @@ def _settle_ddp_buckets(ddp: torch.nn.Module, model: GPT, rows: int, T: int,
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-
-
-def _check_model_config(model: GPT, saved, source: str) -> None:
-    cur = model.config.to_dict()
-    diff = [k for k in cur if cur[k] != saved.get(k)]
-    if diff:
-        k = diff[0]
-        raise ChameleonUserError(
-            f"{source}: model {k} is {saved.get(k)!r} there but {cur[k]!r} in the given model; "
-            "build the model with the same configuration")
