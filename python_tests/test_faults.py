@@ -216,3 +216,19 @@ def test_init_from_smaller_block_size_is_stated(data, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "--block-size 16 exceeds the block size 8 of --init-from" in out
+
+
+def test_previous_checkpoint_is_copied_where_hard_links_fail(tmp_path, monkeypatch):
+    from chameleon_ext.checkpoint import _keep_previous
+
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"old checkpoint")
+
+    def no_links(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    _keep_previous(str(ckpt))
+    assert (tmp_path / "ckpt.prev.pt").read_bytes() == b"old checkpoint"
+    assert not os.path.samefile(ckpt, tmp_path / "ckpt.prev.pt")
+    assert _temps(tmp_path) == []
