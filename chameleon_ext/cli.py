@@ -284,10 +284,17 @@ def cmd_train(args) -> int:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
     cfg = _train_config(args, args.out, args.steps, eval_at_end=True)
+    if args.init_from and cfg.block_size and cfg.block_size > block:
+        _say(f"note: --block-size {cfg.block_size} exceeds the block size {block} of --init-from "
+             f"{args.init_from}; training with sequences of {block} tokens")
     cfg.block_size = min(cfg.block_size or block, block)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
     result = train(model, ds, weights, cfg, init_from=args.init_from)
-    _say(f"trained to step {result['step']}, loss {result['loss']:.4f}; model at {result['model_path']}")
+    if result["complete"]:
+        _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
+        return 0
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+    _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")
     return 0
 
 

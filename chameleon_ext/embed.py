@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
@@ -26,9 +25,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, io
 from .errors import ChameleonUserError
 from .ops import domain_mean_pool, masked_mean_pool
+from .progress import Progress
 
 __all__ = ["EmbedConfig", "DomainEmbeddings", "embed_domains", "window_starts", "load_domain_embeddings"]
 
@@ -79,19 +79,16 @@ class DomainEmbeddings:
 
     def save(self, path: str) -> None:
         """``{"domains": [...], "embeddings": Tensor[k, d], ...}``, written atomically."""
-        from .io import save_torch
-
-        save_torch(self.to_dict(), path, "embeddings file")
+        io.save_torch(self.to_dict(), path, "embeddings file")
 
 
 def load_domain_embeddings(path: str) -> DomainEmbeddings:
     """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`; every way its
     content can be unusable (names, shape, dtype, NaN/Inf, overflow) is an error naming the file."""
     from .manifest import check_member
-    from .model import read_torch_file
     from .weights import linear_affinity
 
-    obj = read_torch_file(path, "embeddings file")
+    obj = io.read_torch(path, "embeddings file")
     if not isinstance(obj, dict) or "domains" not in obj or "embeddings" not in obj:
         raise ChameleonUserError(
             f"embeddings file {path!r} holds no 'domains' and 'embeddings'; expected a domain_embeddings.pt "
@@ -171,7 +168,7 @@ def _read_cache(cache_dir: Optional[str], key: str, name: str):
     if not os.path.exists(path):
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = io.read_torch(path, "embedding cache entry")
         ok = (
             obj.get("format") == CACHE_FORMAT
             and obj.get("key") == key
@@ -190,29 +187,15 @@ def _read_cache(cache_dir: Optional[str], key: str, name: str):
 def _write_cache(cache_dir: Optional[str], key: str, name: str, total: torch.Tensor, count: int) -> None:
     if cache_dir is None:
         return
-    from .model import atomic_save
-
-    os.makedirs(cache_dir, exist_ok=True)
     total = total.detach().double().cpu()
-    atomic_save(
+    io.save_torch(
         {"format": CACHE_FORMAT, "key": key, "domain": name, "sum": total, "count": int(count),
          "sha256": _entry_digest(total, count)},
-        _cache_path(cache_dir, key),
+        _cache_path(cache_dir, key), "embedding cache entry",
     )
 
 
 # --------------------------------------------------------------------------- embedding
-
-
-def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.info().local_rank)
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ChameleonUserError("device: 'cuda' was requested but CUDA is not available")
-    return dev
 
 
 def _retokenise(tokenizer, windows: np.ndarray, length: int) -> List[List[int]]:
@@ -263,7 +246,7 @@ def embed_domains(
         raise ChameleonUserError(f"window: {cfg.window} tokens exceed the proxy's block_size {block}")
     layer = model.default_embedding_layer if cfg.layer is None else cfg.layer
 
-    dev = _resolve_device(device)
+    dev = distributed.resolve_device("auto" if device is None else device, group=group)
     precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
     me = distributed.info(group)
     proxy_hash = model.content_hash
@@ -291,6 +274,9 @@ def embed_domains(
 
 
 def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, attention_mask=None) -> torch.Tensor:
+    # bf16 autocast on CUDA: the embedding is a mean over thousands of windows, so bf16's
+    # rounding averages out, and it halves the proxy's memory traffic; CPU bf16 matmuls are
+    # slow on most CPUs, so CPU stays fp32 (the cache key records the precision either way).
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         return model.hidden_states(ids, layer, attention_mask=attention_mask)
 
@@ -303,17 +289,8 @@ def _work_items(dataset, cfg: EmbedConfig, todo: Sequence[str], me) -> tuple:
     return share, starts
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int, what: str):
-        self.enabled, self.total, self.what = enabled, total, what
-        self.done, self.t0, self.tokens = 0, time.perf_counter(), 0
-
-    def update(self, n: int, tokens: int) -> None:
-        self.done += n
-        self.tokens += tokens
-        if self.enabled and (self.done == self.total or self.done % max(1, self.total // 10) < n):
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            print(f"[embed] {self.what}: {self.done}/{self.total} windows, {self.tokens / dt:,.0f} tokens/s", flush=True)
+def _progress(enabled: bool, total: int, what: str) -> Progress:
+    return Progress(total, desc=f"[embed] {what}", unit="window", enabled=enabled, plain_every=0.1)
 
 
 @torch.inference_mode()
@@ -322,7 +299,8 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
     share, starts = _work_items(dataset, cfg, todo, me)
     H = None
     sums = counts = None
-    bar = _Progress(progress and me.is_main, len(share), f"rank {me.rank}")
+    bar = _progress(progress and me.is_main, len(share), f"rank {me.rank}")
+    tokens = 0
     items = list(share)
     for b0 in range(0, len(items), cfg.batch_size):
         chunk = items[b0 : b0 + cfg.batch_size]
@@ -340,11 +318,13 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
             counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
         sums += s.double()
         counts += c
-        bar.update(len(chunk), ids.numel())
+        tokens += ids.numel()
+        bar.update(len(chunk), f"{tokens / max(bar.elapsed(), 1e-9):,.0f} tokens/s")
     if sums is None:  # this rank had no work (more ranks than windows)
         H = _hidden_size(model)
         sums = torch.zeros(len(todo), H, dtype=torch.float64, device=dev)
         counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
+    bar.close()
     distributed.all_reduce_sum_(sums, group)
     distributed.all_reduce_sum_(counts, group)
     return {n: (sums[i].cpu(), int(counts[i])) for i, n in enumerate(todo)}
@@ -368,7 +348,8 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress)
     share = [batches[i] for i in distributed.shard_range(len(batches), me.rank, me.world_size)]
     rows = []  # (domain index, window vector) for this rank, in window order
     n_items = sum(min(cfg.batch_size, cfg.n_windows - j) for _, j in share)
-    bar = _Progress(progress and me.is_main, n_items, f"rank {me.rank} (reference pooling)")
+    bar = _progress(progress and me.is_main, n_items, f"rank {me.rank} (reference pooling)")
+    tokens = 0
     for d, j in share:
         name = todo[d]
         windows = dataset.windows_at(name, starts[name][j : j + cfg.batch_size], cfg.window, cfg.split)
@@ -377,11 +358,10 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress)
                           attention_mask=torch.from_numpy(mask).to(dev))
         pooled = masked_mean_pool(hidden, None).double().cpu().numpy()  # padding included, as the reference
         rows.extend((d, v) for v in pooled)
-        bar.update(len(windows), ids.size)
-    if distributed.is_distributed(group):
-        gathered = [None] * me.world_size
-        torch.distributed.all_gather_object(gathered, rows, group=group)
-        rows = [r for part in gathered for r in part]
+        tokens += ids.size
+        bar.update(len(windows), f"{tokens / max(bar.elapsed(), 1e-9):,.0f} tokens/s")
+    bar.close()
+    rows = [r for part in distributed.gather_objects(rows, group) for r in part]
     out = {}
     for d, name in enumerate(todo):
         vecs = np.stack([v for dd, v in rows if dd == d])

@@ -102,6 +102,13 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def temp_path(path: PathLike) -> str:
+    """A fresh temp name beside ``path`` that :func:`remove_stale_temps` recognises (for
+    writers that must place a file by other means than :func:`atomic_write`, e.g. a link)."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return _temp_name(folder, base)
+
+
 def _temp_name(folder: str, base: str) -> str:
     # Host and pid in the name let a later run tell a dead writer's leftovers from a live one's.
     return os.path.join(folder, f".{base}.{_HOST}.{os.getpid()}.{os.urandom(4).hex()}{_TMP_TAG}")

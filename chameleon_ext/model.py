@@ -15,11 +15,11 @@ the blocks up to the requested layer. The reference picks ``hidden_states[len(hi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import operator
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import io
 from .errors import ChameleonUserError
 
 __all__ = [
     "GPTConfig",
     "GPT",
     "HFCausalLM",
-    "atomic_save",
     "load_hf_model",
     "load_model",
     "save_model",
@@ -227,6 +227,18 @@ class GPT(nn.Module):
         """
         return state_dict_sha256(self.state_dict())
 
+    def hidden_module(self, layer: int) -> nn.Module:
+        """The submodule whose output is :meth:`hidden_states` at ``layer`` during a plain
+        :meth:`forward` (the trainer hooks it for callbacks that ask for a layer): the
+        embedding dropout for 0, block ``layer`` for 1..n_layer-1, and the final LayerNorm
+        for ``n_layer`` (Hugging Face's last hidden state has it applied)."""
+        layer = _check_layer(layer, self.config.n_layer)
+        if layer == 0:
+            return self.drop
+        if layer == self.config.n_layer:
+            return self.ln_f
+        return self.blocks[layer - 1]
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
@@ -289,6 +301,18 @@ class GPT(nn.Module):
         return x
 
 
+def autocast(device: torch.device):
+    """The precision the trainer and evaluation run the model in on ``device``.
+
+    bf16 autocast on CUDA: tensor cores make it about twice as fast there, and the loss is
+    still computed in float32 (:func:`next_token_loss`). CPU stays float32: bf16 matmuls are
+    slow on most CPUs and would break the bitwise resume tests.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def next_token_loss(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Mean cross-entropy of logits ``[B, T, V]`` against targets ``[B, T]`` (-1 ignored), in
     float32 whatever the logits' dtype; None without targets."""
@@ -332,7 +356,7 @@ def _attention_mask_4d(attention_mask: Optional[torch.Tensor], idx: torch.Tensor
     return mask | (torch.eye(T, dtype=torch.bool, device=idx.device)[None, None] & no_key)
 
 
-# -- hashing and checkpoint I/O --------------------------------------------------------------
+# -- hashing and the model file --------------------------------------------------------------
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -348,73 +372,14 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
-
-    Writes to a temp file in the same folder, fsyncs it, then ``os.replace``s it over ``path``
-    (atomic on POSIX), and fsyncs the folder so the rename survives a power loss. If anything
-    fails, the previous ``path`` is left untouched and the temp file is removed.
-    """
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
-
-
-def torch_load_failure(exc: BaseException) -> str:
-    """One line saying why ``torch.load(..., weights_only=True)`` failed, without torch's
-    multi-line advice to switch ``weights_only`` off."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        return "it is not a file of tensors written by torch.save (not a chameleon_ext file?)"
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-
-
-def read_torch_file(path: Union[str, os.PathLike], what: str):
-    """``torch.load(path, weights_only=True)`` on CPU, with one-line user errors naming ``what``
-    (e.g. "model file") for a missing or unreadable file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ChameleonUserError(f"{what} {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChameleonUserError(f"{what} {path!r} cannot be read: {torch_load_failure(exc)}") from exc
-
-
 def save_model(path: Union[str, os.PathLike], model: GPT) -> str:
     """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash."""
     if not isinstance(model, GPT):
         raise ChameleonUserError(f"model: expected a GPT, got {type(model).__name__}")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = state_dict_sha256(sd)
-    atomic_save({"format": MODEL_FORMAT, "config": model.config.to_dict(), "state_dict": sd,
-                 "sha256": digest}, path)
+    io.save_torch({"format": MODEL_FORMAT, "config": model.config.to_dict(), "state_dict": sd,
+                   "sha256": digest}, path, "model file")
     return digest
 
 
@@ -422,12 +387,14 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     """Load a model written by :func:`save_model` or a trainer checkpoint (``ckpt.pt``).
 
     The stored sha256 is verified, so a corrupted file is reported rather than silently used;
-    the result's :attr:`GPT.content_hash` equals it.
+    the result's :attr:`GPT.content_hash` equals it. A file whose configuration, tensor names
+    or shapes do not make a :class:`GPT`, or whose weights are not all finite, is an error
+    naming the file and the fault.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ChameleonUserError(f"model path {path!r} does not exist")
-    obj = read_torch_file(path, "model file")
+    obj = io.read_torch(path, "model file")
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         cfg, sd, digest = obj["config"], obj["state_dict"], obj.get("sha256")
     elif isinstance(obj, dict) and "model" in obj and "model_config" in obj:  # trainer checkpoint
@@ -436,11 +403,57 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
         raise ChameleonUserError(
             f"model file {path!r} is not a chameleon_ext model or training checkpoint"
         )
+    if not isinstance(cfg, Mapping):
+        raise ChameleonUserError(
+            f"model file {path!r}: its config is {type(cfg).__name__}, expected a mapping of "
+            "GPTConfig fields")
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ChameleonUserError(
+            f"model file {path!r}: its weights are a {type(sd).__name__}, expected a state dict "
+            "(a mapping of names to tensors)")
     if digest is not None and state_dict_sha256(sd) != digest:
         raise ChameleonUserError(f"model file {path!r} is corrupted: its content hash does not match")
-    model = GPT(GPTConfig.from_dict(cfg))
+    try:
+        model = GPT(GPTConfig.from_dict(cfg))
+    except (ChameleonUserError, TypeError) as exc:
+        raise ChameleonUserError(f"model file {path!r}: bad config: {exc}") from exc
+    check_state_dict(model, sd, f"model file {path!r}")
     model.load_state_dict(sd)
     return model.to(map_location)
+
+
+def check_same_config(model: "GPT", saved: Mapping[str, Any], source: str) -> None:
+    """Raise ChameleonUserError naming ``source`` unless the config ``saved`` (a dict) equals
+    ``model``'s."""
+    cur = model.config.to_dict()
+    diff = [k for k in cur if cur[k] != saved.get(k)]
+    if diff:
+        k = diff[0]
+        raise ChameleonUserError(
+            f"{source}: model {k} is {saved.get(k)!r} there but {cur[k]!r} in the given model; "
+            "build the model with the same configuration")
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ChameleonUserError naming ``source`` unless ``sd`` has exactly ``model``'s tensor
+    names and shapes and only finite floating-point values."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    if missing:
+        raise ChameleonUserError(f"{source}: missing weights {missing[:3]}"
+                                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ChameleonUserError(f"{source}: unexpected weights {extra[:3]}"
+                                 + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
+    for name, t in want.items():
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise ChameleonUserError(
+                f"{source}: weight {name!r} has shape {list(sd[name].shape)}, the config needs "
+                f"{list(t.shape)}")
+        if sd[name].is_floating_point() and not bool(torch.isfinite(sd[name]).all()):
+            raise ChameleonUserError(
+                f"{source}: weight {name!r} holds NaN or infinite values (a diverged run?)")
 
 
 # -- Hugging Face adapter --------------------------------------------------------------------

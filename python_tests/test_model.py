@@ -255,3 +255,53 @@ def test_load_hf_model_errors(tmp_path):
     except ImportError:
         with pytest.raises(ChameleonUserError, match="transformers"):
             load_hf_model(tmp_path)
+
+
+def _write_model_file(path, config, state_dict, with_hash=True):
+    obj = {"format": "chameleon_ext.gpt/1", "config": config, "state_dict": state_dict}
+    if with_hash and isinstance(state_dict, dict):
+        obj["sha256"] = state_dict_sha256(state_dict)
+    torch.save(obj, path)
+    return str(path)
+
+
+def _malformed(model):
+    cfg, sd = model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+    shrunk = dict(sd, **{"blocks.0.attn.c_attn.weight": sd["blocks.0.attn.c_attn.weight"][:-1]})
+    nan = dict(sd)
+    nan["blocks.1.mlp.c_fc.weight"] = sd["blocks.1.mlp.c_fc.weight"].clone()
+    nan["blocks.1.mlp.c_fc.weight"][2, 3] = float("nan")
+    missing = {k: v for k, v in sd.items() if k != "ln_f.bias"}
+    return {
+        "config None": (None, sd, "its config is NoneType"),
+        "config missing a field": ({k: v for k, v in cfg.items() if k != "n_head"}, sd, "bad config"),
+        "config with a bad value": (dict(cfg, n_layer=0), sd, "GPTConfig.n_layer"),
+        "a list for a state dict": (cfg, list(sd.values()), "its weights are a list"),
+        "wrong shape": (cfg, shrunk, "'blocks.0.attn.c_attn.weight' has shape"),
+        "missing key": (cfg, missing, "missing weights ['ln_f.bias']"),
+        "unexpected key": (cfg, dict(sd, extra=torch.zeros(1)), "unexpected weights ['extra']"),
+        "NaN in a used weight": (cfg, nan, "'blocks.1.mlp.c_fc.weight' holds NaN"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_malformed(_tiny())))
+def test_malformed_model_files_name_the_file_and_fault(tmp_path, case):
+    cfg, sd, fault = _malformed(_tiny())[case]
+    path = _write_model_file(tmp_path / "m.pt", cfg, sd)
+    with pytest.raises(ChameleonUserError) as ei:
+        load_model(path)
+    msg = str(ei.value)
+    assert path in msg and fault in msg and "\n" not in msg
+
+
+def test_hidden_module_output_is_hidden_states_at_that_layer():
+    model = _tiny(n_layer=3)
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    for layer in range(4):
+        seen = []
+        h = model.hidden_module(layer).register_forward_hook(lambda m, a, out: seen.append(out))
+        model(idx)
+        h.remove()
+        torch.testing.assert_close(seen[0], model.hidden_states(idx, layer), rtol=0, atol=0)
+    with pytest.raises(ChameleonUserError, match="layer"):
+        model.hidden_module(4)

@@ -12,15 +12,12 @@ import torch
 
 from chameleon_ext.data import load_dataset
 from chameleon_ext.errors import ChameleonUserError
-from chameleon_ext.model import GPT, GPTConfig, atomic_save, load_model, save_model
-from chameleon_ext.trainer import (
-    TrainConfig,
-    WeightedDomainSampler,
-    evaluate,
-    load_checkpoint,
-    normalize_weights,
-    train,
-)
+from chameleon_ext.checkpoint import load_checkpoint
+from chameleon_ext.data.sampler import WeightedDomainSampler, normalize_weights
+from chameleon_ext.io import save_torch
+from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
+from chameleon_ext.callbacks import Callback
+from chameleon_ext.trainer import TrainConfig, TrainingDiverged, evaluate, train
 
 BLOCK = 16
 
@@ -198,19 +195,20 @@ def test_atomic_checkpoint_survives_crash_during_save(dataset, tmp_path, monkeyp
         raise OSError("simulated crash / disk full during save")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ChameleonUserError, match="simulated"):
         train(_model(), dataset, "uniform", _cfg(out, steps=8, ckpt_every=2), stop_at=4)
     monkeypatch.undo()
     assert (out / "ckpt.pt").read_bytes() == before
     assert load_checkpoint(out / "ckpt.pt")["step"] == 2
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]  # no temp files left
+    # no temp files left; the previous checkpoint is kept beside it
+    assert sorted(os.listdir(out)) == ["ckpt.prev.pt", "ckpt.pt", "metrics.jsonl"]
 
-    # atomic_save directly: the old file stays when the write fails
+    # save_torch directly: the old file stays when the write fails
     target = tmp_path / "x.pt"
-    atomic_save({"v": 1}, target)
+    save_torch({"v": 1}, target)
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
-        atomic_save({"v": 2}, target)
+    with pytest.raises(ChameleonUserError):
+        save_torch({"v": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"v": 1}
 
@@ -317,3 +315,125 @@ def test_save_model_of_trained_proxy_is_loadable(dataset, tmp_path):
     loaded = load_model(res["model_path"])
     assert loaded.content_hash == m.content_hash
     assert save_model(tmp_path / "again.pt", loaded) == m.content_hash
+
+
+# -- logged metrics resume exactly (issue 8, item 14) -------------------------------------------
+
+
+def _records(path):
+    recs = [json.loads(line) for line in open(path)]
+    for r in recs:
+        r.pop("tokens_per_s", None)  # wall-clock
+    return recs
+
+
+def test_logged_metrics_after_resume_equal_an_uninterrupted_run(dataset, tmp_path):
+    kw = dict(steps=9, log_every=4, eval_every=3, eval_windows=2)  # checkpoint mid-window
+    train(_model(), dataset, "uniform", _cfg(tmp_path / "a", **kw))
+    train(_model(), dataset, "uniform", _cfg(tmp_path / "b", **kw), stop_at=2)
+    train(_model(), dataset, "uniform", _cfg(tmp_path / "b", **kw), stop_at=6)
+    res = train(_model(), dataset, "uniform", _cfg(tmp_path / "b", **kw))
+    a, b = _records(tmp_path / "a" / "metrics.jsonl"), _records(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in a if r["kind"] == "train"] == [4, 8, 9]
+    assert a == b
+    assert res["loss"] == a[-2]["loss"] and res["eval"] == a[-1]["eval"]
+
+
+def test_resume_notices_changed_domain_text(dataset, tmp_path):
+    import shutil
+
+    from chameleon_ext.data import load_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset.path, root, ignore=shutil.ignore_patterns(".chameleon_cache"))
+    train(_model(), load_dataset(root), "uniform", _cfg(tmp_path / "run"), stop_at=2)
+    with open(root / "dna" / "data.txt", "a", encoding="utf-8") as f:
+        f.write("ACGTTGCA" * 20)
+    res = train(_model(), load_dataset(root), "uniform", _cfg(tmp_path / "run"))
+    assert any("['dna'] changed" in n for n in res["notices"]), res["notices"]
+    res = train(_model(), load_dataset(root), "uniform", _cfg(tmp_path / "run"))
+    assert res["complete"] and "complete" in res["notices"][-1]
+
+
+# -- callbacks ----------------------------------------------------------------------------------
+
+
+class _Recorder(Callback):
+    """Checks the hidden states against the model's own hidden_states(), switches the mixture
+    to one domain at step 3, and counts steps in state that must survive a resume."""
+
+    hidden_layer = 1
+
+    def __init__(self):
+        self.steps_seen, self.domains, self.hidden_ok, self.events = 0, [], [], []
+
+    def on_batch(self, state, batch):
+        ref = state.model.hidden_states(batch.x, self.hidden_layer)  # params not yet updated
+        self.hidden_ok.append(torch.equal(batch.hidden[1], ref.detach()))
+        self.domains.append((state.step + 1, batch.domain.tolist()))
+
+    def on_step_end(self, state):
+        self.steps_seen += 1
+        if state.step == 3:
+            state.set_weights({"alpha": 0, "digits": 0, "dna": 1, "zeta": 0})
+
+    def on_eval(self, state, metrics):
+        self.events.append(("eval", state.step, sorted(metrics)))
+
+    def on_save(self, state):
+        self.events.append(("save", state.step))
+
+    def state_dict(self):
+        return {"steps_seen": self.steps_seen}
+
+    def load_state_dict(self, state):
+        self.steps_seen = state["steps_seen"]
+
+
+def test_callbacks_see_hidden_states_domains_and_change_weights(dataset, tmp_path):
+    rec = _Recorder()
+    train(_model(), dataset, "uniform", _cfg(tmp_path, steps=6, ckpt_every=2, eval_every=3,
+                                                eval_windows=2), callbacks=[rec])
+    assert len(rec.hidden_ok) == 6 and all(rec.hidden_ok)
+    dna = dataset.domains.index("dna")
+    assert all(d == dna for step, doms in rec.domains if step > 3 for d in doms)
+    assert len({d for step, doms in rec.domains if step <= 3 for d in doms}) > 1
+    assert rec.events == [("save", 2), ("eval", 3, sorted([*dataset.domains, "average"])),
+                          ("save", 4), ("eval", 6, sorted([*dataset.domains, "average"])),
+                          ("save", 6)]
+    assert rec.steps_seen == 6
+
+
+def test_callback_state_and_changed_weights_resume_exactly(dataset, tmp_path):
+    straight, rec_a = _model(), _Recorder()
+    train(straight, dataset, "uniform", _cfg(tmp_path / "a", steps=6), callbacks=[rec_a])
+    train(_model(), dataset, "uniform", _cfg(tmp_path / "b", steps=6), stop_at=4,
+          callbacks=[_Recorder()])  # stops after the weights changed at step 3
+    resumed, rec_b = _model(seed=3), _Recorder()
+    train(resumed, dataset, "uniform", _cfg(tmp_path / "b", steps=6), callbacks=[rec_b])
+    _assert_same_params(straight, resumed)
+    assert rec_b.steps_seen == 6 and rec_b.domains == rec_a.domains[4:]
+
+
+def test_divergence_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    class Poison(Callback):
+        def on_step_end(self, state):
+            if state.step == 3:
+                with torch.no_grad():
+                    state.model.wte.weight[0, 0] = float("nan")
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint .*ckpt.pt' \(step 2\)"):
+        train(_model(), dataset, "uniform", _cfg(out, steps=8, ckpt_every=2, log_every=1),
+              callbacks=[Poison()])
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 2 and all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
+    assert not (out / "model.pt").exists()
+    # a step with a non-finite gradient is skipped, and max_bad_steps of them stop the run
+    with pytest.raises(TrainingDiverged, match=r"not finite for 2 consecutive steps \(steps 2-3\)"):
+        train(_model(), dataset, "uniform", _cfg(tmp_path / "b", steps=8, max_bad_steps=2,
+                                                  log_every=1, lr=1e30))
+    recs = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # lr 1e30: step 1's update breaks the model
+    assert recs[0]["loss"] > 0
+    assert recs[-1]["loss"] is None and recs[-1]["skipped_steps"] == 2

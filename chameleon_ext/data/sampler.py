@@ -1,0 +1,216 @@
+"""Mixture weights and the seeded sampler that draws training batches from them.
+
+:func:`normalize_weights` turns what a user gives (``"uniform"``, a ``{domain: weight}``
+mapping, a list) into probabilities; :class:`WeightedDomainSampler` draws each row's domain
+with those probabilities, then a random window of that domain, from one seeded
+``numpy.random.Generator`` whose state is checkpointed, so the data order is a pure function
+of the seed (and of every weight change, see :meth:`WeightedDomainSampler.set_weights`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..distributed import shard_range
+from ..errors import ChameleonUserError
+
+__all__ = ["WeightsLike", "WeightedDomainSampler", "normalize_weights", "uniform_weights"]
+
+WeightsLike = Union[str, Mapping[str, float], Sequence[float], np.ndarray]
+
+
+def uniform_weights(dataset) -> dict[str, float]:
+    """Equal weight on every domain (the proxy's training mixture)."""
+    k = len(dataset.domains)
+    return {d: 1.0 / k for d in dataset.domains}
+
+
+def normalize_weights(dataset, weights: WeightsLike) -> np.ndarray:
+    """Validate mixture ``weights`` against the dataset; return probabilities ``[k]`` float64.
+
+    ``weights`` is ``"uniform"``, a ``{domain: weight}`` mapping naming every domain exactly
+    once, or a sequence of k numbers in ``dataset.domains`` order. Weights must be finite and
+    non-negative with a positive sum; they are normalised to sum to 1.
+
+    Raises:
+        ChameleonUserError: naming the offending domain (unknown, missing, negative, NaN, ...).
+    """
+    names = list(dataset.domains)
+    if isinstance(weights, str):
+        if weights != "uniform":
+            raise ChameleonUserError(
+                f"weights: expected 'uniform', a {{domain: weight}} mapping or a list of "
+                f"{len(names)} numbers, got {weights!r}"
+            )
+        return np.full(len(names), 1.0 / len(names))
+    if isinstance(weights, Mapping):
+        for key in weights:
+            if key not in names:
+                raise ChameleonUserError(
+                    f"weights: domain {key!r} is not in the dataset; its domains are {names}"
+                )
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise ChameleonUserError(
+                f"weights: no weight given for domain {missing[0]!r}; give every domain a "
+                f"weight (0 to leave it out). Domains: {names}"
+            )
+        values = [weights[n] for n in names]
+    else:
+        try:
+            values = list(weights)
+        except TypeError:
+            raise ChameleonUserError(
+                f"weights: expected a mapping or a sequence of numbers, got {type(weights).__name__}"
+            ) from None
+        if len(values) != len(names):
+            raise ChameleonUserError(
+                f"weights: got {len(values)} values for {len(names)} domains {names}"
+            )
+    out = np.empty(len(names), dtype=np.float64)
+    for i, (name, v) in enumerate(zip(names, values)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ChameleonUserError(f"weights: domain {name!r} has non-numeric weight {v!r}") from None
+        if not math.isfinite(f) or f < 0:
+            raise ChameleonUserError(
+                f"weights: domain {name!r} has weight {v!r}; expected a finite number >= 0"
+            )
+        out[i] = f
+    total = out.sum()
+    if not total > 0:
+        raise ChameleonUserError("weights: all domain weights are 0; at least one must be > 0")
+    return out / total
+
+
+class WeightedDomainSampler:
+    """Seeded batches from a domain mixture: each row's domain drawn with the given weights.
+
+    Every rank runs the *same* seeded stream and draws the domains and window starts of the
+    whole global batch, then reads only its own rows,
+    ``shard_range(batch_size, rank, world_size)``. The union of the ranks' rows is exactly the
+    batch a single process draws, so the data (and, without dropout, the trained weights) do
+    not depend on the world size. Drawing the indices of the whole batch costs a few numpy
+    calls per batch; only the rank's own windows are read.
+
+    Args:
+        dataset: the mixture's domains.
+        weights: see :func:`normalize_weights` (``"uniform"`` makes the proxy's mixture).
+        block_size: sequence length T; each row is a window of T + 1 tokens split into inputs
+            and next-token targets. Windows may cross document boundaries.
+        seed: seeds the sampler's own ``numpy.random.Generator``.
+        split: ``"train"`` (default) or ``"val"``.
+        rank, world_size: this process's place among the data-parallel processes.
+
+    Raises:
+        ChameleonUserError: invalid weights, a domain with weight > 0 that holds fewer than
+            ``block_size + 1`` tokens, or an invalid rank / world size.
+    """
+
+    def __init__(self, dataset, weights: WeightsLike, block_size: int, seed: int = 0,
+                 split: str = "train", rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.domains = list(dataset.domains)
+        self.block_size = int(block_size)
+        if self.block_size <= 0:
+            raise ChameleonUserError(f"block_size: expected a positive integer, got {block_size!r}")
+        self.seed, self.split, self.rank, self.world_size = int(seed), split, int(rank), int(world_size)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ChameleonUserError(
+                f"rank/world_size: expected 0 <= rank < world_size, got rank {rank!r} of "
+                f"world_size {world_size!r}")
+        # Highest valid window start per domain (windows are block_size + 1 tokens long).
+        self._high = np.array([dataset.n_tokens(d, split) - self.block_size for d in self.domains],
+                              dtype=np.int64)
+        # The weights the run was started with (a resume must be given the same) and the ones
+        # in force now (a callback may change them during training, see set_weights).
+        self.initial_probs = self._checked(weights)
+        self.probs = self.initial_probs
+        self.rng = np.random.default_rng([self.seed, 0])
+
+    def _checked(self, weights: WeightsLike) -> np.ndarray:
+        probs = normalize_weights(self.dataset, weights)
+        active = [d for d, p in zip(self.domains, probs) if p > 0]
+        self.dataset.check_window(self.block_size + 1, self.split, domains=active)
+        return probs
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The mixture in force now, ``{domain: probability}``."""
+        return {d: float(p) for d, p in zip(self.domains, self.probs)}
+
+    def set_weights(self, weights: WeightsLike) -> None:
+        """Draw the following batches with ``weights`` (validated like the constructor's).
+
+        Every rank must set the same weights before the same batch (the ranks share one
+        stream); the weights in force are part of :meth:`state_dict`, so a resumed run
+        continues with them.
+        """
+        self.probs = self._checked(weights)
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """Rows :meth:`sample` returns on this rank for the global ``batch_size``."""
+        return len(shard_range(int(batch_size), self.rank, self.world_size))
+
+    def sample(self, batch_size: int):
+        """Draw one global batch of ``batch_size`` rows and return this rank's share.
+
+        Returns:
+            ``(x, y, domain)``: inputs ``[b, T]`` int64, targets ``[b, T]`` int64 (``x``
+            shifted by one), and each row's domain index ``[b]`` int64 into
+            ``dataset.domains``, where ``b`` is :meth:`local_batch_size`.
+        """
+        B, T = int(batch_size), self.block_size
+        dom = self.rng.choice(len(self.domains), size=B, p=self.probs)
+        starts = self.rng.integers(0, self._high[dom])  # one start per row, in [0, high)
+        if self.world_size > 1:
+            rows = shard_range(B, self.rank, self.world_size)
+            dom, starts = dom[rows.start:rows.stop], starts[rows.start:rows.stop]
+        buf = np.empty((dom.shape[0], T + 1), dtype=np.int64)
+        for i in range(dom.shape[0]):
+            buf[i] = self.dataset.windows_at(self.domains[dom[i]], starts[i:i + 1], T + 1,
+                                             self.split)[0]
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous(), torch.from_numpy(dom.astype(np.int64))
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the exact stream (plain Python types only)."""
+        state = {"rng": self.rng.bit_generator.state, "domains": self.domains,
+                 "weights": [float(p) for p in self.initial_probs], "block_size": self.block_size,
+                 "seed": self.seed, "split": self.split, "rank": self.rank,
+                 "world_size": self.world_size}
+        if self.probs is not self.initial_probs:
+            state["current_weights"] = [float(p) for p in self.probs]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the RNG and the weights in force; the mixture the run started with must
+        match this sampler's (raises otherwise)."""
+        if list(state["domains"]) != self.domains:
+            raise ChameleonUserError(
+                f"sampler state: saved for domains {list(state['domains'])}, but the dataset has "
+                f"{self.domains}"
+            )
+        if not np.allclose(state["weights"], self.initial_probs, rtol=0, atol=1e-12):
+            saved = dict(zip(self.domains, state["weights"]))
+            bad = next(d for d, p in zip(self.domains, self.initial_probs)
+                       if abs(saved[d] - p) > 1e-12)
+            now = float(self.initial_probs[self.domains.index(bad)])
+            raise ChameleonUserError(
+                f"sampler state: weight of domain {bad!r} was {saved[bad]:.6g} when saved, now "
+                f"{now:.6g}; use a new out_dir (or resume=False) to change weights"
+            )
+        if int(state["block_size"]) != self.block_size:
+            raise ChameleonUserError(
+                f"sampler state: saved with block_size {state['block_size']}, now {self.block_size}"
+            )
+        self.rng.bit_generator.state = state["rng"]
+        if "current_weights" in state:
+            self.probs = np.asarray(state["current_weights"], dtype=np.float64)
+        else:
+            self.probs = self.initial_probs

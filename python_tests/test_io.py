@@ -1,0 +1,140 @@
+"""chameleon_ext.io: the atomic writer, durable appends, the readers, stale temp files, the
+folder lock and fault points. Each failure must name the path and leave the previous file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chameleon_ext import io
+from chameleon_ext.errors import ChameleonUserError
+
+
+def _temps(folder):
+    return [n for n in os.listdir(folder) if n.endswith(".chameleon-tmp")]
+
+
+def test_atomic_write_replaces_whole_file_with_0644(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    io.write_json(path, {"x": [1, 2.5]})
+    assert json.loads(path.read_text()) == {"x": [1, 2.5]}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    io.write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert _temps(path.parent) == []
+
+
+@pytest.mark.parametrize("point", ["open", "data", "replace"])
+def test_full_disk_keeps_previous_file_and_names_path(tmp_path, monkeypatch, point):
+    path = tmp_path / "w.json"
+    io.write_json(path, {"v": 1})
+    monkeypatch.setenv(io.FAULT_ENV, f"write:w.json:{point}=enospc")
+    with pytest.raises(ChameleonUserError) as ei:
+        io.write_json(path, {"v": 2}, "weights file")
+    msg = str(ei.value)
+    assert "weights file" in msg and str(path) in msg and "No space left on device" in msg
+    assert "\n" not in msg
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert _temps(tmp_path) == []  # no 0-byte or partial temp file either
+
+
+def test_write_json_refuses_nan(tmp_path):
+    with pytest.raises(ChameleonUserError, match="Out of range float"):
+        io.write_json(tmp_path / "n.json", {"loss": float("nan")})
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_write_into_a_folder_or_a_file_path_is_one_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ChameleonUserError, match="it is a folder"):
+        io.write_text(tmp_path / "d", "x")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ChameleonUserError, match="existing file"):
+        io.check_writable_folder(tmp_path / "f")
+    with pytest.raises(ChameleonUserError, match="empty string"):
+        io.check_writable_folder("")
+
+
+def test_append_line_is_durable_and_single_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    io.append_line(path, '{"a": 1}')
+    io.append_line(path, '{"a": 2}')
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    with pytest.raises(ValueError):
+        io.append_line(path, "two\nlines")
+
+
+def test_readers_name_the_file_and_fault(tmp_path):
+    with pytest.raises(ChameleonUserError, match="does not exist"):
+        io.read_json(tmp_path / "none.json", "weights file")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ChameleonUserError, match=r"not valid JSON .*line 1"):
+        io.read_json(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ChameleonUserError, match="expected a JSON object"):
+        io.read_json(tmp_path / "list.json")
+    assert io.read_json_or_none(tmp_path / "bad.json") is None
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ChameleonUserError, match="junk.pt.*cannot be read"):
+        io.read_torch(tmp_path / "junk.pt", "checkpoint")
+    io.save_torch({"t": torch.arange(3)}, tmp_path / "ok.pt")
+    assert torch.equal(io.read_torch(tmp_path / "ok.pt")["t"], torch.arange(3))
+
+
+def test_remove_stale_temps_only_of_dead_writers(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname().replace(".", "_")
+    stale = tmp_path / f".ckpt.pt.{host}.{dead_pid}.0a0b0c0d.chameleon-tmp"
+    live = tmp_path / f".ckpt.pt.{host}.{os.getpid()}.0a0b0c0d.chameleon-tmp"
+    other_host = tmp_path / f".ckpt.pt.elsewhere.{dead_pid}.0a0b0c0d.chameleon-tmp"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"x")
+    assert io.remove_stale_temps(tmp_path) == [str(stale)]
+    assert sorted(_temps(tmp_path)) == sorted([live.name, other_host.name])
+
+
+def test_folder_lock_excludes_a_second_run_and_takes_over_stale_locks(tmp_path):
+    with io.FolderLock(tmp_path / "out"):
+        with pytest.raises(ChameleonUserError, match=f"in use by process {os.getpid()}"):
+            io.FolderLock(tmp_path / "out").acquire()
+    assert not (tmp_path / "out" / io.FolderLock.NAME).exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (tmp_path / "out" / io.FolderLock.NAME).write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")
+    seen = []
+    lock = io.FolderLock(tmp_path / "out", on_stale=seen.append).acquire()
+    assert lock.held and len(seen) == 1 and "stale lock" in seen[0]
+    lock.release()
+
+
+def test_fault_point_kill_leaves_previous_file_and_a_stale_temp(tmp_path):
+    path = tmp_path / "x.json"
+    io.write_json(path, {"v": 1})
+    code = ("from chameleon_ext import io; import sys; "
+            "io.write_json(sys.argv[1], {'v': 2})")
+    env = dict(os.environ, **{io.FAULT_ENV: "write:x.json:replace=kill"})
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env)
+    assert proc.returncode == -9  # SIGKILL
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert len(_temps(tmp_path)) == 1  # the killed writer's, with its data
+    assert len(io.remove_stale_temps(tmp_path)) == 1 and _temps(tmp_path) == []
+
+
+def test_fault_point_actions(monkeypatch):
+    io.fault_point("anything")  # no-op without the variable
+    monkeypatch.setenv(io.FAULT_ENV, "a:*=raise, b:1=eio")
+    with pytest.raises(RuntimeError, match="fault injected at a:x"):
+        io.fault_point("a:x")
+    with pytest.raises(OSError) as ei:
+        io.fault_point("b:1")
+    assert ei.value.errno == 5
+    io.fault_point("b:2")  # not named: nothing happens
