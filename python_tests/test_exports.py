@@ -340,14 +340,18 @@ def test_parse_mixture_yaml_errors(text, problem):
 # --------------------------------------------------------------------------------------------
 
 
-def test_write_exports_writes_all_three(tmp_path):
+def test_write_exports_writes_every_format(tmp_path):
+    from chameleon_ext.mixture_formats import MIXTURE_FORMATS
+
     doc = weights_doc()
     src = write_json(tmp_path / "weights.json", doc)
     out = tmp_path / "exports" / "nested"
     prefixes = {d: f"/data/slimpajama/{d}_text_document" for d in SLIMPAJAMA}
     paths = E.write_exports(src, out, prefixes)
-    assert set(paths) == {"megatron", "hf_interleave", "mixture_yaml"}
-    assert sorted(os.listdir(out)) == sorted(E.EXPORT_FILES.values())  # no temporary files left
+    assert set(paths) == {"megatron", "hf_interleave", "mixture_yaml"} | set(MIXTURE_FORMATS)
+    assert E.export_formats() == list(paths)
+    expected = sorted(list(E.EXPORT_FILES.values()) + list(MIXTURE_FORMATS.values()))
+    assert sorted(os.listdir(out)) == expected  # no temporary files left
 
     blend = Path(paths["megatron"]).read_text()
     assert blend.endswith("\n") and blend.count("\n") == 1
@@ -363,6 +367,26 @@ def test_write_exports_writes_all_three(tmp_path):
 
     # Published as ordinary shared files (chameleon_ext.io's 0o644), not mkstemp's 0600.
     assert os.stat(paths["megatron"]).st_mode & 0o777 == 0o644
+
+
+def test_write_exports_selects_formats_and_split_prefixes(tmp_path):
+    doc = weights_doc()
+    prefixes = {d: f"/data/{d}" for d in SLIMPAJAMA}
+    valid = {d: f"/data/{d}_valid" for d in SLIMPAJAMA}
+    test = {d: f"/data/{d}_test" for d in SLIMPAJAMA}
+    paths = E.write_exports(doc, tmp_path, prefixes, formats=["megatron-per-split", "nemo"],
+                            split_prefixes={"valid": valid, "test": test})
+    assert sorted(os.listdir(tmp_path)) == sorted(["megatron_per_split_data_args.json", "nemo_paths.json"])
+    per_split = json.loads(Path(paths["megatron-per-split"]).read_text())
+    # Megatron's list alternates weight and prefix; validation is its own unweighted-by-us blend.
+    train = dict(zip(per_split["train"][1::2], map(float, per_split["train"][0::2])))
+    assert {p: w for p, w in train.items()} == {prefixes[d]: doc["weights"][d] for d in SLIMPAJAMA}
+    assert set(per_split["valid"][1::2]) == set(valid.values())
+    nemo = json.loads(Path(paths["nemo"]).read_text())
+    assert set(nemo["validation"]) == set(valid.values()) and set(nemo["test"]) == set(test.values())
+    with pytest.raises(ChameleonUserError, match="unknown export format"):
+        E.write_exports(doc, tmp_path / "x", prefixes, formats=["megatron", "parquet"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_write_exports_validates_before_writing(tmp_path):
@@ -385,7 +409,7 @@ def test_write_exports_keeps_old_files_on_failure(tmp_path, monkeypatch):
     with pytest.raises(ChameleonUserError, match=r"cannot write mixture_yaml export .*mixture.yaml.*No space left"):
         E.write_exports(other, tmp_path)
     assert Path(first["mixture_yaml"]).read_bytes() == before["mixture_yaml"]  # the previous good file
-    assert sorted(os.listdir(tmp_path)) == sorted(E.EXPORT_FILES.values())  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in first.values())  # no temp file
 
 
 def test_write_exports_can_skip_an_export_the_names_cannot_hold(tmp_path):
@@ -396,6 +420,9 @@ def test_write_exports_can_skip_an_export_the_names_cannot_hold(tmp_path):
         E.write_exports(doc, tmp_path / "strict")
     notices = []
     paths = E.write_exports(doc, tmp_path / "lenient", on_skip=notices.append)
-    assert set(paths) == {"hf_interleave", "mixture_yaml"}
-    assert len(notices) == 1 and "skipped the megatron export" in notices[0] and "'web text'" in notices[0]
+    # Megatron prefixes (the blend and the per-split args) and NeMo paths cannot hold whitespace.
+    skipped = {"megatron", "megatron-per-split", "nemo"}
+    assert set(paths) == set(E.export_formats()) - skipped
+    assert len(notices) == len(skipped) and all("'web text'" in n for n in notices)
+    assert any("skipped the megatron export" in n for n in notices)
     assert E.parse_mixture_yaml(Path(paths["mixture_yaml"]).read_text()) == doc["weights"]

@@ -18,6 +18,9 @@ import torch
 
 from chameleon_ext.cli import main
 from chameleon_ext.exports import EXPORT_FILES, load_weights
+from chameleon_ext.mixture_formats import MIXTURE_FORMATS
+
+ALL_EXPORT_FILES = [*EXPORT_FILES.values(), *MIXTURE_FORMATS.values()]
 from chameleon_ext.manifest import MANIFEST_NAME
 from chameleon_ext.model import GPT, GPTConfig, save_model
 
@@ -114,7 +117,7 @@ sys.exit(code)
 """)
     assert proc.returncode == 0, proc.stderr
     assert "ops: chameleon_ext's compiled ops (chameleon_ext._C) could not be loaded: blocked by the test" in proc.stdout
-    assert sorted(os.listdir(tmp_path / "x")) == sorted(EXPORT_FILES.values())
+    assert sorted(os.listdir(tmp_path / "x")) == sorted(ALL_EXPORT_FILES)
     weights = load_weights(str(src / "weights.json"))["weights"]
     hf = json.loads((tmp_path / "x" / "hf_interleave_probabilities.json").read_text())
     assert hf["domains"] == DOMAINS
@@ -156,7 +159,7 @@ def test_a_complete_set_has_a_manifest_of_its_files(tmp_path, emb_file, capsys):
     out = _weights_set(emb_file, tmp_path / "w", capsys)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] is True
-    assert set(manifest["files"]) == {"weights.json", "domain_embeddings.pt", *EXPORT_FILES.values()}
+    assert set(manifest["files"]) == {"weights.json", "domain_embeddings.pt", *ALL_EXPORT_FILES}
     assert load_weights(str(out / "weights.json"))["domains"] == DOMAINS
 
 
