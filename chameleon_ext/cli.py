@@ -37,11 +37,29 @@ def _say(*args) -> None:
         print(*args, flush=True)
 
 
-def _dataset(args):
+def _dataset(args, tokenizer=None):
+    """The dataset of ``--data``, tokenised with ``tokenizer`` (a model's, already resolved)
+    or else ``--tokenizer`` (default: the byte tokenizer)."""
     from .data import builtin_dataset_path, load_dataset
 
     path = builtin_dataset_path() if args.data == BUILTIN else args.data
-    return load_dataset(path, tokenizer=args.tokenizer, cache_dir=args.cache_dir, val_fraction=args.val_fraction)
+    tok = tokenizer if tokenizer is not None else (args.tokenizer or "byte")
+    return load_dataset(path, tokenizer=tok, cache_dir=args.cache_dir, val_fraction=args.val_fraction)
+
+
+def _model_and_dataset(args, path: str, option: str = "--proxy", gpt_only: bool = False):
+    """``(model, path, dataset)``: a proxy/model, the file it came from, and the dataset
+    tokenised with the tokenizer the model expects (its own unless --tokenizer overrides it;
+    see pipeline.load_proxy_and_tokenizer). ``gpt_only``: the command trains or evaluates
+    the model, so a Hugging Face folder is refused."""
+    from .pipeline import load_proxy_and_tokenizer, resolve_proxy_path
+
+    kind, resolved = resolve_proxy_path(path)
+    if gpt_only and kind != "gpt":
+        raise ChameleonUserError(f"{option}: expected a chameleon_ext model.pt or ckpt.pt, got the Hugging Face "
+                                 f"folder {path!r} (Hugging Face proxies embed domains only)")
+    model, tok = load_proxy_and_tokenizer(resolved, args.tokenizer)
+    return model, resolved, _dataset(args, tok)
 
 
 def _embed_config(args, proxy_block: Optional[int] = None):
@@ -55,7 +73,7 @@ def _embed_config(args, proxy_block: Optional[int] = None):
     n_windows = defaults["n_windows"] if args.n_windows is None else args.n_windows
     return EmbedConfig(n_windows=n_windows, window=window,
                        batch_size=args.embed_batch_size, layer=args.layer, seed=args.seed,
-                       pooling=args.pooling, split="train")
+                       pooling=args.pooling, split="train", precision=args.precision)
 
 
 def _train_config(args, out_dir: str, steps: int):
@@ -99,11 +117,9 @@ def cmd_train_proxy(args) -> int:
 def cmd_embed(args) -> int:
     from . import distributed
     from .embed import embed_domains
-    from .pipeline import load_proxy
 
     _init_distributed(args)
-    ds = _dataset(args)
-    proxy = load_proxy(args.proxy)
+    proxy, _, ds = _model_and_dataset(args, args.proxy)
     cfg = _embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
     cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
     emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
@@ -118,7 +134,7 @@ def cmd_embed(args) -> int:
 def cmd_weights(args) -> int:
     from . import distributed
     from .embed import load_domain_embeddings
-    from .pipeline import compute_weights, load_proxy, weights_from_embeddings, write_weights
+    from .pipeline import compute_weights, weights_from_embeddings, write_weights
 
     _init_distributed(args)
     if args.embeddings:
@@ -129,11 +145,10 @@ def cmd_weights(args) -> int:
     else:
         if not args.proxy:
             raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
-        ds = _dataset(args)
-        proxy = load_proxy(args.proxy)
+        proxy, proxy_path, ds = _model_and_dataset(args, args.proxy)
         block = getattr(getattr(proxy, "config", None), "block_size", None)
         result, emb, paths = compute_weights(
-            ds, args.proxy, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
+            ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=_embed_config(args, block), device=args.device,
             cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy)
         if args.mode == "transfer":
@@ -152,31 +167,31 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     _init_distributed(args)
-    ds = _dataset(args)
-    weights = "uniform" if args.weights == "uniform" else read_weights(args.weights, ds.domains)
+    init_from = None
     if args.init_from:
-        from .model import load_model
-
-        model = load_model(args.init_from)
+        model, init_from, ds = _model_and_dataset(args, args.init_from, "--init-from", gpt_only=True)
         block = model.config.block_size
     else:
+        ds = _dataset(args)
+    weights = "uniform" if args.weights == "uniform" else read_weights(args.weights, ds.domains)
+    if not args.init_from:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
     cfg = _train_config(args, args.out, args.steps)
     cfg.block_size = min(cfg.block_size or block, block)
-    result = train(model, ds, weights, cfg, init_from=args.init_from)
+    result = train(model, ds, weights, cfg, init_from=init_from)
     _say(f"trained to step {result['step']}, loss {result['loss']:.4f}; model at {result['model_path']}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from . import distributed
-    from .model import load_model
+    from .embed import check_proxy_tokenizer
     from .trainer import evaluate
 
     _init_distributed(args)
-    ds = _dataset(args)
-    model = load_model(args.model)
+    model, _, ds = _model_and_dataset(args, args.model, "--model", gpt_only=True)
+    check_proxy_tokenizer(model, ds)
     ds.check_vocab(model.config.vocab_size)  # else an id >= vocab fails deep inside the embedding
     block = args.block_size or model.config.block_size
     ev = evaluate(model, ds, args.eval_windows, min(block, model.config.block_size), seed=args.seed,
@@ -261,13 +276,17 @@ def cmd_run(args) -> int:
 def _add_common(p, data=True):
     p.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and data order")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output, and no warnings or loading bars from transformers/torch")
     if data:
         p.add_argument("--data", default=BUILTIN,
                        help="dataset folder (one subfolder per domain), or 'builtin' for the built-in data")
-        p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer folder")
+        p.add_argument("--tokenizer", default=None,
+                       help="'byte' or a local Hugging Face tokenizer folder (default: the proxy's or model's "
+                            "own tokenizer -- the one a model.pt records, or the one saved in a Hugging Face "
+                            "proxy folder -- and 'byte' when no model is given)")
         p.add_argument("--cache-dir", default=None, help="token cache folder (default: <data>/.chameleon_cache)")
-        p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each domain")
+        p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each domain without val.bin: blocks spread evenly over its token stream")
 
 
 def _add_embed(p):
@@ -282,6 +301,9 @@ def _add_embed(p):
     g.add_argument("--pooling", default="masked", choices=["masked", "reference"],
                    help="'reference' reproduces the reference implementation's pooling quirks")
     g.add_argument("--embed-batch-size", type=int, default=16, help="windows per forward pass")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="proxy forward precision; auto: fp32 with --pooling reference (the reference's) and on "
+                        "CPUs, bf16 autocast on CUDA")
     g.add_argument("--embed-cache", default=None, help="embedding cache folder (default: <cache-dir>/embeddings)")
 
 
@@ -309,8 +331,19 @@ def _add_training(p, steps: int):
     g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say what the default is
+    (and not for None or off switches, whose defaults say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="chameleon", formatter_class=fmt,
                                      description="Chameleon data mixing: domain weights from a proxy model's "
                                                  "embeddings, and a minimal trainer.")
@@ -337,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", formatter_class=fmt, help="domain embeddings with the proxy (cached)")
     _add_common(p)
     _add_embed(p)
-    p.add_argument("--proxy", required=True, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
+    p.add_argument("--proxy", required=True, help="proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder")
     p.add_argument("--out", default="runs/embeddings", help="output folder (domain_embeddings.pt)")
     p.set_defaults(func=cmd_embed)
 
@@ -345,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_embed(p)
     _add_weights(p)
-    p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
+    p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder")
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
     p.add_argument("--out", default="runs/weights", help="output folder")
     p.set_defaults(func=cmd_weights)
@@ -376,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .data.tokenizer import quiet_libraries
+
     args = build_parser().parse_args(argv)
     try:
-        return _run_command(args)
+        with quiet_libraries(bool(getattr(args, "quiet", False))):
+            return _run_command(args)
     finally:
         _close_distributed()
 

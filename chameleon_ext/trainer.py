@@ -762,6 +762,12 @@ def _check_model_config(model: GPT, saved: Mapping[str, Any], source: str) -> No
         )
 
 
+def _tokenizer_record(dataset) -> Optional[dict]:
+    """What model.pt / ckpt.pt record about the tokenizer of the training data (None if unknown)."""
+    record = getattr(dataset, "tokenizer_record", None)
+    return record() if callable(record) else None
+
+
 def train(model: GPT, dataset: MixtureDataset, weights: WeightsLike, config: TrainConfig,
           resume: bool = True, init_from: Optional[Union[str, os.PathLike]] = None, *,
           stop_at: Optional[int] = None, group: Optional[Any] = None) -> dict:
@@ -962,6 +968,7 @@ def train(model: GPT, dataset: MixtureDataset, weights: WeightsLike, config: Tra
                     "train_config": cfg.to_dict(),
                     "domains": list(dataset.domains),
                     "weights": sampler.weights,
+                    "tokenizer": _tokenizer_record(dataset),
                 }, ckpt_path)
             except Exception as exc:
                 if not distributed:
@@ -1042,7 +1049,7 @@ def train(model: GPT, dataset: MixtureDataset, weights: WeightsLike, config: Tra
             err = None
             if is_main:
                 try:
-                    save_model(model_path, model)
+                    save_model(model_path, model, tokenizer=_tokenizer_record(dataset))
                 except Exception as exc:
                     if not distributed:
                         raise

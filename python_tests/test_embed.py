@@ -29,7 +29,8 @@ def _write_data(root) -> str:
       which re-tokenisation drops) and cut characters (U+FFFD, which it lengthens);
     * ``digits`` -- a .jsonl of very short documents: nearly every window holds EOS ids;
     * ``dna`` -- one long ASCII document: windows re-tokenise to themselves, no padding;
-    * ``rep`` -- exactly one window's worth of training tokens: every window is the same.
+    * ``rep`` -- exactly one window's worth of training tokens (a pre-tokenised train.bin of
+      ASCII bytes, with a val.bin): every window is the same.
     """
     rng = np.random.default_rng(0)
     for name in ("alpha", "digits", "dna", "rep"):
@@ -42,8 +43,11 @@ def _write_data(root) -> str:
             f.write('{"text": "%s"}\n' % " ".join(str(v) for v in rng.integers(0, 10**4, 8)))
     with open(os.path.join(root, "dna", "x.txt"), "w", encoding="utf-8") as f:
         f.write("".join("ACGT"[i] for i in rng.integers(0, 4, 2000)))
-    with open(os.path.join(root, "rep", "x.txt"), "w", encoding="utf-8") as f:
-        f.write("repeat me " * 3 + "four")  # 34 bytes + EOS = 35 tokens -> 32 train tokens
+    rep = np.frombuffer(("repeat me " * 4).encode()[:WINDOW], dtype=np.uint8).astype(np.uint16)
+    rep.tofile(os.path.join(root, "rep", "train.bin"))
+    rep[:8].tofile(os.path.join(root, "rep", "val.bin"))
+    with open(os.path.join(root, "rep", "meta.json"), "w") as f:
+        f.write('{"vocab_size": 257, "dtype": "uint16"}')
     return str(root)
 
 
