@@ -74,6 +74,7 @@ _HASH_BLOCK = 1 << 20
 SPLIT_LAYOUT = "blocks-evenly-spread/2"
 _SPLIT_MIN_BLOCK = 4096
 _SPLIT_MAX_BLOCKS = 1024
+_SPLIT_MIN_HELD_OUT = 32  # held-out blocks a domain gets at least, where its size allows
 
 
 @dataclass
@@ -446,7 +447,7 @@ def split_blocks(n: int, val_fraction: float) -> tuple[int, np.ndarray]:
     if n <= 0 or f <= 0.0:
         return max(n, 1), np.zeros(1 if n > 0 else 0, dtype=bool)
     block = max(_SPLIT_MIN_BLOCK, -(-n // _SPLIT_MAX_BLOCKS))
-    block = max(1, min(block, int(n * f / 4)))
+    block = max(1, min(block, int(n * f / _SPLIT_MIN_HELD_OUT)))
     i = np.arange(-(-n // block), dtype=np.float64)
     held_out = np.floor((i + 1) * f + 0.5) > np.floor(i * f + 0.5)
     return block, held_out
