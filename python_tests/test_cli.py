@@ -374,8 +374,9 @@ def test_entry_point_reports_bad_input_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "chameleon_ext", "eval", "--data", str(tmp_path / "nope"),
                            "--model", str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
+    # the model is read first: its recorded tokenizer decides how the data is tokenised
     assert proc.stderr.strip().splitlines() == [
-        f"chameleon eval: error: data folder {str(tmp_path / 'nope')!r} does not exist"]
+        f"chameleon eval: error: model path {str(tmp_path / 'm.pt')!r} does not exist"]
 
 
 # --------------------------------------------------------------------------- help
@@ -404,3 +405,23 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
         assert "--n-windows" in out and "--window" in out and "--layer" in out
     if command in ("run", "weights"):
         assert "(default: pretrain)" in out and "(default: 10.0)" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_states_each_default_once(command, capsys):
+    import re
+
+    from chameleon_ext.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out
+    # split the help into one chunk per option; none may state its default twice
+    for chunk in re.split(r"\s(?=--[a-z])", out):
+        assert len(re.findall(r"\(default[ :]", chunk)) <= 1, chunk
+    # every option whose default means something shows it
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.help:
+            assert "default" in sub.formatter_class("x")._get_help_string(action), action.option_strings
