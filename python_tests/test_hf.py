@@ -20,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 
-from benchmarks.reference_pipeline import reference_weights_numpy  # noqa: E402
+from benchmarks.reference_pipeline import hf_reference_embeddings, reference_weights_numpy  # noqa: E402
 from chameleon_ext.cli import main  # noqa: E402
 from chameleon_ext.data import load_dataset  # noqa: E402
 from chameleon_ext.data.tokenizer import HFTokenizer, tokenizer_record  # noqa: E402
@@ -236,37 +236,6 @@ def test_encoder_proxy_truncates_too(tmp_path):
 # --------------------------------------------------------------------------- the weights
 
 
-def _plain_reference_weights(folder, dataset, starts, window, batch_size, pooling):
-    """The reference pipeline written plainly with transformers, as the reference calls it:
-    decode each window, ``tokenizer(texts, padding=True, truncation=True)``, the FULL LM-head
-    model with ``output_hidden_states=True``, ``hidden_states[len // 2].mean(dim=1)`` over the
-    padded length, ``np.unique`` per domain, the mean; weights by the NumPy reference.
-    ``pooling="masked"``: the raw windows and the mean over the (all real) tokens instead."""
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    rows = []
-    for name, st in starts.items():
-        windows = dataset.windows_at(name, st, window)
-        vecs = []
-        for b0 in range(0, len(windows), batch_size):
-            chunk = windows[b0 : b0 + batch_size]
-            with torch.no_grad():
-                if pooling == "reference":
-                    texts = [tok.decode(w.tolist()) for w in chunk]
-                    inputs = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=window)
-                    out = model(**inputs, output_hidden_states=True)
-                else:
-                    out = model(input_ids=torch.from_numpy(chunk), output_hidden_states=True)
-            h = out.hidden_states[len(out.hidden_states) // 2]
-            vecs.append(h.double().mean(dim=1).numpy())
-        vecs = np.concatenate(vecs)
-        if pooling == "reference":
-            vecs = np.unique(vecs, axis=0)
-        rows.append(vecs.mean(0))
-    X = np.stack(rows)
-    return X, reference_weights_numpy(X, "pretrain"), reference_weights_numpy(X, "finetune")
-
-
 @pytest.mark.parametrize("pooling", ["reference", "masked"])
 def test_weights_equal_a_plain_reference_pipeline(hf_dirs, data_root, tmp_path, pooling):
     proxy, tok = load_proxy_and_tokenizer(hf_dirs["full"])
@@ -275,7 +244,13 @@ def test_weights_equal_a_plain_reference_pipeline(hf_dirs, data_root, tmp_path, 
     emb = embed_domains(proxy, ds, cfg, device="cpu")
     assert emb.settings["precision"] == "fp32"
     starts = {n: window_starts(ds, n, cfg) for n in ds.domains}
-    X, w_pt, w_ft = _plain_reference_weights(hf_dirs["full"], ds, starts, WINDOW, 4, pooling)
+    # The reference pipeline written plainly with transformers (benchmarks/reference_pipeline.py):
+    # decode, tokenizer(texts, padding=True, truncation=True), the FULL LM-head model with
+    # output_hidden_states, hidden_states[len // 2].mean(dim=1) over the padded length, np.unique.
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["full"]).eval()
+    fast = transformers.AutoTokenizer.from_pretrained(hf_dirs["full"])
+    X = hf_reference_embeddings(model, fast, ds, starts, WINDOW, 4, pooling=pooling).embeddings
+    w_pt, w_ft = reference_weights_numpy(X, "pretrain"), reference_weights_numpy(X, "finetune")
     np.testing.assert_allclose(emb.embeddings.numpy(), X, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(weights_from_embeddings(emb, "pretrain").weights.numpy(), w_pt, rtol=0, atol=1e-6)
     np.testing.assert_allclose(weights_from_embeddings(emb, "finetune").weights.numpy(), w_ft, rtol=0, atol=1e-6)
