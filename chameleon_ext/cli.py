@@ -25,6 +25,7 @@ BUILTIN = "builtin"
 # The reference's embedding settings, and the smaller ones used on the built-in data.
 DEFAULT_EMBED = {"n_windows": 2048, "window": 512}
 BUILTIN_EMBED = {"n_windows": 128, "window": 128}
+PROXY_HELP = "proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -286,7 +287,8 @@ def _add_common(p, data=True):
                             "own tokenizer -- the one a model.pt records, or the one saved in a Hugging Face "
                             "proxy folder -- and 'byte' when no model is given)")
         p.add_argument("--cache-dir", default=None, help="token cache folder (default: <data>/.chameleon_cache)")
-        p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each domain without val.bin: blocks spread evenly over its token stream")
+        p.add_argument("--val-fraction", type=float, default=0.1,
+                       help="held-out share of each domain without val.bin: blocks spread evenly over its stream")
 
 
 def _add_embed(p):
@@ -370,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", formatter_class=fmt, help="domain embeddings with the proxy (cached)")
     _add_common(p)
     _add_embed(p)
-    p.add_argument("--proxy", required=True, help="proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder")
+    p.add_argument("--proxy", required=True, help=PROXY_HELP)
     p.add_argument("--out", default="runs/embeddings", help="output folder (domain_embeddings.pt)")
     p.set_defaults(func=cmd_embed)
 
@@ -378,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_embed(p)
     _add_weights(p)
-    p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder")
+    p.add_argument("--proxy", default=None, help=PROXY_HELP)
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
     p.add_argument("--out", default="runs/weights", help="output folder")
     p.set_defaults(func=cmd_weights)

@@ -325,7 +325,7 @@ def test_cache_key_holds_precision_tokenizer_and_split_layout(fresh_root, model,
     ds = load_dataset(fresh_root)
     first = embed_domains(model, ds, _cfg(), cache_dir=cache)
     assert first.settings["precision"] == "fp32" and first.settings["split_layout"] == embed_mod.SPLIT_LAYOUT
-    assert first.settings["tokenizer_sha256"] == ByteTokenizer.content_hash
+    assert first.settings["tokenizer_sha256"] == ByteTokenizer().content_hash
     kw = {}
     if change == "precision":
         kw["precision"] = "bf16"  # bf16 autocast, here on the CPU

@@ -47,7 +47,8 @@ def data_root(tmp_path_factory):
     for name, text in TEXTS.items():
         os.makedirs(root / name)
         # several documents per domain, so windows cross EOS boundaries
-        for j, part in enumerate(text.split(" . ") if name == "prose" else [text[: len(text) // 2], text[len(text) // 2:]]):
+        half = len(text) // 2
+        for j, part in enumerate(text.split(" . ") if name == "prose" else [text[:half], text[half:]]):
             (root / name / f"doc{j}.txt").write_text(part, encoding="utf-8")
     return str(root)
 

@@ -55,7 +55,11 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eos_id = 256
-    content_hash = hashlib.sha256(b"chameleon_ext.byte_tokenizer/1").hexdigest()
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 naming the encoding (by ``name``, so a subclass that changes it differs)."""
+        return hashlib.sha256(f"chameleon_ext.byte_tokenizer/1\0{self.name}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -190,9 +194,12 @@ def tokenizer_record(tok) -> dict:
     """What a saved model remembers about the tokenizer its data was made with:
     ``{"name", "sha256", "path"}`` (``path`` None for the byte tokenizer)."""
     path = getattr(tok, "path", None)
+    name = str(getattr(tok, "name", type(tok).__name__))
+    # a tokenizer object without a content hash is identified by its name (which keys token caches)
+    digest = getattr(tok, "content_hash", None) or hashlib.sha256(name.encode()).hexdigest()
     return {
-        "name": "byte" if isinstance(tok, ByteTokenizer) else str(path or getattr(tok, "name", type(tok).__name__)),
-        "sha256": getattr(tok, "content_hash", None) or hashlib.sha256(str(getattr(tok, "name", "")).encode()).hexdigest(),
+        "name": str(path or name),
+        "sha256": digest,
         "path": None if path is None else os.path.abspath(path),
     }
 
