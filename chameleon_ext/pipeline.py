@@ -121,7 +121,7 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
     if kind == "hf":
         from .model import load_hf_model
 
-        proxy = load_hf_model(path, map_location=device)
+        # the tokenizer first: its errors come before loading a possibly large model
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)  # an explicit override of the folder's tokenizer
         elif has_tokenizer_files(path):
@@ -133,6 +133,7 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
             )
         else:
             tok = None
+        proxy = load_hf_model(path, map_location=device)
         proxy.tokenizer_record = None if tok is None else tokenizer_record(tok)
         return proxy, tok
 
