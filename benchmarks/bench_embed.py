@@ -18,6 +18,16 @@ work unit for every provider). Each provider's domain weights are checked agains
 counterpart with the same pooling (ext vs reference_masked, ext_reference_pooling vs
 reference) to 1e-5 -- outside the timed region.
 
+``bench_hf_embed_extraction`` times the same four providers with a Hugging Face GPT-2 proxy
+(transformers, GPT-2's vocabulary of 50,257, a byte-level BPE tokenizer trained on the data)
+saved to a folder and loaded as ``chameleon weights --proxy FOLDER`` loads it:
+
+* ``ext`` / ``ext_reference_pooling`` -- ``embed_domains`` on ``load_proxy(FOLDER)``: the base
+  model (no LM head), stopped at the middle layer by a hook;
+* ``reference`` / ``reference_masked`` -- the reference pipeline written plainly with
+  transformers (``hf_reference_embeddings``): ``GPT2LMHeadModel`` with
+  ``output_hidden_states=True``, ``tokenizer(texts, padding=True, truncation=True)``.
+
 ``bench_weights`` times embeddings ``[k, d]`` -> Chameleon weights (``weights_from_embeddings``)
 against the reference's NumPy computation (``np.linalg.inv``), for k = 1000 domains.
 
@@ -32,7 +42,7 @@ import numpy as np
 import pytest
 import torch
 
-from python_tests.reference_pipeline import reference_embeddings, reference_weights_numpy
+from python_tests.reference_pipeline import hf_reference_embeddings, reference_embeddings, reference_weights_numpy
 from chameleon_ext import weights_from_embeddings
 from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains, window_starts
@@ -45,6 +55,9 @@ from python_tests.factories import CUDA
 # vocabulary, as the reference's GPT-2 proxy has (its LM head then dominates a full forward).
 CASES = [(7, 16, 256, 6, 256, 257), (7, 16, 256, 6, 256, 50257)]
 QUICK_CASES = [(3, 4, 32, 2, 32, 257)]
+# The GPT-2-vocabulary case with a Hugging Face GPT-2 proxy (same fields).
+HF_CASES = [(7, 16, 256, 6, 256, 50257)]
+QUICK_HF_CASES = [(3, 4, 32, 2, 32, 50257)]
 # (domains k, embedding width d) for the weights computation
 WEIGHTS_CASES = [(1000, 768)]
 QUICK_WEIGHTS_CASES = [(40, 64)]
@@ -58,10 +71,12 @@ WEIGHT_TOL = 5e-3 if CUDA else 1e-5
 
 def pytest_generate_tests(metafunc):
     """``weights_case`` follows the conftest's CASES / QUICK_CASES convention."""
-    if "weights_case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("benchmark_disable", default=False))
-        cases = QUICK_WEIGHTS_CASES if quick else WEIGHTS_CASES
-        metafunc.parametrize("weights_case", cases, ids=[str(c).replace(" ", "") for c in cases])
+    quick = bool(metafunc.config.getoption("benchmark_disable", default=False))
+    for name, (full, small) in {"weights_case": (WEIGHTS_CASES, QUICK_WEIGHTS_CASES),
+                                "hf_case": (HF_CASES, QUICK_HF_CASES)}.items():
+        if name in metafunc.fixturenames:
+            cases = small if quick else full
+            metafunc.parametrize(name, cases, ids=[str(c).replace(" ", "") for c in cases])
 
 
 # --------------------------------------------------------------------------- inputs
@@ -182,6 +197,102 @@ def bench_embed_extraction(benchmark, provider, case, bench_tmp):
     other = _OUTPUTS.get((case, counterpart))
     if other is None:
         other = _OUTPUTS[(case, counterpart)] = PROVIDERS[counterpart][0](case, ds, model, starts)
+    torch.testing.assert_close(emb.double(), other.double(), rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
+    w = weights_from_embeddings(emb.double().cpu(), "pretrain").weights
+    w_other = weights_from_embeddings(other.double().cpu(), "pretrain").weights
+    torch.testing.assert_close(w, w_other, rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
+
+
+# --------------------------------------------------------------------------- Hugging Face proxy
+
+_HF_INPUTS = {}
+
+
+def _hf_inputs(case, tmp_root):
+    """(dataset, proxy folder, HF LM-head model, transformers tokenizer, starts) for a case."""
+    if case not in _HF_INPUTS:
+        transformers = pytest.importorskip("transformers")
+        tokenizers = pytest.importorskip("tokenizers")
+        from chameleon_ext.pipeline import load_proxy_and_tokenizer
+
+        k, n, window, n_layer, width, vocab = case
+        root = os.path.join(tmp_root, f"hf_data_{k}_{n}_{window}")
+        if not os.path.isdir(root):
+            _write_dataset(root, k, max(8 * n * window, 4 * window))
+        texts = [open(os.path.join(dp, f), encoding="utf-8").read() for dp, _, fs in os.walk(root) for f in fs
+                 if f.endswith(".txt")]
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                                   pad_token="<|endoftext|>")
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=window, n_embd=width, n_layer=n_layer, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)
+        lm = transformers.GPT2LMHeadModel(cfg)
+        with torch.no_grad():  # distinct, O(1) hidden states, as for the chameleon_ext proxy
+            g = torch.Generator().manual_seed(1)
+            for p in lm.parameters():
+                if p.dim() == 1:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        folder = os.path.join(tmp_root, f"hf_proxy_{case}".replace(" ", ""))
+        lm.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        _, hf_tok = load_proxy_and_tokenizer(folder)
+        ds = load_dataset(root, tokenizer=hf_tok, cache_dir=os.path.join(tmp_root, f"hf_cache_{k}_{n}_{window}"))
+        starts = {name: window_starts(ds, name, _embed_config(case, "masked")) for name in ds.domains}
+        _HF_INPUTS[case] = (ds, folder, lm.eval().to(DEVICE), tok, starts)
+    return _HF_INPUTS[case]
+
+
+def _hf_ext(pooling):
+    def run(case, ds, folder, lm, tok, starts):
+        from chameleon_ext.pipeline import load_proxy
+
+        proxy = load_proxy(folder)  # as `chameleon weights --proxy FOLDER` loads it (timed too)
+        return embed_domains(proxy, ds, _embed_config(case, pooling), device=DEVICE, cache_dir=None).embeddings
+
+    return run
+
+
+def _hf_reference(pooling):
+    def run(case, ds, folder, lm, tok, starts):
+        ref = hf_reference_embeddings(lm, tok, ds, starts, case[2], BATCH, pooling=pooling, device=DEVICE)
+        return torch.from_numpy(ref.embeddings)
+
+    return run
+
+
+HF_PROVIDERS = {
+    "ext": (_hf_ext("masked"), "masked", "reference_masked"),
+    "ext_reference_pooling": (_hf_ext("reference"), "reference", "reference"),
+    "reference": (_hf_reference("reference"), "reference", "ext_reference_pooling"),
+    "reference_masked": (_hf_reference("masked"), "masked", "ext"),
+}
+
+
+@pytest.mark.parametrize("provider", list(HF_PROVIDERS))
+def bench_hf_embed_extraction(benchmark, provider, hf_case, bench_tmp):
+    k, n, window, n_layer, width, vocab = hf_case
+    inputs = _hf_inputs(hf_case, bench_tmp)
+    fn, pooling, counterpart = HF_PROVIDERS[provider]
+    benchmark.group = (f"HF embed extraction {k} domains x {n} windows x {window} tokens, "
+                       f"GPT-2 {n_layer}x{width} vocab {vocab} {DEVICE}")
+    tokens = k * n * window
+    benchmark.extra_info.update(provider=provider, pooling=pooling, domains=k, windows=n, window=window,
+                                n_layer=n_layer, width=width, batch_size=BATCH, device=DEVICE, tokens=tokens)
+    emb = benchmark.pedantic(fn, args=(hf_case, *inputs), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median
+    key = ("hf", hf_case)
+    _OUTPUTS[(key, provider)] = emb
+    other = _OUTPUTS.get((key, counterpart))
+    if other is None:
+        other = _OUTPUTS[(key, counterpart)] = HF_PROVIDERS[counterpart][0](hf_case, *inputs)
     torch.testing.assert_close(emb.double(), other.double(), rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
     w = weights_from_embeddings(emb.double().cpu(), "pretrain").weights
     w_other = weights_from_embeddings(other.double().cpu(), "pretrain").weights

@@ -29,7 +29,8 @@ BUILTIN = "builtin"
 BUILTIN_EMBED = {"n_windows": 128, "window": 128}
 # The `run` command's budget on the built-in data.
 RUN_STEPS, RUN_PROXY_STEPS = 300, 200
-SEED_MAX = 2**64 - 1  # torch.manual_seed's range; numpy's generators take any of these
+SEED_MAX = 2**64 - 1
+PROXY_HELP = "proxy model.pt/ckpt.pt (or the folder train-proxy wrote), or a local Hugging Face model folder"  # torch.manual_seed's range; numpy's generators take any of these
 
 
 # --------------------------------------------------------------------------- helpers
@@ -42,11 +43,29 @@ def _say(*args) -> None:
         print(*args, flush=True)
 
 
-def _dataset(args):
+def _dataset(args, tokenizer=None):
+    """The dataset of ``--data``, tokenised with ``tokenizer`` (a model's, already resolved)
+    or else ``--tokenizer`` (default: the byte tokenizer)."""
     from .data import builtin_dataset_path, load_dataset
 
     path = builtin_dataset_path() if args.data == BUILTIN else args.data
-    return load_dataset(path, tokenizer=args.tokenizer, cache_dir=args.cache_dir, val_fraction=args.val_fraction)
+    tok = tokenizer if tokenizer is not None else (args.tokenizer or "byte")
+    return load_dataset(path, tokenizer=tok, cache_dir=args.cache_dir, val_fraction=args.val_fraction)
+
+
+def _model_and_dataset(args, path: str, option: str = "--proxy", gpt_only: bool = False):
+    """``(model, path, dataset)``: a proxy/model, the file it came from, and the dataset
+    tokenised with the tokenizer the model expects (its own unless --tokenizer overrides it;
+    see pipeline.load_proxy_and_tokenizer). ``gpt_only``: the command trains or evaluates
+    the model, so a Hugging Face folder is refused."""
+    from .pipeline import load_proxy_and_tokenizer, resolve_proxy_path
+
+    kind, resolved = resolve_proxy_path(path)
+    if gpt_only and kind != "gpt":
+        raise ChameleonUserError(f"{option}: expected a chameleon_ext model.pt or ckpt.pt, got the Hugging Face "
+                                 f"folder {path!r} (Hugging Face proxies embed domains only)")
+    model, tok = load_proxy_and_tokenizer(resolved, args.tokenizer)
+    return model, resolved, _dataset(args, tok)
 
 
 def _embed_config(args, proxy_block: Optional[int] = None):
@@ -61,7 +80,7 @@ def _embed_config(args, proxy_block: Optional[int] = None):
     n_windows = defaults["n_windows"] if args.n_windows is None else args.n_windows
     return EmbedConfig(n_windows=n_windows, window=window,
                        batch_size=args.embed_batch_size, layer=args.layer, seed=args.seed,
-                       pooling=args.pooling, split="train")
+                       pooling=args.pooling, split="train", precision=args.precision)
 
 
 def _train_config(args, out_dir: str, steps: int, eval_at_end: bool = False):
@@ -209,11 +228,9 @@ def cmd_train_proxy(args) -> int:
 def cmd_embed(args) -> int:
     from . import distributed
     from .embed import embed_domains
-    from .pipeline import load_proxy
 
     _init_distributed(args)
-    ds = _dataset(args)
-    proxy = load_proxy(args.proxy)
+    proxy, _, ds = _model_and_dataset(args, args.proxy)
     cfg = _embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
     _check_embedding_memory(cfg, proxy)
     cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
@@ -229,7 +246,7 @@ def cmd_embed(args) -> int:
 def cmd_weights(args) -> int:
     from . import distributed
     from .embed import load_domain_embeddings
-    from .pipeline import compute_weights, load_proxy, weights_for_domains, write_weights
+    from .pipeline import compute_weights, weights_for_domains, write_weights
 
     _init_distributed(args)
     if args.embeddings and args.token_budget is not None:
@@ -247,13 +264,12 @@ def cmd_weights(args) -> int:
             raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
         if getattr(args, "data", None) is None:
             args.data = BUILTIN
-        ds = _dataset(args)
-        proxy = load_proxy(args.proxy)
+        proxy, proxy_path, ds = _model_and_dataset(args, args.proxy)
         block = getattr(getattr(proxy, "config", None), "block_size", None)
         cfg = _embed_config(args, block)
         _check_embedding_memory(cfg, proxy)
         result, emb, paths = compute_weights(
-            ds, args.proxy, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
+            ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
             cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say,
             token_budget=args.token_budget, max_epochs=args.max_epochs)
@@ -273,14 +289,14 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     _init_distributed(args)
-    ds = _dataset(args)
-    weights = "uniform" if args.weights == "uniform" else read_weights(args.weights, ds.domains)
+    init_from = None
     if args.init_from:
-        from .model import load_model
-
-        model = load_model(args.init_from)
+        model, init_from, ds = _model_and_dataset(args, args.init_from, "--init-from", gpt_only=True)
         block = model.config.block_size
     else:
+        ds = _dataset(args)
+    weights = "uniform" if args.weights == "uniform" else read_weights(args.weights, ds.domains)
+    if not args.init_from:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
     cfg = _train_config(args, args.out, args.steps, eval_at_end=True)
@@ -289,7 +305,7 @@ def cmd_train(args) -> int:
              f"{args.init_from}; training with sequences of {block} tokens")
     cfg.block_size = min(cfg.block_size or block, block)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
-    result = train(model, ds, weights, cfg, init_from=args.init_from)
+    result = train(model, ds, weights, cfg, init_from=init_from)
     if result["complete"]:
         _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
         return 0
@@ -300,12 +316,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import distributed
-    from .model import load_model
+    from .embed import check_proxy_tokenizer
     from .trainer import evaluate
 
     _init_distributed(args)
-    ds = _dataset(args)
-    model = load_model(args.model)
+    model, _, ds = _model_and_dataset(args, args.model, "--model", gpt_only=True)
+    check_proxy_tokenizer(model, ds)
     ds.check_vocab(model.config.vocab_size)  # else an id >= vocab fails deep inside the embedding
     block = min(args.block_size or model.config.block_size, model.config.block_size)
     _check_memory("--eval-windows", args.eval_windows, args.eval_windows * len(ds.domains) * (block + 1) * 24,
@@ -420,6 +436,17 @@ def cmd_run(args) -> int:
 # needs the compiled ops.
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say what the default is
+    (and not for None or off switches, whose defaults say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user error
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -441,7 +468,8 @@ def _add_common(p, data=True, data_default=BUILTIN):
     library = TrainConfig()
     p.add_argument("--seed", type=_seed, default=library.seed, help="seed for sampling, initialisation and data order")
     p.add_argument("--device", default=library.device, choices=["auto", "cpu", "cuda"], help="where to compute")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output, and no warnings or loading bars from transformers/torch")
     if data:
         from .data import load_dataset
         import inspect
@@ -451,15 +479,17 @@ def _add_common(p, data=True, data_default=BUILTIN):
         p.add_argument("--data", default=data_default if data_default == BUILTIN else argparse.SUPPRESS,
                        help="dataset folder (one subfolder per domain), or 'builtin' for the built-in data"
                             + ("" if data_default == BUILTIN else " (default: builtin, unless --embeddings)"))
-        p.add_argument("--tokenizer", default=params["tokenizer"].default,
-                       help="'byte' or a local Hugging Face tokenizer folder")
+        p.add_argument("--tokenizer", default=None,
+                       help="'byte' or a local Hugging Face tokenizer folder (default: the proxy's or model's "
+                            "own tokenizer -- the one a model.pt records, or the one saved in a Hugging Face "
+                            "proxy folder -- and 'byte' when no model is given)")
         p.add_argument("--cache-dir", default=None, help="token cache folder (default: <data>/.chameleon_cache)")
         p.add_argument("--val-fraction", type=float, default=params["val_fraction"].default,
-                       help="held-out share of each domain")
+                       help="held-out share of each domain without val.bin: blocks spread evenly over its stream")
 
 
 def _add_embed(p):
-    from .embed import POOLINGS, EmbedConfig
+    from .embed import POOLINGS, PRECISIONS, EmbedConfig
 
     library = EmbedConfig()
     g = p.add_argument_group("domain embeddings")
@@ -474,6 +504,9 @@ def _add_embed(p):
     g.add_argument("--pooling", default=library.pooling, choices=list(POOLINGS),
                    help="'reference' reproduces the reference implementation's pooling quirks")
     g.add_argument("--embed-batch-size", type=int, default=library.batch_size, help="windows per forward pass")
+    g.add_argument("--precision", default=library.precision, choices=list(PRECISIONS),
+                   help="proxy forward precision; auto: fp32 with --pooling reference (the reference's) and on "
+                        "CPUs, bf16 autocast on CUDA")
     g.add_argument("--embed-cache", default=None, help="embedding cache folder (default: <cache-dir>/embeddings)")
 
 
@@ -533,7 +566,7 @@ def _add_train_proxy(p):
 def _add_embed_command(p):
     _add_common(p)
     _add_embed(p)
-    p.add_argument("--proxy", required=True, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
+    p.add_argument("--proxy", required=True, help=PROXY_HELP)
     p.add_argument("--out", default="runs/embeddings", help="output folder (domain_embeddings.pt)")
     p.set_defaults(func=cmd_embed)
 
@@ -542,7 +575,7 @@ def _add_weights_command(p):
     _add_common(p, data_default=None)
     _add_embed(p)
     _add_weights(p)
-    p.add_argument("--proxy", default=None, help="proxy model.pt/ckpt.pt, or a local Hugging Face model folder")
+    p.add_argument("--proxy", default=None, help=PROXY_HELP)
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
     p.add_argument("--token-budget", type=int, default=None,
                    help="training tokens: report each domain's target tokens and epochs in weights.json")
@@ -612,7 +645,7 @@ COMMANDS = {
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The whole parser, or with ``only``, one whose other commands have no options yet (what
     :func:`main` uses, so a command imports only what it needs)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = _Parser(prog="chameleon", formatter_class=fmt,
                      description="Chameleon data mixing: domain weights from a proxy model's "
                                  "embeddings, and a minimal trainer.")
@@ -646,7 +679,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     previous = _on_sigterm_interrupt()
     try:
-        return _run_command(args)
+        from .data.tokenizer import quiet_libraries
+
+        with quiet_libraries(bool(getattr(args, "quiet", False))):
+            return _run_command(args)
     finally:
         _close_distributed()
         if previous is not None:

@@ -11,6 +11,16 @@ across ranks (one all-reduce), so the embedding is the same whatever the world s
 ``pooling="reference"`` reproduces the reference implementation instead: windows are
 decoded to text and re-tokenised, batches are right-padded with EOS, the mean runs over
 padding too, and duplicate window vectors are dropped before averaging (docs/method.md, "The reference implementation").
+
+Precision (``EmbedConfig.precision``): ``"auto"`` is float32 for ``pooling="reference"`` (the
+reference's precision, on every device) and, for the clean method, bf16 autocast on CUDA and
+float32 on the CPU; ``"fp32"``, ``"bf16"`` and ``"fp16"`` force one (the half types through
+``torch.autocast`` on the model's device; sums are always accumulated in float64).
+
+Padding: the clean method's windows are all full (``window`` tokens each), so batches are
+packed without padding or attention mask. Reference pooling keeps the reference's padded
+batches on purpose: its mean runs over the padded positions, whose states are part of the
+result.
 """
 
 from __future__ import annotations
@@ -27,13 +37,20 @@ import torch
 
 from . import distributed, io
 from .errors import ChameleonUserError
+from .data.dataset import SPLIT_LAYOUT
+from .data.tokenizer import check_same_tokenizer, tokenizer_record
 from .ops import domain_mean_pool, masked_mean_pool
 from .progress import Progress
 
-__all__ = ["EmbedConfig", "DomainEmbeddings", "embed_domains", "window_starts", "load_domain_embeddings"]
+__all__ = ["EmbedConfig", "DomainEmbeddings", "embed_domains", "window_starts", "load_domain_embeddings",
+           "check_proxy_tokenizer"]
 
-CACHE_FORMAT = "chameleon_ext.domain_embedding/1"
+# 2: the key holds the tokenizer's content hash, the transformers version, the precision
+# option and the split layout (blocks spread over the stream instead of its tail).
+CACHE_FORMAT = "chameleon_ext.domain_embedding/2"
 POOLINGS = ("masked", "reference")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -47,6 +64,7 @@ class EmbedConfig:
     seed: int = 0
     pooling: str = "masked"  # "masked" (clean method) or "reference" (the reference's quirks)
     split: str = "train"
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (module doc)
 
     def __post_init__(self):
         for name in ("n_windows", "window", "batch_size"):
@@ -57,6 +75,16 @@ class EmbedConfig:
             raise ChameleonUserError(f"pooling: expected one of {POOLINGS}, got {self.pooling!r}")
         if self.split not in ("train", "val"):
             raise ChameleonUserError(f"split: expected 'train' or 'val', got {self.split!r}")
+        if self.precision not in PRECISIONS:
+            raise ChameleonUserError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """The precision actually used on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        if self.precision != "auto":
+            return self.precision
+        if self.pooling == "reference":
+            return "fp32"  # the reference's precision
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 @dataclass
@@ -130,15 +158,39 @@ def window_starts(dataset, name: str, cfg: EmbedConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- cache
 
 
-def _cache_key(proxy_hash: str, layer: int, precision: str, dataset, name: str, cfg: EmbedConfig) -> str:
+def _library_versions(model) -> dict:
+    """Versions of the libraries that compute a proxy's hidden states beyond torch: the
+    ``transformers`` version for a Hugging Face proxy (4.x and 5.x tokenise and compute
+    differently), nothing for chameleon_ext's own GPT."""
+    from .model import HFCausalLM
+
+    if isinstance(model, HFCausalLM):
+        import transformers
+
+        return {"transformers": transformers.__version__}
+    return {}
+
+
+def _tokenizer_hash(dataset) -> Optional[str]:
+    tok = getattr(dataset, "tokenizer", None)
+    return None if tok is None else tokenizer_record(tok)["sha256"]
+
+
+def _cache_key(proxy_hash: str, layer: int, precision: str, dataset, name: str, cfg: EmbedConfig,
+               libraries: Optional[dict] = None) -> str:
     spec = {
         "format": CACHE_FORMAT,
         "proxy": proxy_hash,
         "layer": layer,
         "precision": precision,
+        "libraries": dict(libraries or {}),
+        # The fingerprint covers the tokenizer's name; its full content hash is added because
+        # re-tokenisation (reference pooling) uses the tokenizer itself.
+        "tokenizer": _tokenizer_hash(dataset),
         "domain": name,
         "fingerprint": dataset.fingerprint(name),
         "val_fraction": getattr(dataset, "val_fraction", None),
+        "split_layout": SPLIT_LAYOUT,
         "n_windows": cfg.n_windows,
         "window": cfg.window,
         "seed": cfg.seed,
@@ -237,6 +289,7 @@ def embed_domains(
     missing = [n for n in names if n not in dataset.domains]
     if missing:
         raise ChameleonUserError(f"domains: {missing} are not in the dataset (it has {dataset.domains})")
+    check_proxy_tokenizer(model, dataset, cfg)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None:
         dataset.check_vocab(vocab)
@@ -247,10 +300,11 @@ def embed_domains(
     layer = model.default_embedding_layer if cfg.layer is None else cfg.layer
 
     dev = distributed.resolve_device("auto" if device is None else device, group=group)
-    precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
+    precision = cfg.resolved_precision(dev)
     me = distributed.info(group)
     proxy_hash = model.content_hash
-    keys = {n: _cache_key(proxy_hash, layer, precision, dataset, n, cfg) for n in names}
+    libraries = _library_versions(model)
+    keys = {n: _cache_key(proxy_hash, layer, precision, dataset, n, cfg, libraries) for n in names}
     cached = {n: _read_cache(cache_dir, keys[n], n) for n in names}
     todo = [n for n in names if cached[n] is None]
 
@@ -258,7 +312,7 @@ def embed_domains(
     if todo:
         model = model.to(dev).eval()
         run = _embed_reference if cfg.pooling == "reference" else _embed_masked
-        fresh = run(model, dataset, cfg, todo, layer, dev, me, group, progress)
+        fresh = run(model, dataset, cfg, todo, layer, dev, precision, me, group, progress)
         if me.is_main:
             for n in todo:
                 _write_cache(cache_dir, keys[n], n, *fresh[n])
@@ -269,15 +323,32 @@ def embed_domains(
         total, count = cached[n] if cached[n] is not None else fresh[n]
         sums.append(total.double().cpu() / count)
         counts.append(int(count))
-    settings = dict(asdict(cfg), layer=layer, precision=precision, proxy_sha256=proxy_hash)
+    settings = dict(asdict(cfg), layer=layer, precision=precision, proxy_sha256=proxy_hash,
+                    tokenizer_sha256=_tokenizer_hash(dataset), split_layout=SPLIT_LAYOUT, **libraries)
     return DomainEmbeddings(names, torch.stack(sums), counts, settings, computed=todo)
 
 
-def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, attention_mask=None) -> torch.Tensor:
-    # bf16 autocast on CUDA: the embedding is a mean over thousands of windows, so bf16's
-    # rounding averages out, and it halves the proxy's memory traffic; CPU bf16 matmuls are
-    # slow on most CPUs, so CPU stays fp32 (the cache key records the precision either way).
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+def check_proxy_tokenizer(model, dataset, cfg: Optional[EmbedConfig] = None) -> None:
+    """Raise if the proxy records a tokenizer and the dataset's text was tokenised with another.
+
+    Pre-tokenised domains carry no tokenizer, so a dataset made only of them is not checked
+    (unless reference pooling re-tokenises windows with the dataset's tokenizer)."""
+    expected = getattr(model, "tokenizer_record", None)
+    tok = getattr(dataset, "tokenizer", None)
+    if not expected or tok is None:
+        return
+    kinds = {dataset.kind(n) for n in dataset.domains} if hasattr(dataset, "kind") else {"text"}
+    if "text" in kinds or (cfg is not None and cfg.pooling == "reference"):
+        check_same_tokenizer(expected, tok, "the proxy")
+
+
+def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, precision: str,
+             attention_mask=None) -> torch.Tensor:
+    # bf16 autocast on CUDA by default ("auto"): the embedding is a mean over thousands of
+    # windows, so bf16's rounding averages out, and it halves the proxy's memory traffic; CPU
+    # bf16 matmuls are slow on most CPUs, so CPU stays fp32 (the cache key records the precision).
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return model.hidden_states(ids, layer, attention_mask=attention_mask)
 
 
@@ -294,7 +365,7 @@ def _progress(enabled: bool, total: int, what: str) -> Progress:
 
 
 @torch.inference_mode()
-def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
+def _embed_masked(model, dataset, cfg, todo, layer, dev, precision, me, group, progress):
     """Clean method: full windows (no padding), means summed per domain by domain_mean_pool."""
     share, starts = _work_items(dataset, cfg, todo, me)
     H = None
@@ -310,7 +381,7 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
             [dataset.windows_at(todo[d], starts[todo[d]][win[dom == d]], cfg.window, cfg.split) for d in np.unique(dom)]
         )  # [b, l]; rows grouped by domain in the same order as `dom` (items are sorted)
         ids = torch.from_numpy(windows).to(dev)
-        hidden = _forward(model, ids, layer, dev)  # [b, l, H]
+        hidden = _forward(model, ids, layer, dev, precision)  # [b, l, H]
         s, c = domain_mean_pool(hidden, None, torch.from_numpy(dom).to(dev), len(todo))
         if sums is None:
             H = hidden.shape[-1]
@@ -331,7 +402,7 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, me, group, progress):
 
 
 @torch.inference_mode()
-def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress):
+def _embed_reference(model, dataset, cfg, todo, layer, dev, precision, me, group, progress):
     """The reference pipeline's pooling: re-tokenised windows, right-padded batches, the
     mean over padding included, duplicates dropped (np.unique) before averaging.
 
@@ -354,7 +425,7 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, me, group, progress)
         name = todo[d]
         windows = dataset.windows_at(name, starts[name][j : j + cfg.batch_size], cfg.window, cfg.split)
         ids, mask = _pad_right(_retokenise(tokenizer, windows, cfg.window), tokenizer.eos_id)
-        hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev,
+        hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev, precision,
                           attention_mask=torch.from_numpy(mask).to(dev))
         pooled = masked_mean_pool(hidden, None).double().cpu().numpy()  # padding included, as the reference
         rows.extend((d, v) for v in pooled)

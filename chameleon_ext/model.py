@@ -189,6 +189,9 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embeddings
         self._init_weights(seed)
+        # The tokenizer of the data the model learned from (a tokenizer_record), when known:
+        # recorded in model.pt, checked before the model embeds or evaluates other data.
+        self.tokenizer_record: Optional[dict] = None
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
@@ -372,14 +375,20 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(path: Union[str, os.PathLike], model: GPT) -> str:
-    """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash."""
+def save_model(path: Union[str, os.PathLike], model: GPT, tokenizer: Optional[dict] = None) -> str:
+    """Atomically save ``model``'s config, weights and content hash to ``path``; return the hash.
+
+    ``tokenizer``: the :func:`~chameleon_ext.data.tokenizer.tokenizer_record` of the data the
+    model was trained on (default: ``model.tokenizer_record``), so that using the model with
+    another tokenizer is an error rather than garbage.
+    """
     if not isinstance(model, GPT):
         raise ChameleonUserError(f"model: expected a GPT, got {type(model).__name__}")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = state_dict_sha256(sd)
+    record = tokenizer if tokenizer is not None else model.tokenizer_record
     io.save_torch({"format": MODEL_FORMAT, "config": model.config.to_dict(), "state_dict": sd,
-                   "sha256": digest}, path, "model file")
+                   "sha256": digest, "tokenizer": record}, path, "model file")
     return digest
 
 
@@ -419,6 +428,8 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
         raise ChameleonUserError(f"model file {path!r}: bad config: {exc}") from exc
     check_state_dict(model, sd, f"model file {path!r}")
     model.load_state_dict(sd)
+    record = obj.get("tokenizer")
+    model.tokenizer_record = dict(record) if isinstance(record, dict) else None
     return model.to(map_location)
 
 
@@ -459,13 +470,30 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: s
 # -- Hugging Face adapter --------------------------------------------------------------------
 
 
-class HFCausalLM(nn.Module):
-    """A local Hugging Face causal LM behind the :class:`GPT` interface used for embeddings.
+class _StopForward(Exception):
+    """Raised by the hook at the pooled layer: ends the forward pass, carrying its input."""
 
-    Exposes ``hidden_states(idx, layer, attention_mask)``, ``forward(idx, targets)``,
-    ``default_embedding_layer``, ``n_layer``, ``content_hash`` and a ``config`` with
-    ``vocab_size``, ``n_layer``, ``n_embd`` and ``block_size``. It runs the full model with
-    ``output_hidden_states=True`` (Hugging Face models cannot stop early in general).
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("forward pass stopped at the pooled layer")
+        self.hidden = hidden
+
+
+class HFCausalLM(nn.Module):
+    """A local Hugging Face model behind the :class:`GPT` interface used for embeddings.
+
+    Holds the BASE model (no LM head: embeddings never need logits). Exposes
+    ``hidden_states(idx, layer, attention_mask)``, ``default_embedding_layer``, ``n_layer``,
+    ``content_hash`` and a ``config`` with ``vocab_size``, ``n_layer``, ``n_embd`` and
+    ``block_size``.
+
+    ``hidden_states(idx, layer)`` equals ``outputs.hidden_states[layer]`` of a full forward
+    with ``output_hidden_states=True``, but runs only the blocks before ``layer``: in Hugging
+    Face's convention ``hidden_states[i]`` is the input of block ``i``, so a forward pre-hook
+    on that block takes its input and ends the pass (blocks ``layer..n-1``, the final norm and
+    every other stored state are never computed). ``layer == n_layer`` is the base model's
+    ``last_hidden_state`` (final norm applied, as the last entry of ``hidden_states``). This
+    works for any architecture whose blocks sit in one ``nn.ModuleList`` of ``n_layer``
+    modules (GPT-2, Llama, Mistral, BERT, ...); otherwise the full forward is run.
     """
 
     def __init__(self, hf_model: nn.Module):
@@ -478,6 +506,11 @@ class HFCausalLM(nn.Module):
                  or getattr(c, "n_ctx", None) or 2048)
         self.config = _HFShape(vocab_size=int(c.vocab_size), n_layer=int(n_layer),
                                n_embd=int(n_embd), block_size=int(block))
+        self.blocks = _find_blocks(hf_model, self.config.n_layer)
+        if hasattr(c, "use_cache"):
+            c.use_cache = False  # no key/value cache for a single pass
+        # The tokenizer the proxy expects (a tokenizer_record), set by whoever loads it.
+        self.tokenizer_record: Optional[dict] = None
 
     @property
     def n_layer(self) -> int:
@@ -492,20 +525,46 @@ class HFCausalLM(nn.Module):
         return state_dict_sha256(self.hf.state_dict())
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        out = self.hf(input_ids=idx)
-        if not hasattr(out, "logits"):
-            raise ChameleonUserError("this Hugging Face model is an encoder: it embeds domains but has no LM head")
-        return out.logits, next_token_loss(out.logits, targets)
+        raise ChameleonUserError(
+            "this Hugging Face proxy is loaded for embeddings only (its base model, without an LM head)"
+        )
 
     def hidden_states(self, idx: torch.Tensor, layer: Optional[int] = None,
                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``outputs.hidden_states[layer]``: ``[B, T, H]`` (0 = embedding output)."""
+        """``outputs.hidden_states[layer]``: ``[B, T, H]`` (0 = embedding output), computed
+        with the blocks before ``layer`` only."""
         n = self.config.n_layer
         if layer is None:
             layer = self.default_embedding_layer
         layer = _check_layer(layer, n)
-        out = self.hf(input_ids=idx, attention_mask=attention_mask, output_hidden_states=True)
-        return out.hidden_states[layer]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: the plain causal path, no mask to build
+        if layer == n:
+            return self.hf(input_ids=idx, attention_mask=attention_mask).last_hidden_state
+        if self.blocks is None:  # no block list found: the full forward with every state
+            out = self.hf(input_ids=idx, attention_mask=attention_mask, output_hidden_states=True)
+            return out.hidden_states[layer]
+
+        def stop(module, args, kwargs):
+            raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+        handle = self.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.hf(input_ids=idx, attention_mask=attention_mask)
+        except _StopForward as done:
+            return done.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the Hugging Face model's forward pass never reached block {layer}")
+
+
+def _find_blocks(hf_model: nn.Module, n_layer: int) -> Optional[nn.ModuleList]:
+    """The model's list of transformer blocks: the first ``nn.ModuleList`` of ``n_layer``
+    modules (``h`` in GPT-2, ``layers`` in Llama, ``encoder.layer`` in BERT), or None."""
+    for _, module in hf_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layer:
+            return module
+    return None
 
 
 @dataclass
@@ -516,10 +575,17 @@ class _HFShape:
     block_size: int
 
 
+# Files that make up a Hugging Face model folder's weights and config; a --proxy pointing at
+# one of them is a folder passed by its file.
+HF_MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json", "generation_config.json")
+
+
 def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
                   torch_dtype: Optional[torch.dtype] = None) -> HFCausalLM:
-    """Wrap the Hugging Face causal LM (or, failing that, encoder) saved in the local folder
-    ``path`` (no network access)."""
+    """Wrap the base model (no LM head) of the Hugging Face model saved in the local folder
+    ``path`` (no network access): ``AutoModel`` loads the shared trunk of a causal LM
+    checkpoint as well as an encoder."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ChameleonUserError(f"model path {path!r} is not a folder holding a Hugging Face model")
@@ -532,13 +598,7 @@ def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.
         ) from exc
     kw = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        # A checkpoint saved from a causal LM loads with its LM head; anything else (an
-        # encoder such as BERT) loads as the bare model, which is all embedding needs.
-        archs = getattr(config, "architectures", None) or []
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        hf = auto.from_pretrained(path, local_files_only=True, **kw)
+        hf = transformers.AutoModel.from_pretrained(path, local_files_only=True, **kw)
     except Exception as exc:
-        raise ChameleonUserError(f"could not load a Hugging Face causal LM or encoder from {path!r}: {exc}") from exc
+        raise ChameleonUserError(f"could not load a Hugging Face model from {path!r}: {exc}") from exc
     return HFCausalLM(hf.eval()).to(map_location)

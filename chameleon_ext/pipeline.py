@@ -31,6 +31,8 @@ __all__ = [
     "check_weight_options",
     "train_proxy",
     "load_proxy",
+    "load_proxy_and_tokenizer",
+    "resolve_proxy_path",
     "compute_weights",
     "weights_for_domains",
     "write_weights",
@@ -57,13 +59,104 @@ def train_proxy(dataset, out_dir: str, preset: str = DEFAULT_PRESET, block_size:
     return result["model_path"] or os.path.join(out_dir, "model.pt")
 
 
-def load_proxy(path: str, device="cpu"):
-    """A proxy from a chameleon_ext ``model.pt``/``ckpt.pt``, or a local Hugging Face model folder."""
+def resolve_proxy_path(path) -> tuple:
+    """``(kind, path)`` of a ``--proxy`` argument: ``("gpt", file)`` for a chameleon_ext
+    ``model.pt``/``ckpt.pt`` (a folder holding ``model.pt``, such as the one ``train-proxy``
+    writes, means that file) or ``("hf", folder)`` for a Hugging Face model folder."""
+    from .model import HF_MODEL_FILES
+
+    path = os.fspath(path)
     if os.path.isdir(path):
+        for name in ("model.pt", "ckpt.pt"):  # what train-proxy writes, final model first
+            if os.path.isfile(os.path.join(path, name)):
+                return "gpt", os.path.join(path, name)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf", path
+        raise ChameleonUserError(
+            f"proxy: the folder {path!r} holds neither a chameleon_ext model.pt nor a Hugging Face "
+            "model (config.json + weights)"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) in HF_MODEL_FILES or path.endswith(".safetensors"):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            raise ChameleonUserError(
+                f"proxy: {path!r} is a file of a Hugging Face model; pass its folder instead: --proxy {folder}"
+            )
+    return "gpt", path
+
+
+def load_proxy(path: str, device="cpu", tokenizer=None):
+    """A proxy from a chameleon_ext ``model.pt``/``ckpt.pt`` (or the folder holding it), or a
+    local Hugging Face model folder (its base model, see :class:`~chameleon_ext.model.HFCausalLM`).
+
+    The proxy's ``tokenizer_record`` says which tokenizer its input must come from, and
+    :func:`~chameleon_ext.embed.embed_domains` refuses data tokenised otherwise: for a
+    chameleon_ext model, the tokenizer recorded in the file at training time (``tokenizer``,
+    if given, must be the same); for a Hugging Face folder, ``tokenizer`` if given (an
+    explicit override), else the tokenizer saved in the folder.
+    """
+    proxy, _ = load_proxy_and_tokenizer(path, tokenizer, device=device, need_tokenizer=False)
+    return proxy
+
+
+def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_tokenizer: bool = True):
+    """``(proxy, tokenizer)``: the proxy at ``path`` and the tokenizer to tokenise data with.
+
+    ``tokenizer``: ``None`` (use the proxy's own: the one a chameleon_ext ``model.pt``
+    records, or the one saved in a Hugging Face folder), ``"byte"``, a tokenizer folder or
+    object. Errors: a Hugging Face folder without tokenizer files and no ``tokenizer``; a
+    ``tokenizer`` different from the one a chameleon_ext proxy records (naming both); a
+    recorded tokenizer folder that is gone or changed. With ``need_tokenizer=False`` a proxy
+    whose tokenizer cannot be found loads anyway (the tokenizer is then None).
+    """
+    from .data.tokenizer import HFTokenizer, check_same_tokenizer, has_tokenizer_files, load_tokenizer, tokenizer_record
+
+    kind, path = resolve_proxy_path(path)
+    if kind == "hf":
         from .model import load_hf_model
 
-        return load_hf_model(path, map_location=device)
-    return load_model(path, map_location=device)
+        # the tokenizer first: its errors come before loading a possibly large model
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)  # an explicit override of the folder's tokenizer
+        elif has_tokenizer_files(path):
+            tok = HFTokenizer(path)
+        elif need_tokenizer:
+            raise ChameleonUserError(
+                f"tokenizer: the Hugging Face proxy folder {path!r} holds no tokenizer files (tokenizer.json, "
+                "vocab.json + merges.txt, ...); pass --tokenizer FOLDER with the tokenizer the model was trained with"
+            )
+        else:
+            tok = None
+        proxy = load_hf_model(path, map_location=device)
+        proxy.tokenizer_record = None if tok is None else tokenizer_record(tok)
+        return proxy, tok
+
+    proxy = load_model(path, map_location=device)
+    recorded = proxy.tokenizer_record
+    what = f"the proxy {path!r}"
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if recorded:
+            check_same_tokenizer(recorded, tok, what)
+        return proxy, tok
+    if not recorded or recorded.get("path") is None:
+        # no record (a model.pt from before tokenizers were recorded, or pre-tokenised data):
+        # the byte tokenizer, chameleon_ext's default; a recorded byte tokenizer is checked
+        tok = load_tokenizer("byte")
+        if recorded:
+            check_same_tokenizer(recorded, tok, what)
+        return proxy, tok
+    folder = recorded["path"]
+    if not os.path.isdir(folder):
+        if not need_tokenizer:
+            return proxy, None
+        raise ChameleonUserError(
+            f"tokenizer: {what} was trained with the tokenizer in {folder!r}, which no longer exists; "
+            "pass --tokenizer FOLDER holding that tokenizer"
+        )
+    tok = HFTokenizer(folder)
+    check_same_tokenizer(recorded, tok, what)
+    return proxy, tok
 
 
 def check_weight_options(mode: str, lam: float, temperature: Optional[float]) -> None:

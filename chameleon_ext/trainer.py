@@ -300,6 +300,7 @@ class _Trainer:
                     "samplers": samplers, "rngs": rngs, "callbacks": cbs,
                     "train_config": self.cfg.to_dict(), "domains": list(self.dataset.domains),
                     "weights": self.sampler.weights, "fingerprints": self.fingerprints,
+                    "tokenizer": _tokenizer_record(self.dataset),
                 }, self.ckpt_path)
 
         self.collective(f"rank 0 was writing {self.ckpt_path!r}", write)
@@ -310,7 +311,8 @@ class _Trainer:
     def save_model(self) -> None:
         self._check_finite()
         self.collective(f"rank 0 was writing {self.model_path!r}",
-                        lambda: save_model(self.model_path, self.model) if self.is_main else None)
+                        lambda: save_model(self.model_path, self.model, tokenizer=_tokenizer_record(self.dataset))
+                        if self.is_main else None)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -455,3 +457,9 @@ def _settle_ddp_buckets(ddp: torch.nn.Module, model: GPT, rows: int, T: int,
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
+
+
+def _tokenizer_record(dataset) -> Optional[dict]:
+    """What model.pt / ckpt.pt record about the tokenizer of the training data (None if unknown)."""
+    record = getattr(dataset, "tokenizer_record", None)
+    return record() if callable(record) else None

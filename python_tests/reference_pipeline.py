@@ -27,6 +27,12 @@ Two forwards: ``impl="modules"`` runs the model's own modules (SDPA attention; w
 benchmark times), ``impl="manual"`` recomputes everything in float64 from the raw parameters
 with explicit softmax attention (the independent oracle the tests use).
 
+:func:`hf_reference_embeddings` is the same pipeline written plainly with transformers, as the
+reference itself calls it, for a Hugging Face proxy: ``tokenizer.decode`` of each window,
+``tokenizer(texts, padding=True, truncation=True, max_length=window)``, the FULL model given
+(the reference loads ``GPT2LMHeadModel``: every block and the LM head) with
+``output_hidden_states=True``, ``hidden_states[len // 2].mean(dim=1)``, ``np.unique``, mean.
+
 Also :func:`reference_weights_numpy`: the reference's weight computation (``X X^T``, kernel
 centring, ``np.linalg.inv`` of ``K + lambda k I``, ``diag(K inv)``, ``S / sum(S)``, softmax).
 """
@@ -47,6 +53,7 @@ __all__ = [
     "hf_attention_mask",
     "all_hidden_states",
     "reference_embeddings",
+    "hf_reference_embeddings",
     "reference_weights_numpy",
 ]
 
@@ -200,6 +207,42 @@ def reference_embeddings(model, dataset, starts: Mapping[str, np.ndarray], windo
             counts.append(int(vecs.shape[0]))
     finally:
         model.train(was_training)
+    return ReferenceEmbeddings(names, np.stack(rows), counts, tokens)
+
+
+@torch.no_grad()
+def hf_reference_embeddings(model, tokenizer, dataset, starts: Mapping[str, np.ndarray], window: int,
+                            batch_size: int, *, pooling: str = "reference", split: str = "train",
+                            device="cpu") -> ReferenceEmbeddings:
+    """Domain embeddings the reference's way with a Hugging Face ``model`` (e.g. the
+    ``AutoModelForCausalLM``) and its transformers ``tokenizer`` (pad token = EOS, as the
+    reference sets it). ``pooling="masked"``: the raw windows through the same full forward,
+    mean over their tokens, no de-duplication (what the clean method computes)."""
+    if pooling not in ("reference", "masked"):
+        raise ValueError(f"pooling: expected 'reference' or 'masked', got {pooling!r}")
+    names, rows, counts, tokens = [], [], [], 0
+    for name, st in starts.items():
+        windows = dataset.windows_at(name, np.asarray(st), window, split)  # [n, l]
+        vectors = []
+        for b0 in range(0, len(windows), batch_size):
+            chunk = windows[b0 : b0 + batch_size]
+            if pooling == "reference":
+                texts = [tokenizer.decode([int(t) for t in w]) for w in chunk]
+                inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=window)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                tokens += int(inputs["attention_mask"].sum())
+            else:
+                inputs = {"input_ids": torch.from_numpy(np.ascontiguousarray(chunk)).long().to(device)}
+                tokens += chunk.size
+            states = model(**inputs, output_hidden_states=True).hidden_states
+            h = states[len(states) // 2]
+            vectors.append(h.double().mean(dim=1).cpu().numpy())  # padding included in reference pooling
+        vecs = np.concatenate(vectors)
+        if pooling == "reference":
+            vecs = np.unique(vecs, axis=0)
+        names.append(name)
+        rows.append(vecs.mean(0))
+        counts.append(int(vecs.shape[0]))
     return ReferenceEmbeddings(names, np.stack(rows), counts, tokens)
 
 

@@ -28,7 +28,7 @@ COMMON = ["--device", "cpu", "--quiet"]
 EMBED = ["--n-windows", "4", "--window", "32"]
 TRAIN = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--warmup", "1", "--ckpt-every", "0",
          "--eval-windows", "2"]
-COMMANDS = ["run", "train-proxy", "embed", "weights", "train", "eval", "export"]
+COMMANDS = ["run", "train-proxy", "embed", "weights", "train", "eval", "export", "export-model"]
 
 
 def _run(argv, capsys):
@@ -359,8 +359,9 @@ def test_entry_point_reports_bad_input_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "chameleon_ext", "eval", "--data", str(tmp_path / "nope"),
                            "--model", str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
+    # the model is read first: its recorded tokenizer decides how the data is tokenised
     assert proc.stderr.strip().splitlines() == [
-        f"chameleon eval: error: data folder {str(tmp_path / 'nope')!r} does not exist"]
+        f"chameleon eval: error: model path {str(tmp_path / 'm.pt')!r} does not exist"]
 
 
 # --------------------------------------------------------------------------- help
@@ -431,3 +432,23 @@ def test_unknown_preset_is_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("chameleon train: error: argument --preset: invalid choice: 'huge'")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_states_each_default_once(command, capsys):
+    import re
+
+    from chameleon_ext.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out
+    # split the help into one chunk per option; none may state its default twice
+    for chunk in re.split(r"\s(?=--[a-z])", out):
+        assert len(re.findall(r"\(default[ :]", chunk)) <= 1, chunk
+    # every option whose default means something shows it
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.help:
+            assert "default" in sub.formatter_class("x")._get_help_string(action), action.option_strings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -144,19 +145,64 @@ def test_discovers_text_jsonl_and_bin_domains(mixed):
     assert isinstance(ds.train_tokens("prose"), np.memmap)
 
 
-def test_split_is_deterministic_last_fraction(mixed):
+def _expected_split(full: np.ndarray, f: float):
+    """Independent re-statement of the documented rule: blocks of
+    b = max(1, min(max(4096, ceil(n / 1024)), floor(n f / 32))) tokens; block i is held out
+    when floor((i + 1) f + 1/2) > floor(i f + 1/2); each split concatenates its blocks."""
+    n = len(full)
+    b = max(1, min(max(4096, math.ceil(n / 1024)), int(n * f / 32)))
+    blocks = [full[i:i + b] for i in range(0, n, b)]
+    held = [math.floor((i + 1) * f + 0.5) > math.floor(i * f + 0.5) for i in range(len(blocks))]
+    train = np.concatenate([x for x, h in zip(blocks, held) if not h])
+    val = np.concatenate([x for x, h in zip(blocks, held) if h] or [full[:0]])
+    return train, val
+
+
+def test_split_holds_out_blocks_spread_over_the_stream(mixed):
     ds = load_dataset(mixed, val_fraction=0.2)
+    ds0 = load_dataset(mixed, val_fraction=0.0)
     for name in ("prose", "jsonl", "pretok32"):
+        full = np.asarray(ds0.train_tokens(name))
         tr, va = ds.train_tokens(name), ds.val_tokens(name)
-        n = tr.shape[0] + va.shape[0]
-        assert va.shape[0] == int(n * 0.2)
-        full = np.concatenate([tr, va])
-        ds0 = load_dataset(mixed, val_fraction=0.0)
-        assert np.array_equal(full, ds0.train_tokens(name))  # val is the tail of the stream
+        exp_tr, exp_va = _expected_split(full, 0.2)
+        assert np.array_equal(np.asarray(tr), exp_tr) and np.array_equal(np.asarray(va), exp_va)
+        assert tr.shape[0] + va.shape[0] == len(full) and va.shape[0] > 0
+        # a window is a contiguous run of the split, also where it crosses the seam of two runs
+        for s in range(0, tr.shape[0] - 16 + 1, 7):
+            assert np.array_equal(ds.windows_at(name, np.array([s]), 16)[0], exp_tr[s:s + 16])
     again = load_dataset(mixed, val_fraction=0.2)
-    assert np.array_equal(again.val_tokens("prose"), ds.val_tokens("prose"))
-    # val.bin, when present, wins over val_fraction
-    assert ds.val_tokens("pretok").shape[0] == 300
+    assert np.array_equal(np.asarray(again.val_tokens("prose")), np.asarray(ds.val_tokens("prose")))
+    # val.bin, when present, wins over val_fraction, and train.bin is used whole
+    assert ds.val_tokens("pretok").shape[0] == 300 and ds.train_tokens("pretok").shape[0] == 1000
+
+
+@pytest.mark.parametrize("n, f", [(100_000, 0.1), (123_457, 0.05), (5_000, 0.1), (37, 0.2)])
+def test_every_part_of_the_stream_is_in_both_splits(tmp_path, n, f):
+    # token value = its position in the stream, so each split says where it came from
+    _write_bin(str(tmp_path / "d" / "pos"), np.arange(n), dtype="uint32", vocab=n)
+    ds = load_dataset(tmp_path / "d", val_fraction=f)
+    tr, va = np.asarray(ds.train_tokens("pos")), np.asarray(ds.val_tokens("pos"))
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(n))  # a partition
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)  # stream order kept
+    b = max(1, min(max(4096, math.ceil(n / 1024)), int(n * f / 32)))
+    assert abs(len(va) - f * n) <= b  # the held-out share is f, to one block
+    parts = 10 if n > 1000 else 2
+    for p in range(parts):  # each tenth of the stream (the last files too) is in both splits
+        lo, hi = p * n // parts, (p + 1) * n // parts
+        in_val = np.count_nonzero((va >= lo) & (va < hi))
+        assert in_val > 0 and np.count_nonzero((tr >= lo) & (tr < hi)) > 0
+        if n > 1000:
+            assert abs(in_val / (hi - lo) - f) <= 2 * b / (hi - lo)
+
+
+def test_split_block_size_for_large_streams():
+    for n in (10**7, 10**9, 3 * 10**10 + 7):
+        block, held = dataset_mod.split_blocks(n, 0.1)
+        assert block == max(4096, -(-n // 1024)) and held.shape[0] == -(-n // block) <= 1024
+        assert held.sum() == round(held.shape[0] * 0.1)
+        gaps = np.diff(np.flatnonzero(held))
+        assert gaps.min() == gaps.max() == 10  # evenly spread
+    assert not dataset_mod.split_blocks(1000, 0.0)[1].any()
 
 
 def test_windows(mixed):
@@ -222,7 +268,8 @@ def test_cache_reuse_and_fingerprints(mixed, monkeypatch, tmp_path):
     new = {d: ds3.fingerprint(d) for d in ds3.domains}
     assert new["jsonl"] != fps["jsonl"]
     assert {d: f for d, f in new.items() if d != "jsonl"} == {d: f for d, f in fps.items() if d != "jsonl"}
-    assert np.array_equal(ds3.train_tokens("jsonl"), _encode_docs("changed"))
+    expected_train = _expected_split(np.array(_encode_docs("changed")), ds3.val_fraction)[0]
+    assert np.array_equal(np.asarray(ds3.train_tokens("jsonl")), expected_train)
 
 
 def test_default_cache_dir_and_fingerprint_depends_on_tokenizer(mixed):

@@ -267,7 +267,10 @@ def test_ddp_training_matches_single_process(runs):
     r0, r1 = runs["first"][0], runs["first"][1]
     for k in single:
         assert torch.equal(r0["params"][k], r1["params"][k]), f"ranks disagree on {k}"
-        torch.testing.assert_close(r0["params"][k], single[k], rtol=0, atol=1e-5,
+        # 2e-5: the gradient all-reduce sums in another order than one process does, and Adam
+        # can enlarge that float32 rounding for parameters with tiny second moments (1.1e-5 seen
+        # on one of 4096 weights); a wrong data shard or step differs by orders of magnitude more.
+        torch.testing.assert_close(r0["params"][k], single[k], rtol=0, atol=2e-5,
                                    msg=lambda m: f"{k}: {m}")
     # the ranks saw disjoint shares of the single process's rows, also after set_weights
     assert [a + b for a, b in zip(r0["rows"], r1["rows"])] == runs["single_rows"]

@@ -31,7 +31,8 @@ def _write_data(root) -> str:
       which re-tokenisation drops) and cut characters (U+FFFD, which it lengthens);
     * ``digits`` -- a .jsonl of very short documents: nearly every window holds EOS ids;
     * ``dna`` -- one long ASCII document: windows re-tokenise to themselves, no padding;
-    * ``rep`` -- exactly one window's worth of training tokens: every window is the same.
+    * ``rep`` -- exactly one window's worth of training tokens (a pre-tokenised train.bin of
+      ASCII bytes, with a val.bin): every window is the same.
     """
     rng = np.random.default_rng(0)
     for name in ("alpha", "digits", "dna", "rep"):
@@ -44,8 +45,11 @@ def _write_data(root) -> str:
             f.write('{"text": "%s"}\n' % " ".join(str(v) for v in rng.integers(0, 10**4, 8)))
     with open(os.path.join(root, "dna", "x.txt"), "w", encoding="utf-8") as f:
         f.write("".join("ACGT"[i] for i in rng.integers(0, 4, 2000)))
-    with open(os.path.join(root, "rep", "x.txt"), "w", encoding="utf-8") as f:
-        f.write("repeat me " * 3 + "four")  # 34 bytes + EOS = 35 tokens -> 32 train tokens
+    rep = np.frombuffer(("repeat me " * 4).encode()[:WINDOW], dtype=np.uint8).astype(np.uint16)
+    rep.tofile(os.path.join(root, "rep", "train.bin"))
+    rep[:8].tofile(os.path.join(root, "rep", "val.bin"))
+    with open(os.path.join(root, "rep", "meta.json"), "w") as f:
+        f.write('{"vocab_size": 257, "dtype": "uint16"}')
     return str(root)
 
 
@@ -312,6 +316,45 @@ def test_cache_misses_when_the_settings_or_the_proxy_change(fresh_root, tmp_path
     second = embed_domains(model, ds, _cfg(**kw), cache_dir=cache)
     assert second.computed == ds.domains
     assert not torch.allclose(second.embeddings, first.embeddings, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["precision", "tokenizer_content", "split_layout"])
+def test_cache_key_holds_precision_tokenizer_and_split_layout(fresh_root, model, tmp_path, monkeypatch, change):
+    import chameleon_ext.embed as embed_mod
+    from chameleon_ext.data.tokenizer import ByteTokenizer
+
+    cache = str(tmp_path / "emb")
+    ds = load_dataset(fresh_root)
+    first = embed_domains(model, ds, _cfg(), cache_dir=cache)
+    assert first.settings["precision"] == "fp32" and first.settings["split_layout"] == embed_mod.SPLIT_LAYOUT
+    assert first.settings["tokenizer_sha256"] == ByteTokenizer().content_hash
+    kw = {}
+    if change == "precision":
+        kw["precision"] = "bf16"  # bf16 autocast, here on the CPU
+    elif change == "tokenizer_content":
+        # same name, other content: only the content hash tells them apart
+        monkeypatch.setattr(ByteTokenizer, "content_hash", "0" * 64)
+    else:  # caches written under the old split (the stream's tail) must not be reused
+        monkeypatch.setattr(embed_mod, "SPLIT_LAYOUT", "tail/1")
+    second = embed_domains(model, ds, _cfg(**kw), cache_dir=cache)
+    assert second.computed == ds.domains
+    if change == "precision":
+        assert second.settings["precision"] == "bf16"
+        _close(second.embeddings, first.embeddings, tol=5e-2)  # bf16 rounding only
+        assert not torch.equal(second.embeddings, first.embeddings)
+    else:
+        assert torch.equal(second.embeddings, first.embeddings)  # same numbers, fresh entries
+
+
+def test_precision_option():
+    assert EmbedConfig().resolved_precision(torch.device("cpu")) == "fp32"
+    assert EmbedConfig().resolved_precision(torch.device("cuda")) == "bf16"
+    # reference pooling keeps the reference's float32 on every device unless told otherwise
+    assert EmbedConfig(pooling="reference").resolved_precision(torch.device("cuda")) == "fp32"
+    assert EmbedConfig(pooling="reference", precision="bf16").resolved_precision(torch.device("cuda")) == "bf16"
+    assert EmbedConfig(precision="fp32").resolved_precision(torch.device("cuda")) == "fp32"
+    with pytest.raises(ChameleonUserError, match="precision"):
+        EmbedConfig(precision="int8")
 
 
 def test_masked_cache_is_shared_across_batch_sizes(fresh_root, model, tmp_path):

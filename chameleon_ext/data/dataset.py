@@ -87,9 +87,9 @@ import numpy as np
 
 from .. import io
 from ..errors import ChameleonUserError
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_record
 
-__all__ = ["MixtureDataset", "load_dataset", "DEFAULT_CACHE_DIRNAME"]
+__all__ = ["MixtureDataset", "SplitTokens", "load_dataset", "DEFAULT_CACHE_DIRNAME", "SPLIT_LAYOUT"]
 
 DEFAULT_CACHE_DIRNAME = ".chameleon_cache"
 # Bump when the tokenisation rules change: it is hashed into every fingerprint, so bumping it
@@ -108,6 +108,12 @@ _HASH_BLOCK = 1 << 20
 # Token files are verified per block: at most this many blocks of at least _HASH_BLOCK bytes.
 _MAX_BLOCKS = 1024
 _SAMPLE_BLOCKS = 6  # random blocks checked per load, besides the first and the last
+# How train/val are cut from a stream without val.bin (see the module doc). Version 1 was the
+# stream's tail; bump when the rule changes, so caches of windows drawn from a split change key.
+SPLIT_LAYOUT = "blocks-evenly-spread/2"
+_SPLIT_MIN_BLOCK = 4096
+_SPLIT_MAX_BLOCKS = 1024
+_SPLIT_MIN_HELD_OUT = 32  # held-out blocks a domain gets at least, where its size allows
 
 
 @dataclass
@@ -169,7 +175,8 @@ class MixtureDataset:
         return self._get(name).kind
 
     def train_tokens(self, name: str) -> np.ndarray:
-        """Training tokens of domain ``name``: a read-only ``[n_train]`` memmap."""
+        """Training tokens of domain ``name``: a read-only ``[n_train]`` memmap (or, when
+        blocks are held out for validation, a :class:`SplitTokens` view of the memmap)."""
         return self._get(name).train
 
     def val_tokens(self, name: str) -> np.ndarray:
@@ -183,6 +190,14 @@ class MixtureDataset:
         if split == "val":
             return self.val_tokens(name)
         raise ChameleonUserError(f"split: expected 'train' or 'val', got {split!r}")
+
+    def tokenizer_record(self) -> Optional[dict]:
+        """The :func:`~chameleon_ext.data.tokenizer.tokenizer_record` of the tokenizer that made
+        this dataset's tokens, or None when every domain is pre-tokenised (its tokenizer is
+        not known here)."""
+        if all(d.kind == "bin" for d in self._domains.values()):
+            return None
+        return tokenizer_record(self.tokenizer)
 
     def n_tokens(self, name: str, split: str = "train") -> int:
         return int(self.tokens(name, split).shape[0])
@@ -548,10 +563,90 @@ def _check_length(length) -> int:
     return int(length)
 
 
-def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    n = tokens.shape[0]
-    n_val = int(n * val_fraction)
-    return tokens[: n - n_val], tokens[n - n_val:]
+class SplitTokens:
+    """One split of a token stream: the blocks ``[starts[j], starts[j] + lengths[j])`` of
+    ``base``, concatenated in stream order, read without copying the stream.
+
+    Behaves like a read-only 1-D array for what the dataset layer needs: ``shape``, ``dtype``,
+    ``len()``, integer and contiguous-slice indexing (a slice returns a new array), and
+    ``np.asarray(split)`` (the whole split, copied).
+    """
+
+    ndim = 1
+
+    def __init__(self, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.base = base
+        self.starts = np.asarray(starts, dtype=np.int64)  # [m] in stream coordinates
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [m]
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # [m + 1] in split coordinates
+        self.shape = (int(self.offsets[-1]),)
+        self.dtype = base.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                return np.asarray(self)[key]
+            return self._read(lo, max(lo, hi))
+        i = int(key)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {key} is out of bounds for a split of {n} tokens")
+        return self._read(i, i + 1)[0]
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        out = np.empty(hi - lo, dtype=self.dtype)
+        j = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        pos = lo
+        while pos < hi:
+            take = min(hi, int(self.offsets[j + 1])) - pos
+            src = int(self.starts[j]) + pos - int(self.offsets[j])
+            out[pos - lo : pos - lo + take] = self.base[src : src + take]
+            pos += take
+            j += 1
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self._read(0, self.shape[0])
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"SplitTokens({self.shape[0]} tokens in {len(self.starts)} runs of a {self.base.shape[0]}-token stream)"
+
+
+def split_blocks(n: int, val_fraction: float) -> tuple[int, np.ndarray]:
+    """``(block, held_out [n_blocks] bool)``: the block size and which blocks of a stream of
+    ``n`` tokens are validation blocks (the rule in the module doc)."""
+    f = float(val_fraction)
+    if n <= 0 or f <= 0.0:
+        return max(n, 1), np.zeros(1 if n > 0 else 0, dtype=bool)
+    block = max(_SPLIT_MIN_BLOCK, -(-n // _SPLIT_MAX_BLOCKS))
+    block = max(1, min(block, int(n * f / _SPLIT_MIN_HELD_OUT)))
+    i = np.arange(-(-n // block), dtype=np.float64)
+    held_out = np.floor((i + 1) * f + 0.5) > np.floor(i * f + 0.5)
+    return block, held_out
+
+
+def _split(tokens: np.ndarray, val_fraction: float):
+    """``(train, val)`` of a stream without ``val.bin``: evenly spread blocks (module doc)."""
+    n = int(tokens.shape[0])
+    block, held_out = split_blocks(n, val_fraction)
+    if not held_out.any():
+        return tokens, tokens[n:]
+    bounds = np.minimum(np.arange(held_out.shape[0] + 1, dtype=np.int64) * block, n)
+
+    def runs(mask: np.ndarray) -> SplitTokens:
+        # maximal runs of consecutive blocks of one split, as (start, length) in the stream
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+        first, last = edges[0::2], edges[1::2]  # block ranges [first, last)
+        return SplitTokens(tokens, bounds[first], bounds[last] - bounds[first])
+
+    return runs(~held_out), runs(held_out)
 
 
 @functools.lru_cache(maxsize=1)

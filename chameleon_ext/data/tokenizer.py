@@ -11,19 +11,25 @@ Two tokenizers share one small interface (``name``, ``vocab_size``, ``eos_id``, 
 
 ``name`` identifies the tokenizer *content*; the dataset layer uses it to key its token caches
 and domain fingerprints, so two different tokenizers never share a cache entry.
+:func:`tokenizer_record` is what a saved proxy remembers about its tokenizer (a readable
+``name``, the full ``sha256`` of its content and, for a folder, its ``path``), so that a proxy
+is never fed ids from another tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from contextlib import contextmanager
 from typing import Iterable, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from ..errors import ChameleonUserError
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_record",
+           "has_tokenizer_files", "check_same_tokenizer"]
 
 
 @runtime_checkable
@@ -49,6 +55,11 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eos_id = 256
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 naming the encoding (by ``name``, so a subclass that changes it differs)."""
+        return hashlib.sha256(f"chameleon_ext.byte_tokenizer/1\0{self.name}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -106,12 +117,25 @@ class HFTokenizer:
                 f"tokenizer: loading the Hugging Face tokenizer at {path!r} needs the optional "
                 "package 'transformers' (pip install transformers); or use tokenizer='byte'"
             ) from exc
+        if not has_tokenizer_files(path):
+            raise ChameleonUserError(
+                f"tokenizer: the folder {path!r} holds no tokenizer files (expected one of "
+                f"{', '.join(_TOKENIZER_MARKERS)}); a model-only folder needs --tokenizer FOLDER "
+                "naming the folder its tokenizer was saved in"
+            )
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # transformers raises many unrelated types here
             raise ChameleonUserError(
                 f"tokenizer: could not load a Hugging Face tokenizer from {path!r}: {exc}"
             ) from exc
+        if len(tok) < 2:
+            # transformers returns an empty tokenizer (a single special token) when the files
+            # do not define a vocabulary; tokenising with it gives no ids at all.
+            raise ChameleonUserError(
+                f"tokenizer: the tokenizer loaded from {path!r} has {len(tok)} token(s); its files "
+                "define no vocabulary (a model-only folder, or a broken tokenizer.json / vocab.json)"
+            )
         if tok.eos_token_id is None:
             raise ChameleonUserError(
                 f"tokenizer: the tokenizer at {path!r} defines no EOS token; documents are "
@@ -125,7 +149,8 @@ class HFTokenizer:
         self.eos_id = int(tok.eos_token_id)
         # len() includes added tokens, unlike tok.vocab_size.
         self.vocab_size = int(len(tok))
-        self.name = "hf-" + _hash_tokenizer_files(path)
+        self.content_hash = _hash_tokenizer_files(path)
+        self.name = "hf-" + self.content_hash[:16]
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -153,7 +178,76 @@ def _hash_tokenizer_files(path: str) -> str:
                     h.update(chunk)
     if not found:  # unusual layout: fall back to the folder's absolute path
         h.update(os.path.abspath(path).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+# Any one of these makes a folder a tokenizer folder (a bare special_tokens_map.json does not).
+_TOKENIZER_MARKERS = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def has_tokenizer_files(path: Union[str, os.PathLike]) -> bool:
+    """Whether the folder ``path`` holds the files of a tokenizer (not only a model)."""
+    return any(os.path.isfile(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_MARKERS)
+
+
+def tokenizer_record(tok) -> dict:
+    """What a saved model remembers about the tokenizer its data was made with:
+    ``{"name", "sha256", "path"}`` (``path`` None for the byte tokenizer)."""
+    path = getattr(tok, "path", None)
+    name = str(getattr(tok, "name", type(tok).__name__))
+    # a tokenizer object without a content hash is identified by its name (which keys token caches)
+    digest = getattr(tok, "content_hash", None) or hashlib.sha256(name.encode()).hexdigest()
+    return {
+        "name": str(path or name),
+        "sha256": digest,
+        "path": None if path is None else os.path.abspath(path),
+    }
+
+
+def check_same_tokenizer(expected: dict, tok, what: str) -> None:
+    """Raise unless ``tok`` is the tokenizer ``expected`` (a :func:`tokenizer_record`) describes.
+
+    ``what`` names the owner of ``expected`` in the message (e.g. "the proxy runs/proxy/model.pt").
+    """
+    got = tokenizer_record(tok)
+    if got["sha256"] != expected.get("sha256"):
+        raise ChameleonUserError(
+            f"tokenizer mismatch: {what} was trained on data tokenised with {expected.get('name')!r} "
+            f"(sha256 {str(expected.get('sha256'))[:16]}), but the data is tokenised with {got['name']!r} "
+            f"(sha256 {got['sha256'][:16]}); pass --tokenizer with the proxy's tokenizer (or leave it "
+            "out to use the one the proxy records)"
+        )
+
+
+@contextmanager
+def quiet_libraries(enabled: bool = True):
+    """Silence the libraries' chatter while active: transformers' logging (warnings about
+    unused weights, ...) and loading bars, and Python warnings issued from transformers,
+    huggingface_hub, tokenizers, safetensors or torch. chameleon_ext's own warnings (e.g. a
+    damaged cache entry) still show."""
+    if not enabled:
+        yield
+        return
+    restore = []
+    try:
+        import transformers
+
+        tl = transformers.utils.logging
+        restore.append((tl.set_verbosity, tl.get_verbosity()))
+        tl.set_verbosity_error()
+        bars = tl.is_progress_bar_enabled()
+        tl.disable_progress_bar()
+        if bars:
+            restore.append((lambda _: tl.enable_progress_bar(), None))
+    except Exception:  # transformers missing or too old: nothing to silence
+        pass
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|tokenizers|safetensors|torch)(\.|$)")
+        try:
+            yield
+        finally:
+            for fn, value in reversed(restore):
+                fn(value)
 
 
 def load_tokenizer(spec: Union[str, os.PathLike, Tokenizer] = "byte") -> Tokenizer:
