@@ -382,7 +382,7 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert out.startswith(f"usage: chameleon {command}")
-    if command == "export":  # pure file work: no seed, device or progress
+    if command in ("export", "export-model"):  # file work: no seed, device or progress
         assert "--seed" not in out and "--device" not in out and "--quiet" not in out
         return
     assert "--seed" in out and "--device" in out

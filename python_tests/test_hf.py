@@ -109,7 +109,9 @@ def test_tokenizer_comes_from_the_proxy_folder(hf_dirs, data_root, tmp_path):
     assert isinstance(tok, HFTokenizer) and tok.path == hf_dirs["full"]
     fast = transformers.AutoTokenizer.from_pretrained(hf_dirs["full"])
     ds = load_dataset(data_root, tokenizer=tok, cache_dir=str(tmp_path / "c"), val_fraction=0.0)
-    expected = fast.encode(TEXTS["numbers"][: len(TEXTS["numbers"]) // 2], add_special_tokens=False)
+    half = TEXTS["numbers"][: len(TEXTS["numbers"]) // 2]
+    # Cut at a space: the last token of a prefix cut mid-word need not be a token of the whole text.
+    expected = fast.encode(half[: half.rfind(" ")], add_special_tokens=False)[:-1]
     assert np.asarray(ds.train_tokens("numbers"))[: len(expected)].tolist() == expected
     assert proxy.tokenizer_record == tokenizer_record(tok)
 
