@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_reduce_sum_
+from ..distributed import info as dist_info
 from ..errors import ChameleonUserError
 
 __all__ = [
@@ -144,7 +145,8 @@ def domain_excess_loss(token_losses: Tensor, ref_token_losses: Tensor, domain_id
 
 
 def dro_loss(token_losses: Tensor, domain_ids: Tensor, alpha: Union[Tensor, Sequence[float]],
-             mask: Optional[Tensor] = None, reduction: str = "domain") -> Tensor:
+             mask: Optional[Tensor] = None, reduction: str = "domain",
+             group: Optional[Any] = None) -> Tensor:
     """The proxy's Group DRO training loss: per-domain token losses weighted by ``alpha``.
 
     Args:
@@ -163,6 +165,12 @@ def dro_loss(token_losses: Tensor, domain_ids: Tensor, alpha: Union[Tensor, Sequ
               ``alpha``, ``sum_t alpha_{d(t)} l_t / sum_t alpha_{d(t)}``. Under uniform
               sampling it has the same expectation up to the normaliser.
 
+        group: under torch.distributed (default: the default group when initialised), each
+            rank passes its own rows; the normalisers (per-domain token counts, or the total
+            token weight) are summed over ranks and the rank's share is scaled by the world
+            size, so that DDP's gradient *average* is exactly the gradient of the loss of the
+            whole global batch. The global loss value is then the mean of the ranks' values.
+
     Returns:
         A scalar in the losses' dtype; its gradient flows into ``token_losses`` only.
     """
@@ -176,21 +184,23 @@ def dro_loss(token_losses: Tensor, domain_ids: Tensor, alpha: Union[Tensor, Sequ
     dev = token_losses.device
     ids = domain_ids.to(dev)
     a = a.to(device=dev, dtype=token_losses.dtype)
+    world = dist_info(group).world_size
     if reduction == "token":
         w = a[ids].unsqueeze(1) * m  # [B, T]
-        total = w.sum()
+        total = all_reduce_sum_(w.sum().detach().clone(), group)
         if not total > 0:
             raise ChameleonUserError("dro_loss: the batch has no token with positive weight")
-        return (token_losses * w).sum() / total
+        return world * (token_losses * w).sum() / total
     row_sum = (token_losses * m).sum(1)  # [B]
     loss_sum = torch.zeros(k, dtype=token_losses.dtype, device=dev).index_add(0, ids, row_sum)
     count = torch.zeros(k, dtype=token_losses.dtype, device=dev).index_add(0, ids, m.sum(1))
+    all_reduce_sum_(count, group)  # global token count per domain
     present = count > 0
     if not bool(present.any()):
         raise ChameleonUserError("dro_loss: the batch has no unmasked token")
-    domain_mean = loss_sum / count.clamp_min(1.0)  # [k]; absent domains give 0 / 1 = 0
+    domain_mean = loss_sum / count.clamp_min(1.0)  # [k]; this rank's share of each domain mean
     w = torch.where(present, a, torch.zeros_like(a))
-    return (w * domain_mean).sum() / w.sum()
+    return world * (w * domain_mean).sum() / w.sum()
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,6 +402,11 @@ class DoReMiObjective:
     The data must be sampled *uniformly* over domains (the paper's proxy batches come from
     the uniform mixture; the reweighting happens in the loss, not in the sampler).
 
+    Under torch.distributed (``group``, default the default group when initialised) each
+    rank calls it with its own rows: the weight statistics and the loss normalisers are summed
+    over ranks, so every rank holds the same ``alpha`` and DDP's averaged gradient is the
+    gradient of the global batch's loss (see :func:`dro_loss`).
+
     :attr:`reference_tokens` counts the tokens the reference has scored (for the compute
     ledger: a forward-only pass, ``2 N tokens``). :meth:`state_dict` holds the weights and the
     micro-batch counter; save it with every checkpoint and restore it on resume.
@@ -430,7 +445,7 @@ class DoReMiObjective:
         if self.micro == self.grad_accum:
             self.weights.step(self.group)
             self.micro = 0
-        return dro_loss(losses, domain_ids, self.weights.alpha, mask, self.reduction)
+        return dro_loss(losses, domain_ids, self.weights.alpha, mask, self.reduction, self.group)
 
     def state_dict(self) -> dict:
         return {"weights": self.weights.state_dict(), "micro": self.micro,
