@@ -266,3 +266,35 @@ def test_objective_matches_a_manual_loop(grad_accum):
     again.load_state_dict(state)
     assert torch.equal(again.weights.weight_sum, obj.weights.weight_sum)
     assert again.reference_tokens == obj.reference_tokens
+
+
+def test_drives_a_proxy_training_loop(tmp_path):
+    """The integration the trainer will do: uniform batches from WeightedDomainSampler, the
+    proxy's logits through the objective, backward, AdamW step."""
+    from chameleon_ext.data.dataset import load_dataset
+    from chameleon_ext.trainer import WeightedDomainSampler
+
+    rng = np.random.default_rng(0)
+    texts = {"repeat": "abcabcabc " * 300,
+             "noise": "".join(chr(c) for c in rng.integers(33, 127, 3000)),
+             "prose": "the cat sat on the mat and the dog sat on the log. " * 60}
+    for name, text in texts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "d.txt").write_text(text)
+    ds = load_dataset(tmp_path, cache_dir=tmp_path / ".cache")
+    cfg = GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    reference, proxy = GPT(cfg, seed=0), GPT(cfg, seed=1)
+    obj = D.DoReMiObjective(reference, D.DoReMiWeights(ds.domains))
+    opt = torch.optim.AdamW(proxy.parameters(), lr=1e-2)
+    sampler = WeightedDomainSampler(ds, "uniform", 16, seed=0)
+    for _ in range(5):
+        x, y, ids = sampler.sample(6)
+        loss = obj(x, y, ids, proxy(x)[0])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    res = obj.weights.result()
+    assert res.steps == 5 and list(res.weights) == ds.domains
+    assert sum(res.weights.values()) == pytest.approx(1.0, abs=1e-12)
+    assert min(res.weights.values()) >= C / 3
+    assert obj.reference_tokens == 5 * 6 * 16
