@@ -172,8 +172,14 @@ def test_state_mismatch_and_bad_input_raise():
         w.accumulate(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([0]))
     with pytest.raises(ChameleonUserError, match="mask must be"):
         w.accumulate(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([0, 1]), torch.ones(2, 2, dtype=torch.bool))
-    with pytest.raises(ChameleonUserError, match="NaN"):
-        w.accumulate(torch.full((1, 2), float("nan")), torch.ones(1, 2), torch.tensor([0]))
+    w.accumulate(torch.full((1, 2), float("nan")), torch.ones(1, 2), torch.tensor([0]))
+    with pytest.raises(ChameleonUserError, match=r"domain\(s\) \['a'\] hold NaN"):
+        w.step()
+    assert w.steps == 0 and torch.equal(w.alpha, torch.full((2,), 0.5, dtype=torch.float64))
+    # a NaN at a masked position is ignored
+    w.update(torch.tensor([[1.5, float("nan")]]), torch.ones(1, 2), torch.tensor([1]),
+             torch.tensor([[True, False]]))
+    assert w.last_excess.tolist() == [0.0, 0.5]
     with pytest.raises(ChameleonUserError, match="initial"):
         D.DoReMiWeights(2, initial=[1.0, 0.0])
     with pytest.raises(ChameleonUserError, match="eta"):
@@ -298,3 +304,14 @@ def test_drives_a_proxy_training_loop(tmp_path):
     assert sum(res.weights.values()) == pytest.approx(1.0, abs=1e-12)
     assert min(res.weights.values()) >= C / 3
     assert obj.reference_tokens == 5 * 6 * 16
+
+
+@pytest.mark.parametrize("reduction", D.REDUCTIONS)
+def test_dro_loss_ignores_nan_at_masked_positions(reduction):
+    losses = torch.tensor([[1.0, float("nan")], [2.0, 4.0]], requires_grad=True)
+    mask = torch.tensor([[True, False], [True, True]])
+    loss = D.dro_loss(losses, torch.tensor([0, 1]), [0.25, 0.75], mask, reduction=reduction)
+    loss.backward()
+    expected = 0.25 * 1 + 0.75 * 3 if reduction == "domain" else (0.25 * 1 + 0.75 * 6) / (0.25 + 1.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert torch.isfinite(losses.grad).all() and losses.grad[0, 1] == 0

@@ -120,6 +120,10 @@ def _check_batch(token_losses: Tensor, domain_ids: Tensor, n_domains: int,
     return mask.to(device=token_losses.device, dtype=torch.float64)
 
 
+def _one_hot(domain_ids: Tensor, k: int, device, dtype) -> Tensor:
+    return F.one_hot(domain_ids.to(device=device, dtype=torch.long), k).to(dtype)
+
+
 def domain_excess_loss(token_losses: Tensor, ref_token_losses: Tensor, domain_ids: Tensor,
                        n_domains: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-domain sums of the clipped per-token excess loss, and per-domain token counts.
@@ -134,14 +138,16 @@ def domain_excess_loss(token_losses: Tensor, ref_token_losses: Tensor, domain_id
             f"domain_excess_loss: ref_token_losses must be [B, T] = {list(token_losses.shape)}, "
             f"got {list(ref_token_losses.shape)}")
     excess = (token_losses.detach().double() - ref_token_losses.detach().double()).clamp_min(0.0)
-    excess = excess * m  # masked positions contribute nothing (even if their loss is garbage)
-    if not bool(torch.isfinite(excess).all()):
-        raise ChameleonUserError("domain_excess_loss: the per-token losses hold NaN or Inf")
-    dev = token_losses.device
-    ids = domain_ids.to(dev)
-    excess_sum = torch.zeros(n_domains, dtype=torch.float64, device=dev).index_add_(0, ids, excess.sum(1))
-    token_count = torch.zeros(n_domains, dtype=torch.float64, device=dev).index_add_(0, ids, m.sum(1))
-    return excess_sum, token_count
+    # Masked positions contribute nothing, even if their loss is garbage (but NaN * 0 is NaN).
+    excess = torch.where(m > 0, excess, torch.zeros_like(excess))
+    # One-hot matmul rather than index_add_: deterministic on CUDA too (no atomics).
+    onehot = _one_hot(domain_ids, n_domains, token_losses.device, torch.float64)  # [B, k]
+    row_sum = excess.sum(1)
+    bad_row = ~torch.isfinite(row_sum)
+    excess_sum = onehot.T @ torch.where(bad_row, torch.zeros_like(row_sum), row_sum)
+    # A NaN/Inf row marks its own domain only (in a matmul, NaN * 0 would reach every domain).
+    excess_sum = torch.where(onehot.T @ bad_row.double() > 0, torch.full_like(excess_sum, math.nan), excess_sum)
+    return excess_sum, onehot.T @ m.sum(1)
 
 
 def dro_loss(token_losses: Tensor, domain_ids: Tensor, alpha: Union[Tensor, Sequence[float]],
@@ -181,19 +187,20 @@ def dro_loss(token_losses: Tensor, domain_ids: Tensor, alpha: Union[Tensor, Sequ
         raise ChameleonUserError(f"dro_loss: alpha must be a [k] vector, got shape {tuple(a.shape)}")
     k = a.numel()
     m = _check_batch(token_losses, domain_ids, k, mask, "dro_loss").to(token_losses.dtype)
-    dev = token_losses.device
-    ids = domain_ids.to(dev)
-    a = a.to(device=dev, dtype=token_losses.dtype)
+    dev, dt = token_losses.device, token_losses.dtype
+    a = a.to(device=dev, dtype=dt)
     world = dist_info(group).world_size
+    onehot = _one_hot(domain_ids, k, dev, dt)  # [B, k]
+    # masked positions must not leak NaN (NaN * 0 is NaN), in the value or the gradient
+    losses = torch.where(m > 0, token_losses, torch.zeros_like(token_losses))
     if reduction == "token":
-        w = a[ids].unsqueeze(1) * m  # [B, T]
+        w = (onehot @ a).unsqueeze(1) * m  # [B, T]: each token's domain weight
         total = all_reduce_sum_(w.sum().detach().clone(), group)
         if not total > 0:
             raise ChameleonUserError("dro_loss: the batch has no token with positive weight")
-        return world * (token_losses * w).sum() / total
-    row_sum = (token_losses * m).sum(1)  # [B]
-    loss_sum = torch.zeros(k, dtype=token_losses.dtype, device=dev).index_add(0, ids, row_sum)
-    count = torch.zeros(k, dtype=token_losses.dtype, device=dev).index_add(0, ids, m.sum(1))
+        return world * (losses * w).sum() / total
+    loss_sum = onehot.T @ (losses * m).sum(1)  # [k]
+    count = (onehot.T @ m.sum(1)).detach().clone()
     all_reduce_sum_(count, group)  # global token count per domain
     present = count > 0
     if not bool(present.any()):
@@ -298,8 +305,9 @@ class DoReMiWeights:
         tokens; ``domain_ids`` ``[B]``; ``mask`` ``[B, T]`` (default all tokens count).
         """
         s, c = domain_excess_loss(token_losses, ref_token_losses, domain_ids, self.n_domains, mask)
-        self._excess_sum += s.cpu()
-        self._token_count += c.cpu()
+        # The pending sums live on the losses' device: no host sync until step().
+        self._excess_sum = self._excess_sum.to(s.device) + s
+        self._token_count = self._token_count.to(c.device) + c
 
     def step(self, group: Optional[Any] = None) -> Tensor:
         """Apply the step's statistics: ``alpha_{t-1} -> alpha_t``; returns ``alpha_t`` ``[k]``.
@@ -309,9 +317,16 @@ class DoReMiWeights:
         from the whole global batch. Call it on every rank, once per optimiser step.
         """
         stats = torch.cat([self._excess_sum, self._token_count])
-        all_reduce_sum_(stats, group)  # no-op in a single process
+        all_reduce_sum_(stats, group)  # no-op in a single process; on the losses' device
+        stats = stats.cpu()
         k = self.n_domains
         excess_sum, count = stats[:k], stats[k:]
+        if not bool(torch.isfinite(excess_sum).all()):
+            bad = [self.domains[i] for i in torch.nonzero(~torch.isfinite(excess_sum)).flatten().tolist()]
+            self._excess_sum, self._token_count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            raise ChameleonUserError(
+                f"DoReMi step: the per-token losses of domain(s) {bad} hold NaN or Inf this step "
+                "(the proxy or the reference diverged); alpha was not updated")
         present = count > 0
         excess = torch.where(present, excess_sum / count.clamp_min(1.0),
                              self.last_excess if self.absent == "carry" else torch.zeros(k, dtype=torch.float64))
@@ -321,8 +336,8 @@ class DoReMiWeights:
         self.weight_sum += self.alpha
         self.last_excess = excess
         self.steps += 1
-        self._excess_sum.zero_()
-        self._token_count.zero_()
+        self._excess_sum = torch.zeros(k, dtype=torch.float64)
+        self._token_count = torch.zeros(k, dtype=torch.float64)
         return self.alpha.clone()
 
     def update(self, token_losses: Tensor, ref_token_losses: Tensor, domain_ids: Tensor,
@@ -354,7 +369,8 @@ class DoReMiWeights:
                 "smoothing": self.smoothing, "absent": self.absent, "steps": self.steps,
                 "initial": self.initial.clone(), "alpha": self.alpha.clone(),
                 "weight_sum": self.weight_sum.clone(), "last_excess": self.last_excess.clone(),
-                "pending_excess": self._excess_sum.clone(), "pending_tokens": self._token_count.clone()}
+                "pending_excess": self._excess_sum.detach().cpu().clone(),
+                "pending_tokens": self._token_count.detach().cpu().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the domains and hyper-parameters must match."""
