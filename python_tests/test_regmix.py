@@ -181,3 +181,25 @@ def test_bad_input_raises():
         R.fit_regression(W, y, regressor="xgboost")
     with pytest.raises(ChameleonUserError, match=r"\[M, 4\]"):
         R.regmix_weights(W[:, :3] / W[:, :3].sum(1, keepdims=True), y, NATURAL)
+
+
+def test_search_record_resumes_through_json():
+    import json
+
+    search = R.RegMixSearch(NATURAL, n_mixtures=12, seed=3)
+    W = np.array([[m[d] for d in NATURAL] for m in search.mixtures])
+    assert np.array_equal(W, R.sample_mixtures(NATURAL, 12, seed=3))  # the proposals' stream
+    y = planted_loss(W)
+    for i in range(5):
+        search.record(i, {"web": y[i] - 1, "code": y[i] + 1})  # per-domain: averaged
+    with pytest.raises(ChameleonUserError, match="no validation loss"):
+        search.result()
+    again = R.RegMixSearch.from_dict(json.loads(json.dumps(search.to_dict())))
+    assert again.pending() == list(range(5, 12))
+    for i in again.pending():
+        again.record(i, y[i])
+    res = again.result(n_candidates=5000, top_k=20)
+    direct = R.regmix_weights(W, y, NATURAL, seed=3, n_candidates=5000, top_k=20)
+    np.testing.assert_allclose(res.weights, direct.weights, rtol=0, atol=1e-12)
+    with pytest.raises(ChameleonUserError, match="finite"):
+        again.record(0, float("nan"))

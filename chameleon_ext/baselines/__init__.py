@@ -21,6 +21,7 @@ from .doremi import (
 from .natural import dataset_token_counts, natural_weights
 from .regmix import (
     RegMixResult,
+    RegMixSearch,
     RidgeRegression,
     fit_regression,
     mixture_features,
@@ -45,4 +46,5 @@ __all__ = [
     "fit_regression",
     "regmix_weights",
     "RegMixResult",
+    "RegMixSearch",
 ]

@@ -45,6 +45,7 @@ __all__ = [
     "fit_regression",
     "regmix_weights",
     "RegMixResult",
+    "RegMixSearch",
 ]
 
 DEFAULT_MIXTURES = 32  # proxies; the paper trains 512 tiny ones, this project 16-32 small ones
@@ -334,3 +335,74 @@ def regmix_weights(mixtures, losses, natural, seed: int = 0, *,
         predicted_loss_top_k=float(pred[top].mean()),
         predicted_loss=float(model.predict(weights[None, :])[0]),
         best_observed={"index": best, "loss": float(y[best]), "weights": W[best].tolist()})
+
+
+class RegMixSearch:
+    """The RegMix procedure as a resumable record: proposals, then one loss per proxy.
+
+    ``search = RegMixSearch(natural, n_mixtures, seed)``; for each ``i`` in
+    ``search.pending()`` train a proxy on ``search.mixtures[i]`` and ``search.record(i, loss)``
+    (a number, or ``{domain: validation loss}``, averaged over domains); when
+    ``search.done``, ``search.result()`` is the mixture. :meth:`to_dict` / :meth:`from_dict`
+    are JSON-friendly, so a rerun skips every proxy already recorded.
+    """
+
+    FORMAT = "chameleon_ext.regmix_search/1"
+
+    def __init__(self, natural: Mapping[str, float], n_mixtures: int = DEFAULT_MIXTURES, seed: int = 0,
+                 temperature: float = 1.0):
+        if not isinstance(natural, Mapping):
+            raise ChameleonUserError("natural: expected a {domain: share} mapping")
+        names, _ = _natural_vector(natural)  # validates
+        # kept as given (not renormalised), so a record rebuilt from JSON draws the same bits
+        self.domains, self.natural = names, dict(zip(names, (float(v) for v in natural.values())))
+        self.n_mixtures, self.seed = _check_count("n_mixtures", n_mixtures, 3), int(seed)
+        self.temperature = float(temperature)
+        W = sample_mixtures(self.natural, self.n_mixtures, self.seed, stream=0, temperature=self.temperature)
+        self.mixtures = [{d: float(w) for d, w in zip(names, row)} for row in W]
+        self.losses: list = [None] * self.n_mixtures
+
+    def pending(self) -> list:
+        return [i for i, v in enumerate(self.losses) if v is None]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending()
+
+    def record(self, i: int, loss) -> None:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_mixtures:
+            raise ChameleonUserError(f"record: mixture index must be in [0, {self.n_mixtures}), got {i!r}")
+        if isinstance(loss, Mapping):
+            values = [float(v) for v in loss.values()]
+            value = math.fsum(values) / len(values) if values else math.nan
+        else:
+            value = float(loss)
+        if not math.isfinite(value):
+            raise ChameleonUserError(f"record: proxy {i} has validation loss {loss!r}; expected finite")
+        self.losses[i] = value
+
+    def result(self, *, n_candidates: int = DEFAULT_CANDIDATES, top_k: int = DEFAULT_TOP_K,
+               regressor: str = "auto") -> RegMixResult:
+        if not self.done:
+            raise ChameleonUserError(f"RegMix: proxies {self.pending()} have no validation loss yet")
+        W = np.array([[m[d] for d in self.domains] for m in self.mixtures])
+        return regmix_weights(W, np.array(self.losses), self.natural, self.seed, n_candidates=n_candidates,
+                              top_k=top_k, regressor=regressor, temperature=self.temperature)
+
+    def to_dict(self) -> dict:
+        return {"format": self.FORMAT, "natural": dict(self.natural), "n_mixtures": self.n_mixtures,
+                "seed": self.seed, "temperature": self.temperature, "mixtures": self.mixtures,
+                "losses": list(self.losses)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RegMixSearch":
+        if d.get("format") != cls.FORMAT:
+            raise ChameleonUserError("RegMix search: not a chameleon_ext RegMix record (format mismatch)")
+        search = cls(d["natural"], d["n_mixtures"], d["seed"], d["temperature"])
+        if search.mixtures != d["mixtures"]:
+            # the proposals are a pure function of the seed; a mismatch means another version
+            raise ChameleonUserError("RegMix search: the recorded mixtures differ from the seed's proposals")
+        for i, v in enumerate(d["losses"]):
+            if v is not None:
+                search.record(i, v)
+        return search
