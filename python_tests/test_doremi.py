@@ -218,7 +218,8 @@ def test_dro_loss_token_reduction_by_hand():
     num = 0.5 * (1 + 3) + 0.3 * (2 + 2) + 0.2 * (4 + 8)
     assert float(D.dro_loss(losses, ids, alpha, reduction="token")) == pytest.approx(num / 2.0, abs=1e-6)
     # uniform alpha: the plain mean token loss
-    assert float(D.dro_loss(losses, ids, [1 / 3] * 3, reduction="token")) == pytest.approx(losses.mean().item(), abs=1e-6)
+    uniform = D.dro_loss(losses, ids, [1 / 3] * 3, reduction="token")
+    assert float(uniform) == pytest.approx(losses.mean().item(), abs=1e-6)
 
 
 def test_per_token_loss_matches_the_models_mean_loss():

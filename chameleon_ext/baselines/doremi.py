@@ -323,7 +323,8 @@ class DoReMiWeights:
         excess_sum, count = stats[:k], stats[k:]
         if not bool(torch.isfinite(excess_sum).all()):
             bad = [self.domains[i] for i in torch.nonzero(~torch.isfinite(excess_sum)).flatten().tolist()]
-            self._excess_sum, self._token_count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            self._excess_sum = torch.zeros(k, dtype=torch.float64)
+            self._token_count = torch.zeros(k, dtype=torch.float64)
             raise ChameleonUserError(
                 f"DoReMi step: the per-token losses of domain(s) {bad} hold NaN or Inf this step "
                 "(the proxy or the reference diverged); alpha was not updated")

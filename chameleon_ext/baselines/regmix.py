@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -109,7 +109,8 @@ def sample_mixtures(natural, n: int, seed: int = 0, *, temperature: float = 1.0,
         p = p ** temperature
         p = p / p.sum()
     rng = np.random.default_rng([int(seed), int(stream)])
-    strengths = np.logspace(math.log10(min_strength), math.log10(max_strength), _check_count("n_strengths", n_strengths))
+    n_strengths = _check_count("n_strengths", n_strengths)
+    strengths = np.logspace(math.log10(min_strength), math.log10(max_strength), n_strengths)
     s = strengths[rng.integers(0, strengths.size, size=n)]  # [n]
     out = rng.standard_gamma(s[:, None] * p[None, :])  # Dirichlet via normalised Gammas
     sums = out.sum(1)
@@ -262,7 +263,8 @@ def fit_regression(mixtures, losses, regressor: str = "auto", seed: int = 0):
     if y.ndim == 2:
         y = y.mean(1)
     if y.shape != (W.shape[0],):
-        raise ChameleonUserError(f"losses: expected [M] = [{W.shape[0]}] (or [M, domains]), got shape {np.shape(losses)}")
+        raise ChameleonUserError(
+            f"losses: expected [M] = [{W.shape[0]}] (or [M, domains]), got shape {np.shape(losses)}")
     if W.shape[0] < 3:
         raise ChameleonUserError(f"mixtures: at least 3 mixtures are needed to fit, got {W.shape[0]}")
     if not np.all(np.isfinite(W)) or np.any(W < 0) or not np.allclose(W.sum(1), 1.0, rtol=0, atol=1e-6):
