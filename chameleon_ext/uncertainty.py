@@ -6,7 +6,8 @@ Bootstrap (per-window embeddings -> intervals)
     over one window; the domain embedding x_i is their mean). A resample draws n_i windows
     with replacement; it is a count vector c ``[n_i]`` (sum n_i), and the resampled domain
     embedding is c W_i / n_i. B resamples of every domain are one matrix product per domain,
-    ``C_i [B, n_i] @ W_i [n_i, d]``, giving B embedding sets ``[B, k, d]``, B affinities
+    ``C_i [B, n_i] @ W_i [n_i, d]`` (float64 for float64 windows, else float32 on the windows
+    minus their common mean, which centring removes anyway), giving B embedding sets ``[B, k, d]``, B affinities
     ``[B, k, k]`` and one batched ``krls`` call. The weight maths is the plain path's
     (:mod:`chameleon_ext.weights`): linear affinity, centring and mu = lam * k inside
     ``krls``, S / sum(S), the temperature softmax. A resample therefore gives exactly the
@@ -100,6 +101,7 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 WINDOW_FRACTIONS = (0.25, 0.5)  # subsets bootstrapped beside the full n (1.0 is always added)
 WINDOWS_TOLERANCE = 0.10  # "enough windows": interval width within 10% of the width at n
+WINDOWS_WIDTH_FLOOR = 1e-6  # widths below this are all "no spread" (float32 sums leave ~1e-9)
 
 # Warning thresholds (diagnose)
 COLLAPSED_WEIGHT = 0.9  # one domain above this weight: the mixture has collapsed
@@ -114,9 +116,6 @@ SUGGESTED_SHARE = 0.5  # suggest the lambda that puts the effective dimension at
 WINDOW_CACHE_FORMAT = "chameleon_ext.window_embeddings/1"
 WINDOW_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
-# The resampled sums C @ W are accumulated in float64: the weights of a resample are then the
-# plain path's to the last bit, and 2-core CPUs still meet the 1 s goal at B = 1000.
-_RESAMPLE_DTYPE = torch.float64
 
 WindowsLike = Union[Sequence[Tensor], Tensor]
 
@@ -238,10 +237,11 @@ def _leverage(X: Tensor, lam: float) -> Tensor:
 
 def resample_counts(
     n_windows: Sequence[int], resamples: int, generator: torch.Generator, draws: Optional[Sequence[int]] = None,
-    subsets: Optional[Sequence[Optional[Tensor]]] = None,
+    subsets: Optional[Sequence[Optional[Tensor]]] = None, dtype: torch.dtype = torch.float64,
 ) -> List[Tensor]:
-    """Per domain, the count matrix ``[resamples, n_i]`` (float64) of ``draws_i`` windows
-    drawn with replacement (default n_i), from ``subsets[i]`` (indices) when given."""
+    """Per domain, the count matrix ``[resamples, n_i]`` (``dtype``; counts are exact in
+    float32 too) of ``draws_i`` windows drawn with replacement (default n_i), from
+    ``subsets[i]`` (window indices) when given."""
     out = []
     for i, n in enumerate(n_windows):
         subset = subsets[i] if subsets is not None else None
@@ -250,18 +250,34 @@ def resample_counts(
         idx = torch.randint(0, pool, (resamples, m), generator=generator, device=generator.device)
         if subset is not None:
             idx = subset[idx]
-        C = torch.zeros(resamples, n, dtype=_RESAMPLE_DTYPE, device=generator.device)
+        C = torch.zeros(resamples, n, dtype=dtype, device=generator.device)
         # ones expanded, not materialised: scatter_add reads one value per index anyway
-        out.append(C.scatter_add_(1, idx, torch.ones(1, 1, dtype=_RESAMPLE_DTYPE, device=C.device).expand_as(idx)))
+        out.append(C.scatter_add_(1, idx, torch.ones(1, 1, dtype=dtype, device=C.device).expand_as(idx)))
     return out
 
 
-def _resampled_embeddings(windows: List[Tensor], counts: List[Tensor]) -> Tensor:
-    """``[B, k, d]``: row b of domain i is counts_i[b] @ W_i / counts_i[b].sum()."""
+def _accumulation_dtype(windows: List[Tensor]) -> torch.dtype:
+    """float64 windows are summed in float64 (a resample's weights are then the plain path's
+    to the last bit); float32 and half windows in float32, twice as fast, after subtracting
+    a common offset (see _resampled_embeddings)."""
+    return torch.float64 if all(w.dtype == torch.float64 for w in windows) else torch.float32
+
+
+def _resampled_embeddings(windows: List[Tensor], counts: List[Tensor], offset: Optional[Tensor] = None) -> Tensor:
+    """``[B, k, d]`` float64: row b of domain i is counts_i[b] @ W_i / counts_i[b].sum().
+
+    With ``offset`` [d] (float32 sums) the product runs on W_i - offset and the offset is
+    added back in float64: a shift common to all domains leaves the centred affinity as it
+    is, and float32's rounding then scales with the windows' spread, not with the large
+    common part of hidden states (about 1e-9 of the weights against 1e-7 without)."""
     cols = []
     for W, C in zip(windows, counts):
-        total = C.sum(1, keepdim=True)  # [B, 1] draws per resample (n_i, or m_i for a subset)
-        cols.append((C @ W.to(_RESAMPLE_DTYPE)) / total)
+        total = C.sum(1, keepdim=True).to(torch.float64)  # [B, 1] draws (n_i, or m_i for a subset)
+        if offset is None:
+            cols.append((C @ W.to(C.dtype)).to(torch.float64) / total)
+        else:
+            shifted = W.to(C.dtype) - offset.to(C.dtype)
+            cols.append((C @ shifted).to(torch.float64) / total + offset)
     return torch.stack(cols, dim=1)
 
 
@@ -400,8 +416,8 @@ def bootstrap_weights(
 
     Args:
         window_embeddings: per-window embeddings, a list of k tensors ``[n_i, d]`` or a
-            padded ``[k, n_max, d]`` with ``counts`` ``[k]`` (any float dtype; summed in
-            float64).
+            padded ``[k, n_max, d]`` with ``counts`` ``[k]``. float64 windows are summed in
+            float64, others in float32 (see :func:`_resampled_embeddings`).
         resamples: B >= 1. seed: the generator's seed. level: interval coverage (0.95).
         mode, lam, temperature, normalize, domains: as in
             :func:`~chameleon_ext.weights.chameleon_weights` (defaults: pretrain, 10, the
@@ -442,10 +458,13 @@ def bootstrap_weights(
         raise ChameleonUserError(f"window_fractions must lie in (0, 1), got {list(window_fractions)}")
 
     device = windows[0].device
+    acc = _accumulation_dtype(windows)
+    mean_embeddings = torch.stack([w.to(torch.float64).mean(0) for w in windows])  # [k, d]
+    offset = mean_embeddings.mean(0) if acc != torch.float64 else None
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     if resample_counts_ is not None:
-        full_counts = [torch.as_tensor(c, dtype=_RESAMPLE_DTYPE, device=device) for c in resample_counts_]
+        full_counts = [torch.as_tensor(c, dtype=acc, device=device) for c in resample_counts_]
         if len(full_counts) != k or any(c.shape != (resamples, n[i]) for i, c in enumerate(full_counts)):
             raise ChameleonUserError(
                 f"resample_counts_ must be k = {k} matrices [resamples, n_i] = "
@@ -455,24 +474,23 @@ def bootstrap_weights(
             raise ChameleonUserError("resample_counts_ must be >= 0 with at least one window per resample")
         seed_used = None
     else:
-        full_counts = resample_counts(n, resamples, generator)
+        full_counts = resample_counts(n, resamples, generator, dtype=acc)
         seed_used = int(seed)
 
     # The full bootstrap first, then one block per subsample fraction: one krls call for all.
-    blocks = [_resampled_embeddings(windows, full_counts)]
+    blocks = [_resampled_embeddings(windows, full_counts, offset)]
     sub_windows = []
     for f in fractions:
         m = [_draws(ni, f) for ni in n]
         subsets = [torch.randperm(ni, generator=generator, device=device)[:mi] for ni, mi in zip(n, m)]
         # The subset's windows only: the product then costs m_i, not n_i, per resample.
         sub = [w[s] for w, s in zip(windows, subsets)]
-        blocks.append(_resampled_embeddings(sub, resample_counts(m, resamples, generator)))
+        blocks.append(_resampled_embeddings(sub, resample_counts(m, resamples, generator, dtype=acc), offset))
         sub_windows.append(m)
     raw_all = _leverage(torch.cat(blocks, 0), lam)  # [(1 + F) * B, k]
     S_all, w_all = _scores_and_weights(raw_all, mode, T, normalize)
 
     if point is None:
-        mean_embeddings = torch.stack([w.to(torch.float64).mean(0) for w in windows])
         point = chameleon_weights(mean_embeddings.cpu(), mode, lam, T, normalize, names)
     raw, S, w = raw_all[:resamples].cpu(), S_all[:resamples].cpu(), w_all[:resamples].cpu()
     w_lo, w_hi = _percentiles(w, level)
@@ -490,7 +508,8 @@ def bootstrap_weights(
         widths.append(w_hi - w_lo)
         width = [float(x.mean()) for x in widths]
         all_fractions = fractions + [1.0]
-        enough = next(f for f, wd in zip(all_fractions, width) if wd <= (1.0 + WINDOWS_TOLERANCE) * width[-1])
+        bound = max((1.0 + WINDOWS_TOLERANCE) * width[-1], WINDOWS_WIDTH_FLOOR)
+        enough = next(f for f, wd in zip(all_fractions, width) if wd <= bound)
         sufficiency = WindowSufficiency(
             all_fractions, sub_windows + [n], width, [x.tolist() for x in widths], enough, WINDOWS_TOLERANCE, names,
         )

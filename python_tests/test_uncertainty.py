@@ -81,7 +81,7 @@ def counts_from_indices(indices, n):
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_bootstrap_matches_numpy_loop(mode):
-    windows, _ = synthetic_windows(k=5, n=40, d=12, spread=2.0, separation=1.0, seed=1)
+    windows, _ = synthetic_windows(k=5, n=40, d=12, spread=2.0, separation=1.0, seed=1, dtype=torch.float64)
     windows[3] = windows[3][:29]  # unequal n
     n = [w.shape[0] for w in windows]
     rng = np.random.default_rng(7)
@@ -141,7 +141,7 @@ def test_identity_resample_reproduces_plain_weights_exactly():
 
 
 def test_identity_resample_of_many_windows_is_the_plain_path():
-    windows, _ = synthetic_windows(k=7, n=64, d=24, seed=2, dtype=torch.float32)
+    windows, _ = synthetic_windows(k=7, n=64, d=24, seed=2, dtype=torch.float64)
     ones = [torch.ones(1, 64, dtype=torch.float64)] * 7
     res = U.bootstrap_weights(windows, resamples=1, resample_counts_=ones, window_fractions=())
     # The plain path on the same float64 embeddings (the windows' mean as C @ W / n).
@@ -151,6 +151,19 @@ def test_identity_resample_of_many_windows_is_the_plain_path():
     mean = torch.stack([w.double().mean(0) for w in windows])
     torch.testing.assert_close(res.weight_samples[0], chameleon_weights(mean).weights, rtol=0, atol=1e-14)
     torch.testing.assert_close(res.point.weights, chameleon_weights(mean).weights, rtol=0, atol=0)
+
+
+def test_float32_windows_agree_with_float64_sums():
+    """float32 windows are summed in float32 (after removing their common mean): the weights
+    of every resample stay within a tiny fraction of the interval width of float64 sums."""
+    windows, _ = synthetic_windows(k=7, n=512, d=64, spread=3.0, separation=0.3, seed=12)
+    windows = [w + 40.0 for w in windows]  # a large common part, as hidden states have
+    w32 = U.bootstrap_weights(windows, resamples=100, seed=4, window_fractions=())
+    w64 = U.bootstrap_weights([w.double() for w in windows], resamples=100, seed=4, window_fractions=())
+    width = float(w64.weight_interval_width.min())
+    assert width > 0
+    assert float((w32.weight_samples - w64.weight_samples).abs().max()) < 1e-4 * width
+    assert torch.equal(w32.point.weights, w64.point.weights)  # the point uses float64 means either way
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
@@ -189,7 +202,9 @@ def test_window_sufficiency_in_the_same_call():
     # Windows without spread: every subset gives the same weights, width 0 -> n/4 is enough.
     flat = [w[:1].expand(64, -1).clone() for w in windows]
     res = U.bootstrap_weights(flat, resamples=20, lam=1.0, seed=2)
-    assert res.windows.width == [0.0, 0.0, 0.0] and res.windows.enough_fraction == 0.25
+    assert max(res.windows.width) < 1e-8 and res.windows.enough_fraction == 0.25  # float32 rounding only
+    res64 = U.bootstrap_weights([w.double() for w in flat], resamples=20, lam=1.0, seed=2)
+    assert res64.windows.width == [0.0, 0.0, 0.0] and res64.windows.enough_fraction == 0.25
     d = res.windows.to_dict()
     assert d["enough_windows"] == {str(i): 16 for i in range(5)} and d["still_shrinking"] is False
 
