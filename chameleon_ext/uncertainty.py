@@ -215,13 +215,13 @@ def _scores_and_weights(raw: Tensor, mode: str, T: float, normalize: bool) -> Tu
     uniform = torch.full_like(raw, 1.0 / k)
     if k == 1:
         return (torch.ones_like(raw) if normalize else raw), torch.ones_like(raw)
-    S = torch.where(degenerate, uniform, raw / torch.where(degenerate, torch.ones_like(total), total)) if normalize else raw
+    if normalize:
+        S = torch.where(degenerate, uniform, raw / torch.where(degenerate, torch.ones_like(total), total))
+    else:
+        S = raw
     weights = _weights_from_scores_rows(S, mode, T)
-    if bool(degenerate.any()):
-        weights = torch.where(degenerate, uniform, weights)
-        if not normalize:
-            S = torch.where(degenerate, raw, S)
-    return S, weights
+    # Every domain at the same point: nothing distinguishes them (the plain path warns).
+    return S, torch.where(degenerate, uniform, weights)
 
 
 def _leverage(X: Tensor, lam: float) -> Tensor:
@@ -236,20 +236,13 @@ def _leverage(X: Tensor, lam: float) -> Tensor:
 
 
 def resample_counts(
-    n_windows: Sequence[int], resamples: int, generator: torch.Generator, draws: Optional[Sequence[int]] = None,
-    subsets: Optional[Sequence[Optional[Tensor]]] = None, dtype: torch.dtype = torch.float64,
+    n_windows: Sequence[int], resamples: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
 ) -> List[Tensor]:
-    """Per domain, the count matrix ``[resamples, n_i]`` (``dtype``; counts are exact in
-    float32 too) of ``draws_i`` windows drawn with replacement (default n_i), from
-    ``subsets[i]`` (window indices) when given."""
+    """Per domain, the count matrix ``[resamples, n_i]`` of n_i windows drawn with
+    replacement (row sums n_i; ``dtype``, exact in float32 too), on the generator's device."""
     out = []
-    for i, n in enumerate(n_windows):
-        subset = subsets[i] if subsets is not None else None
-        pool = n if subset is None else int(subset.numel())
-        m = pool if draws is None else int(draws[i])
-        idx = torch.randint(0, pool, (resamples, m), generator=generator, device=generator.device)
-        if subset is not None:
-            idx = subset[idx]
+    for n in n_windows:
+        idx = torch.randint(0, n, (resamples, n), generator=generator, device=generator.device)
         C = torch.zeros(resamples, n, dtype=dtype, device=generator.device)
         # ones expanded, not materialised: scatter_add reads one value per index anyway
         out.append(C.scatter_add_(1, idx, torch.ones(1, 1, dtype=dtype, device=C.device).expand_as(idx)))
@@ -410,7 +403,7 @@ def bootstrap_weights(
     domains: Optional[Sequence[str]] = None,
     point: Optional[DomainWeights] = None,
     window_fractions: Sequence[float] = WINDOW_FRACTIONS,
-    resample_counts_: Optional[Sequence[Tensor]] = None,
+    draw_counts: Optional[Sequence[Tensor]] = None,
 ) -> BootstrapResult:
     """Bootstrap intervals of the Chameleon weights over each domain's windows.
 
@@ -427,7 +420,7 @@ def bootstrap_weights(
             windows' mean.
         window_fractions: subsample fractions for the "how many windows" analysis, run in the
             same ``krls`` call (``()`` skips it).
-        resample_counts_: explicit per-domain count matrices ``[B, n_i]`` instead of random
+        draw_counts: explicit per-domain count matrices ``[B, n_i]`` instead of random
             resamples (e.g. all ones: the identity resample); ``seed`` is then unused.
 
     Returns:
@@ -463,15 +456,15 @@ def bootstrap_weights(
     offset = mean_embeddings.mean(0) if acc != torch.float64 else None
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
-    if resample_counts_ is not None:
-        full_counts = [torch.as_tensor(c, dtype=acc, device=device) for c in resample_counts_]
+    if draw_counts is not None:
+        full_counts = [torch.as_tensor(c, dtype=acc, device=device) for c in draw_counts]
         if len(full_counts) != k or any(c.shape != (resamples, n[i]) for i, c in enumerate(full_counts)):
             raise ChameleonUserError(
-                f"resample_counts_ must be k = {k} matrices [resamples, n_i] = "
+                f"draw_counts must be k = {k} matrices [resamples, n_i] = "
                 f"{[(resamples, m) for m in n]}, got {[tuple(c.shape) for c in full_counts]}"
             )
         if any(bool((c < 0).any()) or bool((c.sum(1) <= 0).any()) for c in full_counts):
-            raise ChameleonUserError("resample_counts_ must be >= 0 with at least one window per resample")
+            raise ChameleonUserError("draw_counts must be >= 0 with at least one window per resample")
         seed_used = None
     else:
         full_counts = resample_counts(n, resamples, generator, dtype=acc)

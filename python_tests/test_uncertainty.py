@@ -90,7 +90,7 @@ def test_bootstrap_matches_numpy_loop(mode):
     lam, T, level = 0.5, (3.0 if mode == "pretrain" else 0.4), 0.9
     res = U.bootstrap_weights(
         windows, resamples=B, level=level, mode=mode, lam=lam, temperature=T,
-        resample_counts_=counts_from_indices(indices, n), window_fractions=(),
+        draw_counts=counts_from_indices(indices, n), window_fractions=(),
     )
     ref = np_bootstrap(windows, indices, lam, mode, T, level)
     tol = dict(rtol=0, atol=1e-10)
@@ -106,7 +106,7 @@ def test_bootstrap_matches_numpy_loop(mode):
     assert res.seed is None and res.n_windows == n and res.resamples == B
 
 
-def test_random_resample_counts_are_multinomial_draws():
+def test_random_draw_countsare_multinomial_draws():
     g = torch.Generator().manual_seed(3)
     counts = U.resample_counts([5, 300], 400, g)
     assert [tuple(c.shape) for c in counts] == [(400, 5), (400, 300)]
@@ -130,7 +130,7 @@ def test_identity_resample_reproduces_plain_weights_exactly():
     X = torch.randn(7, 32, generator=g, dtype=torch.float64) + 2.0
     for mode, T in [("pretrain", None), ("finetune", None), ("pretrain", 0.7)]:
         res = U.bootstrap_weights([x.unsqueeze(0) for x in X], resamples=1, mode=mode, temperature=T,
-                                  resample_counts_=[torch.ones(1, 1)] * 7, window_fractions=(), domains=NAMES)
+                                  draw_counts=[torch.ones(1, 1)] * 7, window_fractions=(), domains=NAMES)
         plain = chameleon_weights(X, mode, temperature=T, domains=NAMES)
         assert torch.equal(res.weight_samples[0], plain.weights)
         assert torch.equal(res.krls_samples[0], plain.krls)
@@ -143,7 +143,7 @@ def test_identity_resample_reproduces_plain_weights_exactly():
 def test_identity_resample_of_many_windows_is_the_plain_path():
     windows, _ = synthetic_windows(k=7, n=64, d=24, seed=2, dtype=torch.float64)
     ones = [torch.ones(1, 64, dtype=torch.float64)] * 7
-    res = U.bootstrap_weights(windows, resamples=1, resample_counts_=ones, window_fractions=())
+    res = U.bootstrap_weights(windows, resamples=1, draw_counts=ones, window_fractions=())
     # The plain path on the same float64 embeddings (the windows' mean as C @ W / n).
     X = torch.stack([(ones[i] @ windows[i].double() / 64)[0] for i in range(7)])
     assert torch.equal(res.weight_samples[0], chameleon_weights(X).weights)
@@ -277,7 +277,7 @@ def test_bootstrap_result_dict_and_table():
         (dict(lam=-1.0), "lam must be"),
         (dict(window_fractions=(0.5, 1.0)), "window_fractions"),
         (dict(domains=["a"]), "domains must name the 2"),
-        (dict(resample_counts_=[torch.ones(3, 4)] * 2), "resample_counts_ must be"),
+        (dict(draw_counts=[torch.ones(3, 4)] * 2), "draw_counts must be"),
     ],
 )
 def test_bootstrap_bad_arguments(kwargs, match):
