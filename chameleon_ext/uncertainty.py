@@ -257,29 +257,33 @@ def resample_counts(
     return out
 
 
-def _accumulation_dtype(windows: List[Tensor]) -> torch.dtype:
-    """float64 windows are summed in float64 (a resample's weights are then the plain path's
-    to the last bit); float32 and half windows in float32, twice as fast, after subtracting
-    a common offset (see _resampled_embeddings)."""
-    return torch.float64 if all(w.dtype == torch.float64 for w in windows) else torch.float32
+def _summands(windows: List[Tensor], means: Tensor) -> Tuple[List[Tensor], torch.dtype]:
+    """What the resample products multiply, and in which dtype.
+
+    float64 windows are used as they are, summed in float64: a resample's weights are then
+    the plain path's to the last bit. float32 and half windows are summed in float32 (twice
+    as fast) after subtracting their common mean: a shift shared by all domains leaves the
+    centred affinity unchanged (H (X - 1 v^T) = H X), and float32's rounding then scales with
+    the windows' spread rather than with the large common part of hidden states (about 1e-9
+    of the weights, against 1e-7 without the shift)."""
+    if all(w.dtype == torch.float64 for w in windows):
+        return list(windows), torch.float64
+    offset = means.mean(0).to(torch.float32)
+    return [w.to(torch.float32) - offset for w in windows], torch.float32
 
 
-def _resampled_embeddings(windows: List[Tensor], counts: List[Tensor], offset: Optional[Tensor] = None) -> Tensor:
-    """``[B, k, d]`` float64: row b of domain i is counts_i[b] @ W_i / counts_i[b].sum().
-
-    With ``offset`` [d] (float32 sums) the product runs on W_i - offset and the offset is
-    added back in float64: a shift common to all domains leaves the centred affinity as it
-    is, and float32's rounding then scales with the windows' spread, not with the large
-    common part of hidden states (about 1e-9 of the weights against 1e-7 without)."""
-    cols = []
-    for W, C in zip(windows, counts):
-        total = C.sum(1, keepdim=True).to(torch.float64)  # [B, 1] draws (n_i, or m_i for a subset)
-        if offset is None:
-            cols.append((C @ W.to(C.dtype)).to(torch.float64) / total)
+def _resampled_embeddings(
+    summands: List[Tensor], counts: List[Tensor], out: Tensor, draws: Optional[Sequence[int]] = None
+) -> Tensor:
+    """Fills ``out [B, k, d]`` (float64): row b of domain i is counts_i[b] @ W_i / counts_i[b].sum().
+    ``draws``: the row sums when known (random resamples draw exactly n_i or m_i windows)."""
+    for i, (W, C) in enumerate(zip(summands, counts)):
+        if draws is not None:
+            total = float(draws[i])
         else:
-            shifted = W.to(C.dtype) - offset.to(C.dtype)
-            cols.append((C @ shifted).to(torch.float64) / total + offset)
-    return torch.stack(cols, dim=1)
+            total = C.sum(1, keepdim=True).to(torch.float64)  # [B, 1] explicit counts
+        torch.div(C @ W, total, out=out[:, i])  # one pass: cast, divide, write the strided slice
+    return out
 
 
 def _draws(n: int, fraction: float) -> int:
@@ -459,9 +463,8 @@ def bootstrap_weights(
         raise ChameleonUserError(f"window_fractions must lie in (0, 1), got {list(window_fractions)}")
 
     device = windows[0].device
-    acc = _accumulation_dtype(windows)
     mean_embeddings = _window_means(windows)  # [k, d]
-    offset = mean_embeddings.mean(0) if acc != torch.float64 else None
+    summands, acc = _summands(windows, mean_embeddings)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     if draw_counts is not None:
@@ -473,22 +476,26 @@ def bootstrap_weights(
             )
         if any(bool((c < 0).any()) or bool((c.sum(1) <= 0).any()) for c in full_counts):
             raise ChameleonUserError("draw_counts must be >= 0 with at least one window per resample")
-        seed_used = None
+        seed_used, full_draws = None, None
     else:
         full_counts = resample_counts(n, resamples, generator, dtype=acc)
-        seed_used = int(seed)
+        seed_used, full_draws = int(seed), n
 
     # The full bootstrap first, then one block per subsample fraction: one krls call for all.
-    blocks = [_resampled_embeddings(windows, full_counts, offset)]
+    X = torch.empty((1 + len(fractions)) * resamples, k, mean_embeddings.shape[1], dtype=torch.float64, device=device)
+    _resampled_embeddings(summands, full_counts, X[:resamples], full_draws)
+    del full_counts
     sub_windows = []
-    for f in fractions:
+    for j, f in enumerate(fractions, start=1):
         m = [_draws(ni, f) for ni in n]
         subsets = [torch.randperm(ni, generator=generator, device=device)[:mi] for ni, mi in zip(n, m)]
         # The subset's windows only: the product then costs m_i, not n_i, per resample.
-        sub = [w[s] for w, s in zip(windows, subsets)]
-        blocks.append(_resampled_embeddings(sub, resample_counts(m, resamples, generator, dtype=acc), offset))
+        sub = [w[s] for w, s in zip(summands, subsets)]
+        counts_m = resample_counts(m, resamples, generator, dtype=acc)
+        _resampled_embeddings(sub, counts_m, X[j * resamples : (j + 1) * resamples], m)
         sub_windows.append(m)
-    raw_all = _leverage(torch.cat(blocks, 0), lam)  # [(1 + F) * B, k]
+    raw_all = _leverage(X, lam)  # [(1 + F) * B, k]
+    del X
     S_all, w_all = _scores_and_weights(raw_all, mode, T, normalize)
 
     if point is None:
