@@ -207,14 +207,25 @@ def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[st
 # --------------------------------------------------------------------------------------------
 
 
-def _weights_from_scores_rows(S: Tensor, mode: str, T: float) -> Tensor:
+def _softmax_rule(mode: str) -> str:
+    """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
+    frozen proxy, METHOD.md step 5) uses the pretraining rule, as the pipeline does."""
+    return "pretrain" if mode == "transfer" else _check_mode(mode)
+
+
+def _weights_from_scores_rows(S: Tensor, rule: str, T: float) -> Tensor:
     """``weights.weights_from_scores`` for each row of ``S [N, k]``: the same formula, with the
     softmax over the last dim, which gives each row bit-for-bit the 1-D result (tested)."""
-    logits = 1.0 / ((S + _EPS) * T) if mode == "pretrain" else S / T
+    if rule == "pretrain":
+        logits = 1.0 / ((S + _EPS) * T)
+    elif rule == "finetune":
+        logits = S / T
+    else:
+        raise ValueError(f"rule must be 'pretrain' or 'finetune', got {rule!r}")
     return torch.softmax(logits, dim=-1)
 
 
-def _scores_and_weights(raw: Tensor, mode: str, T: float, normalize: bool) -> Tuple[Tensor, Tensor]:
+def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tuple[Tensor, Tensor]:
     """Normalised scores and weights ``[N, k]`` from raw leverage ``[N, k]``, with the plain
     path's special cases: one domain -> weight 1; zero total leverage -> uniform."""
     k = raw.shape[-1]
@@ -227,7 +238,7 @@ def _scores_and_weights(raw: Tensor, mode: str, T: float, normalize: bool) -> Tu
         S = torch.where(degenerate, uniform, raw / torch.where(degenerate, torch.ones_like(total), total))
     else:
         S = raw
-    weights = _weights_from_scores_rows(S, mode, T)
+    weights = _weights_from_scores_rows(S, rule, T)
     # Every domain at the same point: nothing distinguishes them (the plain path warns).
     return S, torch.where(degenerate, uniform, weights)
 
@@ -451,11 +462,13 @@ def bootstrap_weights(
         if len(point.weights) != k:
             raise ChameleonUserError(f"point has {len(point.weights)} domains, window_embeddings has {k}")
         mode, lam, T, normalize = point.mode, point.lam, point.temperature, point.normalize
+        rule = _softmax_rule(mode)
         names = _check_names(point.domains or None, k, "domains")
     else:
-        mode = _check_mode(mode or "pretrain")
+        mode = mode or "pretrain"
+        rule = _softmax_rule(mode)
         lam = _check_positive("lam", DEFAULT_LAMBDA if lam is None else lam)
-        T = DEFAULT_TEMPERATURE[mode] if temperature is None else _check_positive("temperature", temperature)
+        T = DEFAULT_TEMPERATURE[rule] if temperature is None else _check_positive("temperature", temperature)
         normalize = True if normalize is None else bool(normalize)
         names = _check_names(domains, k, "domains of window_embeddings")
     fractions = sorted({float(f) for f in window_fractions})
@@ -496,10 +509,11 @@ def bootstrap_weights(
         sub_windows.append(m)
     raw_all = _leverage(X, lam)  # [(1 + F) * B, k]
     del X
-    S_all, w_all = _scores_and_weights(raw_all, mode, T, normalize)
+    S_all, w_all = _scores_and_weights(raw_all, rule, T, normalize)
 
     if point is None:
-        point = chameleon_weights(mean_embeddings.cpu(), mode, lam, T, normalize, names)
+        point = chameleon_weights(mean_embeddings.cpu(), rule, lam, T, normalize, names)
+        point.mode = mode
     raw, S, w = raw_all[:resamples].cpu(), S_all[:resamples].cpu(), w_all[:resamples].cpu()
     w_lo, w_hi = _percentiles(w, level)
     s_lo, s_hi = _percentiles(S, level)
@@ -675,9 +689,9 @@ def sweep_weights_from_affinity(
     """Weights for every (lambda, temperature) from an affinity ``[k, k]`` (as in
     :func:`~chameleon_ext.weights.domain_weights_from_affinity`); default temperatures: the
     mode's. Each entry equals ``domain_weights_from_affinity`` at that pair."""
-    mode = _check_mode(mode)
+    rule = _softmax_rule(mode)
     lams = _check_values("lambdas", lambdas)
-    temps = _check_values("temperatures", [DEFAULT_TEMPERATURE[mode]] if temperatures is None else temperatures)
+    temps = _check_values("temperatures", [DEFAULT_TEMPERATURE[rule]] if temperatures is None else temperatures)
     A = torch.as_tensor(affinity).to(torch.float64)
     if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] < 1:
         raise ChameleonUserError(f"affinity must be a square [k, k] matrix, got shape {tuple(A.shape)}")
@@ -688,7 +702,7 @@ def sweep_weights_from_affinity(
     L, nT = len(lams), len(temps)
     weights = torch.empty(L, nT, k, dtype=torch.float64)
     for j, T in enumerate(temps):  # temperatures only change the softmax: no krls call
-        S, weights[:, j] = _scores_and_weights(raw, mode, T, normalize)
+        S, weights[:, j] = _scores_and_weights(raw, rule, T, normalize)
     return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1), batched)
 
 

@@ -560,3 +560,18 @@ def test_plots_write_pngs(tmp_path):
         P.plot_weight_intervals(["a", "b"], [0.5, 0.5], [0.4, 0.6], [0.6, 0.5], tmp_path / "y.png")
     with pytest.raises(ChameleonUserError, match="expected a BootstrapResult"):
         P.plot_bootstrap({"weights": {}}, tmp_path / "z.png")
+
+
+def test_transfer_mode_uses_the_pretraining_rule():
+    windows, centres = synthetic_windows(k=4, n=40, d=8, seed=13)
+    point = chameleon_weights(centres, "pretrain", lam=1.0)
+    point.mode = "transfer"  # as pipeline.weights_from_embeddings labels it
+    res = U.bootstrap_weights(windows, resamples=20, seed=1, point=point)
+    pre = U.bootstrap_weights(windows, resamples=20, seed=1, mode="pretrain", lam=1.0)
+    assert torch.equal(res.weight_samples, pre.weight_samples) and res.to_dict()["mode"] == "transfer"
+    own = U.bootstrap_weights(windows, resamples=20, seed=1, mode="transfer", lam=1.0)
+    assert torch.equal(own.weight_samples, pre.weight_samples) and own.point.mode == "transfer"
+    sweep = U.sweep_weights(centres, [1.0], mode="transfer")
+    assert sweep.temperatures == [5.0] and torch.equal(sweep.weights[0, 0], point.weights)
+    with pytest.raises(ValueError, match="mode must be"):
+        U.sweep_weights(centres, [1.0], mode="mixing")
