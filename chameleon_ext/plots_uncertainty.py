@@ -10,7 +10,7 @@ pyplot, and PNGs are written atomically.
 from __future__ import annotations
 
 import os
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence
 
 from .errors import ChameleonUserError
 from .plots import MAX_WEIGHT_LABELS, PathLike, _as_floats, _check_domains, _clamp, _new_figure, _save_png
@@ -98,7 +98,9 @@ def plot_bootstrap(result, path: PathLike, title: Optional[str] = None) -> Optio
         raise ChameleonUserError("plot_bootstrap: expected a BootstrapResult or its to_dict()") from None
 
 
-def plot_sweep(sweep, path: PathLike, temperature: Optional[float] = None, title: Optional[str] = None) -> Optional[str]:
+def plot_sweep(
+    sweep, path: PathLike, temperature: Optional[float] = None, title: Optional[str] = None
+) -> Optional[str]:
     """Each domain's weight against lambda (log x axis) at one temperature (default: the
     first swept), with the effective dimension sum(S) on a second y axis (dashed). ``sweep``
     is a :class:`~chameleon_ext.uncertainty.SweepResult` or its ``to_dict()`` (sweep.json).

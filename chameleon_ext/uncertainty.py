@@ -72,7 +72,6 @@ from .weights import (
     _check_mode,
     _check_positive,
     chameleon_weights,
-    domain_weights_from_affinity,
 )
 
 __all__ = [
@@ -85,6 +84,7 @@ __all__ = [
     "Diagnostics",
     "resample_counts",
     "bootstrap_weights",
+    "krls_accepts_tensor_lam",
     "sweep_weights",
     "sweep_weights_from_affinity",
     "diagnose",
@@ -161,7 +161,9 @@ def _window_list(window_embeddings: WindowsLike, counts=None) -> List[Tensor]:
         if not w.is_floating_point():
             raise ChameleonUserError(f"window_embeddings[{i}] must be floating point, got {w.dtype}")
         if w.shape[0] < 1 or w.shape[1] < 1:
-            raise ChameleonUserError(f"window_embeddings[{i}] must hold at least one window of d >= 1, got {tuple(w.shape)}")
+            raise ChameleonUserError(
+                f"window_embeddings[{i}] must hold at least one window of d >= 1, got {tuple(w.shape)}"
+            )
         if d is None:
             d = w.shape[1]
         elif w.shape[1] != d:
@@ -568,10 +570,14 @@ def _windows_label(n: Sequence[int]) -> str:
     return str(n[0]) if len(set(n)) == 1 else f"{min(n)}-{max(n)}"
 
 
-def _table(head: List[str], rows: List[List[str]]) -> str:
+def _table(head: List[str], rows: List[List[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``left`` left-aligned, the rest right."""
     widths = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+
+    def line(row: List[str]) -> str:
+        return "  ".join(c.ljust(wd) if j < left else c.rjust(wd) for j, (c, wd) in enumerate(zip(row, widths)))
+
+    return "\n".join(line(r) for r in [head] + rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -740,8 +746,7 @@ def format_sweep_table(sweep: SweepResult, digits: int = 4) -> str:
                 [f"{lam:g}", f"{T:g}", f"{float(sweep.effective_dimension[i]):.3f}"]
                 + [f"{v:.{digits}f}" for v in sweep.weights[i, j].tolist()]
             )
-    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
-    return "\n".join("  ".join(c.rjust(wd) for c, wd in zip(r, widths)) for r in [head] + rows)
+    return _table(head, rows, left=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,7 +887,8 @@ def diagnose(
                     ))
 
     if bootstrap is not None:
-        unstable = [n for n, s in zip(bootstrap.domains, bootstrap.rank_stability.tolist()) if s < UNSTABLE_RANK_STABILITY]
+        stability = bootstrap.rank_stability.tolist()
+        unstable = [n for n, s in zip(bootstrap.domains, stability) if s < UNSTABLE_RANK_STABILITY]
         if unstable:
             worst = float(bootstrap.rank_stability.min())
             hint = ""
@@ -890,9 +896,9 @@ def diagnose(
                 hint = " (the intervals are still shrinking with n)"
             warns.append(_warning(
                 "unstable_ranking",
-                f"the {100 * bootstrap.level:g}% intervals overlap so much that domain(s) {unstable} keep their rank in "
-                f"as few as {100 * worst:.0f}% of resamples (< {100 * UNSTABLE_RANK_STABILITY:.0f}%); embed more "
-                f"windows per domain (now {_windows_label(bootstrap.n_windows)}){hint}",
+                f"the {100 * bootstrap.level:g}% intervals overlap so much that domain(s) {unstable} keep their "
+                f"rank in as few as {100 * worst:.0f}% of resamples (< {100 * UNSTABLE_RANK_STABILITY:.0f}%); "
+                f"embed more windows per domain (now {_windows_label(bootstrap.n_windows)}){hint}",
                 unstable,
             ))
 

@@ -376,7 +376,8 @@ def test_sweep_dict_and_effective_dimension():
     sweep = U.sweep_weights(X, [0.01, 100.0], [1.0, 2.0], mode="finetune", domains=NAMES[:4])
     d = json.loads(json.dumps(sweep.to_dict()))
     assert d["lambdas"] == [0.01, 100.0] and d["temperatures"] == [1.0, 2.0] and len(d["results"]) == 4
-    assert d["results"][1] == {"lambda": 0.01, "temperature": 2.0, "weights": dict(zip(NAMES[:4], sweep.weights[0, 1].tolist()))}
+    expected = {"lambda": 0.01, "temperature": 2.0, "weights": dict(zip(NAMES[:4], sweep.weights[0, 1].tolist()))}
+    assert d["results"][1] == expected
     # sum(S) falls with lambda, and stays below k - 1 = 3 (the centred kernel's rank).
     assert 3 > d["effective_dimension"][0] > d["effective_dimension"][1] > 0
     assert d["effective_dimension_share"][0] == pytest.approx(d["effective_dimension"][0] / 3)
