@@ -706,7 +706,7 @@ def sweep_weights_from_affinity(
     raw, batched = _leverage_per_lambda(A, lams, center)  # [L, k]
     raw = raw.to(torch.float64)
     L, nT = len(lams), len(temps)
-    weights = torch.empty(L, nT, k, dtype=torch.float64)
+    weights = torch.empty(L, nT, k, dtype=torch.float64, device=raw.device)
     for j, T in enumerate(temps):  # temperatures only change the softmax: no krls call
         S, weights[:, j] = _scores_and_weights(raw, rule, T, normalize)
     return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1), batched)
