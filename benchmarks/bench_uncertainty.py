@@ -1,6 +1,6 @@
 """Bootstrap intervals of the weights: the batched path (resample-count matrices times the
 per-window embeddings, one batched ``krls`` call) against a Python loop over resamples
-(index the windows, average, ``chameleon_weights``), and a lambda sweep.
+(index the windows, average, the plain weights path), and a lambda sweep.
 
 Goal (issue 11): B = 1000, k = 7, n = 2048 windows, d = 768 in under 1 s on the 2-core CPU
 (the embedding pass excluded), under 50 ms on an H200. The loop is timed at B = 100 only
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from chameleon_ext import uncertainty as U
-from chameleon_ext.weights import chameleon_weights
 from python_tests.factories import CUDA
-from python_tests.test_uncertainty import synthetic_windows
+from python_tests.test_uncertainty import plain_weights, synthetic_windows
 
 # (resamples B, domains k, windows n, hidden size d)
 CASES = [(1000, 7, 2048, 768), (100, 7, 2048, 768)]
@@ -31,7 +30,7 @@ def _python_loop(windows, B, seed=0):
             W[torch.randint(0, W.shape[0], (W.shape[0],), generator=g, device=W.device)].double().mean(0)
             for W in windows
         ])
-        samples.append(chameleon_weights(X.cpu()).weights)
+        samples.append(plain_weights(X.cpu()).weights)
     w = torch.stack(samples)
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
     return torch.quantile(w, q, dim=0), w.std(0)

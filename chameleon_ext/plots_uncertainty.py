@@ -79,7 +79,7 @@ def plot_weight_intervals(
     axes[0].set_title(f"domain weights ({pct} interval)")
     if with_scores:
         _interval_panel(axes[1], domains, s, s_lo, s_hi, "leverage score $S_i / \\sum_j S_j$", None, fontsize)
-        axes[1].set_title(f"normalised KRLS ({pct} interval)")
+        axes[1].set_title(f"normalised leverage ({pct} interval)")
     fig.suptitle(title or f"Chameleon domain weights with bootstrap intervals (k = {k})")
     return _save_png(fig, path)
 
@@ -92,7 +92,7 @@ def plot_bootstrap(result, path: PathLike, title: Optional[str] = None) -> Optio
         domains = list(d["weights"]["point"])
         return plot_weight_intervals(
             domains, d["weights"]["point"], d["weights"]["low"], d["weights"]["high"], path, title,
-            d["krls"]["point"], d["krls"]["low"], d["krls"]["high"], level=float(d.get("level", 0.95)),
+            d["leverage"]["point"], d["leverage"]["low"], d["leverage"]["high"], level=float(d.get("level", 0.95)),
         )
     except (KeyError, TypeError):
         raise ChameleonUserError("plot_bootstrap: expected a BootstrapResult or its to_dict()") from None

@@ -11,7 +11,8 @@ Bootstrap (per-window embeddings -> intervals)
     ``[B, k, k]`` and one batched ``krls`` call. The weight maths is the plain path's
     (:mod:`chameleon_ext.weights`): linear affinity, centring and mu = lam * k inside
     ``krls``, S / sum(S), the temperature softmax. A resample therefore gives exactly the
-    weights :func:`~chameleon_ext.weights.chameleon_weights` gives for its embeddings.
+    weights the plain path (``weights_from_embeddings``, formerly ``chameleon_weights``) gives
+    for its embeddings.
     Reported per domain: percentile interval and standard deviation of the weight and of the
     normalised leverage, and rank stability (the fraction of resamples in which the domain
     keeps the rank it has in the point estimate). The resample counts come from a
@@ -62,17 +63,26 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import weights as _weights
 from .errors import ChameleonUserError
 from .ops import krls
-from .weights import (
-    _EPS,
-    DEFAULT_LAMBDA,
-    DEFAULT_TEMPERATURE,
-    DomainWeights,
-    _check_mode,
-    _check_positive,
-    chameleon_weights,
-)
+from .weights import _EPS, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE, DomainWeights, _check_mode, _check_positive, linear_affinity
+
+# The weights API is being renamed (chameleon_weights -> weights_from_embeddings, DomainWeights
+# .krls/.krls_raw -> .leverage/.leverage_raw); these lines let this module run on either side
+# of that change without deprecation warnings. Drop them once the rename is merged.
+_weights_from_embeddings = getattr(_weights, "weights_from_embeddings", None) or _weights.chameleon_weights
+
+
+def _normalised_scores(point: DomainWeights) -> Tensor:
+    scores = getattr(point, "leverage", None)
+    return point.krls if scores is None else scores
+
+
+def _raw_scores(point: DomainWeights) -> Tensor:
+    scores = getattr(point, "leverage_raw", None)
+    return point.krls_raw if scores is None else scores
+
 
 __all__ = [
     "DEFAULT_RESAMPLES",
@@ -363,14 +373,14 @@ class BootstrapResult:
     level: float
     n_windows: List[int]
     weight_samples: Tensor  # [B, k]
-    krls_samples: Tensor  # [B, k] normalised leverage (raw if normalize=False)
+    leverage_samples: Tensor  # [B, k] normalised leverage (raw if normalize=False)
     effective_dimension_samples: Tensor  # [B] sum of the raw leverage
     weights_low: Tensor  # [k]
     weights_high: Tensor
     weights_std: Tensor
-    krls_low: Tensor
-    krls_high: Tensor
-    krls_std: Tensor
+    leverage_low: Tensor
+    leverage_high: Tensor
+    leverage_std: Tensor
     rank: Tensor  # [k] 1-based rank of each domain in the point estimate (largest weight = 1)
     rank_stability: Tensor  # [k] fraction of resamples in which the domain keeps that rank
     windows: Optional[WindowSufficiency] = None
@@ -401,14 +411,14 @@ class BootstrapResult:
                 "high": per_domain(self.weights_high),
                 "std": per_domain(self.weights_std),
             },
-            "krls": {
-                "point": per_domain(self.point.krls),
-                "low": per_domain(self.krls_low),
-                "high": per_domain(self.krls_high),
-                "std": per_domain(self.krls_std),
+            "leverage": {
+                "point": per_domain(_normalised_scores(self.point)),
+                "low": per_domain(self.leverage_low),
+                "high": per_domain(self.leverage_high),
+                "std": per_domain(self.leverage_std),
             },
             "effective_dimension": {
-                "point": float(self.point.krls_raw.sum()), "low": float(eff_lo), "high": float(eff_hi),
+                "point": float(_raw_scores(self.point).sum()), "low": float(eff_lo), "high": float(eff_hi),
             },
             "rank": {n: int(r) for n, r in zip(self.domains, self.rank.tolist())},
             "rank_stability": per_domain(self.rank_stability),
@@ -438,7 +448,7 @@ def bootstrap_weights(
             float64, others in float32 (see :func:`_resampled_embeddings`).
         resamples: B >= 1. seed: the generator's seed. level: interval coverage (0.95).
         mode, lam, temperature, normalize, domains: as in
-            :func:`~chameleon_ext.weights.chameleon_weights` (defaults: pretrain, 10, the
+            :mod:`chameleon_ext.weights`' plain path (defaults: pretrain, 10, the
             mode's temperature, True); or give ``point`` instead, the plain result whose
             settings (and domain names) the bootstrap then uses and whose weights it reports
             as the point estimate. Without ``point`` the point estimate is computed from the
@@ -514,7 +524,7 @@ def bootstrap_weights(
     S_all, w_all = _scores_and_weights(raw_all, rule, T, normalize)
 
     if point is None:
-        point = chameleon_weights(mean_embeddings.cpu(), rule, lam, T, normalize, names)
+        point = _weights_from_embeddings(mean_embeddings.cpu(), rule, lam, T, normalize, names)
         point.mode = mode
     raw, S, w = raw_all[:resamples].cpu(), S_all[:resamples].cpu(), w_all[:resamples].cpu()
     w_lo, w_hi = _percentiles(w, level)
@@ -547,7 +557,7 @@ def format_bootstrap_table(result: BootstrapResult, digits: int = 4) -> str:
     """A short text table: per domain the weight, its interval and std, the normalised
     leverage and its interval, the rank and how often it holds."""
     pct = f"{100 * result.level:g}%"
-    head = ["domain", "weight", f"{pct} interval", "std", "krls", f"{pct} interval", "rank", "kept"]
+    head = ["domain", "weight", f"{pct} interval", "std", "leverage", f"{pct} interval", "rank", "kept"]
     rows = []
     for i, name in enumerate(result.domains):
         rows.append([
@@ -555,8 +565,8 @@ def format_bootstrap_table(result: BootstrapResult, digits: int = 4) -> str:
             f"{float(result.point.weights[i]):.{digits}f}",
             f"[{float(result.weights_low[i]):.{digits}f}, {float(result.weights_high[i]):.{digits}f}]",
             f"{float(result.weights_std[i]):.{digits}f}",
-            f"{float(result.point.krls[i]):.{digits}f}",
-            f"[{float(result.krls_low[i]):.{digits}f}, {float(result.krls_high[i]):.{digits}f}]",
+            f"{float(_normalised_scores(result.point)[i]):.{digits}f}",
+            f"[{float(result.leverage_low[i]):.{digits}f}, {float(result.leverage_high[i]):.{digits}f}]",
             str(int(result.rank[i])),
             f"{100 * float(result.rank_stability[i]):.0f}%",
         ])
@@ -624,10 +634,10 @@ class SweepResult:
     normalize: bool
     lambdas: List[float]  # [L]
     temperatures: List[float]  # [T]
-    krls_raw: Tensor  # [L, k]
-    krls: Tensor  # [L, k] normalised (== krls_raw if normalize=False)
+    leverage_raw: Tensor  # [L, k] the krls scores S
+    leverage: Tensor  # [L, k] normalised, S / sum(S) (== leverage_raw if normalize=False)
     weights: Tensor  # [L, T, k]
-    effective_dimension: Tensor  # [L] sum of krls_raw
+    effective_dimension: Tensor  # [L] sum of leverage_raw
     batched: bool  # all lambdas in one krls call
 
     @property
@@ -665,8 +675,8 @@ class SweepResult:
             "temperatures": list(self.temperatures),
             "effective_dimension": self.effective_dimension.tolist(),
             "effective_dimension_share": share.tolist() if share is not None else None,
-            "krls": [dict(zip(self.domains, s)) for s in self.krls.tolist()],
-            "krls_raw": [dict(zip(self.domains, s)) for s in self.krls_raw.tolist()],
+            "leverage": [dict(zip(self.domains, s)) for s in self.leverage.tolist()],
+            "leverage_raw": [dict(zip(self.domains, s)) for s in self.leverage_raw.tolist()],
             "results": results,
         }
 
@@ -721,14 +731,12 @@ def sweep_weights(
     domains: Optional[Sequence[str]] = None,
 ) -> SweepResult:
     """Weights for every (lambda, temperature) from domain embeddings ``[k, d]``; each entry
-    equals :func:`~chameleon_ext.weights.chameleon_weights` at that pair.
+    equals the plain path's weights (``weights_from_embeddings``) at that pair.
 
     >>> sweep = sweep_weights(torch.randn(7, 64), [0.1, 1, 10, 100], [1.0, 5.0])
     >>> sweep.weights.shape  # [lambdas, temperatures, k]
     torch.Size([4, 2, 7])
     """
-    from .weights import linear_affinity
-
     try:
         A = linear_affinity(embeddings)
     except ValueError as e:
@@ -816,14 +824,14 @@ def diagnose(
     """Effective dimension and warnings for a weights result.
 
     Args:
-        point: the plain weights (:func:`~chameleon_ext.weights.chameleon_weights`).
+        point: the plain weights (``weights_from_embeddings`` / ``chameleon_weights``).
         embeddings: the domain embeddings ``[k, d]`` behind it, for the near-duplicate and
             dominant-norm checks (skipped without them).
         bootstrap: its :class:`BootstrapResult`, for the ranking check and the window analysis.
     """
     k = len(point.weights)
     names = point.domains or [str(i) for i in range(k)]
-    raw = point.krls_raw.to(torch.float64)
+    raw = _raw_scores(point).to(torch.float64)
     eff = float(raw.sum())
     share = eff / (k - 1) if k > 1 else None
     warns: List[dict] = []
