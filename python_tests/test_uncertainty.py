@@ -168,6 +168,11 @@ def test_float32_windows_agree_with_float64_sums():
     assert width > 0
     assert float((w32.weight_samples - w64.weight_samples).abs().max()) < 1e-4 * width
     assert torch.equal(w32.point.weights, w64.point.weights)  # the point uses float64 means either way
+    # bfloat16 windows (a bf16 cache) are summed as their exact float32 values.
+    bf16 = [w.bfloat16() for w in windows]
+    a = U.bootstrap_weights(bf16, resamples=20, seed=4, window_fractions=())
+    b = U.bootstrap_weights([w.float() for w in bf16], resamples=20, seed=4, window_fractions=())
+    assert torch.equal(a.weight_samples, b.weight_samples)
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
