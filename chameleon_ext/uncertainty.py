@@ -894,6 +894,8 @@ def diagnose(
                         [names[i]],
                     ))
 
+    if bootstrap is not None and len(bootstrap.domains) != k:
+        raise ChameleonUserError(f"bootstrap has {len(bootstrap.domains)} domains, point has {k}")
     if bootstrap is not None:
         stability = bootstrap.rank_stability.tolist()
         unstable = [n for n, s in zip(bootstrap.domains, stability) if s < UNSTABLE_RANK_STABILITY]
@@ -912,16 +914,18 @@ def diagnose(
 
     if share is not None and not (LAMBDA_SHARE_LOW <= share <= LAMBDA_SHARE_HIGH):
         suggested = suggest_lambda(point.affinity, center=False)  # DomainWeights.affinity is centred
-        too_large = share < LAMBDA_SHARE_LOW
-        where = "0" if too_large else "their maximum 1 - 1/k"
-        advice = f"try lambda ~ {suggested:g} (effective dimension about half of k - 1)" if suggested else ""
-        warns.append(_warning(
-            "lambda_too_large" if too_large else "lambda_too_small",
-            f"lambda = {point.lam:g} is so {'large' if too_large else 'small'} that all leverage scores sit near "
-            f"{where} (effective dimension {eff:.3g}, {100 * share:.1f}% of k - 1 = {k - 1}); "
-            f"{advice}; `chameleon sweep` shows the weights across lambdas",
-            list(names),
-        ))
+        # None: a zero kernel (all domains at one point); no lambda helps, the weights are uniform.
+        if suggested is not None:
+            too_large = share < LAMBDA_SHARE_LOW
+            where = "0" if too_large else "their maximum 1 - 1/k"
+            warns.append(_warning(
+                "lambda_too_large" if too_large else "lambda_too_small",
+                f"lambda = {point.lam:g} is so {'large' if too_large else 'small'} that all leverage scores sit near "
+                f"{where} (effective dimension {eff:.3g}, {100 * share:.1f}% of k - 1 = {k - 1}); try lambda ~ "
+                f"{suggested:g} (effective dimension about half of k - 1); `chameleon sweep` shows the weights "
+                "across lambdas",
+                list(names),
+            ))
     return Diagnostics(eff, share, warns, suggested, bootstrap.windows if bootstrap is not None else None)
 
 

@@ -483,6 +483,15 @@ def test_extreme_lambda_is_reported_with_a_suggestion(lam, code):
     assert not {"lambda_too_large", "lambda_too_small"} & set(U.diagnose(plain_weights(X, lam=suggested)).codes)
 
 
+def test_identical_domains_get_no_lambda_advice():
+    X = torch.ones(4, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plain path warns: uniform weights
+        diag = U.diagnose(plain_weights(X), X)
+    assert diag.effective_dimension == 0.0 and diag.suggested_lambda is None
+    assert not {"lambda_too_large", "lambda_too_small"} & set(diag.codes)
+
+
 def test_suggest_lambda_against_eigen_formula():
     X = spread_embeddings(k=5)
     lam = U.suggest_lambda(X @ X.T)
