@@ -7,15 +7,15 @@ Bootstrap (per-window embeddings -> intervals)
     with replacement; it is a count vector c ``[n_i]`` (sum n_i), and the resampled domain
     embedding is c W_i / n_i. B resamples of every domain are one matrix product per domain,
     ``C_i [B, n_i] @ W_i [n_i, d]`` (float64 for float64 windows, else float32 on the windows
-    minus their common mean, which centring removes anyway), giving B embedding sets ``[B, k, d]``, B affinities
-    ``[B, k, k]`` and one batched ``krls`` call. The weight maths is the plain path's
-    (:mod:`chameleon_ext.weights`): linear affinity, centring and mu = lam * k inside
-    ``krls``, S / sum(S), the temperature softmax. A resample therefore gives exactly the
-    weights the plain path (``weights_from_embeddings``, formerly ``chameleon_weights``) gives
-    for its embeddings.
-    Reported per domain: percentile interval and standard deviation of the weight and of the
-    normalised leverage, and rank stability (the fraction of resamples in which the domain
-    keeps the rank it has in the point estimate). The resample counts come from a
+    minus their common mean, which centring removes anyway), giving B embedding sets
+    ``[B, k, d]``, B affinities ``[B, k, k]`` and one batched ``krls`` call. The weight maths
+    is the plain path's (:mod:`chameleon_ext.weights`): linear affinity, centring and
+    mu = lam * k inside ``krls``, S / sum(S), the temperature softmax; a resample of float64
+    windows gives bit for bit the weights ``weights_from_embeddings`` (formerly
+    ``chameleon_weights``) gives for its embeddings. Reported per domain: percentile interval
+    and standard deviation of the weight and of the normalised leverage, and rank stability
+    (the fraction of resamples in which the domain keeps the rank it has in the point
+    estimate). The resample counts come from a
     ``torch.Generator`` seeded with ``seed`` on the windows' device: same seed, same device,
     same intervals.
 
@@ -23,8 +23,9 @@ How many windows are enough
     The same call also bootstraps random subsets of n/4 and n/2 windows per domain (drawn
     without replacement, then resampled with replacement), so the interval width at n/4, n/2
     and n comes from the same single ``krls`` call. The smallest of these whose mean weight
-    interval width is within 10% of the width at n is reported; when it is n itself the
-    intervals are still shrinking (about as 1/sqrt(n)) and more windows would narrow them.
+    interval width is within 10% of the width at n is reported (widths under 1e-6 count as
+    equal); when it is n itself the intervals are still shrinking (about as 1/sqrt(n)) and
+    more windows would narrow them.
 
 Sweeps
     Weights for every (lambda, temperature) pair. All lambdas go through one ``krls`` call
