@@ -67,7 +67,15 @@ from torch import Tensor
 from . import weights as _weights
 from .errors import ChameleonUserError
 from .ops import krls
-from .weights import _EPS, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE, DomainWeights, _check_mode, _check_positive, linear_affinity
+from .weights import (
+    _EPS,
+    DEFAULT_LAMBDA,
+    DEFAULT_TEMPERATURE,
+    DomainWeights,
+    _check_mode,
+    _check_positive,
+    linear_affinity,
+)
 
 # The weights API is being renamed (chameleon_weights -> weights_from_embeddings, DomainWeights
 # .krls/.krls_raw -> .leverage/.leverage_raw); these lines let this module run on either side
