@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -203,9 +204,9 @@ def _window_means(windows: List[Tensor]) -> Tensor:
 
 
 def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ChameleonUserError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_level(level) -> float:

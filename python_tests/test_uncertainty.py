@@ -223,7 +223,7 @@ def test_window_sufficiency_in_the_same_call():
 def test_same_seed_same_intervals_other_seed_others():
     windows, _ = synthetic_windows(k=4, n=100, d=8, seed=7)
     a = U.bootstrap_weights(windows, resamples=50, seed=11)
-    b = U.bootstrap_weights(windows, resamples=50, seed=11)
+    b = U.bootstrap_weights(windows, resamples=np.int64(50), seed=11)  # any integer type
     c = U.bootstrap_weights(windows, resamples=50, seed=12)
     for field in ("weight_samples", "leverage_samples", "weights_low", "weights_high", "weights_std", "rank_stability"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
