@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import chameleon_ext
-from chameleon_ext import io, uncertainty as U
+from chameleon_ext import io, uncertainty as U, weights as W
 from chameleon_ext.errors import ChameleonUserError
-from chameleon_ext import weights as W
 
 # The plain path, under its new name when this branch meets the weights API rename.
 plain_weights = getattr(W, "weights_from_embeddings", None) or W.chameleon_weights
@@ -54,23 +53,23 @@ def np_chameleon(X, lam, mode, T, normalize=True):
 
 def np_bootstrap(windows, indices, lam, mode, T, level):
     """indices[i]: [B, n_i] resampled window indices of domain i. A loop over resamples."""
-    W = [w.double().numpy() for w in windows]
+    arrays = [w.double().numpy() for w in windows]
     B = indices[0].shape[0]
     ws, ss = [], []
     for b in range(B):
-        X = np.stack([W[i][indices[i][b]].mean(0) for i in range(len(W))])
+        X = np.stack([arrays[i][indices[i][b]].mean(0) for i in range(len(arrays))])
         _, S, w = np_chameleon(X, lam, mode, T)
         ws.append(w)
         ss.append(S)
     ws, ss = np.array(ws), np.array(ss)
     q = [(1 - level) / 2, (1 + level) / 2]
-    _, _, w_point = np_chameleon(np.stack([x.mean(0) for x in W]), lam, mode, T)
-    rank = np.empty(len(W), dtype=int)
-    rank[np.argsort(-w_point, kind="stable")] = np.arange(1, len(W) + 1)
-    kept = np.zeros(len(W))
+    _, _, w_point = np_chameleon(np.stack([x.mean(0) for x in arrays]), lam, mode, T)
+    rank = np.empty(len(arrays), dtype=int)
+    rank[np.argsort(-w_point, kind="stable")] = np.arange(1, len(arrays) + 1)
+    kept = np.zeros(len(arrays))
     for w in ws:
-        r = np.empty(len(W), dtype=int)
-        r[np.argsort(-w, kind="stable")] = np.arange(1, len(W) + 1)
+        r = np.empty(len(arrays), dtype=int)
+        r[np.argsort(-w, kind="stable")] = np.arange(1, len(arrays) + 1)
         kept += r == rank
     return dict(
         w_point=w_point, w_q=np.quantile(ws, q, axis=0), w_std=ws.std(0, ddof=1), s_q=np.quantile(ss, q, axis=0),
