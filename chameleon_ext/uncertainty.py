@@ -60,7 +60,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -265,29 +265,26 @@ def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tu
     return S, torch.where(degenerate, uniform, weights)
 
 
-def _leverage(X: Tensor, lam: float) -> Tensor:
-    """Raw leverage ``[N, k]`` of the linear kernels of ``X [N, k, d]`` (float64), one call."""
-    affinity = X @ X.mT  # [N, k, k], the same product as weights.linear_affinity
-    return krls(affinity, lam, center=True, scale_by_k=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Bootstrap
 # --------------------------------------------------------------------------------------------
+
+
+def _draw_counts(n: int, resamples: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """``[resamples, n]``: how often each of n windows is drawn in n draws with replacement."""
+    idx = torch.randint(0, n, (resamples, n), generator=generator, device=generator.device)
+    C = torch.zeros(resamples, n, dtype=dtype, device=generator.device)
+    # ones expanded, not materialised: scatter_add reads one value per index anyway
+    return C.scatter_add_(1, idx, torch.ones(1, 1, dtype=dtype, device=C.device).expand_as(idx))
 
 
 def resample_counts(
     n_windows: Sequence[int], resamples: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
 ) -> List[Tensor]:
     """Per domain, the count matrix ``[resamples, n_i]`` of n_i windows drawn with
-    replacement (row sums n_i; ``dtype``, exact in float32 too), on the generator's device."""
-    out = []
-    for n in n_windows:
-        idx = torch.randint(0, n, (resamples, n), generator=generator, device=generator.device)
-        C = torch.zeros(resamples, n, dtype=dtype, device=generator.device)
-        # ones expanded, not materialised: scatter_add reads one value per index anyway
-        out.append(C.scatter_add_(1, idx, torch.ones(1, 1, dtype=dtype, device=C.device).expand_as(idx)))
-    return out
+    replacement (row sums n_i; ``dtype``, exact in float32 too), on the generator's device.
+    (:func:`bootstrap_weights` draws the same matrices one domain at a time.)"""
+    return [_draw_counts(n, resamples, generator, dtype) for n in n_windows]
 
 
 def _summands(windows: List[Tensor], means: Tensor) -> Tuple[List[Tensor], torch.dtype]:
@@ -306,10 +303,11 @@ def _summands(windows: List[Tensor], means: Tensor) -> Tuple[List[Tensor], torch
 
 
 def _resampled_embeddings(
-    summands: List[Tensor], counts: List[Tensor], out: Tensor, draws: Optional[Sequence[int]] = None
+    summands: List[Tensor], counts: Iterable[Tensor], out: Tensor, draws: Optional[Sequence[int]] = None
 ) -> Tensor:
     """Fills ``out [B, k, d]`` (float64): row b of domain i is counts_i[b] @ W_i / counts_i[b].sum().
-    ``draws``: the row sums when known (random resamples draw exactly n_i or m_i windows)."""
+    ``draws``: the row sums when known (random resamples draw exactly n_i or m_i windows).
+    ``counts`` may be a lazy iterable, so only one domain's [B, n_i] matrix is alive at once."""
     for i, (W, C) in enumerate(zip(summands, counts)):
         if draws is not None:
             total = float(draws[i])
@@ -513,12 +511,15 @@ def bootstrap_weights(
             raise ChameleonUserError("draw_counts must be >= 0 with at least one window per resample")
         seed_used, full_draws = None, None
     else:
-        full_counts = resample_counts(n, resamples, generator, dtype=acc)
+        full_counts = (_draw_counts(ni, resamples, generator, acc) for ni in n)  # drawn as used
         seed_used, full_draws = int(seed), n
 
-    # The full bootstrap first, then one block per subsample fraction: one krls call for all.
-    X = torch.empty((1 + len(fractions)) * resamples, k, mean_embeddings.shape[1], dtype=torch.float64, device=device)
-    _resampled_embeddings(summands, full_counts, X[:resamples], full_draws)
+    # The full bootstrap first, then one block per subsample fraction, each B affinities of
+    # one [B, k, d] embedding buffer; then one krls call for all of them.
+    X = torch.empty(resamples, k, mean_embeddings.shape[1], dtype=torch.float64, device=device)
+    affinity = torch.empty((1 + len(fractions)) * resamples, k, k, dtype=torch.float64, device=device)
+    _resampled_embeddings(summands, full_counts, X, full_draws)
+    torch.matmul(X, X.mT, out=affinity[:resamples])  # the same product as weights.linear_affinity
     del full_counts
     sub_windows = []
     for j, f in enumerate(fractions, start=1):
@@ -526,11 +527,11 @@ def bootstrap_weights(
         subsets = [torch.randperm(ni, generator=generator, device=device)[:mi] for ni, mi in zip(n, m)]
         # The subset's windows only: the product then costs m_i, not n_i, per resample.
         sub = [w[s] for w, s in zip(summands, subsets)]
-        counts_m = resample_counts(m, resamples, generator, dtype=acc)
-        _resampled_embeddings(sub, counts_m, X[j * resamples : (j + 1) * resamples], m)
+        _resampled_embeddings(sub, (_draw_counts(mi, resamples, generator, acc) for mi in m), X, m)
+        torch.matmul(X, X.mT, out=affinity[j * resamples : (j + 1) * resamples])
         sub_windows.append(m)
-    raw_all = _leverage(X, lam)  # [(1 + F) * B, k]
     del X
+    raw_all = krls(affinity, lam, center=True, scale_by_k=True)  # [(1 + F) * B, k]
     S_all, w_all = _scores_and_weights(raw_all, rule, T, normalize)
 
     if point is None:
