@@ -198,10 +198,10 @@ class OnlineChameleon:
                 raise ChameleonUserError(f"{source}: got {len(values)} values for {self.k} domains {self.domains}")
             values = list(_check_weight_values(dict(zip(self.domains, values)), source).values())
         w = torch.tensor(values, dtype=torch.float64)
-        total = float(w.sum())
+        total = math.fsum(values)
         if not total > 0:
             raise ChameleonUserError(f"{source}: all weights are 0; at least one must be > 0")
-        return w / total
+        return w if total == 1.0 else w / total  # weights that sum to 1 are kept bit for bit
 
     # -- per step ------------------------------------------------------------------------------
 
@@ -266,6 +266,13 @@ class OnlineChameleon:
         if not self.update_due(self.step):
             return None
         return self._update()
+
+    def ema_state(self):
+        """This rank's EMA ``(sums [k, H], counts [k])`` as float64 CPU copies (None, None
+        before the first observation). A host sync: for tests and logging, not every step."""
+        if self._ema_sums is None:
+            return None, None
+        return self._ema_sums.detach().cpu().clone(), self._ema_counts.detach().cpu().clone()
 
     def _reduced_ema(self):
         """(sums [k, H], counts [k]) of all ranks, float64 on the CPU (one host sync)."""
