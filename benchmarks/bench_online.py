@@ -157,4 +157,4 @@ def report(cases=CASES, rounds=15, threads=None):
 
 
 if __name__ == "__main__":
-    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15)
+    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15, threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
