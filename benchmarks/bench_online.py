@@ -138,7 +138,8 @@ def _interleaved(fns, rounds):
 def report(cases=CASES, rounds=15, threads=None):
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; medians of {rounds} interleaved rounds\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
+          f"medians of {rounds} interleaved rounds\n")
     print("| shape [B, T, H] | train step | + online hook | online step fp32 | online step bf16 | update | "
           "overhead (pooling + EMA + update / 50) | end to end (hook) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -157,4 +158,6 @@ def report(cases=CASES, rounds=15, threads=None):
 
 
 if __name__ == "__main__":
-    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15, threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    # python benchmarks/bench_online.py [ROUNDS [THREADS]]
+    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15,
+           threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -209,15 +209,18 @@ def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Sched
     for i, item in enumerate(raw):
         where = f"{source}: entry {i}"
         if not isinstance(item, Mapping):
-            raise ChameleonUserError(f"{where}: expected an object {{start_step, start_token, weights}}, got {type(item).__name__}")
+            raise ChameleonUserError(
+                f"{where}: expected an object {{start_step, start_token, weights}}, got {type(item).__name__}")
         unknown = sorted(set(item) - {"start_step", "start_token", "weights"})
         missing = [k for k in ("start_step", "start_token", "weights") if k not in item]
         if missing or unknown:
-            raise ChameleonUserError(f"{where}: expected keys start_step, start_token, weights (missing {missing}, unknown {unknown})")
+            raise ChameleonUserError(
+                f"{where}: expected keys start_step, start_token, weights (missing {missing}, unknown {unknown})")
         step = _int_field(item["start_step"], "start_step", where)
         token = _int_field(item["start_token"], "start_token", where)
         if i == 0 and (step, token) != (0, 0):
-            raise ChameleonUserError(f"{where}: the first entry must start at step 0 and token 0, got step {step}, token {token}")
+            raise ChameleonUserError(
+                f"{where}: the first entry must start at step 0 and token 0, got step {step}, token {token}")
         if entries and step <= entries[-1].start_step:
             raise ChameleonUserError(
                 f"{where}: start_step {step} must be greater than the previous entry's {entries[-1].start_step}")
@@ -227,7 +230,8 @@ def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Sched
         entries.append(ScheduleEntry(step, token, check_entry_weights(item["weights"], domains, where)))
     if budget is not None and entries[-1].start_token >= budget:
         raise ChameleonUserError(
-            f"{source}: entry {len(entries) - 1} starts at token {entries[-1].start_token}, at or past the token budget {budget}")
+            f"{source}: entry {len(entries) - 1} starts at token {entries[-1].start_token}, "
+            f"at or past the token budget {budget}")
     return Schedule(domains, entries, budget, per_step)
 
 
@@ -359,7 +363,8 @@ def olmo_core_stages_yaml(schedule, prefixes=None) -> str:
     s = _as_schedule(schedule)
     stages = [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
                **olmo_source_mixture(st["weights"], prefixes)} for st in s.stages()]
-    return _dump_yaml({"stages": stages}, _header(["OLMo-core source mixtures per stage, from a chameleon_ext schedule"]))
+    header = _header(["OLMo-core source mixtures per stage, from a chameleon_ext schedule"])
+    return _dump_yaml({"stages": stages}, header)
 
 
 def schedule_yaml(schedule) -> str:

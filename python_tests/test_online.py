@@ -5,6 +5,7 @@ determinism, and the distributed reduction (two halves, and 2 gloo processes).""
 from __future__ import annotations
 
 import io as _io
+import json
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from chameleon_ext import weights_from_embeddings
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.model import GPT, GPTConfig
 from chameleon_ext.online import OnlineChameleon, floor_weights
+from chameleon_ext.schedule import ScheduleWriter, load_schedule
 
 from .factories import exit_spawned_worker, make_mask, set_worker_env, spawn_workers
 
@@ -169,6 +171,9 @@ def test_unseen_domain_keeps_its_previous_weight():
     among_seen = weights_from_embeddings(u.embeddings[:3]).weights
     torch.testing.assert_close(u.method_weights[:3], 0.6 * among_seen, rtol=1e-14, atol=0)
     assert torch.isnan(u.leverage[3])
+    record = json.loads(json.dumps(u.as_dict(DOMAINS), allow_nan=False))  # metrics.jsonl-ready
+    assert record["leverage"]["wiki"] is None and record["seen"] == ["web", "code", "math"]
+    assert record["weights"] == dict(zip(DOMAINS, u.weights.tolist()))
     # fewer than two seen domains: nothing to compare, the previous weights stay
     one = OnlineChameleon(DOMAINS, every=1, warmup=1, floor=0.0, initial_weights=init)
     one.observe(torch.randn(2, 3, 4), None, torch.tensor([1, 1]))
@@ -311,3 +316,22 @@ def test_two_gloo_processes_get_identical_weights(tmp_path):
     assert (r0["state"]["rank"], r0["state"]["world_size"]) == (0, 2)
     with pytest.raises(ChameleonUserError, match="saved by rank 1 of 2"):
         OnlineChameleon(DOMAINS, every=2, warmup=2).load_state_dict(r1["state"])
+
+
+def test_updates_recorded_as_a_schedule_replay_the_weights(tmp_path):
+    # the online run's schedule.json, read back, gives at every step the weights it sampled with
+    online = OnlineChameleon(DOMAINS, every=2, warmup=3)
+    path = tmp_path / "schedule.json"
+    writer = ScheduleWriter.open(path, DOMAINS, online.weights, tokens_per_step=6 * 9)
+    used = []
+    for t, step in enumerate(_batches(9)):
+        used.append(online.weights.tolist())  # the weights step t is drawn with
+        for h, m, ids in step:
+            online.observe(h, m, ids)
+        u = online.end_step()
+        if u is not None:
+            writer.append(u.step, u.step * 6 * 9, u.weights)
+    schedule = load_schedule(path)
+    assert [e.start_step for e in schedule.entries] == [0, 3, 5, 7, 9]
+    for t, w in enumerate(used):
+        assert list(schedule.weights_at(t).values()) == w  # bit for bit through JSON
