@@ -247,14 +247,21 @@ class OnlineChameleon:
         """Whether the weights are recomputed when ``step`` steps are completed."""
         return step >= self.warmup and step > 0 and (step - self.warmup) % self.every == 0
 
-    def end_step(self) -> Optional[OnlineUpdate]:
+    def end_step(self, discard: bool = False) -> Optional[OnlineUpdate]:
         """Close one optimiser step: fold its observations into the EMA (a step without any
         decays the EMA all the same) and, when an update is due, recompute the weights.
 
+        ``discard=True`` drops the step's observations first (pass the trainer's
+        ``state.skipped``: a step whose loss or gradient was not finite may have non-finite
+        hidden states, which would poison the EMA for good); the step still counts and decays.
+
         Collective under torch.distributed when an update is due (every rank must call it at
-        every step). Returns the :class:`OnlineUpdate` (the new weights apply from the next
-        batch on), or None.
+        every step, with the same ``discard``). Returns the :class:`OnlineUpdate` (the new
+        weights apply from the next batch on), or None.
         """
+        if discard and self._step_sums is not None:
+            self._step_sums.zero_()
+            self._step_counts.zero_()
         if self._ema_sums is not None:
             one_minus = 1.0 - self.decay
             self._ema_sums.mul_(self.decay).add_(self._step_sums, alpha=one_minus)

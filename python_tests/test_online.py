@@ -335,3 +335,28 @@ def test_updates_recorded_as_a_schedule_replay_the_weights(tmp_path):
     assert [e.start_step for e in schedule.entries] == [0, 3, 5, 7, 9]
     for t, w in enumerate(used):
         assert list(schedule.weights_at(t).values()) == w  # bit for bit through JSON
+
+
+def test_discarded_step_leaves_no_trace():
+    # a skipped step (non-finite loss) may carry NaN hidden states: discard drops them, the
+    # EMA only decays, exactly as for a step without observations
+    batches = _batches(4)
+    a = OnlineChameleon(DOMAINS, every=4, warmup=4, decay=0.8)
+    b = OnlineChameleon(DOMAINS, every=4, warmup=4, decay=0.8)
+    for t, step in enumerate(batches):
+        for h, m, ids in step:
+            a.observe(h, m, ids)
+            if t == 2:
+                b.observe(torch.full_like(h, float("nan")), m, ids)
+            else:
+                b.observe(h, m, ids)
+        if t == 2:
+            a._step_sums.zero_()  # the reference: nothing observed at step 2
+            a._step_counts.zero_()
+        ua, ub = a.end_step(), b.end_step(discard=(t == 2))
+    assert torch.isfinite(ub.weights).all()
+    assert torch.equal(ua.weights, ub.weights)
+    S, C = b.ema_state()
+    S_ref, C_ref = _reference_ema([s if t != 2 else [] for t, s in enumerate(batches)], 0.8)
+    torch.testing.assert_close(S, S_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(C, C_ref, rtol=0, atol=1e-12)
