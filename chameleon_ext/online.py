@@ -28,8 +28,8 @@ Design points:
   fewer than two seen domains there is nothing to compare and the previous weights stay.
 * **Cheap.** :meth:`observe` runs the fused op under ``torch.no_grad`` on detached states and
   adds into ``[k, H]`` float64 accumulators on the states' device: no host synchronisation
-  (on CUDA the op itself copies the ``[B]`` domain ids to the host; see the report in
-  ``docs/online.md``). The host sees the EMA only at an update, every N steps.
+  (on CUDA the op itself copies the ``[B]`` domain ids to the host: docs/online.md, "Open
+  points"). The host sees the EMA only at an update, every N steps.
 * **Distributed.** Each rank keeps the EMA of its own rows. The EMA is linear, so the sum of
   the ranks' EMAs is the EMA of the global batch: at an update the sums and counts are
   all-reduced (:func:`chameleon_ext.distributed.all_reduce_sum_`) and every rank computes the
