@@ -1,0 +1,463 @@
+"""Mixture schedules: domain weights that change during training, as one file (``schedule.json``).
+
+A schedule is a list of entries ``{start_step, start_token, weights}``: from step
+``start_step`` on (0-based: the number of optimiser steps completed before the entry's first
+step) the trainer samples with ``weights``, until the next entry. The online trainer
+(:mod:`chameleon_ext.online`) writes the schedule it followed, appending as it goes
+(:class:`ScheduleWriter`); ``chameleon train --schedule`` follows any schedule, a user's own or
+one replayed from an online run. Because the weights are a pure function of the step
+(:meth:`Schedule.weights_at`), a resumed run samples exactly as an uninterrupted one.
+
+The format (``"format": "chameleon_ext.schedule/1"``)::
+
+    {"format": "chameleon_ext.schedule/1",
+     "domains": ["web", "code"],
+     "token_budget": 1000000,          # optional: tokens the run trains on (null if unknown)
+     "tokens_per_step": 4096,          # optional: tokens per optimiser step (null if unknown)
+     "entries": [{"start_step": 0,   "start_token": 0,      "weights": {"web": 0.5, "code": 0.5}},
+                 {"start_step": 100, "start_token": 409600, "weights": {"web": 0.7, "code": 0.3}}]}
+
+Rules, checked by :func:`validate_schedule` (one-line errors naming the file and the entry):
+the first entry starts at step 0 and token 0; ``start_step`` strictly increases and
+``start_token`` never decreases (integers >= 0); every entry's weights name exactly the
+``domains``, are finite and >= 0 and sum to 1 within 1e-9. ``start_step`` is what a trainer
+follows; ``start_token`` records the tokens trained before the entry, for trainers that count
+tokens.
+
+**Resume.** A checkpoint taken after step N (after that step's callbacks, so it includes any
+entry starting at N) continues the schedule with the entries whose ``start_step <= N``;
+:meth:`ScheduleWriter.open` with ``resume_step=N`` drops every later entry (the run that wrote
+them died before its next checkpoint) and the resumed run appends them again, the same
+entries, since the replay is exact.
+
+Exports (:func:`write_schedule_exports`): nanotron ``data_stages`` (YAML), Megatron-LM (one
+``--data-path`` blend per stage with its iteration range; JSON and text), OLMo-core (per-stage
+``sources``, YAML), a generic YAML, Hugging Face ``interleave_datasets`` probabilities per stage
+(JSON), and a plot of the weights over training.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from . import io
+from .errors import ChameleonUserError
+from .exports import _check_domains, _check_weight_values, hf_interleave_probabilities, megatron_blend
+
+__all__ = [
+    "SCHEDULE_FORMAT",
+    "SUM_TOLERANCE",
+    "ScheduleEntry",
+    "Schedule",
+    "validate_schedule",
+    "load_schedule",
+    "write_schedule",
+    "ScheduleWriter",
+    "nanotron_data_stages",
+    "nanotron_data_stages_yaml",
+    "megatron_stages",
+    "megatron_stages_text",
+    "olmo_core_stages_yaml",
+    "schedule_yaml",
+    "hf_interleave_stages",
+    "plot_schedule",
+    "write_schedule_exports",
+    "SCHEDULE_EXPORT_FILES",
+]
+
+SCHEDULE_FORMAT = "chameleon_ext.schedule/1"
+SUM_TOLERANCE = 1e-9
+
+# kind -> file written by write_schedule_exports
+SCHEDULE_EXPORT_FILES = {
+    "nanotron": "nanotron_data_stages.yaml",
+    "megatron": "megatron_stages.json",
+    "megatron_text": "megatron_stages.txt",
+    "olmo-core": "olmo_core_stages.yaml",
+    "yaml": "schedule.yaml",
+    "hf_interleave": "hf_interleave_stages.json",
+    "plot": "schedule.png",
+}
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    start_step: int
+    start_token: int
+    weights: Dict[str, float]  # ordered as the schedule's domains
+
+    def as_dict(self) -> dict:
+        return {"start_step": self.start_step, "start_token": self.start_token, "weights": dict(self.weights)}
+
+
+@dataclass
+class Schedule:
+    """A validated schedule. Build one with :func:`validate_schedule` / :func:`load_schedule`."""
+
+    domains: List[str]
+    entries: List[ScheduleEntry]
+    token_budget: Optional[int] = None
+    tokens_per_step: Optional[int] = None
+    _starts: List[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self._starts = [e.start_step for e in self.entries]
+
+    @property
+    def end_step(self) -> Optional[int]:
+        """The run's last step (exclusive) when the budget and the tokens per step are known:
+        ``ceil(token_budget / tokens_per_step)``; else None (the last stage is open-ended)."""
+        if self.token_budget is None or self.tokens_per_step is None:
+            return None
+        return -(-self.token_budget // self.tokens_per_step)
+
+    def index_at(self, step: int) -> int:
+        """Index of the entry in force at ``step`` (0-based step index)."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ChameleonUserError(f"step must be an integer >= 0, got {step!r}")
+        return bisect.bisect_right(self._starts, int(step)) - 1  # entry 0 starts at 0
+
+    def weights_at(self, step: int) -> Dict[str, float]:
+        """The weights the trainer samples with at step index ``step`` (0-based)."""
+        return dict(self.entries[self.index_at(step)].weights)
+
+    def stages(self) -> List[dict]:
+        """``[{start_step, end_step, start_token, weights}]`` with ``end_step`` exclusive (the
+        next entry's start, or :attr:`end_step` / None for the last)."""
+        out = []
+        for i, e in enumerate(self.entries):
+            end = self.entries[i + 1].start_step if i + 1 < len(self.entries) else self.end_step
+            out.append({"start_step": e.start_step, "end_step": end, "start_token": e.start_token,
+                        "weights": dict(e.weights)})
+        return out
+
+    def as_dict(self) -> dict:
+        return {"format": SCHEDULE_FORMAT, "domains": list(self.domains), "token_budget": self.token_budget,
+                "tokens_per_step": self.tokens_per_step, "entries": [e.as_dict() for e in self.entries]}
+
+    def truncated(self, step: int) -> "Schedule":
+        """The entries with ``start_step <= step`` (what a checkpoint after step ``step`` has seen)."""
+        keep = [e for e in self.entries if e.start_step <= step]
+        return Schedule(list(self.domains), keep, self.token_budget, self.tokens_per_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _int_field(value, name: str, where: str, minimum: int = 0, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ChameleonUserError(f"{where}: {name} must be an integer >= {minimum}"
+                                 f"{' or null' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_entry_weights(weights, domains: Sequence[str], where: str) -> Dict[str, float]:
+    """One entry's weights: exactly ``domains``, finite, >= 0, summing to 1 within 1e-9;
+    returned as floats in ``domains`` order. Accepts a mapping or ``len(domains)`` numbers."""
+    if not isinstance(weights, Mapping):
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise ChameleonUserError(f"{where}: weights must map each domain to a weight, got {type(weights).__name__}")
+        if hasattr(weights, "tolist"):
+            weights = weights.tolist()
+        if len(weights) != len(domains):
+            raise ChameleonUserError(f"{where}: got {len(weights)} weights for {len(domains)} domains")
+        weights = dict(zip(domains, weights))
+    values = _check_weight_values(weights, where)
+    missing = [d for d in domains if d not in values]
+    extra = [n for n in values if n not in set(domains)]
+    if missing or extra:
+        raise ChameleonUserError(f"{where}: weights do not match the domains (missing {missing}, unknown {extra})")
+    total = math.fsum(values.values())
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise ChameleonUserError(f"{where}: weights must sum to 1 (within {SUM_TOLERANCE:g}), got {total!r}")
+    return {d: values[d] for d in domains}
+
+
+def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Schedule:
+    """Check a schedule document (see the module docstring); return it as a :class:`Schedule`.
+
+    Raises:
+        ChameleonUserError: one line naming ``source`` and, for an entry, its index.
+    """
+    if not isinstance(doc, Mapping):
+        raise ChameleonUserError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+    fmt = doc.get("format")
+    if fmt != SCHEDULE_FORMAT:
+        raise ChameleonUserError(f"{source}: unknown schedule format {fmt!r} (this version reads {SCHEDULE_FORMAT!r})")
+    for key in ("domains", "entries"):
+        if key not in doc:
+            raise ChameleonUserError(f"{source}: missing required key {key!r}")
+    domains = _check_domains(doc["domains"], source)
+    budget = _int_field(doc.get("token_budget"), "token_budget", source, 1, allow_none=True)
+    per_step = _int_field(doc.get("tokens_per_step"), "tokens_per_step", source, 1, allow_none=True)
+    raw = doc["entries"]
+    if not isinstance(raw, list) or not raw:
+        raise ChameleonUserError(f"{source}: 'entries' must be a non-empty list")
+    entries: List[ScheduleEntry] = []
+    for i, item in enumerate(raw):
+        where = f"{source}: entry {i}"
+        if not isinstance(item, Mapping):
+            raise ChameleonUserError(
+                f"{where}: expected an object {{start_step, start_token, weights}}, got {type(item).__name__}")
+        unknown = sorted(set(item) - {"start_step", "start_token", "weights"})
+        missing = [k for k in ("start_step", "start_token", "weights") if k not in item]
+        if missing or unknown:
+            raise ChameleonUserError(
+                f"{where}: expected keys start_step, start_token, weights (missing {missing}, unknown {unknown})")
+        step = _int_field(item["start_step"], "start_step", where)
+        token = _int_field(item["start_token"], "start_token", where)
+        if i == 0 and (step, token) != (0, 0):
+            raise ChameleonUserError(
+                f"{where}: the first entry must start at step 0 and token 0, got step {step}, token {token}")
+        if entries and step <= entries[-1].start_step:
+            raise ChameleonUserError(
+                f"{where}: start_step {step} must be greater than the previous entry's {entries[-1].start_step}")
+        if entries and token < entries[-1].start_token:
+            raise ChameleonUserError(
+                f"{where}: start_token {token} is below the previous entry's {entries[-1].start_token}")
+        entries.append(ScheduleEntry(step, token, check_entry_weights(item["weights"], domains, where)))
+    if budget is not None and entries[-1].start_token >= budget:
+        raise ChameleonUserError(
+            f"{source}: entry {len(entries) - 1} starts at token {entries[-1].start_token}, "
+            f"at or past the token budget {budget}")
+    return Schedule(domains, entries, budget, per_step)
+
+
+def load_schedule(path: PathLike) -> Schedule:
+    """Read and validate a ``schedule.json``."""
+    source = os.fspath(path)
+    return validate_schedule(io.read_json(source, "schedule file"), source)
+
+
+def write_schedule(path: PathLike, schedule: Union[Schedule, Mapping]) -> str:
+    """Validate and write a schedule atomically (:func:`chameleon_ext.io.write_json`)."""
+    if not isinstance(schedule, Schedule):
+        schedule = validate_schedule(schedule, os.fspath(path))
+    return io.write_json(path, schedule.as_dict(), "schedule file")
+
+
+class ScheduleWriter:
+    """The schedule of a running trainer, rewritten atomically at every :meth:`append`.
+
+    Readers (a plotting script, another trainer) always see a whole, valid file. A write every
+    N steps rewrites a few KB: cheap next to a training step.
+    """
+
+    def __init__(self, path: PathLike, schedule: Schedule):
+        self.path = os.fspath(path)
+        self.schedule = schedule
+
+    @classmethod
+    def open(cls, path: PathLike, domains: Sequence[str], initial_weights, token_budget: Optional[int] = None,
+             tokens_per_step: Optional[int] = None, resume_step: Optional[int] = None) -> "ScheduleWriter":
+        """Start ``path`` with one entry (step 0, ``initial_weights``), or, with ``resume_step``
+        N, continue the file there keeping only the entries with ``start_step <= N`` (the
+        entries a checkpoint after step N has seen) and rewrite it. A resumed file must have
+        the same domains; a missing one is an error (the checkpoint and the schedule belong
+        together)."""
+        where = os.fspath(path)
+        domains = _check_domains(list(domains), where)
+        if resume_step is not None:
+            resume_step = _int_field(resume_step, "resume_step", where)
+            old = load_schedule(where)
+            if old.domains != domains:
+                raise ChameleonUserError(f"{where}: schedule domains {old.domains} differ from the run's {domains}")
+            writer = cls(where, old.truncated(resume_step))
+        else:
+            first = ScheduleEntry(0, 0, check_entry_weights(initial_weights, domains, f"{where}: entry 0"))
+            doc = Schedule(domains, [first], token_budget, tokens_per_step)
+            validate_schedule(doc.as_dict(), where)  # token_budget / tokens_per_step checks
+            writer = cls(where, doc)
+        writer.write()
+        return writer
+
+    def append(self, start_step: int, start_token: int, weights, skip_unchanged: bool = True) -> bool:
+        """Add an entry and rewrite the file. Weights equal (bit for bit) to the last entry's
+        are skipped with ``skip_unchanged`` (returns False); the file stays as it was."""
+        where = f"{self.path}: entry {len(self.schedule.entries)}"
+        w = check_entry_weights(weights, self.schedule.domains, where)
+        if skip_unchanged and w == self.schedule.entries[-1].weights:
+            return False
+        entries = self.schedule.entries + [ScheduleEntry(int(start_step), int(start_token), w)]
+        doc = dict(self.schedule.as_dict(), entries=[e.as_dict() for e in entries])
+        self.schedule = validate_schedule(doc, self.path)  # increasing steps, budget
+        self.write()
+        return True
+
+    def write(self) -> str:
+        return io.write_json(self.path, self.schedule.as_dict(), "schedule file")
+
+
+# --------------------------------------------------------------------------------------------
+# Exports
+# --------------------------------------------------------------------------------------------
+
+
+def _as_schedule(schedule) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (str, os.PathLike)):
+        return load_schedule(schedule)
+    return validate_schedule(schedule)
+
+
+def nanotron_data_stages(schedule, prefixes=None) -> List[dict]:
+    """nanotron's ``data_stages``: one stage per entry, ``start_training_step`` 1-based (nanotron
+    counts steps from 1, so an entry starting after N completed steps starts at N + 1), the
+    dataset block as :func:`chameleon_ext.mixture_formats.nanotron_dataset` writes it."""
+    from .mixture_formats import nanotron_dataset
+
+    s = _as_schedule(schedule)
+    return [{"name": f"stage_{i}", "start_training_step": e.start_step + 1,
+             "data": {"dataset": nanotron_dataset(e.weights, prefixes)}} for i, e in enumerate(s.entries)]
+
+
+def nanotron_data_stages_yaml(schedule, prefixes=None) -> str:
+    from .mixture_formats import _dump_yaml, _header
+
+    doc = {"data_stages": nanotron_data_stages(schedule, prefixes)}
+    return _dump_yaml(doc, _header(["nanotron data stages from a chameleon_ext schedule: paste as data_stages",
+                                    "(add num_loading_workers / seed under each stage's data as your config needs)"]))
+
+
+def megatron_stages(schedule, prefixes=None) -> dict:
+    """Megatron-LM: per stage, the ``--data-path`` blend and the iterations it covers,
+    ``[start_iteration, end_iteration)`` counted as completed steps (``end_iteration`` null
+    for an open-ended last stage). Megatron takes one blend per run: run stage by stage,
+    resuming from the previous stage's checkpoint with ``--train-iters end_iteration``."""
+    s = _as_schedule(schedule)
+    return {"format": SCHEDULE_FORMAT, "domains": list(s.domains),
+            "stages": [{"start_iteration": st["start_step"], "end_iteration": st["end_step"],
+                        "start_token": st["start_token"], "data_path": megatron_blend(st["weights"], prefixes)}
+                       for st in s.stages()]}
+
+
+def megatron_stages_text(schedule, prefixes=None) -> str:
+    """:func:`megatron_stages` as text: a comment line with the iteration range, then the
+    ``--data-path`` arguments of that stage."""
+    lines = []
+    for st in megatron_stages(schedule, prefixes)["stages"]:
+        end = "end" if st["end_iteration"] is None else st["end_iteration"]
+        lines.append(f"# iterations [{st['start_iteration']}, {end})")
+        lines.append(f"--data-path {st['data_path']}")
+    return "\n".join(lines) + "\n"
+
+
+def olmo_core_stages_yaml(schedule, prefixes=None) -> str:
+    """OLMo-core: per stage, the step range and the ``sources`` of a ``SourceMixtureList``
+    (:func:`chameleon_ext.mixture_formats.olmo_source_mixture`)."""
+    from .mixture_formats import _dump_yaml, _header, olmo_source_mixture
+
+    s = _as_schedule(schedule)
+    stages = [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
+               **olmo_source_mixture(st["weights"], prefixes)} for st in s.stages()]
+    header = _header(["OLMo-core source mixtures per stage, from a chameleon_ext schedule"])
+    return _dump_yaml({"stages": stages}, header)
+
+
+def schedule_yaml(schedule) -> str:
+    """A generic YAML: the domains, the budget and per stage ``mixture: [{name, weight}]``
+    (the per-stage form of :func:`chameleon_ext.exports.mixture_yaml`)."""
+    from .mixture_formats import _dump_yaml, _header
+
+    s = _as_schedule(schedule)
+    doc = {"format": SCHEDULE_FORMAT, "domains": list(s.domains), "token_budget": s.token_budget,
+           "tokens_per_step": s.tokens_per_step,
+           "stages": [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
+                       "mixture": [{"name": d, "weight": w} for d, w in st["weights"].items()]}
+                      for st in s.stages()]}
+    return _dump_yaml(doc, _header(["mixture schedule from chameleon_ext"]))
+
+
+def hf_interleave_stages(schedule) -> dict:
+    """Hugging Face: per stage, the ``probabilities=`` of ``datasets.interleave_datasets``
+    (datasets in ``domains`` order; each list sums to 1), with its step range."""
+    s = _as_schedule(schedule)
+    return {"domains": list(s.domains),
+            "stages": [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
+                        "probabilities": hf_interleave_probabilities(st["weights"], s.domains)}
+                       for st in s.stages()]}
+
+
+def plot_schedule(schedule, path: PathLike, title: Optional[str] = None) -> Optional[str]:
+    """Stacked areas of the weights over training steps (piecewise constant), saved as PNG.
+    Returns ``path``, or None (with a warning) when matplotlib is missing."""
+    from .plots import _new_figure, _save_png
+
+    s = _as_schedule(schedule)
+    path = os.fspath(path)
+    stages = s.stages()
+    last = stages[-1]["end_step"]
+    if last is None:  # open-ended: show the last stage as long as the mean stage, at least 1 step
+        span = stages[-1]["start_step"] / max(1, len(stages) - 1) if len(stages) > 1 else 1
+        last = stages[-1]["start_step"] + max(1, int(span))
+    xs: List[float] = []
+    ys: List[List[float]] = [[] for _ in s.domains]
+    for i, st in enumerate(stages):
+        end = st["end_step"] if st["end_step"] is not None else last
+        for x in (st["start_step"], end):  # two points per stage: a flat step
+            xs.append(x)
+            for j, d in enumerate(s.domains):
+                ys[j].append(st["weights"][d])
+    fig = _new_figure((8.0, 4.5), "plot_schedule", path)
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    ax.stackplot(xs, ys, labels=s.domains)
+    ax.set_xlim(0, last)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mixture weight (stacked)")
+    if len(s.domains) <= 20:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.set_title(title or f"mixture schedule ({len(stages)} stage{'s' if len(stages) != 1 else ''})")
+    return _save_png(fig, path)
+
+
+def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
+                           on_skip: Optional[Callable[[str], None]] = None) -> Dict[str, str]:
+    """Write every export of a schedule (path, dict or :class:`Schedule`) into ``out_dir``;
+    returns ``{kind: path}`` with the kinds of :data:`SCHEDULE_EXPORT_FILES`.
+
+    All texts are built before the first file is written. An export whose format cannot hold
+    the domains (a Megatron prefix with whitespace, two domains sharing a path) is an error; with
+    ``on_skip`` it is skipped with one line saying why, and the others are written. The plot is
+    skipped (with a warning) when matplotlib is missing.
+    """
+    s = _as_schedule(schedule)
+    builders = {
+        "nanotron": lambda: nanotron_data_stages_yaml(s, prefixes),
+        "megatron": lambda: json.dumps(megatron_stages(s, prefixes), indent=2) + "\n",
+        "megatron_text": lambda: megatron_stages_text(s, prefixes),
+        "olmo-core": lambda: olmo_core_stages_yaml(s, prefixes),
+        "yaml": lambda: schedule_yaml(s),
+        "hf_interleave": lambda: json.dumps(hf_interleave_stages(s), indent=2) + "\n",
+    }
+    texts = {}
+    for kind, build in builders.items():
+        try:
+            texts[kind] = build()
+        except ChameleonUserError as exc:
+            if on_skip is None:
+                raise
+            on_skip(f"skipped the {kind} export ({SCHEDULE_EXPORT_FILES[kind]}): {exc}")
+    out = io.check_writable_folder(os.fspath(out_dir), "export folder")
+    paths = {}
+    for kind, text in texts.items():
+        paths[kind] = io.write_text(os.path.join(out, SCHEDULE_EXPORT_FILES[kind]), text, f"{kind} export")
+    png = plot_schedule(s, os.path.join(out, SCHEDULE_EXPORT_FILES["plot"]))
+    if png is not None:
+        paths["plot"] = png
+    return paths
