@@ -385,3 +385,59 @@ class OnlineChameleon:
             self._step_counts = torch.zeros_like(self._ema_counts)
         else:
             self._step_sums = self._step_counts = None
+
+
+# -- the trainer callback ----------------------------------------------------------------------
+
+
+def _callback_base():
+    from .callbacks import Callback
+
+    return Callback
+
+
+class OnlineWeights(_callback_base()):
+    """The trainer callback that runs :class:`OnlineChameleon` inside training: it reads the
+    batch's hidden states at ``layer`` through the trainer's forward hook (no extra forward),
+    hands the new weights to the sampler after each update, and (rank 0) appends them to the
+    mixture schedule at ``schedule_path`` (:mod:`chameleon_ext.schedule`), so the run can be
+    replayed with ``chameleon train --schedule``. Its state (the moving averages) is saved in
+    every checkpoint, so a resumed run continues with the same weights and data order.
+
+    An update at the final step is not applied (no batch would use it).
+    """
+
+    name = "online_weights"
+
+    def __init__(self, online: "OnlineChameleon", layer: int, schedule_path: Optional[str] = None):
+        self.online = online
+        self.hidden_layer = int(layer)
+        self.schedule_path = schedule_path
+        self.writer = None
+
+    def on_train_start(self, state) -> None:
+        if self.schedule_path is None or not state.is_main:
+            return
+        from .schedule import ScheduleWriter
+
+        resume = state.start_step if state.start_step > 0 else None
+        self.writer = ScheduleWriter.open(self.schedule_path, state.domains, self.online.weights,
+                                          token_budget=state.config.steps * state.tokens_per_step,
+                                          tokens_per_step=state.tokens_per_step, resume_step=resume)
+
+    def on_batch(self, state, batch) -> None:
+        self.online.observe(batch.hidden[self.hidden_layer], None, batch.domain.to(state.device))
+
+    def on_step_end(self, state) -> None:
+        update = self.online.end_step(discard=state.skipped)
+        if update is None or state.step >= state.config.steps:
+            return
+        state.set_weights(update.weights.tolist())
+        if self.writer is not None:
+            self.writer.append(update.step, update.step * state.tokens_per_step, update.weights)
+
+    def state_dict(self) -> dict:
+        return self.online.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.online.load_state_dict(state)

@@ -24,6 +24,7 @@ if "callbacks" not in inspect.signature(train).parameters:
 from chameleon_ext import callbacks  # noqa: E402
 from chameleon_ext.data import load_dataset  # noqa: E402
 from chameleon_ext.model import GPT, GPTConfig  # noqa: E402
+from chameleon_ext import online as online_mod  # noqa: E402
 from chameleon_ext.online import OnlineChameleon  # noqa: E402
 from chameleon_ext.schedule import ScheduleWriter, load_schedule  # noqa: E402
 
@@ -32,37 +33,16 @@ from .factories import TEXT_DOMAINS, write_text_domains  # noqa: E402
 STEPS = 12
 
 
-class OnlineWeights(callbacks.Callback):
-    name = "online_weights"
+class OnlineWeights(online_mod.OnlineWeights):
+    """The package's callback, also recording which weights the sampler drew each step with."""
 
     def __init__(self, online, layer, path):
-        self.online, self.hidden_layer, self.path = online, layer, path
+        super().__init__(online, layer, path)
         self.used = {}  # step -> weights the sampler drew that step with
-
-    def on_train_start(self, state):
-        resume = state.start_step if state.start_step > 0 else None
-        if state.is_main:
-            self.writer = ScheduleWriter.open(self.path, state.domains, self.online.weights,
-                                              token_budget=state.config.steps * state.tokens_per_step,
-                                              tokens_per_step=state.tokens_per_step, resume_step=resume)
 
     def on_batch(self, state, batch):
         self.used[state.step] = list(state.sampler.probs)
-        self.online.observe(batch.hidden[self.hidden_layer], None, batch.domain.to(state.device))
-
-    def on_step_end(self, state):
-        update = self.online.end_step(discard=state.skipped)
-        if update is None or state.step >= state.config.steps:
-            return
-        state.set_weights(update.weights.tolist())
-        if state.is_main:
-            self.writer.append(update.step, update.step * state.tokens_per_step, update.weights)
-
-    def state_dict(self):
-        return self.online.state_dict()
-
-    def load_state_dict(self, state):
-        self.online.load_state_dict(state)
+        super().on_batch(state, batch)
 
 
 @pytest.fixture(scope="module")
