@@ -5,6 +5,7 @@ Importing the package loads the compiled ops (``torch.ops.chameleon.*``):
 * :func:`masked_mean_pool`  hidden states ``[B, T, H]`` -> masked means ``[B, H]``
 * :func:`domain_mean_pool`  the same, summed per domain in one pass -> ``(sums [D, H], counts [D])``
 * :func:`krls`              kernel ridge leverage scores of a batch of kernels ``[..., k, k]`` -> ``[..., k]``
+* :func:`krls_ex`           the same without host synchronisation -> ``(scores, info)``
 
 and the method on top of them: :func:`domain_weights` (embeddings -> mixture weights).
 """
@@ -23,7 +24,7 @@ except ImportError as e:  # pragma: no cover - exercised only on broken installs
     ) from e
 
 from . import reference  # noqa: E402
-from .ops import domain_mean_pool, krls, masked_mean_pool  # noqa: E402
+from .ops import domain_mean_pool, krls, krls_ex, masked_mean_pool  # noqa: E402
 from .weights import (  # noqa: E402
     DomainWeights,
     centered_affinity,
@@ -50,6 +51,7 @@ __all__ = [
     "masked_mean_pool",
     "domain_mean_pool",
     "krls",
+    "krls_ex",
     "domain_weights",
     "domain_weights_from_affinity",
     "chameleon_weights",

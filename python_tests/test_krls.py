@@ -138,8 +138,14 @@ def test_krls_bad_arguments(device):
         chameleon_ext.krls(K.half(), 1.0)
     with pytest.raises(ValueError, match="K must have k >= 1"):
         chameleon_ext.krls(torch.zeros(2, 0, 0, device=device), 1.0)
-    with pytest.raises(TypeError, match="lam must be a Python float"):
-        chameleon_ext.krls(K, torch.tensor(1.0))
+    with pytest.raises(TypeError, match="lam must be a number or a tensor"):
+        chameleon_ext.krls(K, "1.0")
+    with pytest.raises(ValueError, match=r"lam must be a number or a tensor broadcastable to K's batch shape \[2\]"):
+        chameleon_ext.krls(K, torch.ones(3, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="lam must be a real number or a real tensor"):
+        chameleon_ext.krls(K, torch.ones(2, dtype=torch.complex128, device=device))
+    with pytest.raises(ValueError, match="gradients with respect to lam are not computed"):
+        chameleon_ext.krls(K, torch.ones(2, dtype=torch.float64, device=device, requires_grad=True))
 
 
 # --------------------------------------------------------------------------- autograd / dispatcher
@@ -172,8 +178,12 @@ def test_krls_gradient_matches_reference_autograd(device):
 @pytest.mark.parametrize("k", [7, 130])
 def test_opcheck_krls(device, k):
     K = make_kernels(3, k, device=device).requires_grad_()
-    torch.library.opcheck(torch.ops.chameleon.krls.default, (K, 0.5, True, True))
-    torch.library.opcheck(torch.ops.chameleon.krls.default, (K.detach().float(), 2.0, False, False))
+    scalar = torch.tensor(0.5, dtype=torch.float64)  # what the wrapper passes for a float
+    per_matrix = torch.tensor([0.5, 2.0, 30.0], dtype=torch.float64, device=device)
+    for op in (torch.ops.chameleon.krls.default, torch.ops.chameleon.krls_ex.default):
+        torch.library.opcheck(op, (K, scalar, True, True))
+        torch.library.opcheck(op, (K, per_matrix, True, True))
+        torch.library.opcheck(op, (K.detach().float(), scalar * 4, False, False))
 
 
 def test_krls_under_torch_compile_fullgraph():
