@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kWarpThreads)
 // ------------------------------------------------------------------ 32 < k <= 64: shared memory
 
 // Per warp: the matrix [k, k + 1] then rowmean, d and 1/L_jj [k] each, in doubles.
-inline int64_t shared_doubles_per_matrix(int64_t k) { return k * (k + 1) + 3 * k; }
+__host__ __device__ inline int64_t shared_doubles_per_matrix(int64_t k) { return k * (k + 1) + 3 * k; }
 
 template <typename scalar_t>
 __global__ void krls_shared_kernel(const scalar_t* __restrict__ K, int64_t batch, int64_t sb, int64_t sr, int64_t sc,
