@@ -155,8 +155,13 @@ def krls(K: Tensor, lam: Union[float, Tensor] = 10.0, center: bool = True, scale
     Returns:
         ``[..., k]`` in K's dtype, each score in ``[0, 1)``; their sum is the effective
         dimension. Computed without cancellation: small scores (a kernel small against mu)
-        keep full relative precision in float64 (about 1e-15 of the score when the problem
-        is well conditioned); float32 results carry only the final rounding to float32.
+        keep full relative precision (tested to 1e-10 relative against a 60-digit oracle for
+        kernels scaled 1e-12..1e12 and lam 1e-6..1e8; a few ulps in practice). float32
+        inputs are factorised in float64 from their exact values, so a float32 score's only
+        error is its final rounding (relative 6e-8). Limit: with ``center=True`` and a kernel
+        far above mu (cond = (s_max + mu) / mu above ~1e3), the float64 rounding of the
+        centring itself bounds the relative error at about 1e-16 * cond, as for any float64
+        method given K.
 
     Raises:
         ValueError: bad shape / dtype / ``lam``; a matrix holding NaN/Inf or not symmetric, or
