@@ -142,7 +142,7 @@ inline bool krls_use_fused(bool fused_by_default, int64_t k, int64_t fused_max_k
 // batched ATen ops on K's device, never synchronising.
 KrlsResult krls_library(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k);
 // Its second half, for backends with their own preparation. Kc [batch, k, k] float64 is the
-// checked, symmetrised, centred kernel WITHOUT mu (its diagonal must stay exact for the
+// checked, symmetrised, centred kernel WITHOUT mu (overwritten: it becomes Kc + mu I) (its diagonal must stay exact for the
 // cancellation-free scores); mu [batch] float64 (1 for rejected matrices); maxabs [batch]
 // float64 = max|K| per matrix; status [batch] int32 from the checks.
 KrlsResult krls_factor_scores(const at::Tensor& Kc, const at::Tensor& mu, const at::Tensor& maxabs,

@@ -25,14 +25,22 @@ std::tuple<at::Tensor, at::Tensor> krls_mu(const at::Tensor& K, const KrlsLam& l
 KrlsResult krls_factor_scores(const at::Tensor& Kc, const at::Tensor& mu, const at::Tensor& maxabs,
                               const at::Tensor& status, at::ScalarType out_dtype) {
   const int64_t batch = Kc.size(0), k = Kc.size(1);
-  at::Tensor A = Kc.clone();
+  // Kc becomes A = Kc + mu I in place; only its diagonal is needed afterwards.
+  const at::Tensor kc_diag = Kc.diagonal(0, 1, 2).clone();  // [batch, k]
+  at::Tensor A = Kc;
   A.diagonal(0, 1, 2).add_(mu.unsqueeze(1));
   auto [L, info] = at::linalg_cholesky_ex(A, /*upper=*/false, /*check_errors=*/false);
   at::Tensor eye = at::eye(k, Kc.options()).expand({batch, k, k});
   at::Tensor W = at::linalg_solve_triangular(L, eye, /*upper=*/false);
-  at::Tensor d = Kc.diagonal(0, 1, 2) - L.tril(-1).square().sum(2);      // [batch, k]
-  at::Tensor below = W.tril(-1).square().sum(1);                           // [batch, k]
-  at::Tensor S = (d * W.diagonal(0, 1, 2).square() - mu.unsqueeze(1) * below).clamp(0.0, 1.0);
+  // d_i = Kc_ii - sum_{p<i} L_ip^2 (strictly below the diagonal: L_ii^2 = d_i + mu would cancel).
+  L.square_();
+  L.diagonal(0, 1, 2).zero_();
+  const at::Tensor d = kc_diag - L.sum(2);  // [batch, k]
+  const at::Tensor w_diag = W.diagonal(0, 1, 2).clone();
+  W.square_();
+  W.diagonal(0, 1, 2).zero_();
+  const at::Tensor below = W.sum(1);  // [batch, k]: sum_{p>i} W_pi^2 (W is lower triangular)
+  at::Tensor S = (d * w_diag.square() - mu.unsqueeze(1) * below).clamp(0.0, 1.0);
 
   // A failed pivot (only meaningful for a matrix that passed the checks) blames lam when mu
   // is below K's rounding level, else K.
