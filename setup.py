@@ -161,7 +161,7 @@ def extension_modules():
         _log(f"CUDA build ({why}); TORCH_CUDA_ARCH_LIST={arch_list}")
     else:
         arch_list = ""
-        sources += ["csrc/cuda/cuda_unavailable.cpp"]
+        sources += ["csrc/cpu_only_build.cpp"]
         _log(f"CPU-only build ({why})")
     include_dirs.append(write_build_config(with_cuda, arch_list, torch.version.cuda))
     cxx.append("-include" + os.path.join(ROOT, "build", "generated", "chameleon_build_config.h"))

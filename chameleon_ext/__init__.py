@@ -5,6 +5,7 @@ Importing the package loads the compiled ops (``torch.ops.chameleon.*``):
 * :func:`masked_mean_pool`  hidden states ``[B, T, H]`` -> masked means ``[B, H]``
 * :func:`domain_mean_pool`  the same, summed per domain in one pass -> ``(sums [D, H], counts [D])``
 * :func:`krls`              kernel ridge leverage scores of a batch of kernels ``[..., k, k]`` -> ``[..., k]``
+* :func:`krls_ex`           the same without host synchronisation -> ``(scores, info)``
 
 and the method on top of them: :func:`weights_from_embeddings` (domain embeddings -> mixture
 weights, the one entry point), with the variants :func:`weights_from_affinity` and
@@ -37,14 +38,14 @@ def require_ops() -> None:
         raise _OPS_ERROR
 
 
-_OP_NAMES = ("masked_mean_pool", "domain_mean_pool", "krls")
+_OP_NAMES = ("masked_mean_pool", "domain_mean_pool", "krls", "krls_ex")
 _WEIGHT_NAMES = ("DomainWeights", "DEFAULT_LAMBDA", "DEFAULT_TEMPERATURE", "linear_affinity", "centered_affinity",
                  "weights_from_embeddings", "weights_from_affinity", "weights_from_scores",
                  "chameleon_weights", "domain_weights", "domain_weights_from_affinity")
 
 if _OPS_ERROR is None:
     # Fake kernels and autograd formulas, so torch.ops.chameleon.* is complete after the import.
-    from .ops import domain_mean_pool, krls, masked_mean_pool  # noqa: E402
+    from .ops import domain_mean_pool, krls, krls_ex, masked_mean_pool  # noqa: E402
     from .weights import (  # noqa: E402
         DEFAULT_LAMBDA,
         DEFAULT_TEMPERATURE,
@@ -82,6 +83,7 @@ __all__ = [
     "masked_mean_pool",
     "domain_mean_pool",
     "krls",
+    "krls_ex",
     "weights_from_embeddings",
     "weights_from_affinity",
     "weights_from_scores",

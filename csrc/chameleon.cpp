@@ -12,7 +12,12 @@ TORCH_LIBRARY(chameleon, m) {
       "domain_mean_pool(Tensor hidden, Tensor? mask, Tensor domain_ids, int num_domains) "
       "-> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // K [..., k, k] -> kernel ridge leverage scores [..., k]
-  m.def("krls(Tensor K, float lam, bool center=True, bool scale_by_k=True) -> Tensor",
+  // K [..., k, k], lam broadcastable to [...] (one lambda per matrix; a 0-d CPU tensor is read
+  // on the host, which is how the Python wrapper passes a float) -> leverage scores [..., k]
+  m.def("krls(Tensor K, Tensor lam, bool center=True, bool scale_by_k=True) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // As krls, but never synchronises: -> (scores [..., k], info [...] int32), info 0 = ok, else
+  // a status code (KrlsStatus in csrc/krls.h); failed matrices get NaN scores.
+  m.def("krls_ex(Tensor K, Tensor lam, bool center=True, bool scale_by_k=True) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }

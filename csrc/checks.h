@@ -8,8 +8,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-#include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace chameleon {
 
@@ -75,15 +75,7 @@ inline at::Tensor normalized_domain_ids(const at::Tensor& hidden, const at::Tens
 
 // ---------------------------------------------------------------- krls
 
-// Per-matrix status written by the krls kernels; the host turns it into errors.
-enum KrlsStatus : int32_t {
-  kKrlsOk = 0,
-  kKrlsNonFinite = 1,
-  kKrlsNotSymmetric = 2,
-  kKrlsNotPositiveDefinite = 3,
-};
-
-inline void check_krls_args(const at::Tensor& K, double lam, const char* op) {
+inline void check_krls_args(const at::Tensor& K, const at::Tensor& lam, const char* op) {
   TORCH_CHECK_VALUE(K.dim() >= 2, op, ": K must be [..., k, k], got shape ", shape_str(K.sizes()));
   const int64_t k = K.size(-1);
   TORCH_CHECK_VALUE(K.size(-2) == k, op, ": K must be square [..., k, k], got shape ",
@@ -91,7 +83,19 @@ inline void check_krls_args(const at::Tensor& K, double lam, const char* op) {
   TORCH_CHECK_VALUE(k >= 1, op, ": K must have k >= 1, got shape ", shape_str(K.sizes()));
   TORCH_CHECK_VALUE(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, op,
                     ": K must be float32 or float64, got ", K.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(lam) && lam > 0, op, ": lam must be a finite number > 0, got ", lam);
+  TORCH_CHECK_VALUE(at::isFloatingType(lam.scalar_type()) ||
+                        at::isIntegralType(lam.scalar_type(), /*includeBool=*/false),
+                    op, ": lam must be a real number or a real tensor, got dtype ", lam.scalar_type());
+  TORCH_CHECK_VALUE(lam.device() == K.device() || lam.device().is_cpu(), op,
+                    ": lam must be on K's device ", K.device(), " (or on the CPU), got ", lam.device());
+  const at::IntArrayRef batch_shape = K.sizes().slice(0, K.dim() - 2);
+  bool broadcasts = lam.dim() <= static_cast<int64_t>(batch_shape.size());
+  for (int64_t d = 1; broadcasts && d <= lam.dim(); ++d) {
+    const int64_t have = lam.size(lam.dim() - d), want = batch_shape[batch_shape.size() - d];
+    broadcasts = have == 1 || have == want;
+  }
+  TORCH_CHECK_VALUE(broadcasts, op, ": lam must be a number or a tensor broadcastable to K's batch shape ",
+                    shape_str(batch_shape), ", got shape ", shape_str(lam.sizes()));
 }
 
 // Relative tolerance for "K is symmetric": asymmetry above this times max|K| is an error.
@@ -111,46 +115,6 @@ inline std::string batch_index_str(int64_t flat, at::IntArrayRef batch_shape) {
     if (i + 1 < idx.size()) out += ", ";
   }
   return out + "]";
-}
-
-// `status` and `detail` are CPU tensors [batch] (int32, int32). detail holds the failing
-// pivot for kKrlsNotPositiveDefinite.
-inline void raise_krls_failures(const at::Tensor& status, const at::Tensor& detail,
-                                at::IntArrayRef K_shape, const char* op) {
-  const int32_t* s = status.data_ptr<int32_t>();
-  const int32_t* d = detail.data_ptr<int32_t>();
-  const int64_t n = status.numel();
-  const at::IntArrayRef batch_shape = K_shape.slice(0, K_shape.size() - 2);
-  for (int64_t b = 0; b < n; ++b) {
-    if (s[b] == kKrlsOk) continue;
-    const std::string where = "K" + batch_index_str(b, batch_shape);
-    TORCH_CHECK_VALUE(s[b] != kKrlsNonFinite, op, ": ", where, " (batch index ", b,
-                      ") holds NaN or Inf");
-    TORCH_CHECK_VALUE(s[b] != kKrlsNotSymmetric, op, ": ", where, " (batch index ", b,
-                      ") is not symmetric: K must be a symmetric PSD kernel matrix");
-    TORCH_CHECK_LINALG(false, op, ": ", where, " (batch index ", b,
-                       ") is not positive definite after centring and adding mu*I (Cholesky "
-                       "pivot ", d[b], " failed): K must be a symmetric positive semi-definite "
-                       "kernel matrix");
-  }
-}
-
-// The library path (LAPACK on CPU, cuSOLVER on CUDA, through ATen): used above the size at
-// which a fused per-matrix kernel stops paying off. Defined in krls_library.cpp.
-at::Tensor krls_library(const at::Tensor& K, double lam, bool center, bool scale_by_k);
-// Its second half: A [batch, k, k] float64 = H K H + mu I, already checked -> scores with
-// K's leading shape and out_dtype; raises for a matrix that is not positive definite.
-at::Tensor krls_factor_scores(const at::Tensor& A, double mu, at::IntArrayRef K_shape, at::ScalarType out_dtype);
-
-// Which krls path to take. CHAMELEON_KRLS_PATH=fused|library forces one (benchmarks and
-// tests use it to compare the two at the same sizes); otherwise `fused_by_default` decides.
-inline bool krls_use_fused(bool fused_by_default) {
-  const char* env = std::getenv("CHAMELEON_KRLS_PATH");
-  if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return fused_by_default;
-  const std::string v(env);
-  TORCH_CHECK_VALUE(v == "fused" || v == "library",
-                    "CHAMELEON_KRLS_PATH must be 'fused', 'library' or 'auto', got '", v, "'");
-  return v == "fused";
 }
 
 }  // namespace chameleon

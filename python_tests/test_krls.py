@@ -138,8 +138,14 @@ def test_krls_bad_arguments(device):
         chameleon_ext.krls(K.half(), 1.0)
     with pytest.raises(ValueError, match="K must have k >= 1"):
         chameleon_ext.krls(torch.zeros(2, 0, 0, device=device), 1.0)
-    with pytest.raises(TypeError, match="lam must be a Python float"):
-        chameleon_ext.krls(K, torch.tensor(1.0))
+    with pytest.raises(TypeError, match="lam must be a number or a tensor"):
+        chameleon_ext.krls(K, "1.0")
+    with pytest.raises(ValueError, match=r"lam must be a number or a tensor broadcastable to K's batch shape \[2\]"):
+        chameleon_ext.krls(K, torch.ones(3, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="lam must be a real number or a real tensor"):
+        chameleon_ext.krls(K, torch.ones(2, dtype=torch.complex128, device=device))
+    with pytest.raises(ValueError, match="gradients with respect to lam are not computed"):
+        chameleon_ext.krls(K, torch.ones(2, dtype=torch.float64, device=device, requires_grad=True))
 
 
 # --------------------------------------------------------------------------- autograd / dispatcher
@@ -172,8 +178,12 @@ def test_krls_gradient_matches_reference_autograd(device):
 @pytest.mark.parametrize("k", [7, 130])
 def test_opcheck_krls(device, k):
     K = make_kernels(3, k, device=device).requires_grad_()
-    torch.library.opcheck(torch.ops.chameleon.krls.default, (K, 0.5, True, True))
-    torch.library.opcheck(torch.ops.chameleon.krls.default, (K.detach().float(), 2.0, False, False))
+    scalar = torch.tensor(0.5, dtype=torch.float64)  # what the wrapper passes for a float
+    per_matrix = torch.tensor([0.5, 2.0, 30.0], dtype=torch.float64, device=device)
+    for op in (torch.ops.chameleon.krls.default, torch.ops.chameleon.krls_ex.default):
+        torch.library.opcheck(op, (K, scalar, True, True))
+        torch.library.opcheck(op, (K, per_matrix, True, True))
+        torch.library.opcheck(op, (K.detach().float(), scalar * 4, False, False))
 
 
 def test_krls_under_torch_compile_fullgraph():
@@ -245,3 +255,118 @@ def test_ops_under_default_inductor_compile():
     pooled_sum, S = f(hidden, mask, K)
     torch.testing.assert_close(pooled_sum, reference.masked_mean_pool(hidden, mask).sum(-1))
     torch.testing.assert_close(S, reference.krls(K, 2.0), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- lam per matrix
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["fused", "library"])
+@pytest.mark.parametrize("k", [7, 40])
+def test_batched_lam_equals_loop_of_scalar_calls(device, path, k, monkeypatch):
+    """One call with one lambda per matrix (a sweep) equals a loop of scalar calls, 1e-12."""
+    monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
+    lams = [0.1, 1.0, 10.0, 100.0, 1000.0, 1e-3]
+    K = make_kernels(1, k, device=device).expand(len(lams), k, k)
+    lam = torch.tensor(lams, dtype=torch.float64, device=device)
+    S = chameleon_ext.krls(K, lam)
+    loop = torch.stack([chameleon_ext.krls(K[i], lams[i]) for i in range(len(lams))])
+    torch.testing.assert_close(S, loop, rtol=1e-12, atol=1e-15)
+    # scale_by_k=False, float32 lam, lam on the CPU for a K elsewhere
+    S = chameleon_ext.krls(K, lam.float().cpu(), scale_by_k=False)
+    loop = torch.stack([chameleon_ext.krls(K[i], float(torch.tensor(lams[i]).float()), scale_by_k=False)
+                        for i in range(len(lams))])
+    torch.testing.assert_close(S, loop, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lam_broadcasts_over_the_batch_shape(device):
+    K = make_kernels(6, 5, device=device).reshape(2, 3, 5, 5)
+    lam = torch.tensor([[0.5], [4.0]], dtype=torch.float64, device=device)  # [2, 1] -> [2, 3]
+    S = chameleon_ext.krls(K, lam)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(S[i, j], reference.krls(K[i, j], float(lam[i, 0])), rtol=1e-12, atol=1e-15)
+    # a 0-d tensor on the device and a [3] tensor broadcast too
+    torch.testing.assert_close(chameleon_ext.krls(K, torch.tensor(2.0, device=device)), chameleon_ext.krls(K, 2.0))
+    lam3 = torch.tensor([0.5, 1.0, 8.0], device=device)
+    S3 = chameleon_ext.krls(K, lam3)
+    torch.testing.assert_close(S3[1, 2], reference.krls(K[1, 2], 8.0), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [6, 140])
+def test_bad_lam_entry_names_its_matrix(device, k):
+    K = make_kernels(3, k, device=device)
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        lam = torch.tensor([1.0, bad, 1.0], dtype=torch.float64, device=device)
+        with pytest.raises(ValueError, match=r"lam for K\[1\] \(batch index 1\) must be a finite number > 0"):
+            chameleon_ext.krls(K, lam)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krls_gradcheck_with_lam_tensor(device):
+    X = torch.randn(3, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    lam = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda x: chameleon_ext.krls(x @ x.mT, lam), (X,))
+    assert torch.autograd.gradcheck(lambda x: chameleon_ext.krls_ex(x @ x.mT, lam)[0], (X,))
+
+
+# --------------------------------------------------------------------------- krls_ex
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["fused", "library"])
+@pytest.mark.parametrize("k", [6, 70])
+def test_krls_ex_reports_per_matrix_status_without_raising(device, path, k, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
+    K = make_kernels(6, k, device=device)
+    K[1, 2, 2] = float("nan")
+    K[2, 0, 1] += 1.0
+    K[3] = -1e6 * torch.eye(k, dtype=K.dtype, device=device)
+    lam = torch.tensor([0.5, 0.5, 0.5, 0.5, -1.0, 1e-300], dtype=torch.float64, device=device)
+    S, info = chameleon_ext.krls_ex(K, lam)
+    assert info.dtype == torch.int32 and info.shape == (6,) and info.device == K.device
+    assert info.tolist() == [0, 1, 2, 3, 5, 4]
+    assert chameleon_ext.ops.KRLS_INFO[4].startswith("lam is too small")
+    torch.testing.assert_close(S[0], reference.krls(K[0], 0.5), rtol=1e-10, atol=1e-12)
+    assert torch.isnan(S[1:]).all()
+    # krls raises for the first of them, as before
+    with pytest.raises(ValueError, match=r"K\[1\] \(batch index 1\) holds NaN"):
+        chameleon_ext.krls(K, lam)
+    S, info = chameleon_ext.krls_ex(K[:1].reshape(1, 1, k, k), 0.5)
+    assert info.shape == (1, 1) and info.item() == 0 and S.shape == (1, 1, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krls_ex_empty_and_unbatched(device):
+    S, info = chameleon_ext.krls_ex(torch.zeros(0, 4, 4, device=device, dtype=torch.float64), 1.0)
+    assert S.shape == (0, 4) and info.shape == (0,) and info.dtype == torch.int32
+    K = make_kernels(1, 5, device=device)[0]
+    S, info = chameleon_ext.krls_ex(K, 1.0)
+    assert S.shape == (5,) and info.shape == () and info.item() == 0
+
+
+def test_tiny_lam_blames_lam_not_k():
+    K = make_kernels(2, 5)
+    with pytest.raises(ValueError, match=r"lam = 1e-300 is too small for K\[0\] \(batch index 0\)"):
+        chameleon_ext.krls(K, 1e-300)
+
+
+def test_forcing_fused_above_its_limit_is_an_error(monkeypatch):
+    monkeypatch.setenv("CHAMELEON_KRLS_PATH", "fused")
+    with pytest.raises(ValueError, match=r"CHAMELEON_KRLS_PATH=fused: the fused CPU krls kernel handles k <= 512, got k = 513"):
+        chameleon_ext.krls(torch.eye(513, dtype=torch.float64), 1.0)
+
+
+def test_krls_ex_under_torch_compile_fullgraph():
+    K = make_kernels(4, 6)
+    lam = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def scores(K, lam):
+        S, info = chameleon_ext.krls_ex(K, lam)
+        return torch.where(info.unsqueeze(-1) == 0, S, torch.zeros_like(S))
+
+    expected = torch.stack([reference.krls(K[i], float(lam[i])) for i in range(4)])
+    torch.testing.assert_close(scores(K, lam), expected, rtol=1e-10, atol=1e-12)

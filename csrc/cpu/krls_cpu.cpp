@@ -1,8 +1,8 @@
 // CPU kernel for krls: kernel ridge leverage scores of a batch of small kernels.
 //
-// For each matrix, in float64 whatever the input dtype:
-//   Kc = H K H (centring, optional), A = Kc + mu I = L L^T,
-//   S_i = [Kc A^-1]_ii = 1 - mu * ||L^-1 e_i||^2.
+// For each matrix, in float64 whatever the input dtype, the cancellation-free form of krls.h:
+//   Kc = H K H (centring, optional), A = Kc + mu I = L L^T, W = L^-1,
+//   S_i = d_i W_ii^2 - mu sum_{p>i} W_pi^2, d_i = Kc_ii - sum_{p<i} L_ip^2 (pivots of Kc).
 // Small matrices are latency-bound one at a time (short dot products, a sqrt and a
 // division on every step's critical path), so kLanes matrices are solved together with
 // their elements interleaved: every scalar step of the algorithm becomes one operation
@@ -13,10 +13,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
-#include "../checks.h"
+#include "../krls.h"
 #include "clones.h"
 
 namespace chameleon {
@@ -39,13 +41,15 @@ inline double min_d(double a, double b) { return a < b ? a : b; }
 
 
 // The solve for one group. a: [k, k, kLanes] (lower triangle used; symmetric, checked
-// input), scratch: [3, k, kLanes]. Writes S [k, kLanes] and, per lane, the first failing
-// Cholesky pivot (-1 if none) into pivot.
-CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k, double mu,
-                                 bool center, double* __restrict S, int32_t* __restrict pivot) {
-  double* rowmean = scratch;               // [k, L]
+// input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane, the
+// first failing Cholesky pivot (-1 if none) into pivot.
+CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k,
+                                 const double* __restrict mu, bool center, double* __restrict S,
+                                 int32_t* __restrict pivot) {
+  double* rowmean = scratch;                // [k, L]
   double* inv_diag = scratch + k * kLanes;  // [k, L]: 1 / L_jj
   double* w = scratch + 2 * k * kLanes;     // [k, L]: a column of L^-1
+  double* dpiv = scratch + 3 * k * kLanes;  // [k, L]: d_j, the pivots of Kc (L_jj^2 - mu, exactly)
   auto A = [&](int64_t i, int64_t j) { return a + (i * k + j) * kLanes; };
   LANES pivot[l] = -1;
 
@@ -75,14 +79,12 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
         LANES x[l] += grand[l] - rowmean[i * kLanes + l] - rowmean[j * kLanes + l];
       }
   }
-  for (int64_t i = 0; i < k; ++i) {
-    double* x = A(i, i);
-    LANES x[l] += mu;
-  }
 
-  // Cholesky-Banachiewicz, row by row, in place. Each step is a short dot product; with
-  // kLanes matrices side by side it is kLanes/4 independent vector chains. A lane that
-  // fails gets a unit pivot so the group carries on; the caller discards its result.
+  // Cholesky-Banachiewicz of Kc + mu I, row by row, in place. mu is added only when a pivot
+  // is taken, so the diagonal's running value is d_j, the pivot of Kc itself, kept exactly
+  // for the scores. Each step is a short dot product; with kLanes matrices side by side it is
+  // kLanes/4 independent vector chains. A lane that fails gets a unit pivot so the group
+  // carries on; the caller discards its result.
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
       double s[kLanes];
@@ -99,22 +101,24 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
         LANES out[l] = s[l] * d[l];
       } else {
         LANES {
-          const bool ok = s[l] > 0.0 && s[l] <= 1.7976931348623157e308;
+          const double p = s[l] + mu[l];
+          const bool ok = p > 0.0 && p <= 1.7976931348623157e308;
           pivot[l] = (!ok && pivot[l] < 0) ? static_cast<int32_t>(i) : pivot[l];
-          const double r = std::sqrt(ok ? s[l] : 1.0);
+          const double r = std::sqrt(ok ? p : 1.0);
           out[l] = r;
+          dpiv[i * kLanes + l] = s[l];
           inv_diag[i * kLanes + l] = 1.0 / r;
         }
       }
     }
   }
 
-  // S_i = 1 - mu ||L^-1 e_i||^2: column i of L^-1 by forward substitution.
+  // S_i = d_i W_ii^2 - mu sum_{j>i} W_ji^2: column i of W = L^-1 by forward substitution.
   for (int64_t i = 0; i < k; ++i) {
-    double norm2[kLanes];
+    double norm2[kLanes];  // sum over the entries below the diagonal
     LANES {
       w[i * kLanes + l] = inv_diag[i * kLanes + l];
-      norm2[l] = w[i * kLanes + l] * w[i * kLanes + l];
+      norm2[l] = 0.0;
     }
     for (int64_t j = i + 1; j < k; ++j) {
       double s[kLanes] = {};
@@ -131,7 +135,9 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
       }
     }
     // Exact arithmetic keeps S in [0, 1); clamp the last-ulp excursions.
-    LANES S[i * kLanes + l] = min_d(max_d(1.0 - mu * norm2[l], 0.0), 1.0);
+    const double* r = inv_diag + i * kLanes;
+    const double* d = dpiv + i * kLanes;
+    LANES S[i * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * norm2[l], 0.0), 1.0);
   }
 }
 
@@ -183,10 +189,19 @@ void identity_lane(int64_t k, double* a, int l) {
     for (int64_t j = 0; j <= i; ++j) a[(i * k + j) * kLanes + l] = (i == j) ? 1.0 : 0.0;
 }
 
-at::Tensor krls_fused_cpu(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
+// One matrix's lam checked and turned into mu; a bad lam gives status kKrlsBadLam.
+inline int32_t lane_mu(const KrlsLam& lam, const double* lamp, int64_t b, int64_t k, bool scale_by_k, double* mu) {
+  const double lv = lamp != nullptr ? lamp[b] : lam.scalar;
+  const double m = scale_by_k ? lv * static_cast<double>(k) : lv;
+  const bool ok = m > 0.0 && m <= 1.7976931348623157e308;
+  *mu = ok ? m : 1.0;
+  return ok ? kKrlsOk : kKrlsBadLam;
+}
+
+KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k) {
   const int64_t k = K.size(-1);
   const int64_t batch = K.numel() / (k * k);
-  const double mu = scale_by_k ? lam * static_cast<double>(k) : lam;
+  const double* lamp = lam.ptr();
   at::Tensor Kf = K.reshape({batch, k, k});
   at::Tensor out = at::empty({batch, k}, K.options());
   at::Tensor status = at::zeros({batch}, at::kInt), detail = at::zeros({batch}, at::kInt);
@@ -200,50 +215,58 @@ at::Tensor krls_fused_cpu(const at::Tensor& K, double lam, bool center, bool sca
     const int64_t sb = Kf.stride(0), sr = Kf.stride(1), sc = Kf.stride(2);
     const int64_t grain = std::max<int64_t>(1, 2048 / (k * k * k + 1));
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> a(k * k * kLanes), scratch(3 * k * kLanes), S(k * kLanes);
+      std::vector<double> a(k * k * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
       int32_t pivot[kLanes];
       int64_t off[kLanes];
-      double maxabs[kLanes], maxasym[kLanes], bad[kLanes];
+      double maxabs[kLanes], maxasym[kLanes], bad[kLanes], mu[kLanes];
       for (int64_t g = begin; g < end; ++g) {
         const int64_t b0 = g * kLanes;
         for (int l = 0; l < kLanes; ++l) off[l] = std::min(b0 + l, batch - 1) * sb;
         load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad);
         for (int l = 0; l < kLanes; ++l) {
-          const int64_t b = b0 + l;
-          int32_t s = kKrlsOk;
-          if (!(bad[l] == 0.0)) s = kKrlsNonFinite;
-          else if (maxasym[l] > tol * maxabs[l]) s = kKrlsNotSymmetric;
-          if (b < batch) st[b] = s;
-          if (b >= batch || s != kKrlsOk) identity_lane(k, a.data(), l);
+          const int64_t b = std::min(b0 + l, batch - 1);
+          int32_t s = lane_mu(lam, lamp, b, k, scale_by_k, &mu[l]);
+          if (s == kKrlsOk && !(bad[l] == 0.0)) s = kKrlsNonFinite;
+          if (s == kKrlsOk && maxasym[l] > tol * maxabs[l]) s = kKrlsNotSymmetric;
+          if (b0 + l < batch) st[b] = s;
+          if (b0 + l >= batch || s != kKrlsOk) {
+            identity_lane(k, a.data(), l);
+            mu[l] = 1.0;
+          }
         }
         krls_group(a.data(), scratch.data(), k, mu, center, S.data(), pivot);
         for (int l = 0; l < kLanes && b0 + l < batch; ++l) {
           const int64_t b = b0 + l;
           if (st[b] == kKrlsOk && pivot[l] >= 0) {
-            st[b] = kKrlsNotPositiveDefinite;
+            st[b] = krls_lam_too_small(mu[l], k, maxabs[l]) ? kKrlsLamTooSmall : kKrlsNotPositiveDefinite;
             de[b] = pivot[l];
           }
-          for (int64_t i = 0; i < k; ++i) o[b * k + i] = static_cast<scalar_t>(S[i * kLanes + l]);
+          const bool ok = st[b] == kKrlsOk;
+          for (int64_t i = 0; i < k; ++i)
+            o[b * k + i] = ok ? static_cast<scalar_t>(S[i * kLanes + l]) : std::numeric_limits<scalar_t>::quiet_NaN();
         }
       }
     });
   });
-  raise_krls_failures(status, detail, K.sizes(), "krls");
-  std::vector<int64_t> shape(K.sizes().begin(), K.sizes().end() - 1);
-  return out.reshape(shape);
+  return {out, status, detail};
 }
 
-// The library path's preparation on CPU, one pass per matrix: checks, symmetric part,
-// centring and mu on the diagonal, into a fresh float64 [batch, k, k]. (ATen elementwise
-// ops would take several passes and allocations over the whole batch.)
-at::Tensor prepare_library_cpu(const at::Tensor& K, double mu, bool center) {
+// The library path's preparation on CPU, one pass per matrix: checks, symmetric part and
+// centring into a fresh float64 Kc [batch, k, k] (mu is added by krls_factor_scores). ATen
+// elementwise ops would take several passes and allocations over the whole batch.
+KrlsResult library_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k) {
   const int64_t k = K.size(-1);
   const int64_t batch = K.numel() / (k * k);
+  const double* lamp = lam.ptr();
   const at::Tensor Kf = K.reshape({batch, k, k});
   at::Tensor A = at::empty({batch, k, k}, K.options().dtype(at::kDouble));
   at::Tensor status = at::zeros({batch}, at::kInt);
+  at::Tensor mu_t = at::empty({batch}, K.options().dtype(at::kDouble));
+  at::Tensor maxabs_t = at::empty({batch}, K.options().dtype(at::kDouble));
   int32_t* st = status.data_ptr<int32_t>();
   double* out = A.data_ptr<double>();
+  double* mu_out = mu_t.data_ptr<double>();
+  double* maxabs_out = maxabs_t.data_ptr<double>();
   const double tol = krls_symmetry_tol(K.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(K.scalar_type(), "krls_prepare_cpu", [&] {
     const scalar_t* base = Kf.const_data_ptr<scalar_t>();
@@ -264,11 +287,18 @@ at::Tensor prepare_library_cpu(const at::Tensor& K, double mu, bool center) {
             maxasym = max_d(maxasym, std::fabs(x - y));
             a[i * k + j] = a[j * k + i] = 0.5 * (x + y);
           }
-        if (!finite) st[b] = kKrlsNonFinite;
-        else if (maxasym > tol * maxabs) st[b] = kKrlsNotSymmetric;
-        if (st[b] != kKrlsOk) continue;
-        double grand = 0.0;
+        maxabs_out[b] = maxabs;
+        st[b] = lane_mu(lam, lamp, b, k, scale_by_k, &mu_out[b]);
+        if (st[b] == kKrlsOk && !finite) st[b] = kKrlsNonFinite;
+        if (st[b] == kKrlsOk && maxasym > tol * maxabs) st[b] = kKrlsNotSymmetric;
+        if (st[b] != kKrlsOk) {
+          // Factorised as Kc = 0, mu = 1; its scores are replaced by NaN.
+          std::fill(a, a + k * k, 0.0);
+          mu_out[b] = 1.0;
+          continue;
+        }
         if (center) {
+          double grand = 0.0;
           for (int64_t i = 0; i < k; ++i) {
             double sum = 0.0;
             for (int64_t j = 0; j < k; ++j) sum += a[i * k + j];
@@ -279,30 +309,41 @@ at::Tensor prepare_library_cpu(const at::Tensor& K, double mu, bool center) {
           for (int64_t i = 0; i < k; ++i)
             for (int64_t j = 0; j < k; ++j) a[i * k + j] += grand - rowmean[i] - rowmean[j];
         }
-        for (int64_t i = 0; i < k; ++i) a[i * k + i] += mu;
       }
     });
   });
-  raise_krls_failures(status, at::zeros({batch}, at::kInt), K.sizes(), "krls");
-  return A;
+  return krls_factor_scores(A, mu_t, maxabs_t, status, K.scalar_type());
 }
 
-at::Tensor krls_cpu(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
-  check_krls_args(K, lam, "krls");
-  if (K.numel() == 0) return at::empty(K.sizes().slice(0, K.dim() - 1), K.options());
+KrlsResult krls_cpu_result(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k) {
+  if (K.numel() == 0) return krls_empty_result(K);
   const int64_t k = K.size(-1);
   const int64_t batch = K.numel() / (k * k);
   // The fused kernel wins while there are enough groups of kLanes matrices to keep every
   // thread busy; a few large matrices are better served by multithreaded blocked LAPACK.
   const int64_t groups = (batch + kLanes - 1) / kLanes;
-  const bool fused_by_default = k <= 32 || (k <= kFusedMaxK && groups >= at::get_num_threads());
-  if (k <= kFusedMaxK && krls_use_fused(fused_by_default)) return krls_fused_cpu(K, lam, center, scale_by_k);
-  const double mu = scale_by_k ? lam * static_cast<double>(k) : lam;
-  return krls_factor_scores(prepare_library_cpu(K, mu, center), mu, K.sizes(), K.scalar_type());
+  const bool fused_by_default = k <= 32 || groups >= at::get_num_threads();
+  if (krls_use_fused(fused_by_default, k, kFusedMaxK, "CPU")) return krls_fused_cpu(K, lam, center, scale_by_k);
+  return library_cpu(K, lam, center, scale_by_k);
+}
+
+at::Tensor krls_cpu(const at::Tensor& K, const at::Tensor& lam, bool center, bool scale_by_k) {
+  check_krls_args(K, lam, "krls");
+  const KrlsLam l = krls_lam(K, lam, "krls");
+  return krls_checked_scores(krls_cpu_result(K, l, center, scale_by_k), l, K, scale_by_k, "krls");
+}
+
+std::tuple<at::Tensor, at::Tensor> krls_ex_cpu(const at::Tensor& K, const at::Tensor& lam, bool center,
+                                               bool scale_by_k) {
+  check_krls_args(K, lam, "krls_ex");
+  return krls_ex_outputs(krls_cpu_result(K, krls_lam(K, lam, "krls_ex"), center, scale_by_k), K);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(chameleon, CPU, m) { m.impl("krls", &krls_cpu); }
+TORCH_LIBRARY_IMPL(chameleon, CPU, m) {
+  m.impl("krls", &krls_cpu);
+  m.impl("krls_ex", &krls_ex_cpu);
+}
 
 }  // namespace chameleon

@@ -1,8 +1,9 @@
-// Compiled only into CPU-only builds: CUDA tensors reaching a chameleon op get a clear
-// error instead of the dispatcher's generic "no kernel for CUDA".
+// Compiled only into CPU-only builds (setup.py and CMakeLists.txt add it when the CUDA kernels
+// are not built): CUDA tensors reaching a chameleon op get a clear error instead of the
+// dispatcher's generic "no kernel for CUDA".
 #include <torch/library.h>
 
-#include "../checks.h"
+#include <ATen/ATen.h>
 
 namespace chameleon {
 namespace {
@@ -23,7 +24,10 @@ std::tuple<at::Tensor, at::Tensor> domain_mean_pool_nocuda(const at::Tensor&,
                                                            const at::Tensor&, int64_t) {
   no_cuda("domain_mean_pool");
 }
-at::Tensor krls_nocuda(const at::Tensor&, double, bool, bool) { no_cuda("krls"); }
+at::Tensor krls_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) { no_cuda("krls"); }
+std::tuple<at::Tensor, at::Tensor> krls_ex_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) {
+  no_cuda("krls_ex");
+}
 
 }  // namespace
 
@@ -31,6 +35,7 @@ TORCH_LIBRARY_IMPL(chameleon, CUDA, m) {
   m.impl("masked_mean_pool", &masked_mean_pool_nocuda);
   m.impl("domain_mean_pool", &domain_mean_pool_nocuda);
   m.impl("krls", &krls_nocuda);
+  m.impl("krls_ex", &krls_ex_nocuda);
 }
 
 }  // namespace chameleon
