@@ -153,6 +153,114 @@ def test_domain_mean_pool_is_deterministic_across_thread_counts():
     assert digests[1] == digests[2] and len(digests[1]) == 64
 
 
+# Pools every width around the CPU kernel's H-split boundaries under one thread count and
+# checks each result against a float64 mean; run in a fresh process per thread count.
+_THREADS_SCRIPT = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import chameleon_ext
+threads = torch.get_num_threads()
+# the kernel splits H into at most 4 x threads power-of-two chunks of >= 256 columns
+widths = sorted({w for c in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if c <= 4 * threads
+                 for w in (512 * c - 1, 512 * c, 512 * c + 1, 257 * c, 257 * c + 1)} | {1, 255, 256, 131073})
+g = torch.Generator().manual_seed(0)
+for B in (1, 3):
+    for H in widths:
+        x = torch.randn(B, 2, H, generator=g)
+        mask = torch.tensor([[True, False], [True, True], [False, False]][:B])
+        want = (x.double() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        got = chameleon_ext.masked_mean_pool(x, mask)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, msg=f"B={B} H={H}")
+        sums, counts = chameleon_ext.domain_mean_pool(x, mask, torch.zeros(B, dtype=torch.long), 1)
+        torch.testing.assert_close(sums.double()[0], want[mask.any(1)].sum(0), rtol=1e-6, atol=1e-6, msg=f"B={B} H={H}")
+        assert counts.tolist() == [int(mask.any(1).sum())]
+print("ok", len(widths))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 3, 64, 72, 128, 257])
+def test_pooling_under_many_thread_counts(threads):
+    """Regression: with 128 threads and one row, H = 131073 was split into tasks of which the
+    last started past H (a segfault). Every chunk-boundary width, each thread count in its own
+    process (changing the thread count in this process would upset a later LAPACK call)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # 257 spinning threads on 2 cores would crawl
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(threads)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"threads={threads}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.startswith("ok")
+
+
+# --------------------------------------------------------------------------- long rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_long_rows_keep_their_precision(device, dtype):
+    """2**25 tokens, as an expanded view of one token row (stride 0 along T: no memory).
+    A float32 running sum stops growing at 2**24 (ones would pool to 0.5); blocked sums
+    added in float64 pool a constant row to itself. The mask keeps every third token, so
+    the count (not T) is what divides."""
+    T = 2**25
+    row = torch.tensor([1.0, 0.1, -3.75, 1e-3, 7.0], dtype=dtype, device=device)
+    hidden = row.view(1, 1, -1).expand(2, T, -1)
+    mask = (torch.arange(T, device=device) % 3 == 0).unsqueeze(0).expand(2, T).clone()
+    mask[1, : T // 2] = False
+    want = row.double().expand(2, -1)  # the mean of identical rows is the row
+    out = chameleon_ext.masked_mean_pool(hidden, mask)
+    # Sums of at most 512 tokens (CPU; 32 on CUDA) in float32 (float64), added in compensated
+    # float64: the error of one such sum, 64 x 2**-24 (64 x 2**-53), whatever T.
+    rtol = 1e-14 if dtype == torch.float64 else 4e-6
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=0)
+    torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden).double(), want, rtol=rtol, atol=0)
+    sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, torch.tensor([0, 0], device=device), 1)
+    torch.testing.assert_close(sums.double(), 2 * want[:1], rtol=rtol, atol=0)
+    assert counts.tolist() == [2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_random_row_against_float64(device):
+    """Random values over 2**21 tokens (4096 distinct rows repeated), against a float64 sum:
+    the error stays at float32 rounding of the inputs' scale."""
+    base = make_hidden(1, 4096, 3, torch.float32, device, seed=5)
+    T = 2**21
+    hidden = base.repeat(1, T // 4096, 1)
+    want = hidden.double().mean(1)
+    torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden).double(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 5, 4), (3, 0, 4), (3, 5, 0), (0, 0, 0), (1, 1, 1), (1, 5, 1), (1, 1, 9)])
+def test_empty_and_unit_shapes(device, shape):
+    B, T, H = shape
+    hidden = make_hidden(B, T, H, torch.float32, device)
+    mask = make_random_mask(B, T, device=device)
+    out = chameleon_ext.masked_mean_pool(hidden, mask)
+    assert out.shape == (B, H)
+    torch.testing.assert_close(out, reference.masked_mean_pool(hidden, mask), **tol(torch.float32))
+    ids = make_domain_ids(B, 3, device)
+    sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, 3)
+    ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, 3)
+    assert sums.shape == (3, H) and torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, **tol(torch.float32))
+
+
+def test_cpu_tensor_with_a_meta_argument_raises():
+    """The dispatcher sends any call with a meta tensor to the meta kernel: it must not hand
+    back an uninitialised CPU tensor."""
+    hidden = make_hidden(3, 5, 7)
+    meta_mask = torch.ones(3, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="mask must be on hidden's device cpu, got meta"):
+        chameleon_ext.masked_mean_pool(hidden, meta_mask)
+    with pytest.raises(ValueError, match="mask must be on hidden's device"):
+        chameleon_ext.domain_mean_pool(hidden, meta_mask, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="domain_ids must be on the CPU or on hidden's device cpu, got meta"):
+        chameleon_ext.domain_mean_pool(hidden, None, torch.zeros(3, dtype=torch.long, device="meta"), 2)
+    # all-meta is shape inference and stays allowed
+    out = chameleon_ext.masked_mean_pool(hidden.to("meta"), meta_mask)
+    assert out.device.type == "meta" and out.shape == (3, 7)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
