@@ -16,6 +16,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../checks.h"
 #include "clones.h"
 
@@ -78,8 +82,54 @@ CHAMELEON_CLONES void add8_f64(double* __restrict acc, const double* const* r, i
 CHAMELEON_CLONES void add1_f64(double* __restrict acc, const double* r0, int64_t n) { CHAMELEON_SUM1(CHAMELEON_AS_IS) }
 CHAMELEON_CLONES void add8_bf16(float* __restrict acc, const uint16_t* const* r, int64_t n) { CHAMELEON_SUM8(CHAMELEON_BF16) }
 CHAMELEON_CLONES void add1_bf16(float* __restrict acc, const uint16_t* r0, int64_t n) { CHAMELEON_SUM1(CHAMELEON_BF16) }
-CHAMELEON_CLONES void add8_f16(float* __restrict acc, const uint16_t* const* r, int64_t n) { CHAMELEON_SUM8(CHAMELEON_F16) }
-CHAMELEON_CLONES void add1_f16(float* __restrict acc, const uint16_t* r0, int64_t n) { CHAMELEON_SUM1(CHAMELEON_F16) }
+CHAMELEON_CLONES void add8_f16_generic(float* __restrict acc, const uint16_t* const* r, int64_t n) { CHAMELEON_SUM8(CHAMELEON_F16) }
+CHAMELEON_CLONES void add1_f16_generic(float* __restrict acc, const uint16_t* r0, int64_t n) { CHAMELEON_SUM1(CHAMELEON_F16) }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// fp16 on x86-64-v3: F16C converts eight halves in one instruction, where the integer
+// conversion above costs about ten. Same summation order as the generic loop, so the two
+// give identical results; picked once by the CPU's features, like the clones.
+#define CHAMELEON_LOAD_F16X8(k) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[k] + h)))
+__attribute__((target("avx2,f16c,fma"))) void add8_f16_v3(float* __restrict acc, const uint16_t* const* r, int64_t n) {
+  int64_t h = 0;
+  for (; h + 8 <= n; h += 8) {
+    const __m256 s = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(CHAMELEON_LOAD_F16X8(0), CHAMELEON_LOAD_F16X8(1)),
+                      _mm256_add_ps(CHAMELEON_LOAD_F16X8(2), CHAMELEON_LOAD_F16X8(3))),
+        _mm256_add_ps(_mm256_add_ps(CHAMELEON_LOAD_F16X8(4), CHAMELEON_LOAD_F16X8(5)),
+                      _mm256_add_ps(CHAMELEON_LOAD_F16X8(6), CHAMELEON_LOAD_F16X8(7))));
+    _mm256_storeu_ps(acc + h, _mm256_add_ps(_mm256_loadu_ps(acc + h), s));
+  }
+  if (h < n) {
+    const uint16_t* tail[8];
+    for (int k = 0; k < 8; ++k) tail[k] = r[k] + h;
+    add8_f16_generic(acc + h, tail, n - h);
+  }
+}
+__attribute__((target("avx2,f16c,fma"))) void add1_f16_v3(float* __restrict acc, const uint16_t* r0, int64_t n) {
+  int64_t h = 0;
+  for (; h + 8 <= n; h += 8)
+    _mm256_storeu_ps(acc + h, _mm256_add_ps(_mm256_loadu_ps(acc + h),
+                                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + h)))));
+  if (h < n) add1_f16_generic(acc + h, r0 + h, n - h);
+}
+#undef CHAMELEON_LOAD_F16X8
+inline bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+void add8_f16(float* acc, const uint16_t* const* r, int64_t n) {
+  if (has_f16c()) add8_f16_v3(acc, r, n);
+  else add8_f16_generic(acc, r, n);
+}
+void add1_f16(float* acc, const uint16_t* r0, int64_t n) {
+  if (has_f16c()) add1_f16_v3(acc, r0, n);
+  else add1_f16_generic(acc, r0, n);
+}
+#else
+void add8_f16(float* acc, const uint16_t* const* r, int64_t n) { add8_f16_generic(acc, r, n); }
+void add1_f16(float* acc, const uint16_t* r0, int64_t n) { add1_f16_generic(acc, r0, n); }
+#endif
 
 // total[h] += tile[h] in float64 with Kahan compensation (comp[h]): the tiles' sum loses no
 // more than a few float64 ulps however many tiles there are, so with float64 inputs too the

@@ -176,8 +176,9 @@ __device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, co
   __syncthreads();  // s_red and s_cnt are rewritten by the block's next item
 }
 
+// At least 3 blocks (24 warps) per SM: enough 16-byte loads in flight to cover HBM latency.
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     row_means_kernel(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask, PoolGeom g,
                      acc_t* __restrict__ means, int64_t* __restrict__ counts, double* __restrict__ ws_sum,
                      int64_t* __restrict__ ws_cnt) {
