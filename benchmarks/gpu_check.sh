@@ -40,11 +40,11 @@ PYEOF
 cat "$OUT/env.json"
 
 step "build (in place)"
-timeout "$(budget 150)" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+timeout "$(budget 130)" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
 
 step "CUDA tests (all test files)"
-timeout "$(budget 75)" $PY -m pytest python_tests -k cuda -q -p no:cacheprovider --maxfail=20 \
+timeout "$(budget 60)" $PY -m pytest python_tests -k cuda -q -p no:cacheprovider --maxfail=20 \
     --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 
@@ -53,7 +53,7 @@ step "GPU benchmarks"
 for name in pooling krls embed embed_scaling; do
   f=benchmarks/bench_$name.py
   [ -f "$f" ] || continue
-  case $name in pooling) want=60 ;; krls) want=45 ;; *) want=20 ;; esac
+  case $name in pooling) want=90 ;; krls) want=35 ;; *) want=15 ;; esac
   step "  $f (budget $(budget $want) s)"
   timeout "$(budget $want)" $PY -m pytest "$f" -q -p no:cacheprovider \
       --benchmark-json "$OUT/bench_$name.json" --benchmark-min-rounds 5 --benchmark-max-time 0.25 \
