@@ -193,13 +193,18 @@ void row_means(const at::Tensor& hidden, const at::Tensor& mask, acc_t* means, i
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> valid(static_cast<size_t>(std::min(T, kTileT)));
     std::vector<acc_t> acc(static_cast<size_t>(chunk));
-    std::vector<double> total(static_cast<size_t>(chunk)), comp(static_cast<size_t>(chunk));
+    const size_t wide = static_cast<size_t>(T > kTileT ? chunk : 0);  // rows of several tiles
+    std::vector<double> total(wide), comp(wide);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, h0 = (task % chunks) * chunk;
       const int64_t n = std::min(chunk, H - h0);  // >= 0 by split_h
       const scalar_t* row = base + b * sB + h0;
-      std::fill(total.begin(), total.begin() + n, 0.0);
-      std::fill(comp.begin(), comp.begin() + n, 0.0);
+      // A row of one tile (T <= kTileT, the common case) needs no float64 total.
+      const bool one_tile = T <= kTileT;
+      if (!one_tile) {
+        std::fill(total.begin(), total.begin() + n, 0.0);
+        std::fill(comp.begin(), comp.begin() + n, 0.0);
+      }
       int64_t nv = 0;
       for (int64_t t0 = 0; t0 < T; t0 += kTileT) {
         const int64_t t1 = std::min(T, t0 + kTileT);
@@ -216,11 +221,15 @@ void row_means(const at::Tensor& hidden, const at::Tensor& mask, acc_t* means, i
           add8(acc.data(), rows, n);
         }
         for (; i < nt; ++i) add1(acc.data(), row + valid[i] * sT, n);
-        flush(total.data(), comp.data(), acc.data(), n);
+        if (!one_tile) flush(total.data(), comp.data(), acc.data(), n);
       }
       acc_t* out = means + b * H + h0;
       const double inv = nv > 0 ? 1.0 / static_cast<double>(nv) : 0.0;
-      for (int64_t h = 0; h < n; ++h) out[h] = static_cast<acc_t>(total[h] * inv);
+      if (nv == 0) std::fill(out, out + n, acc_t(0));
+      else if (one_tile)
+        for (int64_t h = 0; h < n; ++h) out[h] = static_cast<acc_t>(static_cast<double>(acc[h]) * inv);
+      else
+        for (int64_t h = 0; h < n; ++h) out[h] = static_cast<acc_t>(total[h] * inv);
       if (h0 == 0) counts[b] = nv;
     }
   });
