@@ -36,11 +36,15 @@ def masked_mean_pool(hidden: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     Args:
         hidden: ``[B, T, H]`` float32 / float64 / float16 / bfloat16, any strides.
         mask: ``[B, T]`` bool or integer (non-zero = valid token), or ``None`` for all valid.
+            On hidden's device.
 
     Returns:
         ``[B, H]``: float32 for half inputs, else hidden's dtype. Accumulates in float32 (or
-        float64 for float64). A row with no valid token gives zeros, never NaN.
-        Differentiable with respect to ``hidden``.
+        float64 for float64) over blocks of at most a few thousand tokens and adds the
+        blocks in float64, so the error does not grow with T (a row of 2**28 ones pools to
+        exactly 1); working memory does not depend on T. A row with no valid token gives
+        zeros, never NaN. Differentiable with respect to ``hidden``. Sync-free on CUDA
+        (CUDA-graph capturable).
     """
     return torch.ops.chameleon.masked_mean_pool.default(hidden, mask)
 
@@ -53,30 +57,49 @@ def domain_mean_pool(
     Args:
         hidden: ``[B, T, H]`` as in :func:`masked_mean_pool`.
         mask: ``[B, T]`` or ``None``.
-        domain_ids: ``[B]`` integer, each in ``[0, num_domains)`` (checked; a bad id raises
-            ``ValueError`` before anything is written).
+        domain_ids: ``[B]`` integer, each in ``[0, num_domains)``, on the CPU or on hidden's
+            device. CPU ids are checked on the host (a bad id raises ``ValueError`` before
+            anything runs). On CUDA, ids on the GPU are never copied to the host, so the call
+            does not synchronise and can be captured in a CUDA graph; a bad id there is a
+            device-side assert, as for ``torch.index_select``.
         num_domains: D >= 1.
 
     Returns:
         ``(sums [D, H], counts [D])``: sums float32 (float64 for float64 input); counts int64,
         the number of rows with at least one valid token. Domain embedding = sums / counts.
         Both add up across batches and ranks (all-reduce them). Deterministic on CPU and
-        CUDA: rows are added in batch order. Differentiable in ``hidden`` through ``sums``.
+        CUDA: the sums are taken in a fixed order that depends only on the shapes and ids
+        (batch order on CPU; on CUDA fixed chunks of each domain's rows, in batch order, then
+        the chunks in order), in float64. Differentiable in ``hidden`` through ``sums``.
     """
     if isinstance(num_domains, bool) or int(num_domains) != num_domains:
         raise ValueError(f"domain_mean_pool: num_domains must be an integer, got {num_domains!r}")
     return torch.ops.chameleon.domain_mean_pool.default(hidden, mask, domain_ids, int(num_domains))
 
 
+def _check_pool_devices(op: str, hidden: Tensor, mask: Optional[Tensor], domain_ids: Optional[Tensor] = None) -> None:
+    """The kernels' device rules, also in the fake kernels: these serve as the ops' meta
+    kernels, which the dispatcher picks when any argument is a meta tensor. Without the
+    check a CPU ``hidden`` with a meta ``mask`` would return uninitialised CPU memory."""
+    if mask is not None and mask.device != hidden.device:
+        raise ValueError(f"{op}: mask must be on hidden's device {hidden.device}, got {mask.device}")
+    if domain_ids is not None and domain_ids.device != hidden.device and domain_ids.device.type != "cpu":
+        raise ValueError(
+            f"{op}: domain_ids must be on the CPU or on hidden's device {hidden.device}, got {domain_ids.device}"
+        )
+
+
 @torch.library.register_fake("chameleon::masked_mean_pool")
 def _masked_mean_pool_fake(hidden, mask):
     torch._check(hidden.dim() == 3, lambda: f"masked_mean_pool: hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    _check_pool_devices("masked_mean_pool", hidden, mask)
     return hidden.new_empty((hidden.shape[0], hidden.shape[2]), dtype=_pooled_dtype(hidden.dtype))
 
 
 @torch.library.register_fake("chameleon::domain_mean_pool")
 def _domain_mean_pool_fake(hidden, mask, domain_ids, num_domains):
     torch._check(hidden.dim() == 3, lambda: f"domain_mean_pool: hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    _check_pool_devices("domain_mean_pool", hidden, mask, domain_ids)
     sums = hidden.new_empty((num_domains, hidden.shape[2]), dtype=_pooled_dtype(hidden.dtype))
     counts = hidden.new_empty((num_domains,), dtype=torch.int64)
     return sums, counts

@@ -61,8 +61,10 @@ inline at::Tensor normalized_domain_ids(const at::Tensor& hidden, const at::Tens
                     "], got ", shape_str(ids.sizes()));
   TORCH_CHECK_VALUE(at::isIntegralType(ids.scalar_type(), false), op,
                     ": domain_ids must be an integer dtype, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.device() == hidden.device(), op, ": domain_ids must be on hidden's device ",
-                    hidden.device(), ", got ", ids.device());
+  // ids on the CPU are accepted for any hidden: a CUDA kernel then checks them on the host.
+  TORCH_CHECK_VALUE(ids.device() == hidden.device() || ids.device().is_cpu(), op,
+                    ": domain_ids must be on the CPU or on hidden's device ", hidden.device(),
+                    ", got ", ids.device());
   return ids.to(at::kLong).contiguous();
 }
 

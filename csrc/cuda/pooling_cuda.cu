@@ -1,18 +1,34 @@
 // CUDA kernels for masked_mean_pool and domain_mean_pool.
 //
-// Memory-bound: every valid hidden row is read once with 16-byte loads and masked rows
-// are never read. A block owns one row b and a 32*VEC-wide strip of H; its 8 warps take
-// interleaved valid tokens. Valid token indices are compacted per tile of 1024 tokens
-// (ballot + prefix, so the order is fixed), which keeps the inner loop branch-free with
-// four independent loads in flight. Partial sums are combined in a fixed order: results
-// are deterministic. domain_mean_pool sums the row means per domain in batch order
-// (rows grouped by a stable counting sort on the host), also deterministic.
+// Row means (both ops). Memory-bound: every valid hidden row is read once with the widest
+// aligned loads and masked rows are never read. Work items are (row b, T-split, H-strip):
+//  - H: a strip is 32 lanes x V elements. The tensor's alignment and strides fix V (16-byte
+//    loads when they allow it); a misaligned head and a ragged tail (< V elements each) go
+//    to one extra "edge" strip with scalar loads, so an odd H or an offset view keeps the
+//    vector body.
+//  - T: rows longer than needed to fill the GPU are split into kSplitRound-token multiples;
+//    each split writes a float64 partial and a second kernel adds the splits in order.
+//    The split count depends only on the shapes, never on the device.
+//  - Tokens: warp w takes the 32-token chunks w, w + 8, ... of its split. The warp ballots
+//    the chunk's mask bits (no shared memory, no block barrier), prefetches the next
+//    chunk's mask while it loads this chunk's valid rows four at a time, and adds the
+//    chunk's sum (at most 32 rows, in float32 or float64) into a compensated float64
+//    total, so the error stays bounded for any T, in registers (no memory grows with T).
+//  - The 8 warps' totals are added in warp order; splits in split order: deterministic.
+// Launches loop over work items (grid-stride), so no shape can exceed the grid limit.
+//
+// domain_mean_pool then reduces the row means per domain without leaving the device: a
+// stable sort of the ids gives each domain's rows in batch order (CSR offsets by
+// searchsorted), each domain's rows are summed in fixed chunks of kSegChunk rows in
+// parallel, and the chunks are added in order. Nothing goes to the host, so the op can be
+// captured in a CUDA graph; ids on the device are checked there (a device-side assert).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
+#include <cstdint>
 
 #include "../checks.h"
 
@@ -21,138 +37,257 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileT = 1024;
+constexpr int kChunkT = 32;                          // tokens per warp chunk (one ballot)
+constexpr int64_t kSplitRound = kWarps * kChunkT;    // 256: a split is a multiple of this
+constexpr int64_t kTargetItems = 2048;               // work items wanted before splitting T
+constexpr int kSegChunk = 32;                        // rows per chunk of a domain's segment
+constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-template <typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void add_vec(acc_t (&acc)[VEC], const scalar_t* p) {
-  const Vec<scalar_t, VEC> x = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
+// Geometry of one row-means launch, fixed on the host from shapes, strides and alignment.
+struct PoolGeom {
+  int64_t B, T, H, sB, sT;
+  int64_t head;          // columns [0, head) are the misaligned head (scalar, edge strip)
+  int64_t n_vec;         // vectors of V columns in the body [head, body_end)
+  int64_t body_end;      // head + n_vec * V; columns [body_end, H) are the tail (edge strip)
+  int64_t n_vec_strips;  // ceil(n_vec / 32)
+  int64_t n_strips;      // n_vec_strips + (head or tail ? 1 : 0)
+  int64_t n_splits, split_T;
+};
+
+// Loads W consecutive columns at p (W-aligned when W > 1) as acc_t.
+template <typename scalar_t, typename acc_t, int W>
+__device__ __forceinline__ void load_cols(const scalar_t* p, acc_t (&x)[W]) {
+  if constexpr (W == 1) {
+    x[0] = static_cast<acc_t>(p[0]);
+  } else {
+    const Vec<scalar_t, W> v = *reinterpret_cast<const Vec<scalar_t, W>*>(p);
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] += static_cast<acc_t>(x.v[v]);
+    for (int i = 0; i < W; ++i) x[i] = static_cast<acc_t>(v.v[i]);
+  }
 }
 
-// means [B, H] (acc_t) and counts [B]; hidden has unit stride along H.
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    row_means_kernel(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask, int64_t T,
-                     int64_t H, int64_t sB, int64_t sT, int64_t n_strips, acc_t* __restrict__ means,
-                     int64_t* __restrict__ counts) {
-  __shared__ int s_idx[kTileT];
-  __shared__ int s_warp[kWarps];
-  __shared__ acc_t s_red[kWarps][32 * VEC];
+// One warp's share of tokens [t_begin, t_end) of a row: float64 sums of its W columns
+// (at `col`, valid for this lane when `active`) and the number of valid tokens it saw
+// (the same on every lane). Every lane of the warp must call this together.
+template <typename scalar_t, typename acc_t, int W>
+__device__ __forceinline__ void warp_row_sums(const scalar_t* __restrict__ col, bool active,
+                                              const bool* __restrict__ mrow, int64_t t_begin,
+                                              int64_t t_end, int64_t sT, int warp, int lane,
+                                              double (&total)[W], double (&comp)[W], int64_t& count) {
+  int64_t c0 = t_begin + static_cast<int64_t>(warp) * kChunkT;
+  bool next_valid = c0 + lane < t_end && (mrow == nullptr || mrow[c0 + lane]);
+  for (; c0 < t_end; c0 += kSplitRound) {
+    const bool valid = next_valid;
+    const int64_t c1 = c0 + kSplitRound;  // prefetch the next chunk's mask bit
+    next_valid = c1 + lane < t_end && (mrow == nullptr || mrow[c1 + lane]);
+    unsigned bits = __ballot_sync(kFull, valid);
+    count += __popc(bits);
+    if (!active) continue;
+    const scalar_t* base = col + c0 * sT;
+    acc_t acc[W];
+#pragma unroll
+    for (int v = 0; v < W; ++v) acc[v] = acc_t(0);
+    while (__popc(bits) >= 4) {
+      const int j0 = __ffs(bits) - 1;
+      bits &= bits - 1;
+      const int j1 = __ffs(bits) - 1;
+      bits &= bits - 1;
+      const int j2 = __ffs(bits) - 1;
+      bits &= bits - 1;
+      const int j3 = __ffs(bits) - 1;
+      bits &= bits - 1;
+      acc_t x0[W], x1[W], x2[W], x3[W];
+      load_cols<scalar_t, acc_t, W>(base + j0 * sT, x0);
+      load_cols<scalar_t, acc_t, W>(base + j1 * sT, x1);
+      load_cols<scalar_t, acc_t, W>(base + j2 * sT, x2);
+      load_cols<scalar_t, acc_t, W>(base + j3 * sT, x3);
+#pragma unroll
+      for (int v = 0; v < W; ++v) acc[v] += (x0[v] + x1[v]) + (x2[v] + x3[v]);
+    }
+    while (bits) {
+      const int j = __ffs(bits) - 1;
+      bits &= bits - 1;
+      acc_t x[W];
+      load_cols<scalar_t, acc_t, W>(base + j * sT, x);
+#pragma unroll
+      for (int v = 0; v < W; ++v) acc[v] += x[v];
+    }
+#pragma unroll
+    for (int v = 0; v < W; ++v) {  // compensated (Kahan) float64 add: bounded error for any T
+      const double y = static_cast<double>(acc[v]) - comp[v];
+      const double t = total[v] + y;
+      comp[v] = (t - total[v]) - y;
+      total[v] = t;
+    }
+  }
+}
 
+// One work item (b, split, strip) with W columns per lane starting at column h (active
+// lanes only). Writes the mean (one split) or the float64 partial (several splits).
+template <typename scalar_t, typename acc_t, int W, int V>
+__device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                                         const PoolGeom& g, int64_t b, int64_t split, int64_t strip,
+                                         int64_t h, bool active, double (*s_red)[32 * V],
+                                         int64_t* s_cnt, acc_t* __restrict__ means,
+                                         int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                                         int64_t* __restrict__ ws_cnt) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t b = blockIdx.x / n_strips;
-  const int64_t strip = blockIdx.x % n_strips;
-  const int64_t h0 = strip * (32 * VEC) + lane * VEC;
-  const bool active = h0 < H;  // vector path: H % VEC == 0, so a vector is all in or all out
-  const scalar_t* row = hidden + b * sB + (active ? h0 : 0);
+  const int64_t t_begin = split * g.split_T;
+  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
+  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
+  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
 
-  acc_t acc[VEC];
+  double total[W], comp[W];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = acc_t(0);
-  int64_t total = 0;
-
-  for (int64_t t0 = 0; t0 < T; t0 += kTileT) {
-    const int n_t = static_cast<int>(T - t0 < kTileT ? T - t0 : kTileT);
-    int n_valid = 0;
-    if (mask == nullptr) {
-      for (int i = tid; i < n_t; i += kThreads) s_idx[i] = i;
-      n_valid = n_t;
-    } else {
-      const bool* mrow = mask + b * T + t0;
-      for (int c = 0; c < n_t; c += kThreads) {
-        const int t = c + tid;
-        const bool valid = t < n_t && mrow[t];
-        const unsigned ballot = __ballot_sync(0xffffffffu, valid);
-        if (lane == 0) s_warp[warp] = __popc(ballot);
-        __syncthreads();
-        int before = 0, chunk_total = 0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          before += (w < warp) ? s_warp[w] : 0;
-          chunk_total += s_warp[w];
-        }
-        if (valid) s_idx[n_valid + before + __popc(ballot & ((1u << lane) - 1u))] = t;
-        n_valid += chunk_total;
-        __syncthreads();  // s_warp is rewritten by the next chunk
-      }
-    }
-    __syncthreads();
-    if (active) {
-      int i = warp;
-      for (; i + 3 * kWarps < n_valid; i += 4 * kWarps) {
-        const scalar_t* p0 = row + (t0 + s_idx[i]) * sT;
-        const scalar_t* p1 = row + (t0 + s_idx[i + kWarps]) * sT;
-        const scalar_t* p2 = row + (t0 + s_idx[i + 2 * kWarps]) * sT;
-        const scalar_t* p3 = row + (t0 + s_idx[i + 3 * kWarps]) * sT;
-        const Vec<scalar_t, VEC> x0 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p0);
-        const Vec<scalar_t, VEC> x1 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p1);
-        const Vec<scalar_t, VEC> x2 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p2);
-        const Vec<scalar_t, VEC> x3 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p3);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          acc[v] += (static_cast<acc_t>(x0.v[v]) + static_cast<acc_t>(x1.v[v])) +
-                    (static_cast<acc_t>(x2.v[v]) + static_cast<acc_t>(x3.v[v]));
-      }
-      for (; i < n_valid; i += kWarps) add_vec<scalar_t, acc_t, VEC>(acc, row + (t0 + s_idx[i]) * sT);
-    }
-    total += n_valid;
-    __syncthreads();  // s_idx is rewritten by the next tile
-  }
+  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
+  int64_t count = 0;
+  warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
 
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) s_red[warp][lane * VEC + v] = acc[v];
+  for (int v = 0; v < W; ++v) s_red[warp][lane * W + v] = total[v];
+  if (lane == 0) s_cnt[warp] = count;
   __syncthreads();
-  if (warp == 0 && active) {
-    const acc_t inv = total > 0 ? acc_t(1) / static_cast<acc_t>(total) : acc_t(0);
+  if (warp == 0) {
+    int64_t n = 0;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      acc_t s = acc_t(0);
+    for (int w = 0; w < kWarps; ++w) n += s_cnt[w];
+    if (active) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) s += s_red[w][lane * VEC + v];
-      means[b * H + h0 + v] = s * inv;
+      for (int v = 0; v < W; ++v) {
+        double s = 0.0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += s_red[w][lane * W + v];
+        if (g.n_splits == 1)
+          means[b * g.H + h + v] = n > 0 ? static_cast<acc_t>(s / static_cast<double>(n)) : acc_t(0);
+        else
+          ws_sum[(split * g.B + b) * g.H + h + v] = s;
+      }
+    }
+    if (strip == 0 && lane == 0) {
+      if (g.n_splits == 1) counts[b] = n;
+      else ws_cnt[split * g.B + b] = n;
     }
   }
-  if (strip == 0 && tid == 0) counts[b] = total;
+  __syncthreads();  // s_red and s_cnt are rewritten by the block's next item
 }
 
-// sums[d, :] = sum of means[r, :] over the non-empty rows r of domain d, in batch order.
+// At least 3 blocks (24 warps) per SM: enough 16-byte loads in flight to cover HBM latency.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads, 3)
+    row_means_kernel(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask, PoolGeom g,
+                     acc_t* __restrict__ means, int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                     int64_t* __restrict__ ws_cnt) {
+  __shared__ double s_red[kWarps][32 * V];
+  __shared__ int64_t s_cnt[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int64_t items = g.B * g.n_splits * g.n_strips;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    // strip fastest, so neighbouring blocks read neighbouring columns of the same rows
+    const int64_t strip = item % g.n_strips;
+    const int64_t rest = item / g.n_strips;
+    const int64_t split = rest % g.n_splits;
+    const int64_t b = rest / g.n_splits;
+    if (strip < g.n_vec_strips) {
+      const int64_t vi = strip * 32 + lane;
+      row_item<scalar_t, acc_t, V, V>(hidden, mask, g, b, split, strip, g.head + vi * V, vi < g.n_vec,
+                                      s_red, s_cnt, means, counts, ws_sum, ws_cnt);
+    } else {  // the edge strip: lanes [0, head) take the head, the next ones the tail
+      const int64_t tail = g.H - g.body_end;
+      const int64_t h = lane < g.head ? lane : g.body_end + (lane - g.head);
+      row_item<scalar_t, acc_t, 1, V>(hidden, mask, g, b, split, strip, h, lane < g.head + tail, s_red,
+                                      s_cnt, means, counts, ws_sum, ws_cnt);
+    }
+  }
+}
+
+// means[b, h] = (sum over splits, in order) / (valid tokens of row b), and counts[b].
 template <typename acc_t>
-__global__ void domain_sum_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ row_counts,
-                                  const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
-                                  int64_t H, int64_t n_strips, acc_t* __restrict__ sums,
-                                  int64_t* __restrict__ counts) {
-  const int64_t d = blockIdx.x / n_strips;
-  const int64_t h = (blockIdx.x % n_strips) * blockDim.x + threadIdx.x;
-  acc_t acc = acc_t(0);
-  int64_t c = 0;
-  for (int64_t j = offsets[d]; j < offsets[d + 1]; ++j) {
-    const int64_t r = order[j];
-    if (row_counts[r] > 0) {
-      if (h < H) acc += means[r * H + h];
-      ++c;
+__global__ void combine_splits_kernel(const double* __restrict__ ws_sum, const int64_t* __restrict__ ws_cnt,
+                                      int64_t n_splits, int64_t B, int64_t H, acc_t* __restrict__ means,
+                                      int64_t* __restrict__ counts) {
+  const int64_t n = B * H;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / H, h = i - b * H;
+    double s = 0.0;
+    int64_t c = 0;
+    for (int64_t k = 0; k < n_splits; ++k) {
+      s += ws_sum[(k * B + b) * H + h];
+      c += ws_cnt[k * B + b];
     }
+    means[i] = c > 0 ? static_cast<acc_t>(s / static_cast<double>(c)) : acc_t(0);
+    if (h == 0) counts[b] = c;
   }
-  if (h < H) sums[d * H + h] = acc;
-  if (blockIdx.x % n_strips == 0 && threadIdx.x == 0) counts[d] = c;
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
-void launch_row_means(const at::Tensor& hidden, const at::Tensor& mask, at::Tensor& means,
+// Blocks for a grid-stride launch over `items`: enough to fill the device several times,
+// never more than the items nor the grid limit.
+int64_t grid_for(int64_t items, int64_t per_sm) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min(items, sms * per_sm));
+}
+
+// The widest vector (in elements, a power of two <= 16 bytes) that every row start shares.
+template <typename scalar_t>
+int pick_vec(const at::Tensor& hidden) {
+  int V = 16 / static_cast<int>(sizeof(scalar_t));
+  const int64_t sB = hidden.size(0) > 1 ? hidden.stride(0) : 0;
+  const int64_t sT = hidden.size(1) > 1 ? hidden.stride(1) : 0;
+  while (V > 1 && (sB % V != 0 || sT % V != 0)) V /= 2;
+  return V;
+}
+
+PoolGeom make_geom(const at::Tensor& hidden, int V) {
+  PoolGeom g{};
+  g.B = hidden.size(0);
+  g.T = hidden.size(1);
+  g.H = hidden.size(2);
+  g.sB = hidden.stride(0);
+  g.sT = hidden.stride(1);
+  const int64_t elem = static_cast<int64_t>(hidden.element_size());
+  const int64_t misalign = (reinterpret_cast<uintptr_t>(hidden.const_data_ptr()) / elem) % V;
+  g.head = std::min<int64_t>(g.H, (V - misalign) % V);
+  g.n_vec = (g.H - g.head) / V;
+  g.body_end = g.head + g.n_vec * V;
+  g.n_vec_strips = (g.n_vec + 31) / 32;
+  g.n_strips = g.n_vec_strips + ((g.head > 0 || g.body_end < g.H) ? 1 : 0);
+  // Split T only as far as needed to reach kTargetItems work items, in multiples of
+  // kSplitRound tokens (one chunk per warp).
+  const int64_t base = g.B * g.n_strips;
+  int64_t splits = 1;
+  if (base > 0 && base < kTargetItems && g.T > kSplitRound)
+    splits = std::min((kTargetItems + base - 1) / base, (g.T + kSplitRound - 1) / kSplitRound);
+  const int64_t per = (g.T + splits - 1) / splits;
+  g.split_T = std::max<int64_t>(kSplitRound, (per + kSplitRound - 1) / kSplitRound * kSplitRound);
+  g.n_splits = g.T > 0 ? (g.T + g.split_T - 1) / g.split_T : 1;
+  return g;
+}
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
                       at::Tensor& counts) {
-  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
-  const int64_t n_strips = (H + 32 * VEC - 1) / (32 * VEC);
-  const int64_t blocks = B * n_strips;
-  if (blocks == 0) return;
-  row_means_kernel<scalar_t, acc_t, VEC><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      hidden.const_data_ptr<scalar_t>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr, T, H,
-      hidden.stride(0), hidden.stride(1), n_strips, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
+  const int64_t items = g.B * g.n_splits * g.n_strips;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor ws_sum, ws_cnt;
+  if (g.n_splits > 1) {  // every element is written by the first kernel: no zero fill
+    ws_sum = at::empty({g.n_splits, g.B, g.H}, hidden.options().dtype(at::kDouble));
+    ws_cnt = at::empty({g.n_splits, g.B}, hidden.options().dtype(at::kLong));
+  }
+  row_means_kernel<scalar_t, acc_t, V><<<grid_for(items, 16), kThreads, 0, stream>>>(
+      hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(),
+      g.n_splits > 1 ? ws_sum.data_ptr<double>() : nullptr, g.n_splits > 1 ? ws_cnt.data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (g.n_splits > 1) {
+    combine_splits_kernel<acc_t><<<grid_for((g.B * g.H + 255) / 256, 8), 256, 0, stream>>>(
+        ws_sum.const_data_ptr<double>(), ws_cnt.const_data_ptr<int64_t>(), g.n_splits, g.B, g.H,
+        means.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Row means [B, H] in the pooled dtype and valid-token counts [B] (int64).
@@ -160,21 +295,30 @@ std::tuple<at::Tensor, at::Tensor> row_means_cuda(const at::Tensor& hidden_in, c
   const at::Tensor hidden =
       (hidden_in.stride(2) == 1 || hidden_in.size(2) == 1) ? hidden_in : hidden_in.contiguous();
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
-  at::Tensor means = at::zeros({B, H}, hidden.options().dtype(pooled_dtype(hidden.scalar_type())));
+  at::Tensor means = at::empty({B, H}, hidden.options().dtype(pooled_dtype(hidden.scalar_type())));
   at::Tensor counts;
-  if (H == 0) {  // nothing to read; counts straight from the mask
+  if (H == 0 || B == 0) {  // nothing to read; counts straight from the mask
     counts = mask.defined() ? mask.sum(1).to(at::kLong) : at::full({B}, T, hidden.options().dtype(at::kLong));
     return {means, counts};
   }
   counts = at::empty({B}, hidden.options().dtype(at::kLong));
+  const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   auto launch = [&](auto s, auto a) {
     using scalar_t = decltype(s);
     using acc_t = decltype(a);
-    constexpr int V = 16 / sizeof(scalar_t);
-    const bool aligned = reinterpret_cast<uintptr_t>(hidden.const_data_ptr()) % 16 == 0;
-    const bool vec_ok = aligned && H % V == 0 && hidden.stride(0) % V == 0 && hidden.stride(1) % V == 0;
-    if (vec_ok) launch_row_means<scalar_t, acc_t, V>(hidden, mask, means, counts);
-    else launch_row_means<scalar_t, acc_t, 1>(hidden, mask, means, counts);
+    const int V = pick_vec<scalar_t>(hidden);
+    const PoolGeom g = make_geom(hidden, V);
+    // pick_vec never exceeds 16 bytes: 8 only for 2-byte types, 4 for 2- and 4-byte ones.
+    switch (V) {
+      case 8:
+        if constexpr (sizeof(scalar_t) == 2) launch_row_means<scalar_t, acc_t, 8>(hidden, mk, g, means, counts);
+        break;
+      case 4:
+        if constexpr (sizeof(scalar_t) <= 4) launch_row_means<scalar_t, acc_t, 4>(hidden, mk, g, means, counts);
+        break;
+      case 2: launch_row_means<scalar_t, acc_t, 2>(hidden, mk, g, means, counts); break;
+      default: launch_row_means<scalar_t, acc_t, 1>(hidden, mk, g, means, counts); break;
+    }
   };
   switch (hidden.scalar_type()) {
     case at::kFloat: launch(float{}, float{}); break;
@@ -184,6 +328,79 @@ std::tuple<at::Tensor, at::Tensor> row_means_cuda(const at::Tensor& hidden_in, c
     default: TORCH_CHECK(false, "unreachable dtype ", hidden.scalar_type());
   }
   return {means, counts};
+}
+
+// ---------------------------------------------------------------- domain segments
+
+// counts[d] = rows of domain d with at least one valid token (integer adds: any order gives
+// the same result). Ids that reached the device unchecked are checked here.
+__global__ void domain_counts_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ row_counts,
+                                     int64_t B, int64_t D, unsigned long long* __restrict__ counts) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < B;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = ids[b];
+    CUDA_KERNEL_ASSERT(d >= 0 && d < D && "domain_mean_pool: a domain id is outside [0, num_domains)");
+    if (d >= 0 && d < D && row_counts[b] > 0) atomicAdd(counts + d, 1ull);
+  }
+}
+
+// The domain owning global chunk g: the last d with chunk_off[d] <= g (chunk_off is
+// non-decreasing, chunk_off[0] = 0, g < chunk_off[D]).
+__device__ __forceinline__ int64_t chunk_domain(const int64_t* __restrict__ chunk_off, int64_t D, int64_t g) {
+  int64_t lo = 0, hi = D;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (chunk_off[mid] <= g) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// partial[g, h] = sum of means[order[p], h] over the kSegChunk (or fewer) sorted positions p
+// of chunk g, in order. Items are (chunk, strip of blockDim.x columns); chunks at or past
+// chunk_off[D] (the launch is sized for the worst case) do nothing.
+template <typename acc_t>
+__global__ void segment_chunks_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ order,
+                                      const int64_t* __restrict__ offsets, const int64_t* __restrict__ chunk_off,
+                                      int64_t D, int64_t H, int64_t max_chunks, int64_t n_strips,
+                                      double* __restrict__ partial) {
+  const int64_t items = max_chunks * n_strips;
+  const int64_t n_chunks = chunk_off[D];
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t g = item / n_strips;
+    if (g >= n_chunks) continue;  // uniform over the block
+    const int64_t h = (item % n_strips) * blockDim.x + threadIdx.x;
+    if (h >= H) continue;
+    const int64_t d = chunk_domain(chunk_off, D, g);
+    const int64_t p0 = offsets[d] + (g - chunk_off[d]) * kSegChunk;
+    const int64_t p1 = p0 + kSegChunk < offsets[d + 1] ? p0 + kSegChunk : offsets[d + 1];
+    double s = 0.0;
+    int64_t p = p0;
+    for (; p + 4 <= p1; p += 4) {
+      const acc_t x0 = means[order[p] * H + h], x1 = means[order[p + 1] * H + h];
+      const acc_t x2 = means[order[p + 2] * H + h], x3 = means[order[p + 3] * H + h];
+      s += static_cast<double>(x0);
+      s += static_cast<double>(x1);
+      s += static_cast<double>(x2);
+      s += static_cast<double>(x3);
+    }
+    for (; p < p1; ++p) s += static_cast<double>(means[order[p] * H + h]);
+    partial[g * H + h] = s;
+  }
+}
+
+// sums[d, h] = the chunks of domain d added in order (zero for a domain with no rows).
+template <typename acc_t>
+__global__ void segment_combine_kernel(const double* __restrict__ partial, const int64_t* __restrict__ chunk_off,
+                                       int64_t D, int64_t H, acc_t* __restrict__ sums) {
+  const int64_t n = D * H;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = i / H, h = i - d * H;
+    double s = 0.0;
+    for (int64_t g = chunk_off[d]; g < chunk_off[d + 1]; ++g) s += partial[g * H + h];
+    sums[i] = static_cast<acc_t>(s);
+  }
 }
 
 at::Tensor masked_mean_pool_cuda(const at::Tensor& hidden, const c10::optional<at::Tensor>& mask_in) {
@@ -202,37 +419,51 @@ std::tuple<at::Tensor, at::Tensor> domain_mean_pool_cuda(const at::Tensor& hidde
   check_hidden(hidden, op);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor mask = normalized_mask(hidden, mask_in, op);
-  const at::Tensor ids = normalized_domain_ids(hidden, domain_ids_in, num_domains, op);
+  at::Tensor ids = normalized_domain_ids(hidden, domain_ids_in, num_domains, op);
   const int64_t B = hidden.size(0), H = hidden.size(2), D = num_domains;
-
-  // The ids come to the host once (B int64s): every id is checked before any write, and
-  // rows are grouped by domain with a stable counting sort, which fixes the summation order.
-  const at::Tensor ids_cpu = ids.cpu();
-  const int64_t* id = ids_cpu.const_data_ptr<int64_t>();
-  std::vector<int64_t> offsets(D + 1, 0), order(B);
-  for (int64_t b = 0; b < B; ++b) {
-    if (id[b] < 0 || id[b] >= D) raise_bad_domain_id(b, id[b], D, op);
-    ++offsets[id[b] + 1];
+  if (ids.device().is_cpu()) {
+    // Ids given on the host are checked there before anything runs, then copied over
+    // without waiting for the device.
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      if (id[b] < 0 || id[b] >= D) raise_bad_domain_id(b, id[b], D, op);
+    ids = ids.to(hidden.device(), at::kLong, /*non_blocking=*/true);
   }
-  for (int64_t d = 0; d < D; ++d) offsets[d + 1] += offsets[d];
-  {
-    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
-    for (int64_t b = 0; b < B; ++b) order[next[id[b]]++] = b;
-  }
-  const auto long_opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor order_d = at::from_blob(order.data(), {B}, long_opts).to(hidden.device());
-  at::Tensor offsets_d = at::from_blob(offsets.data(), {D + 1}, long_opts).to(hidden.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  auto [means, row_counts] = row_means_cuda(hidden, mask);
+  const auto row = row_means_cuda(hidden, mask);
+  const at::Tensor& means = std::get<0>(row);
+  const at::Tensor& row_counts = std::get<1>(row);
+  const auto long_opts = hidden.options().dtype(at::kLong);
+  at::Tensor counts = at::zeros({D}, long_opts);  // atomically incremented: needs zeros
   at::Tensor sums = at::empty({D, H}, means.options());
-  at::Tensor counts = at::empty({D}, hidden.options().dtype(at::kLong));
+  if (B > 0) {
+    domain_counts_kernel<<<grid_for((B + 255) / 256, 4), 256, 0, stream>>>(
+        ids.const_data_ptr<int64_t>(), row_counts.const_data_ptr<int64_t>(), B, D,
+        reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (H == 0) return {sums, counts};
+
+  // CSR segments on the device: a stable sort keeps batch order within a domain.
+  const auto sorted = at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_ids = std::get<0>(sorted);
+  const at::Tensor order = std::get<1>(sorted);
+  const at::Tensor offsets = at::searchsorted(sorted_ids, at::arange(D + 1, long_opts));  // [D + 1]
+  const at::Tensor lengths = offsets.slice(0, 1) - offsets.slice(0, 0, D);
+  const at::Tensor chunk_off = at::cat({at::zeros({1}, long_opts), at::floor_divide(lengths + (kSegChunk - 1), kSegChunk).cumsum(0)});
+  // sum_d ceil(len_d / c) <= B / c + D: the launch and the partials are sized for that.
+  const int64_t max_chunks = B / kSegChunk + D;
+  at::Tensor partial = at::empty({max_chunks, H}, hidden.options().dtype(at::kDouble));
   constexpr int threads = 256;
-  const int64_t n_strips = std::max<int64_t>(1, (H + threads - 1) / threads);
-  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "domain_sum_cuda", [&] {
-    domain_sum_kernel<scalar_t><<<D * n_strips, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        means.const_data_ptr<scalar_t>(), row_counts.const_data_ptr<int64_t>(),
-        order_d.const_data_ptr<int64_t>(), offsets_d.const_data_ptr<int64_t>(), H, n_strips,
-        sums.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+  const int64_t n_strips = (H + threads - 1) / threads;
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "domain_segments_cuda", [&] {
+    segment_chunks_kernel<scalar_t><<<grid_for(max_chunks * n_strips, 16), threads, 0, stream>>>(
+        means.const_data_ptr<scalar_t>(), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+        chunk_off.const_data_ptr<int64_t>(), D, H, max_chunks, n_strips, partial.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    segment_combine_kernel<scalar_t><<<grid_for((D * H + threads - 1) / threads, 8), threads, 0, stream>>>(
+        partial.const_data_ptr<double>(), chunk_off.const_data_ptr<int64_t>(), D, H, sums.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sums, counts};
