@@ -1,4 +1,4 @@
-"""Chameleon domain weights in the formats other trainers read (METHOD.md, step 6).
+"""Chameleon domain weights in the formats other trainers read (docs/method.md, step 6).
 
 :mod:`chameleon_ext.exports` writes the Megatron ``--data-path`` blend, the Hugging Face
 ``interleave_datasets`` probabilities and a plain YAML mixture. This module adds, each as a

@@ -4,7 +4,7 @@ The architecture is GPT-2's: learned positional embeddings, pre-LayerNorm blocks
 self-attention (``torch.nn.functional.scaled_dot_product_attention``) and a GELU MLP, a final
 LayerNorm, and an output projection tied to the input embedding.
 
-Domain embeddings (METHOD.md, step 2) need the hidden state after the middle block.
+Domain embeddings (docs/method.md, step 2) need the hidden state after the middle block.
 :meth:`GPT.hidden_states` follows Hugging Face's ``output_hidden_states`` convention --
 ``hidden_states[0]`` is the embedding output, ``hidden_states[i]`` the output of block ``i``,
 and the last entry ``hidden_states[n_layer]`` has the final LayerNorm applied -- but runs only

@@ -1,6 +1,6 @@
 """Online Chameleon: mixture weights that follow the model being trained (issue 14).
 
-The method embeds every domain with a separately trained proxy (METHOD.md, step 2). During
+The method embeds every domain with a separately trained proxy (docs/method.md, step 2). During
 training the model computes the same kind of hidden states at every step, for batches whose
 rows' domains are known, so the domain embeddings can come from the training model itself:
 
@@ -129,7 +129,7 @@ class OnlineChameleon:
             only the last step).
         floor: every domain gets at least this weight after an update; ``floor * k < 1``
             (default 0.01).
-        mode: ``"pretrain"`` (default) or ``"finetune"``: the softmax rule of METHOD.md step 5.
+        mode: ``"pretrain"`` (default) or ``"finetune"``: the softmax rule of docs/method.md step 5.
         lam, temperature: as in :func:`chameleon_ext.weights_from_embeddings`.
         initial_weights: weights before the first update: None (uniform), k numbers in
             ``domains`` order, or a ``{domain: weight}`` mapping; normalised to sum 1.

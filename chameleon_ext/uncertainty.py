@@ -231,7 +231,7 @@ def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[st
 
 def _softmax_rule(mode: str) -> str:
     """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
-    frozen proxy, METHOD.md step 5) uses the pretraining rule, as the pipeline does."""
+    frozen proxy, docs/method.md step 5) uses the pretraining rule, as the pipeline does."""
     return "pretrain" if mode == "transfer" else _check_mode(mode)
 
 

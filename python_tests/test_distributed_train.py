@@ -14,7 +14,6 @@ import os
 import time
 import traceback
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -28,7 +27,7 @@ from chameleon_ext.checkpoint import load_checkpoint
 from chameleon_ext.data.sampler import WeightedDomainSampler
 from chameleon_ext.trainer import TrainConfig, evaluate, train
 
-from .factories import exit_spawned_worker, set_worker_env, spawn_workers
+from .factories import TEXT_DOMAINS, exit_spawned_worker, set_worker_env, spawn_workers, write_text_domains
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -80,18 +79,8 @@ class _Mix(Callback):
 
 
 def _make_dataset(root):
-    rng = np.random.default_rng(0)
-    texts = {
-        "alpha": " ".join("the quick brown fox jumps" for _ in range(300)),
-        "digits": " ".join(str(int(v)) for v in rng.integers(0, 10**6, 700)),
-        "dna": "".join("ACGT"[int(i)] for i in rng.integers(0, 4, 5000)),
-        "zeta": " ".join(f"item_{i}: value={i * 7 % 13}" for i in range(400)),
-    }
-    for name, text in texts.items():
-        os.makedirs(os.path.join(root, name))
-        with open(os.path.join(root, name, "data.txt"), "w", encoding="utf-8") as f:
-            f.write(text)
-    return load_dataset(root)  # builds the token cache once, before any worker reads it
+    # builds the token cache once, before any worker reads it
+    return load_dataset(write_text_domains(root, names=TEXT_DOMAINS))
 
 
 # -- worker plumbing -------------------------------------------------------------------------

@@ -19,24 +19,15 @@ from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
 from chameleon_ext.callbacks import Callback
 from chameleon_ext.trainer import TrainConfig, TrainingDiverged, evaluate, train
 
+from .factories import TEXT_DOMAINS, write_text_domains
+
 BLOCK = 16
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Four small byte-level domains with clearly different statistics."""
-    root = tmp_path_factory.mktemp("mix")
-    rng = np.random.default_rng(0)
-    texts = {
-        "alpha": " ".join("the quick brown fox jumps" for _ in range(300)),
-        "digits": " ".join(str(int(v)) for v in rng.integers(0, 10**6, 700)),
-        "dna": "".join("ACGT"[int(i)] for i in rng.integers(0, 4, 5000)),
-        "zeta": " ".join(f"item_{i}: value={i * 7 % 13}" for i in range(400)),
-    }
-    for name, text in texts.items():
-        os.makedirs(root / name)
-        (root / name / "data.txt").write_text(text, encoding="utf-8")
-    return load_dataset(root)
+    return load_dataset(write_text_domains(tmp_path_factory.mktemp("mix"), names=TEXT_DOMAINS))
 
 
 def _model(seed=0, dropout=0.0):

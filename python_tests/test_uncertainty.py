@@ -40,7 +40,7 @@ def synthetic_windows(k=5, n=256, d=16, spread=1.0, separation=3.0, seed=0, dtyp
 
 
 def np_chameleon(X, lam, mode, T, normalize=True):
-    """Raw KRLS, scores and weights of embeddings X [k, d] (METHOD.md 3-5, via inv)."""
+    """Raw KRLS, scores and weights of embeddings X [k, d] (docs/method.md steps 3-5, via inv)."""
     k = X.shape[0]
     H = np.eye(k) - 1.0 / k
     Kc = H @ (X @ X.T) @ H
