@@ -372,6 +372,24 @@ def test_plain_text_multi_line_file_starts_anywhere(tmp_path):
     assert abs(np.mean(w == EOS) - expect_eos) < 5 * np.sqrt(expect_eos / w.size)
 
 
+def test_plain_text_long_lines_are_cut_on_the_grid(tmp_path):
+    from chameleon_ext.data import sources
+
+    rng = np.random.default_rng(4)
+    text = "".join(rng.choice(list("abcdefgh "), size=int(2.5 * (1 << 20))))  # one 2.5 MiB line
+    (tmp_path / "one.txt").write_text(text)
+    src = TextSources([PlainTextSource(str(tmp_path / "one.txt"))])
+    w = src.sample_windows(np.random.default_rng(0), 40, 64, TOK)
+    assert_windows_in_stream(w, reference_stream([text]))
+    assert src.last_stats.unit_bytes <= 40 * 2 * (1 << 20)  # at most two grid pieces per draw
+    # a multi-byte character split by a cut is dropped, other bytes kept; real errors still raise
+    piece = "é中😀x".encode()
+    assert sources._decode_cut(piece[1:-1]) == "中😀"
+    assert sources._decode_cut(piece[:-2]) == "é中"  # 😀 lost its last byte to the cut
+    with pytest.raises(UnicodeDecodeError):
+        sources._decode_cut(b"ab\xffcdefgh")
+
+
 def test_text_field_option_and_hf_dataset_dict(tmp_path):
     datasets = pytest.importorskip("datasets")
     docs = make_docs(12, seed=3)

@@ -41,7 +41,8 @@ block, a Parquet file has one block per row group, a compressed shard is one blo
    groups, the text buffer's bytes for Arrow;
 2. picks a byte uniformly within the block (uncompressed bytes for a compressed shard; the text
    buffer's bytes for Arrow and Parquet) and takes the document (JSONL line, Arrow/Parquet row)
-   or, for plain text files, the line containing it;
+   or, for plain text files, the line containing it (lines are also cut on a fixed 1 MiB grid,
+   so one-line files cost no more; a character split by a cut is dropped);
 3. tokenises that document (line), appends EOS at a document end, and starts the window at the
    token at the same relative position (``floor(fraction * n_tokens)``); the window continues
    into the following documents, then the following blocks (cyclically), so, as in the method,
@@ -114,6 +115,9 @@ _NANOGPT_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _RAW_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow", ".txt", ".text")
 _STREAM_CHUNK = _MIB
 _LOOKBACK = 1 << 16  # bytes read backwards per step when finding the start of a line
+# Lines of plain text files are also cut every _MAX_UNIT bytes (a fixed grid), so a file with
+# very long lines (minified code, one-line dumps) never makes a draw read more than this.
+_MAX_UNIT = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,16 +478,32 @@ class _Block:
 # raw text: line-based files (plain text, JSONL, compressed JSONL)
 
 
+def _decode_cut(data: bytes) -> str:
+    """UTF-8 of a piece cut on the byte grid: a character split by the cut is dropped (at most
+    3 bytes at each end); anything else invalid still raises."""
+    head = 0
+    while head < min(3, len(data)) and 0x80 <= data[head] < 0xC0:
+        head += 1
+    data = data[head:]
+    for tail in range(0, min(4, len(data) + 1)):
+        try:
+            return data[:len(data) - tail].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(data) - 4:
+                raise
+    return data.decode("utf-8")  # raises with the real position
+
+
 class _LineFormat:
     """How a line becomes text: a JSONL document (EOS after each) or a line of a text file."""
 
     def __init__(self, path: str, jsonl: bool, text_field: str):
         self.path, self.jsonl, self.text_field = path, jsonl, text_field
 
-    def parse(self, line: bytes, offset: int) -> str:
+    def parse(self, line: bytes, offset: int, cut: bool = False) -> str:
         if not self.jsonl:
             try:
-                return line.decode("utf-8")
+                return _decode_cut(line) if cut else line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ChameleonUserError(
                     f"file {self.path!r} is not valid UTF-8 text near byte {offset + exc.start} ({exc.reason})"
@@ -504,9 +524,9 @@ class _LineFormat:
             )
         return text
 
-    def tokens(self, line: bytes, offset: int, last: bool, tok, stats) -> np.ndarray:
+    def tokens(self, line: bytes, offset: int, last: bool, tok, stats, cut: bool = False) -> np.ndarray:
         """Tokens of one line; EOS closes a JSONL document and the last line of a text file."""
-        text = self.parse(line, offset)
+        text = self.parse(line, offset, cut)
         ids = _encode(tok, text) if text else np.zeros(0, np.int64)
         if (self.jsonl and text) or (not self.jsonl and last):
             ids = np.append(ids, np.int64(tok.eos_id))
@@ -530,16 +550,33 @@ class _SeekableLines(_Block):
             raise ChameleonUserError(f"cannot read file {self.path!r}: {exc.strerror or exc}") from exc
 
     @staticmethod
-    def _line_start(f, u: int) -> int:
+    def _line_start(f, u: int, floor: int) -> int:
         pos = u
-        while pos > 0:  # look backwards for the newline ending the previous line
-            lo = max(0, pos - _LOOKBACK)
+        while pos > floor:  # look backwards for the newline ending the previous line
+            lo = max(floor, pos - _LOOKBACK)
             f.seek(lo)
             nl = f.read(pos - lo).rfind(b"\n")
             if nl >= 0:
                 return lo + nl + 1
             pos = lo
-        return 0
+        return floor
+
+    def _grid(self, pos: int) -> tuple[int, int]:
+        """The grid cell around ``pos``: text lines are also cut every ``_MAX_UNIT`` bytes."""
+        if self.fmt.jsonl:  # a JSONL line is a document: never cut
+            return 0, self.weight
+        g = pos - pos % _MAX_UNIT
+        return g, g + _MAX_UNIT
+
+    def _unit(self, f, pos: int) -> bytes:
+        """The line (or grid-cut piece of a long line) starting at ``pos``."""
+        f.seek(pos)
+        return f.readline(self._grid(pos)[1] - pos)
+
+    def _tokens(self, unit: bytes, pos: int, tok, stats) -> np.ndarray:
+        end = pos + len(unit)
+        cut = not self.fmt.jsonl and (pos % _MAX_UNIT == 0 or end % _MAX_UNIT == 0)
+        return self.fmt.tokens(unit, pos, end >= self.weight, tok, stats, cut=cut)
 
     def windows(self, rng, k, window, tok, stats):
         us = rng.integers(0, self.weight, size=k)
@@ -549,20 +586,17 @@ class _SeekableLines(_Block):
         with self._open() as f:
             for u, frac in zip(us, fractions):
                 u = int(u)
-                ls = self._line_start(f, u)
-                f.seek(ls)
-                line = f.readline()
-                # position of u within its line, so the start is uniform over the line's tokens
-                frac = (u - ls + frac) / max(len(line), 1)
+                pos = self._line_start(f, u, self._grid(u)[0])
+                unit = self._unit(f, pos)
+                # position of u within its unit, so the start is uniform over the unit's tokens
+                frac = (u - pos + frac) / max(len(unit), 1)
                 w = _Window(window)
-                pos = ls
                 first = True
-                while line and not w.full:
-                    nxt_pos = pos + len(line)
-                    toks = self.fmt.tokens(line, pos, nxt_pos >= self.weight, tok, stats)
+                while unit and not w.full:
+                    toks = self._tokens(unit, pos, tok, stats)
                     w.feed(_start_at(toks, frac) if first else toks)
-                    first, pos = False, nxt_pos
-                    line = f.readline()
+                    first, pos = False, pos + len(unit)
+                    unit = self._unit(f, pos)
                 out.append(w)
         return out
 
@@ -570,11 +604,11 @@ class _SeekableLines(_Block):
         w = _Window(n)
         with self._open() as f:
             pos = 0
-            for line in f:
-                w.feed(self.fmt.tokens(line, pos, pos + len(line) >= self.weight, tok, stats))
-                pos += len(line)
-                if w.full:
-                    break
+            unit = self._unit(f, 0)
+            while unit and not w.full:
+                w.feed(self._tokens(unit, pos, tok, stats))
+                pos += len(unit)
+                unit = self._unit(f, pos)
         return w.tokens()
 
 
