@@ -311,6 +311,15 @@ def test_raw_windows_are_runs_of_the_full_tokenisation(tmp_path, fmt):
     assert not np.array_equal(w, src.sample_windows(np.random.default_rng(8), 64, 48, TOK))
 
 
+@pytest.mark.parametrize("fmt", RAW_FORMATS)
+def test_iter_documents_is_the_full_tokenisation(tmp_path, fmt):
+    docs = make_docs(25, seed=2)
+    d, order = build_domain(tmp_path, fmt, docs)
+    got = [np.frombuffer("".join(doc).encode(), np.uint8) for doc in detect_sources(str(d)).iter_documents()]
+    stream = np.concatenate([np.append(g.astype(np.int64), EOS) for g in got])
+    np.testing.assert_array_equal(stream, reference_stream(order))
+
+
 @pytest.mark.parametrize("fmt", [f for f in RAW_FORMATS if f != "parquet"])  # Parquet: test below
 def test_raw_window_start_distribution_matches_the_stated_approximation(tmp_path, fmt):
     """Window of one token: which document it lands in, against (b_d / B) * k_d / (k_d + 1),

@@ -473,6 +473,10 @@ class _Block:
         """The block's first ``n`` tokens (fewer if it holds fewer), for windows that continue."""
         raise NotImplementedError
 
+    def documents(self) -> Iterator[Iterator[str]]:
+        """Every document in order, each as an iterator of text pieces (for full tokenisation)."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------
 # raw text: line-based files (plain text, JSONL, compressed JSONL)
@@ -600,6 +604,28 @@ class _SeekableLines(_Block):
                 out.append(w)
         return out
 
+    def documents(self):
+        if self.fmt.jsonl:
+            with self._open() as f:
+                pos = 0
+                for line in f:
+                    text = self.fmt.parse(line, pos)
+                    pos += len(line)
+                    if text:
+                        yield iter((text,))
+        else:
+            yield self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
+        with self._open() as f:
+            pos = 0
+            unit = self._unit(f, 0)
+            while unit:
+                yield self.fmt.parse(unit, pos, not self.fmt.jsonl and (pos % _MAX_UNIT == 0
+                                                                         or (pos + len(unit)) % _MAX_UNIT == 0))
+                pos += len(unit)
+                unit = self._unit(f, pos)
+
     def head(self, n, tok, stats):
         w = _Window(n)
         with self._open() as f:
@@ -694,6 +720,12 @@ class _CompressedLines(_Block):
             if nxt >= k and not active:
                 break  # nothing left to read from this shard
         return out
+
+    def documents(self):
+        for pos, line in self._lines(SampleStats()):
+            text = self.fmt.parse(line, pos)
+            if text:
+                yield iter((text,))
 
     def head(self, n, tok, stats):
         w = _Window(n)
@@ -827,6 +859,12 @@ def _row_windows(rows: _Rows, rng, k, window, tok, stats) -> List[_Window]:
     return out
 
 
+def _row_documents(rows: _Rows) -> Iterator[Iterator[str]]:
+    for text in rows.texts_from(0, 0):
+        if text:
+            yield iter((text,))
+
+
 def _row_head(rows: _Rows, n, tok, stats) -> np.ndarray:
     w = _Window(n)
     for text in rows.texts_from(0, 0):
@@ -869,6 +907,9 @@ class _ArrowBlock(_Block):
     def head(self, n, tok, stats):
         return _row_head(self.rows, n, tok, stats)
 
+    def documents(self):
+        return _row_documents(self.rows)
+
 
 class _ParquetRowGroup(_Block):
     """One row group of a Parquet file; only its text column is read, and only when drawn."""
@@ -894,6 +935,9 @@ class _ParquetRowGroup(_Block):
 
     def head(self, n, tok, stats):
         return _row_head(self._rows(), n, tok, stats)
+
+    def documents(self):
+        return _row_documents(self._rows())
 
 
 # ------------------------------------------------------------------------------------------
@@ -1061,6 +1105,13 @@ class TextSources:
 
     def sizes(self) -> List[int]:
         return [b.weight for b in self.blocks]
+
+    def iter_documents(self) -> Iterator[Iterator[str]]:
+        """Every document of the domain in order, each an iterator of text pieces (a plain text
+        file: its 1 MiB pieces). For small domains that are tokenised whole into a cache; the
+        join rule is the samplers': EOS after every document."""
+        for b in self.blocks:
+            yield from b.documents()
 
     def fingerprint(self, full: bool = False) -> str:
         return _combine("text", [s.fingerprint(full) for s in self.sources])
