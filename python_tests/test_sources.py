@@ -133,6 +133,7 @@ def test_megatron_builder_files_read_exactly(tmp_path, dtype):
     builder.finalize(prefix + ".idx")
 
     src = MegatronSource(prefix)
+    assert src.contiguous  # the builder writes sequences back to back: reads are one pread
     theirs = MEGATRON.IndexedDataset(prefix)  # megatron-core's own reader as the reference
     ref = np.concatenate([np.asarray(theirs[i], np.int64) for i in range(len(theirs))])
     assert src.n_tokens == ref.size == sum(s.size for s in seqs)
@@ -197,7 +198,10 @@ def test_megatron_multimodal_modes_and_noncontiguous_pointers(tmp_path):
     raw = bytearray(open(prefix + ".idx", "rb").read())
     struct.pack_into("<qq", raw, 34 + 2 * 4, 2, 0)
     open(prefix + ".idx", "wb").write(bytes(raw))
-    np.testing.assert_array_equal(MegatronSource(prefix).read(0, 3), [5, 6, 7])
+    src = MegatronSource(prefix)
+    assert not src.contiguous
+    np.testing.assert_array_equal(src.read(0, 3), [5, 6, 7])
+    np.testing.assert_array_equal(src.document_token_starts(), [0, 2, 3])
 
 
 def test_megatron_corrupt_files_one_line_errors(tmp_path):
@@ -382,7 +386,7 @@ def test_plain_text_multi_line_file_starts_anywhere(tmp_path):
 
 
 def test_plain_text_long_lines_are_cut_on_the_grid(tmp_path):
-    from chameleon_ext.data import sources
+    from chameleon_ext.data.sources import lines as sources
 
     rng = np.random.default_rng(4)
     text = "".join(rng.choice(list("abcdefgh "), size=int(2.5 * (1 << 20))))  # one 2.5 MiB line
