@@ -4,8 +4,13 @@ with the domain (issue 13's goal: a 10x larger domain takes at most 1.2x the tim
 For each format a small and a 10x larger domain are generated from the same random text
 (timed run: ~200 MB and ~2 GB under $CHAMELEON_BENCH_DIR or /tmp, kept between runs; the 2 GB
 domain is skipped when the disk is short), then each is drawn from in a fresh child process,
-which reports the draw's seconds (median of 3 seeds) and its peak RSS above the RSS after the
-imports (pages of memory-mapped files the draw touched count too). The untimed
+which reports, median of 3 seeds: ``cold_s``, the draw after this domain's files were evicted
+from the page cache (``posix_fadvise(DONTNEED)`` on its own files only), and ``warm_s``, the same
+draw again (every page it needs cached: the CPU cost); memory: ``heap_mb``, the draw's peak of
+Python/NumPy allocations (tracemalloc), ``anon_mb``, the growth of anonymous resident memory,
+and ``rss_mb``, the peak RSS growth, which also counts the page-cache pages of memory-mapped
+files (Arrow; the kernel maps large folios around each touched row, so this one grows with the
+file until the file is mapped whole: reclaimable cache, not process memory). The untimed
 CI run uses tiny domains in-process. extra_info records both sizes and the ratios.
 
 Compressed shards are 16 MB and Parquet row groups about 8 MB, because the draw reads at most
@@ -130,30 +135,50 @@ def write_domain(root, fmt, mb, seed=0):
 
 
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time, tracemalloc
 import numpy as np
 from chameleon_ext.data.sources import detect_sources
 from chameleon_ext.data.tokenizer import ByteTokenizer
 path, n, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tok = ByteTokenizer()
+
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
-rss0 = status("VmRSS:")
-try:  # reset the peak-RSS mark (Linux), so VmHWM is the peak of the draw, not of the imports
+
+def evict():  # drop this domain's pages from the page cache (only its files): a cold read
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+rss0, anon0 = status("VmRSS:"), status("RssAnon:")
+try:  # reset the peak-RSS mark (Linux), so VmHWM is the peak of the draws, not of the imports
     open("/proc/self/clear_refs", "w").write("5")
 except OSError:
     pass
+evict()
 t0 = time.perf_counter()
 src = detect_sources(path)
 t_open = time.perf_counter() - t0
-times = []
+cold, warm = [], []
 for seed in range(3):
+    evict()
     t0 = time.perf_counter()
-    w = src.sample_windows(np.random.default_rng(seed), n, window, ByteTokenizer())
-    times.append(time.perf_counter() - t0)
+    src.sample_windows(np.random.default_rng(seed), n, window, tok)
+    cold.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()  # the same windows again: every page they need is cached
+    w = src.sample_windows(np.random.default_rng(seed), n, window, tok)
+    warm.append(time.perf_counter() - t0)
 assert w.shape == (n, window)
-print(json.dumps({"open_s": t_open, "draw_s": sorted(times)[1], "rss_mb": status("VmHWM:") - rss0}))
+hwm, anon1 = status("VmHWM:") - rss0, status("RssAnon:") - anon0
+tracemalloc.start()
+src.sample_windows(np.random.default_rng(0), n, window, tok)
+heap = tracemalloc.get_traced_memory()[1] / 2 ** 20
+print(json.dumps({"open_s": t_open, "cold_s": sorted(cold)[1], "warm_s": sorted(warm)[1],
+                  "rss_mb": hwm, "anon_mb": anon1, "heap_mb": heap}))
 """
 
 
@@ -176,7 +201,9 @@ def _measure_inline(path, n, window):
     t0 = time.perf_counter()
     w = src.sample_windows(np.random.default_rng(0), n, window, ByteTokenizer())
     assert w.shape == (n, window) and w.min() >= 0 and w.max() <= 256
-    return {"open_s": t_open, "draw_s": time.perf_counter() - t0, "rss_mb": float("nan")}
+    dt = time.perf_counter() - t0
+    return {"open_s": t_open, "cold_s": dt, "warm_s": dt, "rss_mb": float("nan"), "anon_mb": float("nan"),
+            "heap_mb": float("nan")}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -206,13 +233,13 @@ def bench_sources_scaling(benchmark, fmt, case, request):
         src = detect_sources(dirs[sizes[-1]])
         benchmark.pedantic(lambda: src.sample_windows(np.random.default_rng(0), n, window, ByteTokenizer()),
                            rounds=1 if quick else 3, iterations=1)
-        info = {"provider": f"{fmt}", "tokens_per_s": n * window / results[sizes[-1]]["draw_s"]}
+        info = {"provider": f"{fmt}", "tokens_per_s": n * window / results[sizes[-1]]["warm_s"]}
+        keys = ("open_s", "cold_s", "warm_s", "rss_mb", "anon_mb", "heap_mb")
         for mb in sizes:
-            info.update({f"draw_s_{mb}mb": results[mb]["draw_s"], f"open_s_{mb}mb": results[mb]["open_s"],
-                         f"rss_mb_{mb}mb": results[mb]["rss_mb"]})
+            info.update({f"{k}_{mb}mb": results[mb][k] for k in keys})
         if len(sizes) == 2:
-            info["time_ratio_10x"] = results[large_mb]["draw_s"] / results[small_mb]["draw_s"]
-            info["rss_ratio_10x"] = results[large_mb]["rss_mb"] / max(results[small_mb]["rss_mb"], 1e-9)
+            for k in ("cold_s", "warm_s", "heap_mb"):
+                info[f"{k}_ratio_10x"] = results[large_mb][k] / max(results[small_mb][k], 1e-9)
         benchmark.extra_info.update(info)
         print(f"\n[bench_sources] {fmt}: " + ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))

@@ -109,25 +109,6 @@ def _row_head(rows: _Rows, n, tok, stats) -> np.ndarray:
     return w.tokens()
 
 
-def _map_random(path: str):
-    """The file memory-mapped for random access, as a zero-copy Arrow buffer.
-
-    ``MADV_RANDOM`` turns off the kernel's read-around, which otherwise maps megabytes around
-    every row a draw touches and made resident memory grow with the file in the benchmark.
-    """
-    import mmap
-
-    import pyarrow as pa
-
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise ValueError("the file is empty")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
-    return pa.py_buffer(mm)
-
-
 class _ArrowBlock(_Block):
     """One memory-mapped Arrow IPC file (``datasets.save_to_disk`` writes the stream format)."""
 
@@ -138,12 +119,13 @@ class _ArrowBlock(_Block):
 
         self.path, self.label = path, path
         try:
-            buf = _map_random(path)
+            source = pa.memory_map(path, "r")  # zero-copy: the rows stay on disk until read
             try:
-                table = pa.ipc.open_stream(pa.BufferReader(buf)).read_all()
+                table = pa.ipc.open_stream(source).read_all()
             except pa.ArrowInvalid:
-                table = pa.ipc.open_file(pa.BufferReader(buf)).read_all()
-        except (OSError, ValueError, pa.ArrowException) as exc:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+        except (OSError, pa.ArrowException) as exc:
             raise ChameleonUserError(f"file {path!r} is not a readable Arrow IPC file: {exc}") from None
         if text_field not in table.column_names:
             raise ChameleonUserError(
