@@ -194,7 +194,7 @@ class TextSources:
                         "tokens"
                     )
                 nb = (b + step) % len(self.blocks)
-                if nb not in heads or heads[nb].size < window:
+                if nb not in heads:  # a head shorter than a window is the whole block
                     heads[nb] = self.blocks[nb].head(window, tokenizer, stats)
                 w.feed(heads[nb])
                 step += 1
