@@ -446,7 +446,7 @@ def test_sequential_blocks_read_are_capped(tmp_path):
     assert free.last_stats.blocks_read == 12
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "arrow", "text"])
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow", "text"])
 def test_estimated_tokens_close_to_the_exact_count(tmp_path, fmt):
     docs = make_docs(300, seed=9, lo=20, hi=400)
     d, order = build_domain(tmp_path, fmt, docs, shards=4)

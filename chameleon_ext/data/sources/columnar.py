@@ -164,9 +164,13 @@ class _ParquetRowGroup(_Block):
             raise ChameleonUserError(f"file {self.source.path!r} is not a readable Parquet file: {exc}") from None
         return _Rows(_string_chunks(table.column(0), self.source.path, self.source.text_field))
 
+    rescale_key = "parquet"
+
     def windows(self, rng, k, window, tok, stats):
         stats.blocks_read += 1
-        return _row_windows(self._rows(), rng, k, window, tok, stats)
+        rows = self._rows()
+        stats.measured(self.rescale_key, self.weight, rows.n_bytes)
+        return _row_windows(rows, rng, k, window, tok, stats)
 
     def head(self, n, tok, stats):
         return _row_head(self._rows(), n, tok, stats)

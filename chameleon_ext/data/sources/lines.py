@@ -181,7 +181,7 @@ class _CompressedLines(_Block):
     """A ``.jsonl.gz`` / ``.jsonl.zst`` shard: streamed, as it cannot seek (package docstring)."""
 
     sequential = True
-    compressed = True
+    rescale_key = "compressed"
 
     def __init__(self, path: str, fmt: _LineFormat, codec: str):
         self.path, self.fmt, self.codec, self.label = path, fmt, codec, path
@@ -233,8 +233,7 @@ class _CompressedLines(_Block):
     def windows(self, rng, k, window, tok, stats):
         stats.blocks_read += 1
         total = self._uncompressed_size()
-        stats.compressed_bytes += self.weight
-        stats.stream_bytes += total
+        stats.measured(self.rescale_key, self.weight, total)
         if total == 0:
             return [_Window(window) for _ in range(k)]
         us = rng.integers(0, total, size=k)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -24,8 +24,14 @@ class SampleStats:
     unit_bytes: int = 0  # bytes of the documents/lines tokenised, as blocks are weighted
     tokens: int = 0  # tokens they gave (EOS included)
     blocks_read: int = 0
-    stream_bytes: int = 0  # decompressed bytes of the compressed shards read
-    compressed_bytes: int = 0  # their bytes on disk
+    # per kind of block whose weight only approximates its text bytes (compressed shards,
+    # Parquet metadata sizes): [sum of the weights of those read, sum of their true bytes]
+    rescale: dict = field(default_factory=dict)
+
+    def measured(self, key: str, weight: int, true_bytes: int) -> None:
+        w = self.rescale.setdefault(key, [0, 0])
+        w[0] += weight
+        w[1] += true_bytes
 
     def add(self, unit_bytes: int, n_tokens: int) -> None:
         self.unit_bytes += unit_bytes
@@ -64,7 +70,7 @@ class _Block:
 
     weight: int
     sequential: bool  # True: reading any of it costs reading (most of) it
-    compressed = False  # True: weight counts compressed bytes
+    rescale_key: Optional[str] = None  # set when ``weight`` approximates the unit bytes
     label: str
 
     def windows(self, rng, k, window, tok, stats) -> List[_Window]:
@@ -204,12 +210,13 @@ class TextSources:
     def estimated_tokens(self, stats: Optional[SampleStats] = None) -> int:
         """The domain's tokens estimated from a draw's tokens per byte (``last_stats``).
 
-        Compressed shards are scaled by the decompressed/compressed ratio of the shards streamed.
+        Blocks whose weight only approximates their bytes (compressed shards, Parquet row
+        groups) are scaled by the true/weighed ratio of the blocks of their kind the draw read.
         """
         s = stats or self.last_stats
         if s.unit_bytes == 0:
             raise ChameleonUserError("estimated_tokens: draw windows first (sample_windows)")
         per_byte = s.tokens / s.unit_bytes
-        ratio = s.stream_bytes / s.compressed_bytes if s.compressed_bytes else 1.0
-        total = sum(b.weight * (ratio if b.compressed else 1.0) for b in self.blocks)
+        ratio = {k: (t / w if w else 1.0) for k, (w, t) in s.rescale.items()}
+        total = sum(b.weight * ratio.get(b.rescale_key, 1.0) for b in self.blocks)
         return int(round(total * per_byte))
