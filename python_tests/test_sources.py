@@ -565,3 +565,36 @@ def test_file_fingerprint_identity_and_full(tmp_path):
     assert file_fingerprint(str(p), full=True) != full  # ... which the full check catches
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
     assert file_fingerprint(str(p)) != fp
+
+
+def test_streamed_split_by_unit_hash(tmp_path):
+    """train/val: a JSONL line is in val when blake2b(repr((file#0, line start byte))) / 2**64
+    falls below val_fraction (recomputed here); windows of each split start only in its lines."""
+    import hashlib
+
+    chars = [chr(c) for c in range(ord("0"), ord("0") + 60)]
+    docs = [ch * 40 for ch in chars]
+    write_jsonl(str(tmp_path / "part.jsonl"), docs)
+    starts = np.cumsum([0] + [len(json.dumps({"text": d}) + "\n") for d in docs])[:-1]
+
+    def coord(pos):
+        digest = hashlib.blake2b(repr(("part.jsonl#0", int(pos))).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2.0 ** 64
+
+    val_chars = {ord(ch) for ch, s in zip(chars, starts) if coord(s) < 0.3}
+    assert 5 < len(val_chars) < 35
+    src = detect_sources(str(tmp_path))
+    val = src.sample_windows(np.random.default_rng(0), 400, 1, TOK, split="val", val_fraction=0.3)[:, 0]
+    train = src.sample_windows(np.random.default_rng(0), 400, 1, TOK, split="train", val_fraction=0.3)[:, 0]
+    assert set(val.tolist()) - {EOS} <= val_chars and len(set(val.tolist()) & val_chars) > len(val_chars) // 2
+    assert not (set(train.tolist()) & val_chars)
+    np.testing.assert_array_equal(
+        val, src.sample_windows(np.random.default_rng(0), 400, 1, TOK, split="val", val_fraction=0.3)[:, 0])
+    # the whole-domain draw is unchanged by the split machinery
+    whole = src.sample_windows(np.random.default_rng(5), 50, 20, TOK)
+    assert_windows_in_stream(whole, reference_stream(docs))
+    with pytest.raises(ChameleonUserError, match="too small"):
+        TextSources([JsonlSource(str(tmp_path / "part.jsonl"))]).sample_windows(
+            np.random.default_rng(0), 10, 1, TOK, split="val", val_fraction=1e-9)
+    with pytest.raises(ChameleonUserError, match="split"):
+        src.sample_windows(np.random.default_rng(0), 1, 1, TOK, split="test")

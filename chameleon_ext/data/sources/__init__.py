@@ -57,6 +57,10 @@ EOS per document); for JSONL the bytes are the whole JSON line (its other fields
 across blocks it also assumes a similar compression ratio among compressed shards. Everything
 is a function of the seed: the same seed and files give the same windows.
 
+With ``split="train"`` or ``"val"`` only windows starting in a unit (line, row) of that split are
+kept, a unit being in ``val`` when a hash of its file and position falls below ``val_fraction``
+(:meth:`TextSources.sample_windows`); the others are redrawn.
+
 Compressed shards cannot seek. A drawn shard is decompressed once to learn its uncompressed
 size and once more up to the last drawn line (memory: one line per pending window). Parquet
 row groups are read whole (the text column only). To keep that cost flat, the draws that land

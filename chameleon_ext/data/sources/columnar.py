@@ -84,6 +84,7 @@ def _row_windows(rows: _Rows, rng, k, window, tok, stats) -> List[_Window]:
         if not rows.n_bytes:
             continue
         c, r, within, length = rows.locate(int(u))
+        w.key = (c, r)
         first = True
         for text in rows.texts_from(c, r):
             toks = _doc_tokens(text, tok, stats)

@@ -134,6 +134,7 @@ class _SeekableLines(_Block):
                 # position of u within its unit, so the start is uniform over the unit's tokens
                 frac = (u - pos + frac) / max(len(unit), 1)
                 w = _Window(window)
+                w.key = pos
                 first = True
                 while unit and not w.full:
                     toks = self._tokens(unit, pos, tok, stats)
@@ -253,6 +254,7 @@ class _CompressedLines(_Block):
             for i in active:
                 out[i].feed(toks)
             for i in starting:
+                out[i].key = pos
                 frac = (int(us[i]) - pos + fractions[i]) / max(len(line), 1)
                 out[i].feed(_start_at(toks, frac))
             active = [i for i in active + starting if not out[i].full]

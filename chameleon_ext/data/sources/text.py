@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
@@ -15,6 +17,15 @@ def _encode(tok, text: str) -> np.ndarray:
     enc = getattr(tok, "encode_array", None)
     ids = enc(text) if enc is not None else np.asarray(tok.encode(text), dtype=np.int64)
     return np.asarray(ids, dtype=np.int64)
+
+
+_SPLIT_ROUNDS = 64  # rounds of redraws before a split is declared too small
+
+
+def _val_hash(key) -> float:
+    """A unit's split coordinate in [0, 1): stable across runs, machines and data moves."""
+    digest = hashlib.blake2b(repr(key).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
 @dataclass
@@ -39,12 +50,13 @@ class SampleStats:
 
 
 class _Window:
-    """One window being assembled: tokens gathered so far."""
+    """One window being assembled: tokens gathered so far, and ``key``, the position of the
+    unit (line, row) it starts in, which decides its train/validation split."""
 
-    __slots__ = ("parts", "have", "need")
+    __slots__ = ("parts", "have", "need", "key")
 
     def __init__(self, need: int):
-        self.parts, self.have, self.need = [], 0, need
+        self.parts, self.have, self.need, self.key = [], 0, need, None
 
     def feed(self, toks: np.ndarray) -> None:
         take = toks[: self.need - self.have]
@@ -132,6 +144,10 @@ class TextSources:
         self.path = path
         self.max_sequential_blocks = max_sequential_blocks
         self.blocks = [b for s in self.sources for b in s.blocks()]
+        # names for split keys: relative to the domain, so moving the data keeps the split
+        base = path or os.path.commonpath([s.path for s in self.sources] or ["/"])
+        self._names = [os.path.relpath(getattr(b, "path", "") or b.source.path, base) + f"#{getattr(b, 'index', 0)}"
+                       for b in self.blocks]
         self.weights = np.array([b.weight for b in self.blocks], dtype=np.float64)
         self.n_bytes = int(self.weights.sum())
         self.last_stats = SampleStats()
@@ -162,32 +178,66 @@ class TextSources:
             drawn[in_seq] = slots[rng.integers(0, self.max_sequential_blocks, size=in_seq.size)]
         return drawn
 
-    def sample_windows(self, rng: np.random.Generator, n: int, window: int, tokenizer) -> np.ndarray:
+    def sample_windows(self, rng: np.random.Generator, n: int, window: int, tokenizer,
+                       split: Optional[str] = None, val_fraction: float = 0.1) -> np.ndarray:
         """``n`` windows ``[n, window]`` int64 drawn as the package docstring describes.
 
         Only the drawn documents (and the ones a window runs on into) are tokenised; what was
         read is in :attr:`last_stats`.
 
+        ``split="train"`` / ``"val"``: only windows that start in a unit (JSONL line, text line,
+        row) of that split; a unit is in ``val`` when a hash of its file (relative to the
+        domain) and position falls below ``val_fraction``. Draws outside the split are redrawn
+        in further rounds (so ``val`` costs about ``1 / val_fraction`` draws per window); the
+        draw stays proportional to size within the split. ``None``: the whole domain.
+
         Raises:
-            ChameleonUserError: the domain is empty or holds fewer than ``window`` tokens, or a
-                file is corrupt, truncated or lacks the text field.
+            ChameleonUserError: the domain is empty or holds fewer than ``window`` tokens, a
+                file is corrupt, truncated or lacks the text field, or the split is empty.
         """
         n, window = _check_counts(n, window)
+        if split not in (None, "train", "val"):
+            raise ChameleonUserError(f"split: expected None, 'train' or 'val', got {split!r}")
+        if split is not None and not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+            raise ChameleonUserError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
         stats = SampleStats()
         self.last_stats = stats
         if not self.blocks or self.n_bytes == 0:
             raise ChameleonUserError(f"domain {self.path!r} is empty: its files hold no text")
+        if split is None:
+            return np.stack([w for w, _ in self._draw(rng, n, window, tokenizer, stats)]) if n else \
+                np.zeros((0, window), np.int64)
+        share = val_fraction if split == "val" else 1.0 - val_fraction
+        kept: List[np.ndarray] = []
+        for _ in range(_SPLIT_ROUNDS):
+            if len(kept) >= n:
+                break
+            need = n - len(kept)
+            m = min(int(np.ceil(need / share * 1.2)) + 8, 16 * need + 64)  # bounded rounds
+            for w, key in self._draw(rng, m, window, tokenizer, stats):
+                if (_val_hash(key) < val_fraction) == (split == "val") and len(kept) < n:
+                    kept.append(w)
+        if len(kept) < n:
+            raise ChameleonUserError(
+                f"domain {self.path!r}: its {split!r} split (val_fraction {val_fraction}) is too "
+                f"small to draw {n} windows from; it holds too few documents"
+            )
+        return np.stack(kept) if n else np.zeros((0, window), np.int64)
+
+    def _draw(self, rng, n, window, tokenizer, stats) -> List[tuple]:
+        """``n`` filled windows with the split key of the unit each starts in."""
         drawn = self._draw_blocks(rng, n)
         seeds = rng.integers(0, 2 ** 63, size=len(self.blocks))
-        out = np.empty((n, window), dtype=np.int64)
+        out: List[Optional[tuple]] = [None] * n
         short = []  # (row, window) that ran off the end of their block
         for b in np.unique(drawn):
             rows = np.flatnonzero(drawn == b)
             ws = self.blocks[b].windows(np.random.default_rng(int(seeds[b])), rows.size, window,
                                         tokenizer, stats)
             for r, w in zip(rows, ws):
+                w.key = (self._names[b], w.key)
                 if w.full:
-                    out[r] = w.tokens()
+                    out[r] = (w.tokens(), w.key)
                 else:
                     short.append((int(r), int(b), w))
         heads = {}
@@ -204,7 +254,7 @@ class TextSources:
                     heads[nb] = self.blocks[nb].head(window, tokenizer, stats)
                 w.feed(heads[nb])
                 step += 1
-            out[r] = w.tokens()
+            out[r] = (w.tokens(), w.key)
         return out
 
     def estimated_tokens(self, stats: Optional[SampleStats] = None) -> int:
