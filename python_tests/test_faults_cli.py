@@ -139,7 +139,8 @@ def test_importing_the_package_registers_the_ops():
     proc = _subprocess("""
 import torch, chameleon_ext
 K = torch.eye(3, dtype=torch.float64)
-print(torch.ops.chameleon.krls(K, 1.0, False, True).tolist())
+# the op takes lam as a tensor (one lambda per matrix, or a 0-d tensor); floats go through chameleon_ext.krls
+print(torch.ops.chameleon.krls(K, torch.tensor(1.0, dtype=torch.float64), False, True).tolist())
 """)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [0.25, 0.25, 0.25]  # S_i = 1 / (1 + lambda k) = 1/4 for I_3, mu = 3
