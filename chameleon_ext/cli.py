@@ -93,7 +93,7 @@ def _train_config(args, out_dir: str, steps: int, eval_at_end: bool = False):
                        block_size=args.block_size, lr=args.lr, min_lr=None,
                        warmup_steps=min(args.warmup, max(steps - 1, 0)), eval_every=eval_every,
                        eval_windows=args.eval_windows, ckpt_every=args.ckpt_every, seed=args.seed,
-                       device=args.device, out_dir=out_dir, quiet=args.quiet)
+                       device=args.device, out_dir=out_dir, quiet=args.quiet, max_bad_steps=args.max_bad_steps)
 
 
 def _init_distributed(args):
@@ -124,7 +124,8 @@ def _check_int(args, name: str, low: int, high: Optional[int] = None, what: str 
 def _check_args(args) -> None:
     """Option values that are wrong whatever the data: one line, before anything is loaded."""
     _check_int(args, "--seed", 0, SEED_MAX, "an integer in [0, 2**64 - 1]")
-    for name in ("--block-size", "--steps", "--proxy-steps", "--batch-size", "--grad-accum", "--embed-batch-size"):
+    for name in ("--block-size", "--steps", "--proxy-steps", "--batch-size", "--grad-accum", "--embed-batch-size",
+                 "--max-bad-steps"):
         _check_int(args, name, 1, None, "a positive integer")
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
         _check_int(args, name, 0, None, "a non-negative integer")
@@ -326,7 +327,7 @@ def cmd_eval(args) -> int:
     block = min(args.block_size or model.config.block_size, model.config.block_size)
     _check_memory("--eval-windows", args.eval_windows, args.eval_windows * len(ds.domains) * (block + 1) * 24,
                   f"{args.eval_windows} windows x {len(ds.domains)} domains x {block + 1} int64 tokens")
-    ev = evaluate(model, ds, args.eval_windows, block, seed=args.seed, device=args.device)
+    ev = evaluate(model, ds, args.eval_windows, block, seed=args.seed, device=args.device, progress=not args.quiet)
     table = {"ppl": {d: ev[d]["ppl"] for d in ds.domains}}
     table["ppl"]["average"] = ev["average"]["mean_ppl"]
     _print_table(table, ds.domains)
@@ -544,6 +545,9 @@ def _add_training(p, steps: Optional[int] = None):
                    help="evaluate every N steps and at the end (0: at the end only)")
     g.add_argument("--eval-windows", type=int, default=library.eval_windows, help="held-out windows per domain")
     g.add_argument("--ckpt-every", type=int, default=library.ckpt_every, help="checkpoint every N steps")
+    g.add_argument("--max-bad-steps", type=int, default=library.max_bad_steps,
+                   help="stop (exit 2, last good checkpoint kept) after this many consecutive steps with a "
+                        "non-finite loss or gradient")
 
 
 def _add_run(p):
@@ -704,14 +708,13 @@ def _on_sigterm_interrupt():
 
 
 def _close_distributed() -> None:
-    # Under torchrun: tear the process group down while Python is fully alive (gloo's
-    # threads can otherwise abort the process during interpreter shutdown).
+    # Under torchrun: tear the process group down while Python is fully alive. Only if
+    # torch.distributed was ever imported (pure-JSON commands never load torch).
     if "torch.distributed" not in sys.modules:
         return
-    import torch.distributed as dist
+    from . import distributed
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.shutdown()
 
 
 def _run_command(args) -> int:

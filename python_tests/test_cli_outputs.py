@@ -102,3 +102,17 @@ def test_export_model_writes_a_folder_transformers_loads(setup, capsys, tmp_path
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
     code, _, err = _run(["export-model", "--model", tmp_path / "missing.pt", "--hf", tmp_path / "hf2"], capsys)
     assert code == 2 and "missing.pt" in err
+
+
+def test_max_bad_steps_stops_a_diverging_run_with_one_line(setup, capsys, tmp_path):
+    _, data = setup
+    argv = ["train", "--data", data, "--out", tmp_path / "t", "--preset", "tiny", "--block-size", 32,
+            "--batch-size", 4, "--steps", 6, "--warmup", 0, "--ckpt-every", 0, "--eval-windows", 2,
+            "--lr", 1e30, "--max-bad-steps", 2, *COMMON]
+    code, _, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("chameleon train: error:"), err
+    assert "2" in lines[0] and ("non-finite" in lines[0] or "diverge" in lines[0]), lines[0]
+    assert not (tmp_path / "t" / "model.pt").exists()  # a diverged model is never published
+    code, _, err = _run(argv[:-5] + ["--max-bad-steps", 0, *COMMON], capsys)
+    assert code == 2 and "--max-bad-steps: expected a positive integer" in err
