@@ -80,6 +80,7 @@ from .weights import (
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "DEFAULT_SWEEP_LAMBDAS",
     "DEFAULT_LEVEL",
     "WINDOW_FRACTIONS",
     "BootstrapResult",
@@ -101,6 +102,7 @@ __all__ = [
 ]
 
 DEFAULT_RESAMPLES = 1000
+DEFAULT_SWEEP_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # `chameleon sweep`'s default --lam
 DEFAULT_LEVEL = 0.95
 WINDOW_FRACTIONS = (0.25, 0.5)  # subsets bootstrapped beside the full n (1.0 is always added)
 WINDOWS_TOLERANCE = 0.10  # "enough windows": interval width within 10% of the width at n

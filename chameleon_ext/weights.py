@@ -62,6 +62,10 @@ class DomainWeights:
     temperature: float
     normalize: bool
     domains: List[str] = field(default_factory=list)
+    # How far to trust the weights (chameleon_ext.uncertainty), set by the pipeline on rank 0:
+    # the BootstrapResult (None without per-window means or with 0 resamples) and Diagnostics.
+    bootstrap: Optional[object] = field(default=None, repr=False, compare=False)
+    diagnostics: Optional[object] = field(default=None, repr=False, compare=False)
 
     # Names of releases before 0.3 (the fields were called like the op).
     @property
