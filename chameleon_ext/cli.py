@@ -359,9 +359,12 @@ def cmd_sweep(args) -> int:
         if not args.no_plots:
             from .plots_uncertainty import plot_sweep
 
-            png = plot_sweep(sweep, os.path.join(args.out, "sweep.png"))
-            if png:
-                _say(f"wrote {png} (T = {sweep.temperatures[0]:g})")
+            # sweep.png at the first temperature, sweep_T<T>.png at each other one
+            for j, T in enumerate(sweep.temperatures):
+                name = "sweep.png" if j == 0 else f"sweep_T{T:g}.png"
+                png = plot_sweep(sweep, os.path.join(args.out, name), temperature=T)
+                if png:
+                    _say(f"wrote {png} (T = {T:g})")
     return 0
 
 
