@@ -269,3 +269,30 @@ def test_bad_options_are_one_line_exit_2(work, capsys, argv, option):
     code, out, err = _run(argv + ["--out", str(work / "bad"), *COMMON], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and option in err, err
     assert not os.path.exists(work / "bad" / "sweep.json")
+
+
+# --------------------------------------------------------------------------- chameleon run, --help
+
+
+def test_run_bootstraps_its_weights(tmp_path, capsys):
+    data = write_text_domains(tmp_path / "data")
+    out_dir = tmp_path / "run"
+    out = _ok(["run", "--data", data, "--out", out_dir, "--preset", "tiny", "--proxy-steps", "3", "--steps", "3",
+               "--block-size", "32", *EMBED, "--eval-windows", "2", "--batch-size", "4", "--bootstrap", 50,
+               "--bootstrap-seed", 3, *COMMON], capsys)
+    doc = _json(out_dir / "weights" / "weights.json")
+    assert doc["bootstrap"]["resamples"] == 50 and doc["bootstrap"]["seed"] == 3
+    assert "bootstrap: 50 resamples" in out and "effective dimension" in out
+    # The same numbers from the library on the window file written beside the weights.
+    emb = load_domain_embeddings(str(out_dir / "weights" / "domain_embeddings.pt"), windows=True)
+    point = weights_from_embeddings(emb.embeddings, domains=emb.domains)
+    boot = U.bootstrap_weights(emb.windows, resamples=50, seed=3, point=point)
+    assert doc["bootstrap"] == json.loads(json.dumps(boot.to_dict()))
+
+
+@pytest.mark.parametrize("command", ["weights", "run"])
+def test_help_shows_the_library_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--bootstrap B" in out and f"(default: {U.DEFAULT_RESAMPLES})" in out and "--bootstrap-seed" in out
