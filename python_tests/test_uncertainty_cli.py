@@ -296,3 +296,18 @@ def test_help_shows_the_library_default(command, capsys):
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--bootstrap B" in out and f"(default: {U.DEFAULT_RESAMPLES})" in out and "--bootstrap-seed" in out
+
+
+def test_a_window_file_for_other_domains_is_an_error(work, first_run, capsys):
+    folder = work / "mismatch"
+    folder.mkdir()
+    shutil.copy(work / "w1" / "domain_embeddings.pt", folder / "domain_embeddings.pt")
+    entry = U.pack_window_embeddings(torch.zeros(3, 8), key="other", domain="other")
+    torch.save({"format": "chameleon_ext.window_embedding_set/1", "domains": ["other"], "entries": [entry]},
+               folder / "window_embeddings.pt")
+    code, _, err = _run(["weights", "--embeddings", folder / "domain_embeddings.pt", "--out", work / "mm", *COMMON],
+                        capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "window_embeddings.pt" in err and "other" in err
+    # --bootstrap 0 does not read it
+    _ok(["weights", "--embeddings", folder / "domain_embeddings.pt", "--out", work / "mm", "--bootstrap", 0,
+         *COMMON], capsys)
