@@ -311,22 +311,6 @@ def _say_assessment(result, indent: str = "") -> None:
         _say(indent + line)
 
 
-def _float_list(option: str, text: str) -> List[float]:
-    """``--lam 0.1,1,10``: finite numbers > 0, at least one."""
-    items = [t.strip() for t in text.split(",")]
-    values = []
-    for item in items:
-        try:
-            v = float(item)
-        except ValueError:
-            v = None
-        if v is None or not math.isfinite(v) or v <= 0:
-            raise ChameleonUserError(f"{option}: expected a comma-separated list of finite numbers > 0, "
-                                     f"got {text!r}")
-        values.append(v)
-    return values
-
-
 def cmd_sweep(args) -> int:
     """Weights at every (lambda, temperature) from one batched krls call: sweep.json,
     sweep.png and a table."""
@@ -335,8 +319,6 @@ def cmd_sweep(args) -> int:
     from .io import write_json
     from .uncertainty import format_sweep_table, sweep_weights
 
-    lambdas = _float_list("--lam", args.lam)
-    temperatures = None if args.temperature is None else _float_list("--temperature", args.temperature)
     _init_distributed(args)
     if args.embeddings:
         emb = load_domain_embeddings(args.embeddings)
@@ -350,8 +332,8 @@ def cmd_sweep(args) -> int:
         _check_embedding_memory(cfg, proxy)
         cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
-    sweep = sweep_weights(emb.embeddings, lambdas, temperatures, mode=args.mode, normalize=not args.no_normalize,
-                          domains=emb.domains)
+    sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
+                          normalize=not args.no_normalize, domains=emb.domains)
     _say(format_sweep_table(sweep))
     if distributed.info().is_main:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")
@@ -549,6 +531,23 @@ def _seed(text: str) -> int:
 _seed.__name__ = "seed"
 
 
+def _positive_floats(text: str) -> List[float]:
+    """``--lam 0.1,1,10``: a comma-separated list of finite numbers > 0, at least one."""
+    values = []
+    for item in text.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of finite numbers > 0, got {text!r}")
+        values.append(v)
+    return values
+
+
+_positive_floats.__name__ = "list of numbers"
+
+
 def _add_common(p, data=True, data_default=BUILTIN):
     from .trainer import TrainConfig
 
@@ -693,9 +692,9 @@ def _add_sweep_command(p):
     _add_embed(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--mode", default=MODES[0], choices=list(MODES), help="softmax rule, as in `chameleon weights`")
-    g.add_argument("--lam", default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
+    g.add_argument("--lam", type=_positive_floats, default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
                    help="comma-separated ridge lambdas, all in one batched leverage call")
-    g.add_argument("--temperature", default=None,
+    g.add_argument("--temperature", type=_positive_floats, default=None,
                    help="comma-separated softmax temperatures (default: the mode's, as in `chameleon weights`)")
     g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the softmax")
     g.add_argument("--no-plots", action="store_true", help="do not draw sweep.png")

@@ -34,7 +34,11 @@ B = 200
 
 
 def _run(argv, capsys):
-    code = main([str(a) for a in argv])
+    """``main(argv)`` -> (exit status, stdout, stderr); argparse's own errors exit too."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
