@@ -10,9 +10,7 @@ import glob
 import json
 import os
 import shutil
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
