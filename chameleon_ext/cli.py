@@ -125,12 +125,12 @@ def _check_int(args, name: str, low: int, high: Optional[int] = None, what: str 
 def _check_args(args) -> None:
     """Option values that are wrong whatever the data: one line, before anything is loaded."""
     _check_int(args, "--seed", 0, SEED_MAX, "an integer in [0, 2**64 - 1]")
-    _check_int(args, "--bootstrap", 0, None, "an integer >= 0 (0: no bootstrap)")
     for name in ("--block-size", "--steps", "--proxy-steps", "--batch-size", "--grad-accum", "--embed-batch-size"):
         _check_int(args, name, 1, None, "a positive integer")
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
         _check_int(args, name, 0, None, "a non-negative integer")
     _check_int(args, "--token-budget", 1, None, "a positive integer")
+    _check_int(args, "--bootstrap", 0, None, "an integer >= 0 (0: no bootstrap)")
     if getattr(args, "max_epochs", None) is not None and not (args.max_epochs > 0 and math.isfinite(args.max_epochs)):
         raise ChameleonUserError(f"--max-epochs: expected a positive number, got {args.max_epochs}")
     if args.command == "eval":  # in training 0 windows switches evaluation off; here it is all there is

@@ -214,14 +214,16 @@ def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[st
 # --------------------------------------------------------------------------------------------
 
 
-def _softmax_rule(mode: str) -> str:
-    """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
-    frozen proxy, METHOD.md step 5) uses the pretraining rule, as the pipeline does."""
-    if mode == "transfer":
-        return "pretrain"
+def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ChameleonUserError(f"mode must be one of {MODES + ('transfer',)}, got {mode!r}")
     return mode
+
+
+def _softmax_rule(mode: str) -> str:
+    """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
+    frozen proxy, docs/method.md step 5) uses the pretraining rule, as the pipeline does."""
+    return "pretrain" if mode == "transfer" else _check_mode(mode)
 
 
 def _check_positive(name: str, value) -> float:
