@@ -73,6 +73,6 @@ def bench_sweep(benchmark, k, d, n_lambdas):
     X = torch.randn(k, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     lambdas = torch.logspace(-3, 3, n_lambdas).tolist()
     benchmark.group = f"sweep k={k} lambdas={n_lambdas} temperatures=3"
-    benchmark.extra_info.update(provider="ext", k=k, n_lambdas=n_lambdas, batched=U.krls_accepts_tensor_lam())
+    benchmark.extra_info.update(provider="ext", k=k, n_lambdas=n_lambdas)
     sweep = benchmark(lambda: U.sweep_weights(X, lambdas, [1.0, 5.0, 10.0]))
     assert sweep.weights.shape == (n_lambdas, 3, k)

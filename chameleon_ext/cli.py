@@ -3,6 +3,7 @@
     chameleon run                                   # the whole method on the built-in data
     chameleon train-proxy --data DIR --out runs/proxy
     chameleon weights --data DIR --proxy runs/proxy/model.pt --mode pretrain --out runs/weights
+    chameleon sweep --embeddings runs/weights/domain_embeddings.pt --lam 0.1,1,10,100,1000 --out runs/sweep
     chameleon train --data DIR --weights runs/weights/weights.json --out runs/base
     chameleon eval --data DIR --model runs/base/model.pt
     chameleon export --weights runs/weights/weights.json --out runs/exports
@@ -130,6 +131,7 @@ def _check_args(args) -> None:
     for name in ("--warmup", "--eval-every", "--eval-windows", "--ckpt-every"):
         _check_int(args, name, 0, None, "a non-negative integer")
     _check_int(args, "--token-budget", 1, None, "a positive integer")
+    _check_int(args, "--bootstrap", 0, None, "an integer >= 0 (0: no bootstrap)")
     if getattr(args, "max_epochs", None) is not None and not (args.max_epochs > 0 and math.isfinite(args.max_epochs)):
         raise ChameleonUserError(f"--max-epochs: expected a positive number, got {args.max_epochs}")
     if args.command == "eval":  # in training 0 windows switches evaluation off; here it is all there is
@@ -201,11 +203,12 @@ def _check_training_memory(args, vocab_size: int, n_domains: int, block: int) ->
 
 
 def _check_embedding_memory(cfg, proxy) -> None:
-    # Per domain: the window starts (int64); reference pooling also keeps every window's pooled
-    # float64 vector, for its de-duplication.
+    # Per domain: the window starts (int64) and every window's float32 mean (kept for the
+    # bootstrap); reference pooling also keeps the pooled float64 vector, for its de-duplication.
     hidden = getattr(getattr(proxy, "config", None), "n_embd", None) or 1
-    per_window = 8 + (8 * hidden if cfg.pooling == "reference" else 0)
-    what = "int64 window starts" + (f" and float64 pooled vectors of {hidden} values" if per_window > 8 else "")
+    per_window = 8 + 4 * hidden + (8 * hidden if cfg.pooling == "reference" else 0)
+    what = (f"int64 window starts and float32 window means of {hidden} values"
+            + (" and their float64 pooled vectors" if cfg.pooling == "reference" else ""))
     _check_memory("--n-windows", cfg.n_windows, cfg.n_windows * per_window, f"{cfg.n_windows} {what}")
 
 
@@ -246,8 +249,8 @@ def cmd_embed(args) -> int:
 
 def cmd_weights(args) -> int:
     from . import distributed
-    from .embed import load_domain_embeddings
-    from .pipeline import compute_weights, weights_for_domains, write_weights
+    from .embed import WINDOW_EMBEDDINGS_NAME, load_domain_embeddings
+    from .pipeline import assess_weights, compute_weights, weights_for_domains, write_weights
 
     _init_distributed(args)
     if args.embeddings and args.token_budget is not None:
@@ -255,11 +258,18 @@ def cmd_weights(args) -> int:
                                  "not --embeddings")
     if args.max_epochs is not None and args.token_budget is None:
         raise ChameleonUserError("--max-epochs caps repetition under a --token-budget: give --token-budget too")
+    seed = _bootstrap_seed(args)
     if args.embeddings:
-        emb = load_domain_embeddings(args.embeddings)
+        emb = load_domain_embeddings(args.embeddings, windows=args.bootstrap > 0)
+        if args.bootstrap > 0 and emb.windows is None:
+            _say(f"note: no {WINDOW_EMBEDDINGS_NAME} beside {args.embeddings}: no bootstrap intervals "
+                 "(diagnostics only); it is written by `chameleon weights` from --data/--proxy")
         result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
-        paths = write_weights(args.out, result, emb, {"embeddings": os.path.abspath(args.embeddings)},
-                              plots=not args.no_plots, notice=_say) if distributed.info().is_main else {}
+        paths = {}
+        if distributed.info().is_main:
+            assess_weights(result, emb, args.bootstrap, seed)
+            paths = write_weights(args.out, result, emb, {"embeddings": os.path.abspath(args.embeddings)},
+                                  plots=not args.no_plots, notice=_say)
     else:
         if not args.proxy:
             raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
@@ -273,14 +283,71 @@ def cmd_weights(args) -> int:
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
             cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say,
-            token_budget=args.token_budget, max_epochs=args.max_epochs)
+            token_budget=args.token_budget, max_epochs=args.max_epochs, bootstrap=args.bootstrap, bootstrap_seed=seed)
         if args.mode == "transfer":
             _say(f"transfer: embedded {emb.computed or 'no'} domain(s) with the frozen proxy; "
                  f"the rest came from the cache")
     for d, w, s in zip(result.domains, result.weights.tolist(), result.leverage.tolist()):
         _say(f"{d:<20} weight {w:.6f}   leverage {s:.6f}")
+    _say_assessment(result)
     if paths:
         _say(f"wrote {paths['weights']}")
+    return 0
+
+
+def _bootstrap_seed(args) -> int:
+    return args.seed if args.bootstrap_seed is None else args.bootstrap_seed
+
+
+def _say_assessment(result, indent: str = "") -> None:
+    """The bootstrap table (when it ran) and the diagnostics with their warnings (rank 0)."""
+    from .uncertainty import format_bootstrap_table, format_diagnostics
+
+    parts = []
+    if result.bootstrap is not None:
+        parts.append(format_bootstrap_table(result.bootstrap))
+    if result.diagnostics is not None:
+        parts.append(format_diagnostics(result.diagnostics))
+    for line in "\n".join(parts).splitlines():
+        _say(indent + line)
+
+
+def cmd_sweep(args) -> int:
+    """Weights at every (lambda, temperature) from one batched krls call: sweep.json,
+    sweep.png and a table."""
+    from . import distributed
+    from .embed import embed_domains, load_domain_embeddings
+    from .io import write_json
+    from .uncertainty import format_sweep_table, sweep_weights
+
+    _init_distributed(args)
+    if args.embeddings:
+        emb = load_domain_embeddings(args.embeddings)
+    else:
+        if not args.proxy:
+            raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
+        if getattr(args, "data", None) is None:
+            args.data = BUILTIN
+        proxy, _, ds = _model_and_dataset(args, args.proxy)
+        cfg = _embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
+        _check_embedding_memory(cfg, proxy)
+        cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
+        emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
+    sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
+                          normalize=not args.no_normalize, domains=emb.domains)
+    _say(format_sweep_table(sweep))
+    if distributed.info().is_main:
+        path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")
+        _say(f"wrote {path}")
+        if not args.no_plots:
+            from .plots_uncertainty import plot_sweep
+
+            # sweep.png at the first temperature, sweep_T<T>.png at each other one
+            for j, T in enumerate(sweep.temperatures):
+                name = "sweep.png" if j == 0 else f"sweep_T{T:g}.png"
+                png = plot_sweep(sweep, os.path.join(args.out, name), temperature=T)
+                if png:
+                    _say(f"wrote {png} (T = {T:g})")
     return 0
 
 
@@ -405,9 +472,11 @@ def cmd_run(args) -> int:
     result, emb, paths = compute_weights(
         ds, proxy, os.path.join(out, "weights"), mode=args.mode, lam=args.lam, temperature=args.temperature,
         normalize=not args.no_normalize, embed_config=embed_config, device=args.device,
-        cache_dir=args.embed_cache, plots=not args.no_plots, notice=_say)
+        cache_dir=args.embed_cache, plots=not args.no_plots, notice=_say, bootstrap=args.bootstrap,
+        bootstrap_seed=_bootstrap_seed(args))
     for d, w in zip(result.domains, result.weights.tolist()):
         _say(f"      {d:<16} {w:.4f}")
+    _say_assessment(result, indent="      ")
     _say(f"[4/4] base models on the same token budget ({args.steps} steps each): uniform vs chameleon")
     chameleon = dict(zip(result.domains, result.weights.tolist()))
     table = compare_mixtures(ds, {"uniform": "uniform", "chameleon": chameleon}, os.path.join(out, "base"),
@@ -461,6 +530,23 @@ def _seed(text: str) -> int:
 
 
 _seed.__name__ = "seed"
+
+
+def _positive_floats(text: str) -> List[float]:
+    """``--lam 0.1,1,10``: a comma-separated list of finite numbers > 0, at least one."""
+    values = []
+    for item in text.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of finite numbers > 0, got {text!r}")
+        values.append(v)
+    return values
+
+
+_positive_floats.__name__ = "list of numbers"
 
 
 def _add_common(p, data=True, data_default=BUILTIN):
@@ -526,6 +612,16 @@ def _add_weights(p):
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG pictures")
 
 
+def _add_bootstrap(p):
+    from .uncertainty import DEFAULT_RESAMPLES
+
+    g = p.add_argument_group("intervals (docs/uncertainty.md)")
+    g.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="B",
+                   help="resamples of each domain's windows for the weights' 95%% intervals, in one batched "
+                        "leverage call (0: none; the diagnostics are written anyway)")
+    g.add_argument("--bootstrap-seed", type=_seed, default=None, help="seed of the resamples (default: --seed)")
+
+
 def _add_training(p, steps: Optional[int] = None):
     from .model import GPTConfig
     from .pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
@@ -554,6 +650,7 @@ def _add_run(p):
     _add_common(p)
     _add_embed(p)
     _add_weights(p)
+    _add_bootstrap(p)
     _add_training(p, steps=RUN_STEPS)
     p.add_argument("--proxy-steps", type=int, default=RUN_PROXY_STEPS, help="proxy training steps")
     p.add_argument("--out", default="runs/demo", help="output folder")
@@ -579,6 +676,7 @@ def _add_weights_command(p):
     _add_common(p, data_default=None)
     _add_embed(p)
     _add_weights(p)
+    _add_bootstrap(p)
     p.add_argument("--proxy", default=None, help=PROXY_HELP)
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
     p.add_argument("--token-budget", type=int, default=None,
@@ -588,6 +686,26 @@ def _add_weights_command(p):
                         "domains in proportion to their weights")
     p.add_argument("--out", default="runs/weights", help="output folder")
     p.set_defaults(func=cmd_weights)
+
+
+def _add_sweep_command(p):
+    from .pipeline import MODES
+    from .uncertainty import DEFAULT_SWEEP_LAMBDAS
+
+    _add_common(p, data_default=None)
+    _add_embed(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--mode", default=MODES[0], choices=list(MODES), help="softmax rule, as in `chameleon weights`")
+    g.add_argument("--lam", type=_positive_floats, default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
+                   help="comma-separated ridge lambdas, all in one batched leverage call")
+    g.add_argument("--temperature", type=_positive_floats, default=None,
+                   help="comma-separated softmax temperatures (default: the mode's, as in `chameleon weights`)")
+    g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the softmax")
+    g.add_argument("--no-plots", action="store_true", help="do not draw sweep.png")
+    p.add_argument("--proxy", default=None, help=PROXY_HELP)
+    p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
+    p.add_argument("--out", default="runs/sweep", help="output folder (sweep.json, sweep.png)")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _add_train(p):
@@ -639,6 +757,7 @@ COMMANDS = {
     "train-proxy": ("train the proxy on the uniform mixture", _add_train_proxy),
     "embed": ("domain embeddings with the proxy (cached)", _add_embed_command),
     "weights": ("domain weights -> weights.json, exports, pictures", _add_weights_command),
+    "sweep": ("weights across lambdas and temperatures -> sweep.json, sweep.png", _add_sweep_command),
     "train": ("train a model on a weighted mixture", _add_train),
     "eval": ("per-domain validation perplexity of a model", _add_eval),
     "export": ("mixtures for Megatron, NeMo, OLMo-core, nanotron, Mosaic, TorchTitan, HF, YAML", _add_export),

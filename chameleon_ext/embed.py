@@ -8,6 +8,12 @@ batch mixes windows of several domains and goes through ``domain_mean_pool`` onc
 adds every window's mean into its domain's sum. Sums and counts add across batches and
 across ranks (one all-reduce), so the embedding is the same whatever the world size.
 
+Each window's own pooled mean (``[n, H]`` float32 per domain, the input of the bootstrap in
+:mod:`chameleon_ext.uncertainty`) is kept too: one buffer ``[domains, n, H]`` whose slots are
+each written by exactly one rank, all-reduced with the sums. It is cached beside each domain's
+sum (``{key}.windows.pt``, same key); ``embed_domains(..., windows=True)`` returns it and
+treats a missing or damaged per-window file as a cache miss.
+
 ``pooling="reference"`` reproduces the reference implementation instead: windows are
 decoded to text and re-tokenised, batches are right-padded with EOS, the mean runs over
 padding too, and duplicate window vectors are dropped before averaging (docs/method.md, "The reference implementation").
@@ -43,7 +49,7 @@ from .ops import domain_mean_pool, masked_mean_pool
 from .progress import Progress
 
 __all__ = ["EmbedConfig", "DomainEmbeddings", "embed_domains", "window_starts", "load_domain_embeddings",
-           "check_proxy_tokenizer"]
+           "load_window_embeddings", "check_proxy_tokenizer", "WINDOW_EMBEDDINGS_NAME"]
 
 # 2: the key holds the tokenizer's content hash, the transformers version, the precision
 # option and the split layout (blocks spread over the stream instead of its tail).
@@ -51,6 +57,9 @@ CACHE_FORMAT = "chameleon_ext.domain_embedding/2"
 POOLINGS = ("masked", "reference")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The per-window means beside a domain_embeddings.pt (the weights output set), and their format.
+WINDOW_EMBEDDINGS_NAME = "window_embeddings.pt"
+WINDOW_SET_FORMAT = "chameleon_ext.window_embedding_set/1"
 
 
 @dataclass
@@ -96,6 +105,9 @@ class DomainEmbeddings:
     counts: List[int]  # windows averaged per domain (after de-duplication in reference mode)
     settings: dict
     computed: List[str] = field(default_factory=list)  # embedded now; the rest came from the cache
+    # Per domain, each window's pooled mean [n_i, d] float32 (the de-duplicated window vectors in
+    # reference pooling), for the bootstrap; None when not asked for (embed_domains(windows=...)).
+    windows: Optional[List[torch.Tensor]] = None
 
     def to_dict(self) -> dict:
         return {
@@ -109,10 +121,25 @@ class DomainEmbeddings:
         """``{"domains": [...], "embeddings": Tensor[k, d], ...}``, written atomically."""
         io.save_torch(self.to_dict(), path, "embeddings file")
 
+    def save_windows(self, path: str) -> None:
+        """The per-window means (``window_embeddings.pt``), one checksummed entry per domain in
+        the per-window cache format (:func:`chameleon_ext.uncertainty.pack_window_embeddings`),
+        written atomically; read back with :func:`load_window_embeddings`."""
+        from .uncertainty import pack_window_embeddings
 
-def load_domain_embeddings(path: str) -> DomainEmbeddings:
+        if self.windows is None:
+            raise ChameleonUserError("these domain embeddings carry no per-window means (embed with windows=True)")
+        entries = [pack_window_embeddings(w, key=n, domain=n) for n, w in zip(self.domains, self.windows)]
+        io.save_torch({"format": WINDOW_SET_FORMAT, "domains": list(self.domains), "entries": entries},
+                      path, "window embeddings file")
+
+
+def load_domain_embeddings(path: str, windows: bool = False) -> DomainEmbeddings:
     """Read a ``domain_embeddings.pt`` written by :meth:`DomainEmbeddings.save`; every way its
-    content can be unusable (names, shape, dtype, NaN/Inf, overflow) is an error naming the file."""
+    content can be unusable (names, shape, dtype, NaN/Inf, overflow) is an error naming the file.
+
+    ``windows=True``: also read the per-window means from the ``window_embeddings.pt`` beside
+    it when there is one (``chameleon weights`` writes both); ``.windows`` stays None without it."""
     from .manifest import check_member
     from .weights import linear_affinity
 
@@ -138,7 +165,36 @@ def load_domain_embeddings(path: str) -> DomainEmbeddings:
         linear_affinity(emb)  # k, d >= 1, real floating point, finite, Gram without overflow
     except ValueError as exc:
         raise ChameleonUserError(f"embeddings file {path!r}: {exc}") from None
-    return DomainEmbeddings(list(domains), emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
+    result = DomainEmbeddings(list(domains), emb.double(), list(obj.get("counts", [])), dict(obj.get("settings", {})))
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), WINDOW_EMBEDDINGS_NAME)
+    if windows and os.path.isfile(beside):
+        result.windows = load_window_embeddings(beside, result.domains)
+        bad = [n for n, w in zip(result.domains, result.windows) if w.shape[1] != emb.shape[1]]
+        if bad:
+            raise ChameleonUserError(f"window embeddings file {beside!r}: domain(s) {bad} have d != {emb.shape[1]}, "
+                                     f"the embeddings' in {path!r}")
+    return result
+
+
+def load_window_embeddings(path: str, domains: Sequence[str]) -> List[torch.Tensor]:
+    """The per-window means ``[n_i, d]`` (float32) of ``domains`` from a ``window_embeddings.pt``
+    written by :meth:`DomainEmbeddings.save_windows`; any mismatch or damage is an error naming
+    the file."""
+    from .manifest import check_member
+    from .uncertainty import unpack_window_embeddings
+
+    obj = io.read_torch(path, "window embeddings file")
+    if not isinstance(obj, dict) or obj.get("format") != WINDOW_SET_FORMAT:
+        raise ChameleonUserError(f"window embeddings file {path!r} is not a {WINDOW_EMBEDDINGS_NAME} "
+                                 f"(expected format {WINDOW_SET_FORMAT!r})")
+    check_member(path, "window embeddings file")
+    if list(obj.get("domains", [])) != list(domains) or len(obj.get("entries", [])) != len(domains):
+        raise ChameleonUserError(f"window embeddings file {path!r} is for domains {obj.get('domains')}, "
+                                 f"the embeddings for {list(domains)}")
+    try:
+        return [unpack_window_embeddings(e, key=n, domain=n) for e, n in zip(obj["entries"], domains)]
+    except ChameleonUserError as exc:
+        raise ChameleonUserError(f"window embeddings file {path!r}: {exc}") from None
 
 
 def _domain_seed(seed: int, name: str) -> np.random.Generator:
@@ -236,9 +292,40 @@ def _read_cache(cache_dir: Optional[str], key: str, name: str):
     return obj["sum"].double(), int(obj["count"])
 
 
-def _write_cache(cache_dir: Optional[str], key: str, name: str, total: torch.Tensor, count: int) -> None:
+def _read_window_cache(cache_dir: Optional[str], key: str, name: str, count: int, dim: int):
+    """The domain's per-window means ``[count, dim]`` from the cache, or None (with a warning:
+    the caller then embeds the domain again)."""
+    from .uncertainty import unpack_window_embeddings, window_cache_path
+
+    if cache_dir is None:
+        return None
+    path = window_cache_path(cache_dir, key)
+    if not os.path.exists(path):
+        warnings.warn(f"embedding cache entry for domain {name!r} has no per-window means ({path}; written "
+                      "before they were cached); embedding the domain again for the bootstrap", stacklevel=3)
+        return None
+    try:
+        windows = unpack_window_embeddings(io.read_torch(path, "per-window embedding cache entry"), key, name)
+        if tuple(windows.shape) != (count, dim):
+            raise ChameleonUserError(f"holds {tuple(windows.shape)} window means, the sum entry {count} x {dim}")
+    except Exception as exc:
+        warnings.warn(f"per-window embedding cache entry for domain {name!r} ({path}) is damaged ({exc}); "
+                      "recomputing it", stacklevel=3)
+        return None
+    return windows
+
+
+def _write_cache(cache_dir: Optional[str], key: str, name: str, total: torch.Tensor, count: int,
+                 windows: Optional[torch.Tensor] = None) -> None:
     if cache_dir is None:
         return
+    if windows is not None:
+        # Before the sum entry: a kill between the two leaves a sum without windows, which a
+        # bootstrap run treats as a miss, never windows that belong to no sum.
+        from .uncertainty import pack_window_embeddings, window_cache_path
+
+        io.save_torch(pack_window_embeddings(windows, key, name), window_cache_path(cache_dir, key),
+                      "per-window embedding cache entry")
     total = total.detach().double().cpu()
     io.save_torch(
         {"format": CACHE_FORMAT, "key": key, "domain": name, "sum": total, "count": int(count),
@@ -275,12 +362,18 @@ def embed_domains(
     domains: Optional[Sequence[str]] = None,
     group=None,
     progress: bool = False,
+    windows: bool = False,
 ) -> DomainEmbeddings:
     """Embed the domains of ``dataset`` with ``model`` (a proxy with ``hidden_states``).
 
     Domains found in ``cache_dir`` are not embedded again; the rest are sharded over the
     ranks of ``group`` (or the default group when torch.distributed is initialised) and
-    all-reduced. Every rank returns the same result; only rank 0 writes the cache.
+    all-reduced. Every rank returns the same result; only rank 0 writes the cache (the
+    per-window means of every domain it embeds included).
+
+    ``windows=True``: also return each window's pooled mean (``DomainEmbeddings.windows``, for
+    the bootstrap); a cached domain whose per-window file is missing or damaged is then
+    embedded again (with a warning).
     """
     cfg = config or EmbedConfig()
     names = list(dataset.domains if domains is None else domains)
@@ -306,6 +399,16 @@ def embed_domains(
     libraries = _library_versions(model)
     keys = {n: _cache_key(proxy_hash, layer, precision, dataset, n, cfg, libraries) for n in names}
     cached = {n: _read_cache(cache_dir, keys[n], n) for n in names}
+    cached_windows = {}
+    if windows:
+        for n in names:
+            if cached[n] is not None:
+                total, count = cached[n]
+                found = _read_window_cache(cache_dir, keys[n], n, count, total.shape[0])
+                if found is None:
+                    cached[n] = None  # the windows are needed: a miss
+                else:
+                    cached_windows[n] = found
     todo = [n for n in names if cached[n] is None]
 
     fresh = {}
@@ -315,17 +418,18 @@ def embed_domains(
         fresh = run(model, dataset, cfg, todo, layer, dev, precision, me, group, progress)
         if me.is_main:
             for n in todo:
-                _write_cache(cache_dir, keys[n], n, *fresh[n])
+                _write_cache(cache_dir, keys[n], n, *fresh[n])  # sum, count, window means
         distributed.barrier(group)
 
     sums, counts = [], []
     for n in names:
-        total, count = cached[n] if cached[n] is not None else fresh[n]
+        total, count = cached[n] if cached[n] is not None else fresh[n][:2]
         sums.append(total.double().cpu() / count)
         counts.append(int(count))
+    window_means = [cached_windows[n] if n in cached_windows else fresh[n][2] for n in names] if windows else None
     settings = dict(asdict(cfg), layer=layer, precision=precision, proxy_sha256=proxy_hash,
                     tokenizer_sha256=_tokenizer_hash(dataset), split_layout=SPLIT_LAYOUT, **libraries)
-    return DomainEmbeddings(names, torch.stack(sums), counts, settings, computed=todo)
+    return DomainEmbeddings(names, torch.stack(sums), counts, settings, computed=todo, windows=window_means)
 
 
 def check_proxy_tokenizer(model, dataset, cfg: Optional[EmbedConfig] = None) -> None:
@@ -366,10 +470,11 @@ def _progress(enabled: bool, total: int, what: str) -> Progress:
 
 @torch.inference_mode()
 def _embed_masked(model, dataset, cfg, todo, layer, dev, precision, me, group, progress):
-    """Clean method: full windows (no padding), means summed per domain by domain_mean_pool."""
+    """Clean method: full windows (no padding), means summed per domain by domain_mean_pool;
+    each window's mean is also kept, in its slot of ``window_means [domains, n, H]``."""
     share, starts = _work_items(dataset, cfg, todo, me)
     H = None
-    sums = counts = None
+    sums = counts = window_means = None
     bar = _progress(progress and me.is_main, len(share), f"rank {me.rank}")
     tokens = 0
     items = list(share)
@@ -385,20 +490,30 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, precision, me, group, p
         s, c = domain_mean_pool(hidden, None, torch.from_numpy(dom).to(dev), len(todo))
         if sums is None:
             H = hidden.shape[-1]
-            sums = torch.zeros(len(todo), H, dtype=torch.float64, device=dev)
-            counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
+            sums, counts, window_means = _masked_buffers(len(todo), cfg.n_windows, H, dev)
         sums += s.double()
         counts += c
+        # Rows are in chunk order (see above): window win[j] of domain dom[j].
+        slots = (torch.from_numpy(dom).to(dev), torch.from_numpy(win).to(dev))
+        window_means[slots] = masked_mean_pool(hidden, None).float()  # [b, H]
         tokens += ids.numel()
         bar.update(len(chunk), f"{tokens / max(bar.elapsed(), 1e-9):,.0f} tokens/s")
     if sums is None:  # this rank had no work (more ranks than windows)
-        H = _hidden_size(model)
-        sums = torch.zeros(len(todo), H, dtype=torch.float64, device=dev)
-        counts = torch.zeros(len(todo), dtype=torch.int64, device=dev)
+        sums, counts, window_means = _masked_buffers(len(todo), cfg.n_windows, _hidden_size(model), dev)
     bar.close()
     distributed.all_reduce_sum_(sums, group)
     distributed.all_reduce_sum_(counts, group)
-    return {n: (sums[i].cpu(), int(counts[i])) for i, n in enumerate(todo)}
+    # Each slot was written by exactly one rank and is zero on the others: the sum is exact.
+    distributed.all_reduce_sum_(window_means, group)
+    window_means = window_means.cpu()
+    return {n: (sums[i].cpu(), int(counts[i]), window_means[i]) for i, n in enumerate(todo)}
+
+
+def _masked_buffers(n_domains: int, n_windows: int, H: int, dev) -> tuple:
+    """Zeroed sums [domains, H] float64, counts [domains] int64, window means [domains, n, H] float32."""
+    return (torch.zeros(n_domains, H, dtype=torch.float64, device=dev),
+            torch.zeros(n_domains, dtype=torch.int64, device=dev),
+            torch.zeros(n_domains, n_windows, H, dtype=torch.float32, device=dev))
 
 
 @torch.inference_mode()
@@ -436,8 +551,10 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, precision, me, group
     out = {}
     for d, name in enumerate(todo):
         vecs = np.stack([v for dd, v in rows if dd == d])
-        unique = np.unique(vecs, axis=0)
-        out[name] = (torch.from_numpy(unique.sum(0)), unique.shape[0])
+        unique, first = np.unique(vecs, axis=0, return_index=True)
+        # The windows are the de-duplicated vectors, in window order (first occurrence).
+        windows = torch.from_numpy(vecs[np.sort(first)]).float()
+        out[name] = (torch.from_numpy(unique.sum(0)), unique.shape[0], windows)
     return out
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "load_proxy_and_tokenizer",
     "resolve_proxy_path",
     "compute_weights",
+    "assess_weights",
     "weights_for_domains",
     "write_weights",
     "read_weights",
@@ -197,9 +198,37 @@ def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
     return weights_for_domains(*args, **kwargs)
 
 
+def check_resamples(resamples) -> int:
+    """Raise ChameleonUserError unless ``resamples`` (``--bootstrap``) is an integer >= 0."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 0:
+        raise ChameleonUserError(f"bootstrap (--bootstrap): expected an integer >= 0 (0: no bootstrap), "
+                                 f"got {resamples!r}")
+    return resamples
+
+
+def assess_weights(result: DomainWeights, emb: DomainEmbeddings, resamples: Optional[int] = None,
+                   seed: int = 0) -> DomainWeights:
+    """How far to trust ``result`` (docs/uncertainty.md): bootstrap intervals over the
+    windows (``resamples`` of them, default :data:`chameleon_ext.uncertainty.DEFAULT_RESAMPLES`;
+    0, or embeddings without per-window means, skips them) and the diagnostics, set as
+    ``result.bootstrap`` and ``result.diagnostics``. Returns ``result``."""
+    from .uncertainty import DEFAULT_RESAMPLES, bootstrap_weights, diagnose
+
+    resamples = check_resamples(DEFAULT_RESAMPLES if resamples is None else resamples)
+    boot = None
+    if resamples > 0 and emb.windows is not None:
+        boot = bootstrap_weights(emb.windows, resamples=resamples, seed=seed, point=result)
+    result.bootstrap = boot
+    result.diagnostics = diagnose(result, emb.embeddings, boot)
+    return result
+
+
 def weights_document(result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None) -> dict:
-    """The weights.json document (format :data:`chameleon_ext.exports.WEIGHTS_FORMAT`)."""
+    """The weights.json document (format :data:`chameleon_ext.exports.WEIGHTS_FORMAT`), with
+    ``bootstrap`` (null when it did not run) and ``diagnostics`` (always; computed here when
+    :func:`assess_weights` has not run)."""
     from .exports import WEIGHTS_FORMAT
+    from .uncertainty import diagnose
 
     doc = {"format": WEIGHTS_FORMAT, "method": "chameleon", "version": __version__}
     doc.update(result.as_dict())
@@ -208,14 +237,17 @@ def weights_document(result: DomainWeights, emb: DomainEmbeddings, proxy: Option
                                                           "batch_size", "precision")}
     doc["embedding"]["counts"] = dict(zip(emb.domains, emb.counts))
     doc["embedding"]["embedded_now"] = list(emb.computed)
+    doc["bootstrap"] = result.bootstrap.to_dict() if result.bootstrap is not None else None
+    diagnostics = result.diagnostics if result.diagnostics is not None else diagnose(result, emb.embeddings)
+    doc["diagnostics"] = diagnostics.to_dict()
     return doc
 
 
 def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, proxy: Optional[dict] = None,
                   plots: bool = True, exports: bool = True,
                   notice: Optional[Callable[[str], None]] = None, budget: Optional[dict] = None) -> Dict[str, str]:
-    """Write ``weights.json``, ``domain_embeddings.pt``, the exports and the pictures as one
-    output set (:mod:`chameleon_ext.manifest`): a kill part-way leaves a folder every reader
+    """Write ``weights.json``, ``domain_embeddings.pt`` (and ``window_embeddings.pt`` when
+    ``emb`` has per-window means), the exports and the pictures as one output set (:mod:`chameleon_ext.manifest`): a kill part-way leaves a folder every reader
     refuses, never a new weights.json beside an older run's exports.
 
     An export the domain names cannot go into (whitespace in a Megatron prefix) is skipped
@@ -232,6 +264,11 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
     emb_path = os.path.join(out_dir, "domain_embeddings.pt")
     emb.save(emb_path)
     paths["embeddings"] = emb_path
+    if emb.windows is not None:
+        from .embed import WINDOW_EMBEDDINGS_NAME
+
+        paths["window_embeddings"] = os.path.join(out_dir, WINDOW_EMBEDDINGS_NAME)
+        emb.save_windows(paths["window_embeddings"])
     if exports:
         from .exports import write_exports
 
@@ -241,8 +278,13 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
         from .plots import plot_affinity, plot_weights
 
         title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
-        p = plot_weights(result.domains, result.weights.tolist(), os.path.join(out_dir, "weights.png"), title=title,
-                         scores=result.leverage.tolist())
+        if result.bootstrap is not None:  # the same picture with the intervals as error bars
+            from .plots_uncertainty import plot_bootstrap
+
+            p = plot_bootstrap(result.bootstrap, os.path.join(out_dir, "weights.png"), title=title)
+        else:
+            p = plot_weights(result.domains, result.weights.tolist(), os.path.join(out_dir, "weights.png"),
+                             title=title, scores=result.leverage.tolist())
         if p:
             paths["weights_png"] = p
         p = plot_affinity(result.domains, result.affinity.numpy(), os.path.join(out_dir, "affinity.png"),
@@ -273,8 +315,14 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
                     plots: bool = True, progress: bool = False, group=None, proxy=None,
                     notice: Optional[Callable[[str], None]] = None, token_budget: Optional[int] = None,
-                    max_epochs: Optional[float] = None):
+                    max_epochs: Optional[float] = None, bootstrap: Optional[int] = None,
+                    bootstrap_seed: Optional[int] = None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
+
+    ``bootstrap``: resamples of the windows for the intervals (default
+    :data:`chameleon_ext.uncertainty.DEFAULT_RESAMPLES`; 0: none), seeded with
+    ``bootstrap_seed`` (default: the embedding seed); see :func:`assess_weights`. On rank 0 the
+    returned weights carry ``.bootstrap`` and ``.diagnostics`` (both also in weights.json).
 
     ``proxy``: the model already loaded from ``proxy_path``, if the caller has it (loading
     verifies the file's hash, which costs a pass over a large proxy).
@@ -282,17 +330,22 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     (:func:`plan_budget`) to weights.json.
     Returns ``(DomainWeights, DomainEmbeddings, paths)``; only rank 0 writes.
     """
+    from .uncertainty import DEFAULT_RESAMPLES
+
     check_weight_options(mode, lam, temperature)
+    bootstrap = check_resamples(DEFAULT_RESAMPLES if bootstrap is None else bootstrap)
     if proxy is None:
         proxy = load_proxy(proxy_path, device="cpu")
     if cache_dir is None:
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
-                        progress=progress)
+                        progress=progress, windows=bootstrap > 0)
     result = weights_for_domains(emb, mode, lam, temperature, normalize)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:
+        seed = (embed_config or EmbedConfig()).seed if bootstrap_seed is None else bootstrap_seed
+        assess_weights(result, emb, bootstrap, seed)
         proxy_info = {"path": os.path.abspath(proxy_path), "sha256": emb.settings["proxy_sha256"],
                       "layer": emb.settings["layer"], "n_layer": getattr(proxy, "n_layer", None)}
         paths = write_weights(out_dir, result, emb, proxy_info, plots=plots, notice=notice,

@@ -11,8 +11,8 @@ Bootstrap (per-window embeddings -> intervals)
     ``[B, k, d]``, B affinities ``[B, k, k]`` and one batched ``krls`` call. The weight maths
     is the plain path's (:mod:`chameleon_ext.weights`): linear affinity, centring and
     mu = lam * k inside ``krls``, S / sum(S), the temperature softmax; a resample of float64
-    windows gives bit for bit the weights ``weights_from_embeddings`` (formerly
-    ``chameleon_weights``) gives for its embeddings. Reported per domain: percentile interval
+    windows gives bit for bit the weights ``weights_from_embeddings`` gives for its
+    embeddings. Reported per domain: percentile interval
     and standard deviation of the weight and of the normalised leverage, and rank stability
     (the fraction of resamples in which the domain keeps the rank it has in the point
     estimate). The resample counts come from a
@@ -29,8 +29,8 @@ How many windows are enough
 
 Sweeps
     Weights for every (lambda, temperature) pair. All lambdas go through one ``krls`` call
-    with ``lam`` as a tensor (one lambda per matrix) when the installed op supports it, else
-    one call per lambda; temperatures only change the softmax and need no ``krls`` call.
+    with ``lam`` as a tensor (one lambda per matrix); temperatures only change the softmax
+    and need no ``krls`` call.
 
 Diagnostics
     Effective dimension sum(S) and its share of k - 1 (the rank of a centred k x k kernel),
@@ -65,37 +65,22 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import weights as _weights
 from .errors import ChameleonUserError
 from .ops import krls
 from .weights import (
-    _EPS,
     DEFAULT_LAMBDA,
     DEFAULT_TEMPERATURE,
+    MODES,
     DomainWeights,
-    _check_mode,
-    _check_positive,
     linear_affinity,
+    weights_from_embeddings,
+    weights_from_scores,
 )
-
-# The weights API is being renamed (chameleon_weights -> weights_from_embeddings, DomainWeights
-# .krls/.krls_raw -> .leverage/.leverage_raw); these lines let this module run on either side
-# of that change without deprecation warnings. Drop them once the rename is merged.
-_weights_from_embeddings = getattr(_weights, "weights_from_embeddings", None) or _weights.chameleon_weights
-
-
-def _normalised_scores(point: DomainWeights) -> Tensor:
-    scores = getattr(point, "leverage", None)
-    return point.krls if scores is None else scores
-
-
-def _raw_scores(point: DomainWeights) -> Tensor:
-    scores = getattr(point, "leverage_raw", None)
-    return point.krls_raw if scores is None else scores
 
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "DEFAULT_SWEEP_LAMBDAS",
     "DEFAULT_LEVEL",
     "WINDOW_FRACTIONS",
     "BootstrapResult",
@@ -104,7 +89,6 @@ __all__ = [
     "Diagnostics",
     "resample_counts",
     "bootstrap_weights",
-    "krls_accepts_tensor_lam",
     "sweep_weights",
     "sweep_weights_from_affinity",
     "diagnose",
@@ -118,6 +102,7 @@ __all__ = [
 ]
 
 DEFAULT_RESAMPLES = 1000
+DEFAULT_SWEEP_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0)  # `chameleon sweep`'s default --lam
 DEFAULT_LEVEL = 0.95
 WINDOW_FRACTIONS = (0.25, 0.5)  # subsets bootstrapped beside the full n (1.0 is always added)
 WINDOWS_TOLERANCE = 0.10  # "enough windows": interval width within 10% of the width at n
@@ -229,22 +214,22 @@ def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[st
 # --------------------------------------------------------------------------------------------
 
 
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ChameleonUserError(f"mode must be one of {MODES + ('transfer',)}, got {mode!r}")
+    return mode
+
+
 def _softmax_rule(mode: str) -> str:
     """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
     frozen proxy, docs/method.md step 5) uses the pretraining rule, as the pipeline does."""
     return "pretrain" if mode == "transfer" else _check_mode(mode)
 
 
-def _weights_from_scores_rows(S: Tensor, rule: str, T: float) -> Tensor:
-    """``weights.weights_from_scores`` for each row of ``S [N, k]``: the same formula, with the
-    softmax over the last dim, which gives each row bit-for-bit the 1-D result (tested)."""
-    if rule == "pretrain":
-        logits = 1.0 / ((S + _EPS) * T)
-    elif rule == "finetune":
-        logits = S / T
-    else:
-        raise ValueError(f"rule must be 'pretrain' or 'finetune', got {rule!r}")
-    return torch.softmax(logits, dim=-1)
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ChameleonUserError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tuple[Tensor, Tensor]:
@@ -260,7 +245,7 @@ def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tu
         S = torch.where(degenerate, uniform, raw / torch.where(degenerate, torch.ones_like(total), total))
     else:
         S = raw
-    weights = _weights_from_scores_rows(S, rule, T)
+    weights = weights_from_scores(S, rule, T)  # row by row, bit for bit the plain path's
     # Every domain at the same point: nothing distinguishes them (the plain path warns).
     return S, torch.where(degenerate, uniform, weights)
 
@@ -420,13 +405,13 @@ class BootstrapResult:
                 "std": per_domain(self.weights_std),
             },
             "leverage": {
-                "point": per_domain(_normalised_scores(self.point)),
+                "point": per_domain(self.point.leverage),
                 "low": per_domain(self.leverage_low),
                 "high": per_domain(self.leverage_high),
                 "std": per_domain(self.leverage_std),
             },
             "effective_dimension": {
-                "point": float(_raw_scores(self.point).sum()), "low": float(eff_lo), "high": float(eff_hi),
+                "point": float(self.point.leverage_raw.sum()), "low": float(eff_lo), "high": float(eff_hi),
             },
             "rank": {n: int(r) for n, r in zip(self.domains, self.rank.tolist())},
             "rank_stability": per_domain(self.rank_stability),
@@ -535,7 +520,7 @@ def bootstrap_weights(
     S_all, w_all = _scores_and_weights(raw_all, rule, T, normalize)
 
     if point is None:
-        point = _weights_from_embeddings(mean_embeddings.cpu(), rule, lam, T, normalize, names)
+        point = weights_from_embeddings(mean_embeddings.cpu(), rule, lam, T, normalize, names)
         point.mode = mode
     raw, S, w = raw_all[:resamples].cpu(), S_all[:resamples].cpu(), w_all[:resamples].cpu()
     w_lo, w_hi = _percentiles(w, level)
@@ -576,7 +561,7 @@ def format_bootstrap_table(result: BootstrapResult, digits: int = 4) -> str:
             f"{float(result.point.weights[i]):.{digits}f}",
             f"[{float(result.weights_low[i]):.{digits}f}, {float(result.weights_high[i]):.{digits}f}]",
             f"{float(result.weights_std[i]):.{digits}f}",
-            f"{float(_normalised_scores(result.point)[i]):.{digits}f}",
+            f"{float(result.point.leverage[i]):.{digits}f}",
             f"[{float(result.leverage_low[i]):.{digits}f}, {float(result.leverage_high[i]):.{digits}f}]",
             str(int(result.rank[i])),
             f"{100 * float(result.rank_stability[i]):.0f}%",
@@ -605,35 +590,13 @@ def _table(head: List[str], rows: List[List[str]], left: int = 1) -> str:
 # Sweeps
 # --------------------------------------------------------------------------------------------
 
-_TENSOR_LAM: Optional[bool] = None
-
-
-def krls_accepts_tensor_lam() -> bool:
-    """Whether the installed ``krls`` takes ``lam`` as a tensor (one lambda per matrix).
-    Probed once with a 2-matrix call whose answer is known: S = 0.5 / (1 + 2 lam) for the
-    centred 2 x 2 identity, so an op that ignored all but one lambda is not trusted."""
-    global _TENSOR_LAM
-    if _TENSOR_LAM is None:
-        K = torch.eye(2, dtype=torch.float64).expand(2, 2, 2).contiguous()
-        lam = torch.tensor([1.0, 2.0], dtype=torch.float64)
-        try:
-            S = krls(K, lam=lam)
-            expected = torch.tensor([[0.5 / 3.0] * 2, [0.5 / 5.0] * 2], dtype=torch.float64)
-            _TENSOR_LAM = tuple(S.shape) == (2, 2) and bool(torch.allclose(S.double(), expected, rtol=1e-12, atol=0))
-        except (TypeError, RuntimeError, ValueError):
-            _TENSOR_LAM = False
-    return _TENSOR_LAM
-
-
-def _leverage_per_lambda(affinity: Tensor, lambdas: List[float], center: bool) -> Tuple[Tensor, bool]:
-    """Raw leverage ``[L, k]`` of one affinity ``[k, k]`` at each lambda; whether it was one call."""
+def _leverage_per_lambda(affinity: Tensor, lambdas: List[float], center: bool) -> Tensor:
+    """Raw leverage ``[L, k]`` of one affinity ``[k, k]`` at each lambda: ONE ``krls`` call on
+    the affinity repeated L times, with ``lam`` as a tensor (one lambda per matrix)."""
     L, k = len(lambdas), affinity.shape[-1]
-    if krls_accepts_tensor_lam():
-        K = affinity.expand(L, k, k).contiguous()
-        lam = torch.tensor(lambdas, dtype=affinity.dtype, device=affinity.device)
-        return krls(K, lam=lam, center=center, scale_by_k=True), True
-    # This krls takes one scalar lambda per call: one (tiny) call per lambda instead.
-    return torch.stack([krls(affinity, lam, center=center, scale_by_k=True) for lam in lambdas]), False
+    K = affinity.expand(L, k, k).contiguous()
+    lam = torch.tensor(lambdas, dtype=affinity.dtype, device=affinity.device)
+    return krls(K, lam=lam, center=center, scale_by_k=True)
 
 
 @dataclass
@@ -649,7 +612,6 @@ class SweepResult:
     leverage: Tensor  # [L, k] normalised, S / sum(S) (== leverage_raw if normalize=False)
     weights: Tensor  # [L, T, k]
     effective_dimension: Tensor  # [L] sum of leverage_raw
-    batched: bool  # all lambdas in one krls call
 
     @property
     def effective_dimension_share(self) -> Optional[Tensor]:
@@ -714,8 +676,8 @@ def sweep_weights_from_affinity(
     center: bool = True,
 ) -> SweepResult:
     """Weights for every (lambda, temperature) from an affinity ``[k, k]`` (as in
-    :func:`~chameleon_ext.weights.domain_weights_from_affinity`); default temperatures: the
-    mode's. Each entry equals ``domain_weights_from_affinity`` at that pair."""
+    :func:`~chameleon_ext.weights.weights_from_affinity`); default temperatures: the
+    mode's. Each entry equals ``weights_from_affinity`` at that pair."""
     rule = _softmax_rule(mode)
     lams = _check_values("lambdas", lambdas)
     temps = _check_values("temperatures", [DEFAULT_TEMPERATURE[rule]] if temperatures is None else temperatures)
@@ -724,13 +686,13 @@ def sweep_weights_from_affinity(
         raise ChameleonUserError(f"affinity must be a square [k, k] matrix, got shape {tuple(A.shape)}")
     k = A.shape[0]
     names = _check_names(domains, k, "rows of the affinity")
-    raw, batched = _leverage_per_lambda(A, lams, center)  # [L, k]
+    raw = _leverage_per_lambda(A, lams, center)  # [L, k]
     raw = raw.to(torch.float64)
     L, nT = len(lams), len(temps)
     weights = torch.empty(L, nT, k, dtype=torch.float64, device=raw.device)
     for j, T in enumerate(temps):  # temperatures only change the softmax: no krls call
         S, weights[:, j] = _scores_and_weights(raw, rule, T, normalize)
-    return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1), batched)
+    return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1))
 
 
 def sweep_weights(
@@ -835,14 +797,14 @@ def diagnose(
     """Effective dimension and warnings for a weights result.
 
     Args:
-        point: the plain weights (``weights_from_embeddings`` / ``chameleon_weights``).
+        point: the plain weights (``weights_from_embeddings``).
         embeddings: the domain embeddings ``[k, d]`` behind it, for the near-duplicate and
             dominant-norm checks (skipped without them).
         bootstrap: its :class:`BootstrapResult`, for the ranking check and the window analysis.
     """
     k = len(point.weights)
     names = point.domains or [str(i) for i in range(k)]
-    raw = _raw_scores(point).to(torch.float64)
+    raw = point.leverage_raw.to(torch.float64)
     eff = float(raw.sum())
     share = eff / (k - 1) if k > 1 else None
     warns: List[dict] = []

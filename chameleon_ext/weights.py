@@ -62,6 +62,10 @@ class DomainWeights:
     temperature: float
     normalize: bool
     domains: List[str] = field(default_factory=list)
+    # How far to trust the weights (chameleon_ext.uncertainty), set by the pipeline on rank 0:
+    # the BootstrapResult (None without per-window means or with 0 resamples) and Diagnostics.
+    bootstrap: Optional[object] = field(default=None, repr=False, compare=False)
+    diagnostics: Optional[object] = field(default=None, repr=False, compare=False)
 
     # Names of releases before 0.3 (the fields were called like the op).
     @property
@@ -134,14 +138,18 @@ def weights_from_scores(scores: Tensor, mode: str = "pretrain", temperature: Opt
 
     pretrain: softmax(1 / ((S + 1e-12) T)), default T = 5 (shared structure up-weighted);
     finetune: softmax(S / T), default T = 0.2 (distinctive domains up-weighted).
+
+    ``scores`` may also be a batch ``[..., k]`` (one score set per row, e.g. the bootstrap's
+    resamples): the softmax runs over the last dim, and each row gets bit for bit the
+    weights its own ``[k]`` call gives.
     """
     mode = _check_mode(mode)
     T = DEFAULT_TEMPERATURE[mode] if temperature is None else _check_positive("temperature", temperature)
     S = torch.as_tensor(scores).to(torch.float64)
-    if S.dim() != 1 or S.numel() < 1:
-        raise ValueError(f"scores must be a non-empty vector [k], got shape {tuple(S.shape)}")
+    if S.dim() < 1 or S.shape[-1] < 1:
+        raise ValueError(f"scores must be a non-empty vector [k] (or a batch [..., k]), got shape {tuple(S.shape)}")
     logits = 1.0 / ((S + _EPS) * T) if mode == "pretrain" else S / T
-    return torch.softmax(logits, dim=0)  # subtracts the max: stable for huge logits
+    return torch.softmax(logits, dim=-1)  # subtracts the max: stable for huge logits
 
 
 def _check_domain_names(domains: Optional[Sequence[str]], k: int) -> List[str]:

@@ -65,8 +65,10 @@ def _worker(rank, world, port, data_root, work):
         out = {}
         for name, cfg in CONFIGS.items():
             seen.clear()
-            emb = embed_domains(_model(), ds, cfg, device="cpu", cache_dir=os.path.join(work, f"cache_{name}"))
-            out[name] = {"embeddings": emb.embeddings, "counts": emb.counts, "seen": dict(seen)}
+            emb = embed_domains(_model(), ds, cfg, device="cpu", cache_dir=os.path.join(work, f"cache_{name}"),
+                                windows=True)
+            out[name] = {"embeddings": emb.embeddings, "counts": emb.counts, "seen": dict(seen),
+                         "windows": emb.windows}
         torch.save(out, os.path.join(work, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -80,7 +82,7 @@ def runs(tmp_path_factory):
     ds = _make_dataset(data_root)
     spawn_workers(_worker, WORLD, data_root, work)
     ranks = [torch.load(os.path.join(work, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    single = {name: embed_domains(_model(), ds, cfg, device="cpu") for name, cfg in CONFIGS.items()}
+    single = {name: embed_domains(_model(), ds, cfg, device="cpu", windows=True) for name, cfg in CONFIGS.items()}
     return ds, ranks, single
 
 
@@ -99,3 +101,16 @@ def test_no_window_is_embedded_twice(runs):
             expected[(name, int(s))] += 1
     assert union == expected
     assert sum(per_rank[0].values()) > 0 and sum(per_rank[1].values()) > 0
+
+
+@pytest.mark.parametrize("pooling", list(CONFIGS))
+def test_every_rank_gets_every_window_mean(runs, pooling):
+    """The per-window means (the bootstrap's input) are all-reduced: each rank holds every
+    domain's [n, H] rows, equal to the single process's, in the same order."""
+    _, ranks, single = runs
+    for r in range(WORLD):
+        got = ranks[r][pooling]["windows"]
+        assert len(got) == len(single[pooling].windows)
+        for w, ref in zip(got, single[pooling].windows):
+            assert w.shape == ref.shape and w.dtype == torch.float32
+            torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)

@@ -213,10 +213,11 @@ def fresh_root(data_root, tmp_path):
 
 
 def _entries(cache_dir):
-    """{domain: path} of the embedding cache entries."""
+    """{domain: path} of the embedding cache's domain-sum entries (not the per-window files
+    ``{key}.windows.pt`` beside them)."""
     out = {}
     for f in sorted(os.listdir(cache_dir)):
-        if f.endswith(".pt"):
+        if f.endswith(".pt") and not f.endswith(".windows.pt"):
             out.setdefault(torch.load(os.path.join(cache_dir, f), weights_only=True)["domain"], []).append(
                 os.path.join(cache_dir, f))
     return out

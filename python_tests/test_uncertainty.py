@@ -18,9 +18,7 @@ import chameleon_ext
 from chameleon_ext import io, uncertainty as U, weights as W
 from chameleon_ext.errors import ChameleonUserError
 
-# The plain path, under its new name when this branch meets the weights API rename.
-plain_weights = getattr(W, "weights_from_embeddings", None) or W.chameleon_weights
-scores_of, raw_scores_of = U._normalised_scores, U._raw_scores
+plain_weights = W.weights_from_embeddings  # the plain path every bootstrap entry must match
 
 NAMES = ["arxiv", "book", "c4", "cc", "github", "stackexchange", "wikipedia"]
 
@@ -136,8 +134,8 @@ def test_identity_resample_reproduces_plain_weights_exactly():
                                   draw_counts=[torch.ones(1, 1)] * 7, window_fractions=(), domains=NAMES)
         plain = plain_weights(X, mode, temperature=T, domains=NAMES)
         assert torch.equal(res.weight_samples[0], plain.weights)
-        assert torch.equal(res.leverage_samples[0], scores_of(plain))
-        assert torch.equal(res.effective_dimension_samples[0], raw_scores_of(plain).sum())
+        assert torch.equal(res.leverage_samples[0], plain.leverage)
+        assert torch.equal(res.effective_dimension_samples[0], plain.leverage_raw.sum())
         assert torch.equal(res.weights_low, plain.weights) and torch.equal(res.weights_high, plain.weights)
         assert torch.equal(res.weights_std, torch.zeros(7, dtype=torch.float64))
         assert torch.equal(res.rank_stability, torch.ones(7, dtype=torch.float64))
@@ -180,7 +178,7 @@ def test_intervals_contain_the_point_estimate(mode):
     res = U.bootstrap_weights(windows, resamples=300, mode=mode, lam=1.0, seed=0, window_fractions=())
     for point, lo, hi in [
         (res.point.weights, res.weights_low, res.weights_high),
-        (scores_of(res.point), res.leverage_low, res.leverage_high),
+        (res.point.leverage, res.leverage_low, res.leverage_high),
     ]:
         assert bool((lo <= point).all() and (point <= hi).all()), (lo, point, hi)
         assert bool((hi - lo > 0).all())
@@ -254,7 +252,7 @@ def test_point_result_fixes_the_settings():
 
 
 def test_degenerate_domains_follow_the_plain_path():
-    # Every window identical everywhere: zero leverage -> uniform, as chameleon_weights does.
+    # Every window identical everywhere: zero leverage -> uniform, as weights_from_embeddings does.
     w = torch.ones(10, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -273,7 +271,7 @@ def test_bootstrap_result_dict_and_table():
     assert set(d["weights"]) == {"point", "low", "high", "std"} and list(d["weights"]["low"]) == NAMES
     assert d["rank"]["arxiv"] == int(res.rank[0]) and 0 <= d["rank_stability"]["c4"] <= 1
     eff = d["effective_dimension"]
-    assert eff["low"] <= eff["high"] and eff["point"] == pytest.approx(float(raw_scores_of(res.point).sum()))
+    assert eff["low"] <= eff["high"] and eff["point"] == pytest.approx(float(res.point.leverage_raw.sum()))
     table = U.format_bootstrap_table(res)
     assert "100 resamples of 64 windows, seed 5" in table
     assert all(name in table for name in NAMES) and len(table.splitlines()) == 9
@@ -336,49 +334,32 @@ def _check_sweep_against_loops(sweep, X, mode):
         for j, T in enumerate(TEMPS):
             plain = plain_weights(X, mode, lam=lam, temperature=T)
             torch.testing.assert_close(sweep.weights[i, j], plain.weights, rtol=0, atol=1e-12)
-            torch.testing.assert_close(sweep.leverage[i], scores_of(plain), rtol=0, atol=1e-12)
+            torch.testing.assert_close(sweep.leverage[i], plain.leverage, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_sweep_equals_loop_of_scalar_calls(mode):
     X = torch.randn(7, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode=mode, domains=NAMES)
-    assert sweep.weights.shape == (5, 3, 7) and sweep.batched == U.krls_accepts_tensor_lam()
+    assert sweep.weights.shape == (5, 3, 7)
     _check_sweep_against_loops(sweep, X, mode)
     assert torch.equal(sweep.weights_at(10.0, 1.0), sweep.weights[3, 1])
 
 
-def test_sweep_through_a_tensor_lambda_op(monkeypatch):
-    """The one-call path, with a stand-in op taking lam as a tensor (one lambda per matrix):
-    same numbers as the loop, and exactly one krls call for all lambdas."""
+def test_sweep_is_one_krls_call_with_a_tensor_lambda(monkeypatch):
+    """Every lambda goes through ONE krls call, lam a tensor with one lambda per matrix."""
     calls = []
-    scalar_krls = scores_of(chameleon_ext.ops)
+    real_krls = U.krls
 
-    def tensor_lam_krls(K, lam=10.0, center=True, scale_by_k=True):
-        calls.append(tuple(K.shape))
-        if isinstance(lam, torch.Tensor):
-            lam = torch.broadcast_to(lam, K.shape[:-2])
-            return torch.stack([scalar_krls(K[b], float(lam[b]), center, scale_by_k) for b in range(K.shape[0])])
-        return scalar_krls(K, lam, center, scale_by_k)
+    def counting_krls(K, lam=10.0, center=True, scale_by_k=True):
+        calls.append((tuple(K.shape), tuple(lam.shape) if isinstance(lam, torch.Tensor) else None))
+        return real_krls(K, lam=lam, center=center, scale_by_k=scale_by_k)
 
-    monkeypatch.setattr(U, "krls", tensor_lam_krls)
-    monkeypatch.setattr(U, "_TENSOR_LAM", None)
-    assert U.krls_accepts_tensor_lam() is True
-    calls.clear()
+    monkeypatch.setattr(U, "krls", counting_krls)
     X = torch.randn(6, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode="pretrain")
-    assert sweep.batched and calls == [(5, 6, 6)]
+    assert calls == [((5, 6, 6), (5,))]
     _check_sweep_against_loops(sweep, X, "pretrain")
-    monkeypatch.setattr(U, "_TENSOR_LAM", None)  # re-probe the real op after this test
-
-
-def test_tensor_lam_probe_rejects_a_wrong_op(monkeypatch):
-    # An op that takes the tensor but uses only its first lambda must not be trusted.
-    monkeypatch.setattr(U, "krls", lambda K, lam=10.0, center=True, scale_by_k=True: chameleon_ext.ops.krls(
-        K, float(lam.flatten()[0]) if isinstance(lam, torch.Tensor) else lam, center, scale_by_k))
-    monkeypatch.setattr(U, "_TENSOR_LAM", None)
-    assert U.krls_accepts_tensor_lam() is False
-    monkeypatch.setattr(U, "_TENSOR_LAM", None)
 
 
 def test_sweep_dict_and_effective_dimension():
@@ -428,7 +409,7 @@ def test_clean_case_has_no_warnings():
     point = plain_weights(X, lam=0.1 * float((X - X.mean(0)).pow(2).sum(1).mean()) / 6)
     diag = U.diagnose(point, X)
     assert diag.warnings == [], diag.warnings
-    assert diag.effective_dimension == pytest.approx(float(raw_scores_of(point).sum()), abs=1e-15)
+    assert diag.effective_dimension == pytest.approx(float(point.leverage_raw.sum()), abs=1e-15)
     assert diag.effective_dimension_share == pytest.approx(diag.effective_dimension / 5)
     assert diag.suggested_lambda is None
 
@@ -477,7 +458,7 @@ def test_extreme_lambda_is_reported_with_a_suggestion(lam, code):
     suggested = diag.suggested_lambda
     assert suggested is not None and f"{suggested:g}" in diag.warnings[diag.codes.index(code)]["message"]
     # The suggestion puts the effective dimension near half of k - 1 (up to its rounding).
-    share = float(raw_scores_of(plain_weights(X, lam=suggested)).sum()) / 5
+    share = float((plain_weights(X, lam=suggested)).leverage_raw.sum()) / 5
     assert 0.4 < share < 0.6
     assert not {"lambda_too_large", "lambda_too_small"} & set(U.diagnose(plain_weights(X, lam=suggested)).codes)
 

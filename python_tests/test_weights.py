@@ -206,6 +206,22 @@ def test_weights_from_scores_by_hand():
     np.testing.assert_allclose(w.numpy(), [0.75, 0.25], rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_weights_from_scores_takes_a_batch_of_rows(mode):
+    """[..., k] scores (the bootstrap's resamples): each row bit for bit its own [k] call,
+    and equal to the NumPy softmax."""
+    S = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batch = W.weights_from_scores(S, mode, temperature=0.7)
+    assert batch.shape == (3, 5, 7)
+    for i in range(3):
+        for j in range(5):
+            assert torch.equal(batch[i, j], W.weights_from_scores(S[i, j], mode, temperature=0.7))
+    x = S.numpy()
+    z = 1.0 / ((x + 1e-12) * 0.7) if mode == "pretrain" else x / 0.7
+    z = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(batch.numpy(), z / z.sum(-1, keepdims=True), rtol=1e-13, atol=0)
+
+
 # --------------------------------------------------------------------------- degenerate input
 
 
@@ -218,6 +234,8 @@ def test_empty_embeddings_are_an_error(shape):
 def test_empty_scores_and_affinity_are_errors():
     with pytest.raises(ValueError, match="non-empty vector"):
         W.weights_from_scores(torch.zeros(0))
+    with pytest.raises(ValueError, match="non-empty vector"):
+        W.weights_from_scores(torch.zeros(4, 0))
     with pytest.raises(ValueError, match="square"):
         W.weights_from_affinity(torch.zeros(0, 0))
     with pytest.raises(ValueError, match="NaN or Inf"):
