@@ -22,7 +22,7 @@ from chameleon_ext.data.sampler import WeightedDomainSampler
 from chameleon_ext.embed import EmbedConfig, embed_domains
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.model import GPT, GPTConfig
-from chameleon_ext.trainer import TrainConfig, train
+from chameleon_ext.trainer import TrainConfig, evaluate, train
 
 from .factories import write_text_domains
 from .test_sources import (
@@ -74,6 +74,19 @@ def test_new_formats_cache_key_follows_file_identity_and_text_field(tmp_path, mo
     f = sorted((data / name).iterdir())[0]
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # identity changes
     assert load_dataset(data, text_field="body", val_fraction=0.0).fingerprint(name) != ds.fingerprint(name)
+
+
+def test_verify_full_keys_source_domains_on_content(tmp_path):
+    docs = make_docs(20, seed=5)
+    data, name, order = _domain_dir(tmp_path, "jsonl.zst", docs)
+    ident = load_dataset(data, val_fraction=0.0)
+    full = load_dataset(data, val_fraction=0.0, verify="full")
+    assert full.fingerprint(name) != ident.fingerprint(name)
+    np.testing.assert_array_equal(np.asarray(full.train_tokens(name)), np.asarray(ident.train_tokens(name)))
+    # content keys survive a copy to another path; identity keys do not
+    shutil.copytree(data, tmp_path / "copy")
+    assert load_dataset(tmp_path / "copy", val_fraction=0.0, verify="full").fingerprint(name) == full.fingerprint(name)
+    assert load_dataset(tmp_path / "copy", val_fraction=0.0).fingerprint(name) != ident.fingerprint(name)
 
 
 def test_cached_draw_windows_are_todays_windows(tmp_path):
@@ -234,7 +247,9 @@ def _streamed_mix(tmp_path):
     """Three small text domains, the largest of them streamed: ``(dataset, its name)``."""
     root = tmp_path / "mix"
     write_text_domains(root, names=("alpha", "digits", "dna"))
-    sizes = {n: sum(f.stat().st_size for f in (root / n).iterdir()) for n in ("alpha", "digits", "dna")}
+    (root / "web").mkdir()  # many documents, so its validation units (by hash) are not empty
+    write_jsonl(str(root / "web" / "a.jsonl"), make_docs(120, seed=6))
+    sizes = {n: sum(f.stat().st_size for f in (root / n).iterdir()) for n in ("alpha", "digits", "dna", "web")}
     big = max(sizes, key=sizes.get)
     ds = load_dataset(root, stream_threshold=max(v for n, v in sizes.items() if n != big))
     assert [n for n in ds.domains if ds.is_streamed(n)] == [big]
@@ -301,6 +316,9 @@ def test_train_on_streamed_domain_is_reproducible_and_resumes_exactly(tmp_path, 
     assert rc["loss"] == ra["loss"]
     for k, v in a.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    # validation windows of the streamed domain come from its validation units
+    ev = evaluate(a, ds, 3, BLOCK, seed=0, device="cpu")
+    assert all(np.isfinite(ev[n]["ppl"]) for n in ds.domains)
 
 
 # ----------------------------------------------------------------------------- budget and CLI
@@ -311,14 +329,14 @@ def test_token_budget_counts_and_estimates(tmp_path):
     from chameleon_ext.weights import weights_from_embeddings
 
     ds, big = _streamed_mix(tmp_path)
-    result = weights_from_embeddings(torch.eye(3, 4, dtype=torch.float64), domains=ds.domains)
+    result = weights_from_embeddings(torch.eye(4, 5, dtype=torch.float64), domains=ds.domains)
     plan = plan_budget(ds, result, 10_000)
     src = {d.domain: d.token_count_source for d in plan.domains}
     small = next(n for n in ds.domains if n != big)
     assert src[small].startswith("counted") and src[big].startswith("estimated")
     n = {d.domain: d.token_count for d in plan.domains}
     assert n[small] == ds.n_tokens(small)
-    exact = sum(os.path.getsize(f) + 1 for f in (tmp_path / "mix" / big).iterdir()) * 0.9
+    exact = reference_stream(make_docs(120, seed=6)).size * 0.9
     assert abs(n[big] - exact) <= 0.2 * exact
 
 
