@@ -29,6 +29,26 @@ A domain is one of two kinds:
   "uint16"}`` (dtype ``uint16`` or ``uint32``). Other files in such a folder (a README, the
   script that produced the bins, ...) are ignored.
 
+Other formats, and streamed domains
+-----------------------------------
+A domain may also hold what :mod:`chameleon_ext.data.sources` reads (``detect_sources``):
+Megatron-LM ``PREFIX.bin`` + ``PREFIX.idx`` pairs (pre-tokenised, kind ``"bin"``; their
+vocabulary is the tokenizer's), ``.jsonl.gz``/``.jsonl.zst`` shards, Parquet files, Hugging
+Face ``save_to_disk`` folders and ``.arrow`` files (raw text in the field/column
+``text_field``). Pre-tokenised tokens -- nanoGPT bins too -- are :class:`SourceTokens`, read
+by ``pread`` rather than memory-mapped. Raw text in those formats is tokenised into the cache
+like text files, from ``TextSources.iter_documents``, keyed by the sources' file-identity
+fingerprint, the tokenizer and ``text_field`` (``verify="full"``: their content hash).
+
+A raw-text domain whose files hold more than ``stream_threshold`` bytes
+(:data:`STREAM_THRESHOLD_BYTES`, 256 MiB) is *streamed*: it has no token cache and no token
+array; :meth:`MixtureDataset.draw_windows` draws windows from its files with
+``TextSources.sample_windows`` (uniform over tokens up to each document's bytes per token;
+the split by a hash of each unit's position), its :meth:`~MixtureDataset.token_count` is
+estimated from a seeded draw, and its fingerprint keys on the sources' identity, the
+tokenizer, ``text_field`` and the draw rules. A pre-tokenised domain above the threshold is
+not scanned whole for its largest id; each window read is checked instead.
+
 Caching and fingerprints
 ------------------------
 Each text domain's tokens are cached under ``<dataset>/.chameleon_cache/`` (or ``cache_dir``)
