@@ -148,7 +148,7 @@ def test_megatron_domain_reads_windows_by_pread(tmp_path):
     with pytest.raises(ChameleonUserError, match="'mega' holds token id 300"):
         load_dataset(tmp_path / "bad").check_vocab(257)
     big = load_dataset(tmp_path / "bad", stream_threshold=0)
-    big.check_vocab(257)  # not scanned
+    big.check_vocab(257)  # not scanned; its vocabulary is the tokenizer's
     with pytest.raises(ChameleonUserError, match="token id 300"):
         big.draw_windows("mega", 1, 8, np.random.default_rng(0))
 
@@ -166,6 +166,13 @@ def test_nanogpt_domain_is_read_through_its_source(tmp_path):
     got = ds.draw_windows("pre", 5, 10, np.random.default_rng(3))
     starts = np.random.default_rng(3).integers(0, 2000 - 10 + 1, size=5)
     np.testing.assert_array_equal(got, np.stack([train[s:s + 10] for s in starts]).astype(np.int64))
+    ds.check_vocab(300)
+    with pytest.raises(ChameleonUserError, match="'pre' holds token id"):
+        ds.check_vocab(200)  # scanned: its true largest id
+    big = load_dataset(tmp_path / "data", stream_threshold=0)
+    big.check_vocab(300)
+    with pytest.raises(ChameleonUserError, match="'pre' uses a vocabulary of 300"):
+        big.check_vocab(299)  # not scanned: its declared vocabulary must fit
 
 
 def test_corrupt_file_is_one_line_error(tmp_path):

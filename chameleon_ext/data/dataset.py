@@ -320,12 +320,16 @@ class MixtureDataset:
         for name in self.domains:
             d = self._domains[name]
             self._check_max(d)
-            if d.max_id is None:  # streamed / large Megatron: windows are checked as they are read
-                if d.streamed and int(self.tokenizer.vocab_size) > vocab_size:
+            if d.max_id is None:
+                # streamed or large pre-tokenised domains are not scanned (it would read them
+                # whole): their vocabulary must fit, and every window read is checked against it
+                vocab = min(d.vocab_size, self.vocab_size)
+                if vocab > vocab_size:
                     raise ChameleonUserError(
-                        f"vocabulary mismatch: streamed domain {name!r} is tokenised with "
-                        f"{self.tokenizer.name!r} (vocab_size {self.tokenizer.vocab_size}), but the "
-                        f"model's vocabulary has only {vocab_size} ids")
+                        f"vocabulary mismatch: domain {name!r} uses a vocabulary of {vocab} ids "
+                        f"(too large to scan for its largest id), but the model's vocabulary has "
+                        f"only {vocab_size} ids; use the model's tokenizer or a model with "
+                        f"vocab_size >= {vocab}")
                 continue
             if d.max_id >= vocab_size:
                 raise ChameleonUserError(
@@ -603,7 +607,7 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
     for name in names:
         dpath = os.path.join(path, name)
         if os.path.lexists(os.path.join(dpath, "train.bin")):
-            domains.append(_open_bin_domain(name, dpath, val_fraction))
+            domains.append(_open_bin_domain(name, dpath, val_fraction, int(stream_threshold)))
         else:
             for f in ("val.bin", "meta.json"):
                 if os.path.lexists(os.path.join(dpath, f)):
@@ -869,7 +873,8 @@ def _safe_name(name: str) -> str:
 # -- pre-tokenised domains -------------------------------------------------------------------
 
 
-def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
+def _open_bin_domain(name: str, dpath: str, val_fraction: float,
+                     threshold: int = STREAM_THRESHOLD_BYTES) -> _Domain:
     for f in _BIN_FILES:
         _check_link(os.path.join(dpath, f), f"domain {name!r}: {f}")
     meta_path = os.path.join(dpath, "meta.json")
@@ -903,7 +908,10 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
         val = _open_bin(name, val_path, dtype, allow_empty=True)
     else:
         train, val = _split(train, val_fraction)
-    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab)
+    # above the threshold the largest id is not scanned (every window read is checked instead)
+    large = (train.shape[0] + val.shape[0]) * np.dtype(dtype).itemsize > threshold
+    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab,
+                   max_checked=large)
 
 
 def _open_bin(name: str, fpath: str, dtype, allow_empty: bool) -> np.ndarray:
