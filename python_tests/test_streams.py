@@ -216,6 +216,50 @@ def test_embed_streamed_domain_and_its_cache_key(tmp_path):
     assert third.computed == ["dna"]
 
 
+def _pretokenised_domain(data, fmt):
+    """A Megatron or nanoGPT domain of byte ids under ``data``; its token stream."""
+    d = data / fmt
+    d.mkdir(parents=True)
+    stream = reference_stream(make_docs(40, seed=8))
+    if fmt == "megatron":
+        write_megatron_by_spec(str(d / "part"), [stream[:700], stream[700:]], [1, 2], 8, np.uint16)
+    else:
+        stream.astype(np.uint16).tofile(d / "train.bin")
+        (d / "meta.json").write_text('{"dtype": "uint16", "vocab_size": 257}')
+    return d.name, stream
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("fmt", RAW_FORMATS + ["megatron", "nanogpt"])
+def test_every_format_embeds_and_trains(tmp_path, fmt, streamed):
+    data = tmp_path / "data"
+    write_text_domains(data, names=("alpha",))
+    if fmt in ("megatron", "nanogpt"):
+        name, stream = _pretokenised_domain(data, fmt)
+    else:
+        d, order = build_domain(data, fmt, make_docs(40, seed=8))
+        name, stream = d.name, reference_stream(order)
+    ds = load_dataset(data, stream_threshold=0 if streamed else dataset_mod.STREAM_THRESHOLD_BYTES)
+    assert ds.is_streamed(name) == (streamed and fmt not in ("megatron", "nanogpt"))
+    model = _model(seed=2)
+    cfg = EmbedConfig(n_windows=6, window=16, batch_size=4, seed=3)
+    emb = embed_domains(model, ds, cfg, device="cpu")
+    from chameleon_ext.embed import _domain_seed
+    w = ds.draw_windows(name, 6, 16, _domain_seed(3, name))
+    if not ds.is_streamed(name):  # windows of the training split (held-out blocks cut out)
+        np.testing.assert_array_equal(np.asarray(ds.train_tokens(name).base).astype(np.int64), stream)
+        stream = np.asarray(ds.train_tokens(name)).astype(np.int64)
+    assert_windows_in_stream(w, stream)
+    with torch.no_grad():
+        ref = model.hidden_states(torch.from_numpy(w), model.default_embedding_layer).double().mean((0, 1))
+    torch.testing.assert_close(emb.embeddings[ds.domains.index(name)], ref, rtol=1e-5, atol=1e-6)
+    small = GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK), seed=0)
+    res = train(small, ds, "uniform", TrainConfig(steps=2, batch_size=4, warmup_steps=1, ckpt_every=0, log_every=1,
+                                                  eval_every=0, device="cpu", out_dir=str(tmp_path / "run"),
+                                                  quiet=True))
+    assert res["step"] == 2 and np.isfinite(res["loss"])
+
+
 def test_streamed_weights_agree_with_cached_on_builtin_like_data(tmp_path):
     """Chameleon weights from per-window embeddings of the built-in data, drawn from the token
     cache vs streamed from the files: each streamed weight lies within twice the half-width of
