@@ -376,7 +376,7 @@ def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, precision:
 
 
 def _work_items(dataset, cfg: EmbedConfig, todo: Sequence[str], me) -> tuple:
-    """This rank's contiguous share of all (domain, window) items, and each domain's starts."""
+    """This rank's contiguous share of all (domain, window) items, and the domains' windows."""
     total = cfg.n_windows * len(todo)
     share = distributed.shard_range(total, me.rank, me.world_size)
     return share, _DomainWindows(dataset, cfg)
