@@ -214,6 +214,10 @@ def test_embed_streamed_domain_and_its_cache_key(tmp_path):
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     third = embed_domains(model, load_dataset(root, stream_threshold=0), cfg, device="cpu", cache_dir=cache)
     assert third.computed == ["dna"]
+    # reference pooling re-tokenises the same drawn windows (its own cache key)
+    ref_cfg = EmbedConfig(n_windows=8, window=16, batch_size=4, seed=1, pooling="reference")
+    pooled = embed_domains(model, ds, ref_cfg, device="cpu", cache_dir=cache)
+    assert sorted(pooled.computed) == ["alpha", "dna"] and bool(torch.isfinite(pooled.embeddings).all())
 
 
 def _pretokenised_domain(data, fmt):
@@ -354,7 +358,9 @@ def test_train_on_streamed_domain_is_reproducible_and_resumes_exactly(tmp_path, 
                                   log_every=2, eval_every=0, eval_windows=2, device="cpu",
                                   out_dir=str(out), quiet=True, **kw))
 
-    m = lambda seed=0: GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK), seed=seed)  # noqa: E731
+    def m(seed=0):
+        return GPT(GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK), seed=seed)
+
     a, b = m(), m()
     ra = train(a, ds, "uniform", cfg(tmp_path / "a"))
     train(b, ds, "uniform", cfg(tmp_path / "b"))
