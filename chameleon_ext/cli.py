@@ -51,7 +51,8 @@ def _dataset(args, tokenizer=None):
 
     path = builtin_dataset_path() if args.data == BUILTIN else args.data
     tok = tokenizer if tokenizer is not None else (args.tokenizer or "byte")
-    return load_dataset(path, tokenizer=tok, cache_dir=args.cache_dir, val_fraction=args.val_fraction)
+    return load_dataset(path, tokenizer=tok, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
+                        text_field=getattr(args, "text_field", "text"))
 
 
 def _model_and_dataset(args, path: str, option: str = "--proxy", gpt_only: bool = False):
@@ -573,6 +574,8 @@ def _add_common(p, data=True, data_default=BUILTIN):
         p.add_argument("--cache-dir", default=None, help="token cache folder (default: <data>/.chameleon_cache)")
         p.add_argument("--val-fraction", type=float, default=params["val_fraction"].default,
                        help="held-out share of each domain without val.bin: blocks spread evenly over its stream")
+        p.add_argument("--text-field", default=params["text_field"].default,
+                       help="JSON field / Parquet or Arrow column holding the text (default: text)")
 
 
 def _add_embed(p):

@@ -204,11 +204,34 @@ def _domain_seed(seed: int, name: str) -> np.random.Generator:
 
 def window_starts(dataset, name: str, cfg: EmbedConfig) -> np.ndarray:
     """The ``n_windows`` window starts of domain ``name`` ``[n]``: seeded by (seed, name),
-    uniform over every full window of the split (windows may cross documents)."""
+    uniform over every full window of the split (windows may cross documents). A streamed
+    domain has no token positions: its windows come from ``dataset.draw_windows``."""
+    if getattr(dataset, "is_streamed", lambda _: False)(name):
+        raise ChameleonUserError(f"domain {name!r} is streamed: it has no window starts; use dataset.draw_windows")
     total = dataset.n_tokens(name, cfg.split)
     if total < cfg.window:
         dataset.check_window(cfg.window, cfg.split, [name])  # raises, naming the domain
     return _domain_seed(cfg.seed, name).integers(0, total - cfg.window + 1, size=cfg.n_windows)
+
+
+class _DomainWindows:
+    """Each domain's ``n_windows`` windows ``[n, window]``, drawn on first use by
+    ``dataset.draw_windows`` with the (seed, name) generator -- for cached and pre-tokenised
+    domains exactly the windows at :func:`window_starts` -- holding one domain at a time
+    (work items come in domain order)."""
+
+    def __init__(self, dataset, cfg: EmbedConfig):
+        self.dataset, self.cfg, self.name, self.windows = dataset, cfg, None, None
+
+    def __call__(self, name: str, rows) -> np.ndarray:
+        if name != self.name:
+            cfg, ds = self.cfg, self.dataset
+            if hasattr(ds, "draw_windows"):
+                self.windows = ds.draw_windows(name, cfg.n_windows, cfg.window, _domain_seed(cfg.seed, name), cfg.split)
+            else:  # a dataset-like object with token positions only
+                self.windows = ds.windows_at(name, window_starts(ds, name, cfg), cfg.window, cfg.split)
+            self.name = name
+        return self.windows[rows]
 
 
 # --------------------------------------------------------------------------- cache
@@ -457,11 +480,10 @@ def _forward(model, ids: torch.Tensor, layer: int, dev: torch.device, precision:
 
 
 def _work_items(dataset, cfg: EmbedConfig, todo: Sequence[str], me) -> tuple:
-    """This rank's contiguous share of all (domain, window) items, and each domain's starts."""
-    starts = {n: window_starts(dataset, n, cfg) for n in todo}
+    """This rank's contiguous share of all (domain, window) items, and the domains' windows."""
     total = cfg.n_windows * len(todo)
     share = distributed.shard_range(total, me.rank, me.world_size)
-    return share, starts
+    return share, _DomainWindows(dataset, cfg)
 
 
 def _progress(enabled: bool, total: int, what: str) -> Progress:
@@ -472,7 +494,7 @@ def _progress(enabled: bool, total: int, what: str) -> Progress:
 def _embed_masked(model, dataset, cfg, todo, layer, dev, precision, me, group, progress):
     """Clean method: full windows (no padding), means summed per domain by domain_mean_pool;
     each window's mean is also kept, in its slot of ``window_means [domains, n, H]``."""
-    share, starts = _work_items(dataset, cfg, todo, me)
+    share, domain_windows = _work_items(dataset, cfg, todo, me)
     H = None
     sums = counts = window_means = None
     bar = _progress(progress and me.is_main, len(share), f"rank {me.rank}")
@@ -483,7 +505,7 @@ def _embed_masked(model, dataset, cfg, todo, layer, dev, precision, me, group, p
         dom = np.array([i // cfg.n_windows for i in chunk])
         win = np.array([i % cfg.n_windows for i in chunk])
         windows = np.concatenate(
-            [dataset.windows_at(todo[d], starts[todo[d]][win[dom == d]], cfg.window, cfg.split) for d in np.unique(dom)]
+            [domain_windows(todo[d], win[dom == d]) for d in np.unique(dom)]
         )  # [b, l]; rows grouped by domain in the same order as `dom` (items are sorted)
         ids = torch.from_numpy(windows).to(dev)
         hidden = _forward(model, ids, layer, dev, precision)  # [b, l, H]
@@ -529,7 +551,7 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, precision, me, group
     tokenizer = getattr(dataset, "tokenizer", None)
     if tokenizer is None:
         raise ChameleonUserError("pooling='reference' needs a dataset with a tokenizer (to re-tokenise windows)")
-    starts = {n: window_starts(dataset, n, cfg) for n in todo}
+    domain_windows = _DomainWindows(dataset, cfg)
     batches = [(d, j) for d in range(len(todo)) for j in range(0, cfg.n_windows, cfg.batch_size)]
     share = [batches[i] for i in distributed.shard_range(len(batches), me.rank, me.world_size)]
     rows = []  # (domain index, window vector) for this rank, in window order
@@ -538,7 +560,7 @@ def _embed_reference(model, dataset, cfg, todo, layer, dev, precision, me, group
     tokens = 0
     for d, j in share:
         name = todo[d]
-        windows = dataset.windows_at(name, starts[name][j : j + cfg.batch_size], cfg.window, cfg.split)
+        windows = domain_windows(name, slice(j, j + cfg.batch_size))
         ids, mask = _pad_right(_retokenise(tokenizer, windows, cfg.window), tokenizer.eos_id)
         hidden = _forward(model, torch.from_numpy(ids).to(dev), layer, dev, precision,
                           attention_mask=torch.from_numpy(mask).to(dev))

@@ -358,11 +358,18 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
 
 def plan_budget(dataset, result: DomainWeights, token_budget: int, max_epochs: Optional[float] = None):
     """The token-budget plan of ``result``'s weights over ``dataset``'s training tokens
-    (counted exactly from the token caches): target tokens and epochs per domain, with
+    (counted exactly from the token caches and pre-tokenised files; estimated from a sample
+    for streamed domains, and recorded as such): target tokens and epochs per domain, with
     repetition capped at ``max_epochs`` (:func:`chameleon_ext.budget.plan_token_budget`)."""
     from .budget import TokenCount, plan_token_budget
 
-    counts = {d: TokenCount(dataset.n_tokens(d, "train"), "counted (training split)") for d in result.domains}
+    def count(d):
+        c = dataset.token_count(d, "train") if hasattr(dataset, "token_count") else None
+        if c is None or c.source == "counted":
+            return TokenCount(dataset.n_tokens(d, "train"), "counted (training split)")
+        return TokenCount(c.tokens, f"{c.source} (training split)")
+
+    counts = {d: count(d) for d in result.domains}
     return plan_token_budget(dict(zip(result.domains, result.weights.tolist())), counts, token_budget, max_epochs)
 
 

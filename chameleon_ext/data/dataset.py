@@ -29,6 +29,26 @@ A domain is one of two kinds:
   "uint16"}`` (dtype ``uint16`` or ``uint32``). Other files in such a folder (a README, the
   script that produced the bins, ...) are ignored.
 
+Other formats, and streamed domains
+-----------------------------------
+A domain may also hold what :mod:`chameleon_ext.data.sources` reads (``detect_sources``):
+Megatron-LM ``PREFIX.bin`` + ``PREFIX.idx`` pairs (pre-tokenised, kind ``"bin"``; their
+vocabulary is the tokenizer's), ``.jsonl.gz``/``.jsonl.zst`` shards, Parquet files, Hugging
+Face ``save_to_disk`` folders and ``.arrow`` files (raw text in the field/column
+``text_field``). Pre-tokenised tokens -- nanoGPT bins too -- are :class:`SourceTokens`, read
+by ``pread`` rather than memory-mapped. Raw text in those formats is tokenised into the cache
+like text files, from ``TextSources.iter_documents``, keyed by the sources' file-identity
+fingerprint, the tokenizer and ``text_field`` (``verify="full"``: their content hash).
+
+A raw-text domain whose files hold more than ``stream_threshold`` bytes
+(:data:`STREAM_THRESHOLD_BYTES`, 256 MiB) is *streamed*: it has no token cache and no token
+array; :meth:`MixtureDataset.draw_windows` draws windows from its files with
+``TextSources.sample_windows`` (uniform over tokens up to each document's bytes per token;
+the split by a hash of each unit's position), its :meth:`~MixtureDataset.token_count` is
+estimated from a seeded draw, and its fingerprint keys on the sources' identity, the
+tokenizer, ``text_field`` and the draw rules. A pre-tokenised domain above the threshold is
+not scanned whole for its largest id; each window read is checked instead.
+
 Caching and fingerprints
 ------------------------
 Each text domain's tokens are cached under ``<dataset>/.chameleon_cache/`` (or ``cache_dir``)
@@ -87,9 +107,12 @@ import numpy as np
 
 from .. import io
 from ..errors import ChameleonUserError
+from .sources import NanoGPTBinSource, TextSources, TokenSources, detect_sources
+from .sources.common import _combine
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_record
 
-__all__ = ["MixtureDataset", "SplitTokens", "load_dataset", "DEFAULT_CACHE_DIRNAME", "SPLIT_LAYOUT"]
+__all__ = ["MixtureDataset", "SplitTokens", "load_dataset", "DEFAULT_CACHE_DIRNAME", "SPLIT_LAYOUT",
+           "STREAM_THRESHOLD_BYTES"]
 
 DEFAULT_CACHE_DIRNAME = ".chameleon_cache"
 # Bump when the tokenisation rules change: it is hashed into every fingerprint, so bumping it
@@ -114,6 +137,18 @@ SPLIT_LAYOUT = "blocks-evenly-spread/2"
 _SPLIT_MIN_BLOCK = 4096
 _SPLIT_MAX_BLOCKS = 1024
 _SPLIT_MIN_HELD_OUT = 32  # held-out blocks a domain gets at least, where its size allows
+# A raw-text domain whose files hold more bytes than this is STREAMED: no token cache, windows
+# are drawn from the files (chameleon_ext.data.sources) at the cost of the sample. Below it the
+# whole domain is tokenised once into the cache, which is faster to draw from.
+STREAM_THRESHOLD_BYTES = 256 << 20
+# Bump when the way windows are drawn from a streamed domain changes: it is hashed into the
+# streamed domain's fingerprint, so embeddings cached from older draws change key.
+_STREAM_DRAW = "chameleon_ext.stream_draw/1"
+# Suffixes only the sources layer reads (the legacy tokeniser reads text files and .jsonl).
+_SOURCE_ONLY_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow", ".idx")
+_HF_MARKERS = ("state.json", "dataset_dict.json")
+# Windows and length of the seeded draw that estimates a streamed domain's token count.
+_ESTIMATE_WINDOWS, _ESTIMATE_LENGTH = 256, 256
 
 
 @dataclass
@@ -130,6 +165,13 @@ class _Domain:
     stat_key: Optional[str] = None
     cache_path: Optional[str] = None  # text domains: the .tokens file
     max_checked: bool = False  # max_id is the true maximum of the tokens (scanned this run)
+    # the domain's chameleon_ext.data.sources reader: pre-tokenised domains read through it,
+    # new raw formats are tokenised from it, streamed domains draw every window from it
+    source: Optional[Union[TokenSources, TextSources]] = None
+    streamed: bool = False  # raw text above the threshold: no token array, windows drawn from `source`
+    estimated: Optional[int] = None  # streamed: estimated tokens of the whole domain
+    text_field: str = "text"
+    full_fingerprint: bool = False  # source fingerprints hash every byte (verify="full")
 
 
 class MixtureDataset:
@@ -171,17 +213,35 @@ class MixtureDataset:
             ) from None
 
     def kind(self, name: str) -> str:
-        """``"text"`` (tokenised here) or ``"bin"`` (pre-tokenised ``train.bin``)."""
+        """``"text"`` (tokenised here, cached or streamed) or ``"bin"`` (pre-tokenised:
+        nanoGPT ``train.bin`` or Megatron ``.bin``/``.idx``)."""
         return self._get(name).kind
+
+    def is_streamed(self, name: str) -> bool:
+        """True for a raw-text domain above the stream threshold: it has no token array, and
+        its windows are drawn from its files by :meth:`draw_windows` (module doc)."""
+        return self._get(name).streamed
+
+    def _streamed_error(self, d: _Domain, what: str) -> ChameleonUserError:
+        return ChameleonUserError(
+            f"domain {d.name!r} is streamed (its raw text is above the stream threshold), so it has "
+            f"no {what}; draw windows from it with draw_windows()")
 
     def train_tokens(self, name: str) -> np.ndarray:
         """Training tokens of domain ``name``: a read-only ``[n_train]`` memmap (or, when
-        blocks are held out for validation, a :class:`SplitTokens` view of the memmap)."""
-        return self._get(name).train
+        blocks are held out for validation, a :class:`SplitTokens` view of the memmap;
+        pre-tokenised domains: a :class:`SourceTokens` read by ``pread``)."""
+        d = self._get(name)
+        if d.streamed:
+            raise self._streamed_error(d, "token array")
+        return d.train
 
     def val_tokens(self, name: str) -> np.ndarray:
         """Held-out tokens of domain ``name``: a read-only ``[n_val]`` memmap."""
-        return self._get(name).val
+        d = self._get(name)
+        if d.streamed:
+            raise self._streamed_error(d, "token array")
+        return d.val
 
     def tokens(self, name: str, split: str = "train") -> np.ndarray:
         """Tokens of ``split`` (``"train"`` or ``"val"``) of domain ``name``."""
@@ -200,7 +260,29 @@ class MixtureDataset:
         return tokenizer_record(self.tokenizer)
 
     def n_tokens(self, name: str, split: str = "train") -> int:
-        return int(self.tokens(name, split).shape[0])
+        """Tokens of ``split`` of domain ``name``: counted, except for a streamed domain, whose
+        count is estimated (see :meth:`token_count`)."""
+        return self.token_count(name, split).tokens
+
+    def token_count(self, name: str, split: str = "train"):
+        """Tokens of ``split`` of domain ``name`` as a :class:`chameleon_ext.budget.TokenCount`:
+        counted for cached and pre-tokenised domains; for a streamed domain, estimated from a
+        seeded draw of its tokens per byte (``TextSources.estimated_tokens``) times the
+        split's share (``1 - val_fraction`` or ``val_fraction``)."""
+        from ..budget import TokenCount
+
+        d = self._get(name)
+        if not d.streamed:
+            return TokenCount(int(self.tokens(name, split).shape[0]), "counted")
+        if split not in ("train", "val"):
+            raise ChameleonUserError(f"split: expected 'train' or 'val', got {split!r}")
+        if d.estimated is None:
+            rng = np.random.default_rng([0, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")])
+            d.source.sample_windows(rng, _ESTIMATE_WINDOWS, _ESTIMATE_LENGTH, self.tokenizer)
+            d.estimated = int(d.source.estimated_tokens())
+        share = self.val_fraction if split == "val" else 1.0 - self.val_fraction
+        return TokenCount(int(round(d.estimated * share)),
+                          f"estimated from {_ESTIMATE_WINDOWS} sampled windows of a streamed domain")
 
     def fingerprint(self, name: str) -> str:
         """Stable hex digest (sha256) of domain ``name``'s content and tokenizer.
@@ -238,6 +320,17 @@ class MixtureDataset:
         for name in self.domains:
             d = self._domains[name]
             self._check_max(d)
+            if d.max_id is None:
+                # streamed or large pre-tokenised domains are not scanned (it would read them
+                # whole): their vocabulary must fit, and every window read is checked against it
+                vocab = min(d.vocab_size, self.vocab_size)
+                if vocab > vocab_size:
+                    raise ChameleonUserError(
+                        f"vocabulary mismatch: domain {name!r} uses a vocabulary of {vocab} ids "
+                        f"(too large to scan for its largest id), but the model's vocabulary has "
+                        f"only {vocab_size} ids; use the model's tokenizer or a model with "
+                        f"vocab_size >= {vocab}")
+                continue
             if d.max_id >= vocab_size:
                 raise ChameleonUserError(
                     f"vocabulary mismatch: domain {name!r} holds token id {d.max_id}, but the "
@@ -249,7 +342,7 @@ class MixtureDataset:
     def _check_max(self, d: _Domain) -> None:
         if d.max_checked:
             return
-        if d.kind == "text":
+        if d.kind == "text":  # (streamed domains are created max_checked)
             true_max = _chunked_max(_open_tokens(d.cache_path, d.train.dtype))
             if true_max != d.max_id:
                 self._rebuild(d, f"it holds token id {true_max} but recorded {d.max_id} as its largest")
@@ -268,7 +361,7 @@ class MixtureDataset:
         rebuilt = []
         for name in self.domains:
             d = self._domains[name]
-            if d.kind != "text":
+            if d.kind != "text" or d.streamed:
                 continue
             meta = io.read_json_or_none(d.cache_path + ".json")
             problem = (_verify_tokens(d.cache_path, meta, "full") if meta is not None
@@ -283,12 +376,17 @@ class MixtureDataset:
         """Re-tokenise text domain ``d`` into its cache entry after ``problem`` was found."""
         warnings.warn(f"token cache {d.cache_path!r} of domain {d.name!r} is damaged ({problem}); "
                       "rebuilding it from the text", stacklevel=3)
-        if _content_fingerprint("text", d.files, d.name, self.tokenizer.name) != d.fingerprint:
+        if d.source is not None:
+            now = _source_text_fingerprint(d.source, self.tokenizer, d.text_field, d.full_fingerprint)
+        else:
+            now = _content_fingerprint("text", d.files, d.name, self.tokenizer.name)
+        if now != d.fingerprint:
             raise ChameleonUserError(
                 f"domain {d.name!r}: its files in {d.path!r} changed after the dataset was "
                 "loaded; load it again")
         meta = _tokenise_domain(d.name, d.files, self.tokenizer, self.cache_dir,
-                                _safe_name(d.name), d.fingerprint)
+                                _safe_name(d.name), d.fingerprint,
+                                documents=None if d.source is None else d.source.iter_documents())
         tokens = _open_tokens(d.cache_path, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
         d.train, d.val = _split(tokens, self.val_fraction)
         d.max_id, d.max_checked = meta["max_id"], True
@@ -303,7 +401,8 @@ class MixtureDataset:
         """
         length = _check_length(length)
         for name in self.domains if domains is None else domains:
-            self._check_domain_window(name, length, split)
+            if not self._get(name).streamed:  # a streamed domain's draw raises when too short
+                self._check_domain_window(name, length, split)
 
     def _check_domain_window(self, name: str, length: int, split: str) -> int:
         n = self.n_tokens(name, split)
@@ -328,11 +427,23 @@ class MixtureDataset:
 
     def sample_windows(self, name: str, n: int, length: int, rng: np.random.Generator,
                        split: str = "train") -> np.ndarray:
+        """``n`` windows of ``length`` tokens from domain ``name``: ``[n, length]`` int64
+        (same as :meth:`draw_windows`)."""
+        return self.draw_windows(name, n, length, rng, split)
+
+    def draw_windows(self, name: str, n: int, length: int, rng: np.random.Generator,
+                     split: str = "train") -> np.ndarray:
         """``n`` windows of ``length`` tokens from domain ``name``: ``[n, length]`` int64.
 
-        Draws ``n`` starts from ``rng`` (one ``rng.integers`` call, so the generator advances
-        deterministically) and gathers the windows from the memmap.
+        Cached and pre-tokenised domains: draws ``n`` starts from ``rng`` (one ``rng.integers``
+        call, so the generator advances deterministically) and gathers the windows from the
+        token array. Streamed domains: ``TextSources.sample_windows`` with ``rng`` (windows
+        starting in units of ``split``, the units' split by hash; the module doc), reading and
+        tokenising only what the windows need.
         """
+        d = self._get(name)
+        if d.streamed:
+            return self._draw_streamed(d, n, length, rng, split)
         if not isinstance(rng, np.random.Generator):
             raise ChameleonUserError(
                 f"rng: expected a numpy.random.Generator, got {type(rng).__name__}"
@@ -345,9 +456,27 @@ class MixtureDataset:
         starts = rng.integers(0, total - length + 1, size=int(n))
         return self.windows_at(name, starts, length, split)
 
+    def _draw_streamed(self, d: _Domain, n, length, rng, split: str) -> np.ndarray:
+        if not isinstance(rng, np.random.Generator):
+            raise ChameleonUserError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        if split not in ("train", "val"):
+            raise ChameleonUserError(f"split: expected 'train' or 'val', got {split!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
+        length = _check_length(length)
+        _check_memory(int(n), length, d.name)
+        if self.val_fraction == 0.0:
+            if split == "val":
+                raise ChameleonUserError(
+                    f"domain {d.name!r} has no validation split (val_fraction is 0); raise val_fraction")
+            return d.source.sample_windows(rng, int(n), length, self.tokenizer)
+        return d.source.sample_windows(rng, int(n), length, self.tokenizer, split=split,
+                                       val_fraction=self.val_fraction)
+
     def windows_at(self, name: str, starts: np.ndarray, length: int,
                    split: str = "train") -> np.ndarray:
-        """Windows of ``length`` tokens starting at ``starts`` ``[n]``: ``[n, length]`` int64."""
+        """Windows of ``length`` tokens starting at ``starts`` ``[n]``: ``[n, length]`` int64
+        (not for streamed domains, which have no token positions: use :meth:`draw_windows`)."""
         toks = self.tokens(name, split)
         length = _check_length(length)
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
@@ -378,10 +507,12 @@ class MixtureDataset:
     # -- reporting ---------------------------------------------------------------------------
 
     def summary(self) -> list[dict]:
-        """One dict per domain: name, kind, train/val token counts."""
+        """One dict per domain: name, kind, train/val token counts (estimated for a
+        streamed domain, which has ``"streamed": True``)."""
         return [
             {"domain": n, "kind": self._domains[n].kind,
-             "train_tokens": self.n_tokens(n, "train"), "val_tokens": self.n_tokens(n, "val")}
+             "train_tokens": self.n_tokens(n, "train"), "val_tokens": self.n_tokens(n, "val"),
+             **({"streamed": True} if self._domains[n].streamed else {})}
             for n in self.domains
         ]
 
@@ -400,7 +531,8 @@ class MixtureDataset:
 
 def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer] = "byte",
                  cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 val_fraction: float = 0.1, verify: str = "sample") -> MixtureDataset:
+                 val_fraction: float = 0.1, verify: str = "sample", text_field: str = "text",
+                 stream_threshold: int = STREAM_THRESHOLD_BYTES) -> MixtureDataset:
     """Discover, tokenise (with caching) and split the domains of the dataset at ``path``.
 
     Args:
@@ -414,7 +546,12 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
             the domain has no ``val.bin``.
         verify: how token caches are checked before use: ``"sample"`` (size and a few blocks;
             cheap) or ``"full"`` (every byte, the true largest id, and the source files
-            re-hashed). A damaged entry is rebuilt with a warning.
+            re-hashed; for domains read through ``chameleon_ext.data.sources`` the cache and
+            draw keys then hash every byte instead of the files' identity). A damaged entry is
+            rebuilt with a warning.
+        text_field: the JSON field / Parquet or Arrow column holding the text.
+        stream_threshold: a raw-text domain whose files hold more bytes than this is streamed
+            (no token cache; see the module doc); default :data:`STREAM_THRESHOLD_BYTES`.
 
     Raises:
         ChameleonUserError: an empty, missing or unreadable dataset folder, an empty domain, a
@@ -438,6 +575,12 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
         raise ChameleonUserError(f"val_fraction: expected a number in [0, 1), got {val_fraction}")
     if verify not in VERIFY_MODES:
         raise ChameleonUserError(f"verify: expected one of {list(VERIFY_MODES)}, got {verify!r}")
+    if not isinstance(text_field, str) or not text_field:
+        raise ChameleonUserError(f"text_field: expected a non-empty field/column name, got {text_field!r}")
+    if isinstance(stream_threshold, bool) or not isinstance(stream_threshold, (int, np.integer)) \
+            or stream_threshold < 0:
+        raise ChameleonUserError(
+            f"stream_threshold: expected a non-negative number of bytes, got {stream_threshold!r}")
     tok = load_tokenizer(tokenizer)
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ChameleonUserError(f"cache_dir: expected a folder path, got {type(cache_dir).__name__}")
@@ -464,7 +607,7 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
     for name in names:
         dpath = os.path.join(path, name)
         if os.path.lexists(os.path.join(dpath, "train.bin")):
-            domains.append(_open_bin_domain(name, dpath, val_fraction))
+            domains.append(_open_bin_domain(name, dpath, val_fraction, int(stream_threshold)))
         else:
             for f in ("val.bin", "meta.json"):
                 if os.path.lexists(os.path.join(dpath, f)):
@@ -472,7 +615,10 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
                         f"domain {name!r}: found {f} but no train.bin in {dpath!r}; a "
                         "pre-tokenised domain needs train.bin (+ meta.json)"
                     )
-            domains.append(_open_text_domain(name, dpath, tok, cache_dir, val_fraction, verify))
+            d = _open_raw_domain(name, dpath, tok, cache_dir, val_fraction, verify, text_field,
+                                 int(stream_threshold))
+            # None: text files and .jsonl below the threshold, cached exactly as before
+            domains.append(d or _open_text_domain(name, dpath, tok, cache_dir, val_fraction, verify))
 
     vocab_size = _dataset_vocab(domains, tok)
     return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir)
@@ -524,7 +670,10 @@ def _visible_parts(real: str, real_base: str) -> Optional[list]:
 
 def _dataset_vocab(domains: list[_Domain], tok: Tokenizer) -> int:
     text = [d for d in domains if d.kind == "text"]
-    bins = [d for d in domains if d.kind == "bin"]
+    # nanoGPT bins declare their vocabulary; Megatron data does not (it takes the tokenizer's)
+    bins = [d for d in domains if d.kind == "bin" and d.source is None]
+    if not bins:
+        return int(tok.vocab_size)
     if text:
         vocab = int(tok.vocab_size)
         for d in bins:
@@ -619,6 +768,47 @@ class SplitTokens:
         return f"SplitTokens({self.shape[0]} tokens in {len(self.starts)} runs of a {self.base.shape[0]}-token stream)"
 
 
+class SourceTokens:
+    """A pre-tokenised token stream read through its source (``pread`` of the ranges asked
+    for) instead of a memory map, so the process's memory does not grow with the file.
+
+    Behaves like the read-only 1-D arrays of the dataset layer (``shape``, ``dtype``, ``len()``,
+    integer and contiguous-slice indexing, ``np.asarray``); ``dtype`` is the file's for nanoGPT
+    bins and int64 for Megatron (whose ids are checked whole and non-negative on read).
+    """
+
+    ndim = 1
+
+    def __init__(self, source, dtype):
+        self.source = source
+        self.shape = (int(source.n_tokens),)
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                return np.asarray(self)[key]
+            return self.source.read(lo, max(lo, hi) - lo).astype(self.dtype, copy=False)
+        i = int(key)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {key} is out of bounds for a stream of {n} tokens")
+        return self.source.read(i, 1).astype(self.dtype)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[0:self.shape[0]]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"SourceTokens({self.shape[0]} tokens of {self.source.path!r})"
+
+
 def split_blocks(n: int, val_fraction: float) -> tuple[int, np.ndarray]:
     """``(block, held_out [n_blocks] bool)``: the block size and which blocks of a stream of
     ``n`` tokens are validation blocks (the rule in the module doc)."""
@@ -683,7 +873,8 @@ def _safe_name(name: str) -> str:
 # -- pre-tokenised domains -------------------------------------------------------------------
 
 
-def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
+def _open_bin_domain(name: str, dpath: str, val_fraction: float,
+                     threshold: int = STREAM_THRESHOLD_BYTES) -> _Domain:
     for f in _BIN_FILES:
         _check_link(os.path.join(dpath, f), f"domain {name!r}: {f}")
     meta_path = os.path.join(dpath, "meta.json")
@@ -717,7 +908,10 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float) -> _Domain:
         val = _open_bin(name, val_path, dtype, allow_empty=True)
     else:
         train, val = _split(train, val_fraction)
-    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab)
+    # above the threshold the largest id is not scanned (every window read is checked instead)
+    large = (train.shape[0] + val.shape[0]) * np.dtype(dtype).itemsize > threshold
+    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab,
+                   max_checked=large)
 
 
 def _open_bin(name: str, fpath: str, dtype, allow_empty: bool) -> np.ndarray:
@@ -738,11 +932,8 @@ def _open_bin(name: str, fpath: str, dtype, allow_empty: bool) -> np.ndarray:
         if not allow_empty:
             raise ChameleonUserError(f"domain {name!r} is empty: {fpath!r} holds no tokens")
         return np.zeros(0, dtype=dtype)
-    try:
-        return np.memmap(fpath, dtype=dtype, mode="r")
-    except OSError as exc:
-        raise ChameleonUserError(
-            f"domain {name!r}: cannot read {fpath!r}: {io.os_error_reason(exc)}") from exc
+    # read through the source (a pread per window), not a memory map that grows with use
+    return SourceTokens(NanoGPTBinSource(fpath, dtype), dtype)
 
 
 def _bin_fingerprint(d: _Domain, cache_dir: str) -> str:
@@ -884,6 +1075,72 @@ def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
                    vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
                    fingerprint=fp, stat_key=stat_key, cache_path=tpath,
                    max_checked=verify == "full")
+
+
+def _open_raw_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str, val_fraction: float,
+                     verify: str, text_field: str, threshold: int) -> Optional[_Domain]:
+    """A domain without nanoGPT ``train.bin``: Megatron indexed data, raw text in today's
+    formats tokenised into the cache as before, raw text in the formats only the sources read
+    (compressed JSONL, Parquet, Arrow) tokenised into the cache from its source, or -- above
+    ``threshold`` bytes -- a streamed domain. None: today's formats below the threshold,
+    which :func:`_open_text_domain` caches as before (same fingerprints and caches)."""
+    files = _list_text_files(name, dpath, skip=(cache_dir,))
+    if not files:
+        raise ChameleonUserError(
+            f"domain {name!r} is empty: {dpath!r} holds no (non-hidden) data files"
+        )
+    lows = [rel.lower() for rel, _ in files]
+    megatron = any(low.endswith((".idx", ".bin")) for low in lows)
+    needs_sources = megatron or any(
+        low.endswith(_SOURCE_ONLY_SUFFIXES) or os.path.basename(low) in _HF_MARKERS for low in lows
+    ) or (text_field != "text" and any(low.endswith(".jsonl") for low in lows))
+    try:
+        size = sum(os.path.getsize(full) for _, full in files)
+    except OSError as exc:
+        raise ChameleonUserError(
+            f"domain {name!r}: cannot stat {exc.filename!r}: {io.os_error_reason(exc)}") from exc
+    if not needs_sources and size <= threshold:
+        return None
+    src = detect_sources(dpath, text_field=text_field)
+    full = verify == "full"
+    if isinstance(src, TokenSources):  # Megatron .bin/.idx: windows read by pread, never cached
+        if src.n_tokens == 0:
+            raise ChameleonUserError(f"domain {name!r} is empty: its Megatron data in {dpath!r} holds no tokens")
+        train, val = _split(SourceTokens(src, np.int64), val_fraction)
+        fp = _combine(f"{_TOKENS_RULES}:megatron", [src.fingerprint(full)])
+        # above the threshold the largest id is not scanned (it would read everything);
+        # every window read is checked against the vocabulary instead
+        return _Domain(name=name, path=dpath, kind="bin", train=train, val=val,
+                       vocab_size=int(tok.vocab_size), files=files, fingerprint=fp, source=src,
+                       max_checked=size > threshold, full_fingerprint=full)
+    if size > threshold:
+        return _Domain(name=name, path=dpath, kind="text", train=None, val=None,
+                       vocab_size=int(tok.vocab_size), files=files,
+                       fingerprint=_stream_fingerprint(src, tok, text_field, full), source=src,
+                       streamed=True, max_checked=True, text_field=text_field, full_fingerprint=full)
+    fp = _source_text_fingerprint(src, tok, text_field, full)
+    safe = _safe_name(name)
+    meta, _ = _load_token_meta(name, cache_dir, safe, fp, tok, verify)
+    if meta is None:
+        meta = _tokenise_domain(name, files, tok, cache_dir, safe, fp, documents=src.iter_documents())
+    if meta["n_tokens"] == 0:
+        raise ChameleonUserError(f"domain {name!r} is empty: its {len(files)} file(s) in {dpath!r} hold no text")
+    tpath = _token_path(cache_dir, safe, fp)
+    train, val = _split(_open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"]), val_fraction)
+    return _Domain(name=name, path=dpath, kind="text", train=train, val=val,
+                   vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
+                   fingerprint=fp, cache_path=tpath, max_checked=full, source=src,
+                   text_field=text_field, full_fingerprint=full)
+
+
+def _source_text_fingerprint(src: TextSources, tok: Tokenizer, text_field: str, full: bool) -> str:
+    """Key of a cached domain tokenised from its sources: file identity (or content) + tokenizer + field."""
+    return _combine(f"{_TOKENS_RULES}:sources", [tok.name, text_field, src.fingerprint(full)])
+
+
+def _stream_fingerprint(src: TextSources, tok: Tokenizer, text_field: str, full: bool) -> str:
+    """Key of a streamed domain's draws: file identity (or content), tokenizer, field, draw rules."""
+    return _combine(_STREAM_DRAW, [tok.name, text_field, src.fingerprint(full)])
 
 
 def _token_path(cache_dir: str, safe: str, fp: str) -> str:
@@ -1119,14 +1376,17 @@ def _encode(tok: Tokenizer, text: str) -> np.ndarray:
 
 
 def _tokenise_domain(name: str, files: list[tuple[str, str]], tok: Tokenizer, cache_dir: str,
-                     safe: str, fp: str) -> dict:
+                     safe: str, fp: str, documents: Optional[Iterator[Iterator[str]]] = None) -> dict:
     """Stream every document of the domain into ``<cache>/<safe>-<fp>.tokens``; return meta.
 
     Tokens go through :func:`io.atomic_write` (a temp file renamed into place only when
     complete, removed on any failure), then the file is read back to record its hashes and
     true largest id in ``.tokens.json`` (the commit marker, written last), so a crash leaves no
-    entry that a later load could mistake for a complete one.
+    entry that a later load could mistake for a complete one. ``documents``: the domain's
+    documents from its sources (``TextSources.iter_documents``) instead of reading ``files``.
     """
+    if documents is None:
+        documents = (doc for rel, full in files for doc in _iter_documents(name, rel, full))
     dtype_name = _token_dtype(tok)
     dtype = _BIN_DTYPES[dtype_name]
     eos = np.asarray([tok.eos_id], dtype=dtype)
@@ -1134,25 +1394,24 @@ def _tokenise_domain(name: str, files: list[tuple[str, str]], tok: Tokenizer, ca
     tpath = _token_path(cache_dir, safe, fp)
     n_tokens, n_docs = 0, 0
     with io.atomic_write(tpath, "token cache", "wb") as out:
-        for rel, full in files:
-            for doc in _iter_documents(name, rel, full):
-                doc_tokens = 0
-                for chunk in doc:
-                    ids = _encode(tok, chunk)
-                    if ids.size == 0:
-                        continue
-                    if int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0:
-                        bad = int(ids.max()) if int(ids.max()) >= tok.vocab_size else int(ids.min())
-                        raise ChameleonUserError(
-                            f"tokenizer {tok.name!r} produced id {bad} outside its vocabulary "
-                            f"(vocab_size {tok.vocab_size}) on {full!r}"
-                        )
-                    out.write(memoryview(np.ascontiguousarray(ids, dtype=dtype)))
-                    doc_tokens += ids.size
-                if doc_tokens:  # empty documents add nothing, not even an EOS
-                    out.write(eos.tobytes())
-                    n_tokens += doc_tokens + 1
-                    n_docs += 1
+        for doc in documents:
+            doc_tokens = 0
+            for chunk in doc:
+                ids = _encode(tok, chunk)
+                if ids.size == 0:
+                    continue
+                if int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0:
+                    bad = int(ids.max()) if int(ids.max()) >= tok.vocab_size else int(ids.min())
+                    raise ChameleonUserError(
+                        f"tokenizer {tok.name!r} produced id {bad} outside its vocabulary "
+                        f"(vocab_size {tok.vocab_size}) in domain {name!r}"
+                    )
+                out.write(memoryview(np.ascontiguousarray(ids, dtype=dtype)))
+                doc_tokens += ids.size
+            if doc_tokens:  # empty documents add nothing, not even an EOS
+                out.write(eos.tobytes())
+                n_tokens += doc_tokens + 1
+                n_docs += 1
     try:
         hashes = _hash_tokens(tpath, dtype)
     except OSError as exc:

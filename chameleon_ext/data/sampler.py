@@ -5,10 +5,17 @@ mapping, a list) into probabilities; :class:`WeightedDomainSampler` draws each r
 with those probabilities, then a random window of that domain, from one seeded
 ``numpy.random.Generator`` whose state is checkpointed, so the data order is a pure function
 of the seed (and of every weight change, see :meth:`WeightedDomainSampler.set_weights`).
+
+A streamed domain (raw text above the stream threshold, no token array) has no window starts
+to draw: its rows take the next window of a per-domain buffer of :data:`STREAM_BUFFER_WINDOWS`
+windows, refilled by ``dataset.draw_windows`` with a generator seeded by (seed, domain, refill
+index). The refill index and the position in the buffer are part of the sampler's state, so a
+run is reproducible and resumes exactly; nothing of the corpus is copied to disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Mapping, Sequence, Union
 
@@ -21,6 +28,9 @@ from ..errors import ChameleonUserError
 __all__ = ["WeightsLike", "WeightedDomainSampler", "normalize_weights", "uniform_weights"]
 
 WeightsLike = Union[str, Mapping[str, float], Sequence[float], np.ndarray]
+# Windows drawn at once into a streamed domain's buffer: larger amortises the draw's fixed cost
+# (compressed shards are streamed per draw), smaller spreads a run over more independent draws.
+STREAM_BUFFER_WINDOWS = 256
 
 
 def uniform_weights(dataset) -> dict[str, float]:
@@ -124,9 +134,14 @@ class WeightedDomainSampler:
             raise ChameleonUserError(
                 f"rank/world_size: expected 0 <= rank < world_size, got rank {rank!r} of "
                 f"world_size {world_size!r}")
+        # Streamed domains draw from buffers (module doc); their start draws are ignored but
+        # kept, so the main stream does not depend on which domains are streamed.
+        self._streamed = [bool(getattr(dataset, "is_streamed", lambda _: False)(d)) for d in self.domains]
+        self._stream_pos = {i: [0, 0] for i, s in enumerate(self._streamed) if s}  # [refills, position]
+        self._buffers: dict = {}  # domain index -> (refill index, [STREAM_BUFFER_WINDOWS, T + 1])
         # Highest valid window start per domain (windows are block_size + 1 tokens long).
-        self._high = np.array([dataset.n_tokens(d, split) - self.block_size for d in self.domains],
-                              dtype=np.int64)
+        self._high = np.array([1 if s else dataset.n_tokens(d, split) - self.block_size
+                               for d, s in zip(self.domains, self._streamed)], dtype=np.int64)
         # The weights the run was started with (a resume must be given the same) and the ones
         # in force now (a callback may change them during training, see set_weights).
         self.initial_probs = self._checked(weights)
@@ -168,15 +183,47 @@ class WeightedDomainSampler:
         B, T = int(batch_size), self.block_size
         dom = self.rng.choice(len(self.domains), size=B, p=self.probs)
         starts = self.rng.integers(0, self._high[dom])  # one start per row, in [0, high)
+        # every rank walks the whole batch's streamed rows, so their buffer positions agree
+        slots = self._stream_slots(dom) if self._stream_pos else None
         if self.world_size > 1:
             rows = shard_range(B, self.rank, self.world_size)
             dom, starts = dom[rows.start:rows.stop], starts[rows.start:rows.stop]
+            if slots is not None:
+                slots = slots[rows.start:rows.stop]
         buf = np.empty((dom.shape[0], T + 1), dtype=np.int64)
         for i in range(dom.shape[0]):
-            buf[i] = self.dataset.windows_at(self.domains[dom[i]], starts[i:i + 1], T + 1,
-                                             self.split)[0]
+            if self._streamed[dom[i]]:
+                buf[i] = self._buffer(int(dom[i]), int(slots[i, 0]))[slots[i, 1]]
+            else:
+                buf[i] = self.dataset.windows_at(self.domains[dom[i]], starts[i:i + 1], T + 1,
+                                                 self.split)[0]
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous(), torch.from_numpy(dom.astype(np.int64))
+
+    def _stream_slots(self, dom: np.ndarray) -> np.ndarray:
+        """``[B, 2]`` (refill index, position) of each row's buffered window (streamed rows;
+        -1 elsewhere), advancing every streamed domain's position over the whole batch."""
+        slots = np.full((dom.shape[0], 2), -1, dtype=np.int64)
+        for r, i in enumerate(dom.tolist()):
+            pos = self._stream_pos.get(i)
+            if pos is None:
+                continue
+            if pos[0] == 0 or pos[1] >= STREAM_BUFFER_WINDOWS:
+                pos[0], pos[1] = pos[0] + 1, 0
+            slots[r] = (pos[0] - 1, pos[1])
+            pos[1] += 1
+        return slots
+
+    def _buffer(self, i: int, refill: int) -> np.ndarray:
+        """Domain ``i``'s buffer number ``refill``: a pure function of (seed, domain, refill)."""
+        held = self._buffers.get(i)
+        if held is None or held[0] != refill:
+            name = self.domains[i]
+            digest = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+            rng = np.random.default_rng([self.seed, digest, refill])
+            windows = self.dataset.draw_windows(name, STREAM_BUFFER_WINDOWS, self.block_size + 1, rng, self.split)
+            held = self._buffers[i] = (refill, windows)
+        return held[1]
 
     def state_dict(self) -> dict:
         """Everything needed to continue the exact stream (plain Python types only)."""
@@ -186,6 +233,8 @@ class WeightedDomainSampler:
                  "world_size": self.world_size}
         if self.probs is not self.initial_probs:
             state["current_weights"] = [float(p) for p in self.probs]
+        if self._stream_pos:  # streamed domains: [refills drawn, position in the last buffer]
+            state["streams"] = {self.domains[i]: list(p) for i, p in self._stream_pos.items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -210,6 +259,15 @@ class WeightedDomainSampler:
                 f"sampler state: saved with block_size {state['block_size']}, now {self.block_size}"
             )
         self.rng.bit_generator.state = state["rng"]
+        streams = state.get("streams", {})
+        if set(streams) != {self.domains[i] for i in self._stream_pos}:
+            raise ChameleonUserError(
+                f"sampler state: saved with streamed domains {sorted(streams)}, but now "
+                f"{sorted(self.domains[i] for i in self._stream_pos)} are streamed; load the data "
+                "with the same stream threshold")
+        for i in self._stream_pos:
+            self._stream_pos[i] = [int(v) for v in streams[self.domains[i]]]
+        self._buffers.clear()  # redrawn on demand: each buffer is a function of its refill index
         if "current_weights" in state:
             self.probs = np.asarray(state["current_weights"], dtype=np.float64)
         else:
