@@ -165,8 +165,20 @@ def _check_outputs(args) -> None:
         return
     if getattr(args, "out", None) is not None:
         io.check_writable_folder(args.out, "--out")
+        # Two runs writing one --out would interleave their files: the second stops here.
+        # Rank 0 alone holds the lock (every rank of a torchrun job writes the same folder).
+        if int(os.environ.get("RANK", "0") or "0") == 0:
+            _LOCKS.append(io.FolderLock(args.out, "--out", on_stale=_say).acquire())
     if getattr(args, "embed_cache", None):
         io.check_writable_folder(args.embed_cache, "--embed-cache")
+
+
+_LOCKS: list = []  # output-folder locks of the running command, released when it ends
+
+
+def _release_locks() -> None:
+    while _LOCKS:
+        _LOCKS.pop().release()
 
 
 def _physical_memory() -> Optional[int]:
@@ -843,7 +855,10 @@ def _run_command(args) -> int:
     try:
         _check_args(args)
         _check_outputs(args)
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            _release_locks()
     except ChameleonUserError as exc:
         # One line, whatever the message holds (e.g. torch.load's multi-line explanations).
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

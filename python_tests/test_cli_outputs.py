@@ -116,3 +116,30 @@ def test_max_bad_steps_stops_a_diverging_run_with_one_line(setup, capsys, tmp_pa
     assert not (tmp_path / "t" / "model.pt").exists()  # a diverged model is never published
     code, _, err = _run(argv[:-5] + ["--max-bad-steps", 0, *COMMON], capsys)
     assert code == 2 and "--max-bad-steps: expected a positive integer" in err
+
+
+def test_a_second_run_on_the_same_out_stops_and_a_dead_run_s_lock_is_taken_over(setup, capsys, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    weights = {"format": "chameleon_ext.weights/2", "domains": ["web", "code"], "weights": {"web": 0.75, "code": 0.25}}
+    src = tmp_path / "weights.json"
+    src.write_text(json.dumps(weights))
+    out = tmp_path / "e"
+    out.mkdir()
+    lock = out / ".chameleon.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {live.pid}\n")
+        code, _, err = _run(["export", "--weights", src, "--out", out], capsys)
+        assert code == 2 and f"in use by process {live.pid}" in err and len(err.strip().splitlines()) == 1
+        assert sorted(os.listdir(out)) == [".chameleon.lock"]  # nothing written beside the other run
+    finally:
+        live.kill()
+        live.wait()
+    # The holder is gone: its lock is stale, taken over with a notice, and released at the end.
+    code, stdout, err = _run(["export", "--weights", src, "--out", out], capsys)
+    assert code == 0, err
+    assert "stale lock" in stdout + err
+    assert not lock.exists() and (out / "mixture.yaml").exists()
