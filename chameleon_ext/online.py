@@ -312,9 +312,12 @@ class OnlineChameleon:
             dw = weights_from_embeddings(embeddings[seen], mode=self.mode, lam=self.lam,
                                          temperature=self.temperature)
             # The unseen domains keep their previous share; the seen ones split the rest.
-            mass = 1.0 - float(self.method_weights[~seen].sum())
-            method[seen] = mass * dw.weights
-            method = method / method.sum()
+            if n_seen == self.k:  # every domain seen: exactly Chameleon's weights
+                method = dw.weights.to(torch.float64).clone()
+            else:
+                mass = 1.0 - float(self.method_weights[~seen].sum())
+                method[seen] = mass * dw.weights
+                method = method / method.sum()
             leverage[seen] = dw.leverage
         self.method_weights = method
         self.weights = floor_weights(method, self.floor)
