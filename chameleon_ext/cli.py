@@ -339,7 +339,8 @@ def _online_callback(args, ds, model, schedule_path: str):
             if text.startswith(f"{name} "):
                 text = opt + text[len(name):]
         raise ChameleonUserError(text) from None
-    _say(f"online weights: layer {layer} of {n_layer}, {online.mode} rule, recomputed at step {online.warmup} and "
+    first = online.warmup if online.warmup > 0 else online.every  # OnlineChameleon.update_due
+    _say(f"online weights: layer {layer} of {n_layer}, {online.mode} rule, recomputed at step {first} and "
          f"every {online.every} steps after, EMA decay {online.decay:g}, floor {online.floor:g}; "
          f"before that {'--online-init ' + args.online_init if initial else 'uniform'}; schedule -> {schedule_path}")
     return online.weights.tolist(), OnlineWeights(online, layer, schedule_path)
