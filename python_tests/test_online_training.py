@@ -19,6 +19,7 @@ if "callbacks" not in inspect.signature(train).parameters:
     # (checked on train itself: an editable install elsewhere can make the module importable)
     pytest.skip("the trainer's callback interface is not here", allow_module_level=True)
 
+from chameleon_ext import callbacks  # noqa: E402
 from chameleon_ext.data import load_dataset  # noqa: E402
 from chameleon_ext.model import GPT, GPTConfig  # noqa: E402
 from chameleon_ext import online as online_mod  # noqa: E402
@@ -178,3 +179,20 @@ def test_schedule_domains_must_match_the_data(dataset, tmp_path):
     with pytest.raises(ChameleonUserError, match=r"domains only in the schedule \['web'\], domains only in the data \['zeta'\]"):
         # (sampler started uniform: the callback itself checks, before any step)
         train(_model(), dataset, "uniform", _cfg(tmp_path / "x"), callbacks=[ScheduleWeights(other)])
+
+
+def test_online_callback_hands_the_cpu_domain_ids_to_the_op_as_they_are():
+    """No ``.to(device)`` per micro-batch: domain_mean_pool takes CPU ids for CUDA states and
+    copies them without a host sync, which a pageable ``.to`` would force."""
+    seen = []
+
+    class _Probe:
+        def observe(self, hidden, mask, ids):
+            seen.append((hidden, mask, ids))
+
+    cb = online_mod.OnlineWeights(_Probe(), 1)
+    hidden, ids = torch.zeros(2, 3, 4), torch.tensor([0, 1])
+    batch = callbacks.Batch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), ids,
+                            torch.zeros(()), 0, {1: hidden})
+    cb.on_batch(None, batch)
+    assert len(seen) == 1 and seen[0][0] is hidden and seen[0][1] is None and seen[0][2] is ids
