@@ -287,6 +287,54 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .model import GPT, GPTConfig
+    from .pipeline import read_weights
+    from .trainer import train
+
+    _check_mixture_options(args)
+    _init_distributed(args)
+    init_from = None
+    if args.init_from:
+        model, init_from, ds = _model_and_dataset(args, args.init_from, "--init-from", gpt_only=True)
+        block = model.config.block_size
+    else:
+        ds = _dataset(args)
+    weights = args.weights if args.weights in ("uniform", ONLINE) else read_weights(args.weights, ds.domains)
+    if not args.init_from:
+        block = args.block_size
+        model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
+    cfg = _train_config(args, args.out, args.steps, eval_at_end=True)
+    if args.init_from and cfg.block_size and cfg.block_size > block:
+        _say(f"note: --block-size {cfg.block_size} exceeds the block size {block} of --init-from "
+             f"{args.init_from}; training with sequences of {block} tokens")
+    cfg.block_size = min(cfg.block_size or block, block)
+    _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
+    schedule_path = os.path.join(args.out, SCHEDULE_NAME)
+    callbacks = []
+    if weights == ONLINE:
+        weights, callback = _online_callback(args, ds, model, schedule_path)
+        callbacks.append(callback)
+    elif args.schedule is not None:
+        weights, callback = _schedule_callback(args, ds, cfg, schedule_path)
+        callbacks.append(callback)
+    elif os.path.exists(os.path.join(args.out, "ckpt.pt")) and os.path.exists(schedule_path):
+        # (the callbacks themselves refuse the other mismatches: a plain checkpoint resumed
+        # online or on a schedule, an online one on a schedule and the reverse)
+        raise ChameleonUserError(f"--out {args.out!r} holds a run that followed a mixture schedule ({schedule_path}); "
+                                 "resume it with the --weights online / --schedule it was started with, or use a "
+                                 "new --out")
+    result = train(model, ds, weights, cfg, init_from=init_from, callbacks=callbacks)
+    if result["complete"]:
+        _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
+        return 0
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+    _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")
+    if callbacks:
+        _say(f"mixture schedule followed: {schedule_path}")
+    return 0
+
+
 ONLINE = "online"
 SCHEDULE_NAME = "schedule.json"  # the schedule a --weights online / --schedule run writes into --out
 # --online-* option -> OnlineChameleon argument (their defaults are read from its signature)
@@ -366,54 +414,6 @@ def _schedule_callback(args, ds, cfg, schedule_path: str):
          f"{[e.start_step for e in schedule.entries]}; copied to {schedule_path}")
     callback = ScheduleWeights(schedule, copy_path=schedule_path, source=source)
     return callback.initial_weights(), callback
-
-
-def cmd_train(args) -> int:
-    from .model import GPT, GPTConfig
-    from .pipeline import read_weights
-    from .trainer import train
-
-    _check_mixture_options(args)
-    _init_distributed(args)
-    init_from = None
-    if args.init_from:
-        model, init_from, ds = _model_and_dataset(args, args.init_from, "--init-from", gpt_only=True)
-        block = model.config.block_size
-    else:
-        ds = _dataset(args)
-    weights = args.weights if args.weights in ("uniform", ONLINE) else read_weights(args.weights, ds.domains)
-    if not args.init_from:
-        block = args.block_size
-        model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
-    cfg = _train_config(args, args.out, args.steps, eval_at_end=True)
-    if args.init_from and cfg.block_size and cfg.block_size > block:
-        _say(f"note: --block-size {cfg.block_size} exceeds the block size {block} of --init-from "
-             f"{args.init_from}; training with sequences of {block} tokens")
-    cfg.block_size = min(cfg.block_size or block, block)
-    _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
-    schedule_path = os.path.join(args.out, SCHEDULE_NAME)
-    callbacks = []
-    if weights == ONLINE:
-        weights, callback = _online_callback(args, ds, model, schedule_path)
-        callbacks.append(callback)
-    elif args.schedule is not None:
-        weights, callback = _schedule_callback(args, ds, cfg, schedule_path)
-        callbacks.append(callback)
-    elif os.path.exists(os.path.join(args.out, "ckpt.pt")) and os.path.exists(schedule_path):
-        # (the callbacks themselves refuse the other mismatches: a plain checkpoint resumed
-        # online or on a schedule, an online one on a schedule and the reverse)
-        raise ChameleonUserError(f"--out {args.out!r} holds a run that followed a mixture schedule ({schedule_path}); "
-                                 "resume it with the --weights online / --schedule it was started with, or use a "
-                                 "new --out")
-    result = train(model, ds, weights, cfg, init_from=init_from, callbacks=callbacks)
-    if result["complete"]:
-        _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
-        return 0
-    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
-    _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")
-    if callbacks:
-        _say(f"mixture schedule followed: {schedule_path}")
-    return 0
 
 
 def cmd_eval(args) -> int:

@@ -312,8 +312,8 @@ class OnlineChameleon:
             dw = weights_from_embeddings(embeddings[seen], mode=self.mode, lam=self.lam,
                                          temperature=self.temperature)
             # The unseen domains keep their previous share; the seen ones split the rest.
-            if n_seen == self.k:  # every domain seen: exactly Chameleon's weights
-                method = dw.weights.to(torch.float64).clone()
+            if n_seen == self.k:
+                method = dw.weights.clone()  # exactly the method's weights (no second rounding)
             else:
                 mass = 1.0 - float(self.method_weights[~seen].sum())
                 method[seen] = mass * dw.weights
