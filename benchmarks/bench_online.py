@@ -17,6 +17,16 @@ The goal is below 2% of the step: (online_step + online_update / every) / train_
 ``python benchmarks/bench_online.py`` prints that ratio, timing the providers interleaved
 (alternating rounds, medians) so that load on a shared machine hits all of them alike.
 Smoke run (``--benchmark-disable``): QUICK_CASES, seconds.
+
+End to end (``python benchmarks/bench_online.py e2e [ROUNDS [STEPS]]``, one thread): whole runs of the
+trainer as ``chameleon train`` builds them (its parser, data, model, and for ``online`` its
+``OnlineWeights`` callback from ``cli._online_callback``), on the built-in data, ``--weights
+online`` against static uniform weights, alternating runs. A step's time is the time between
+two ``on_step_end`` calls: sampling, forward, backward, optimiser, every callback, and the
+weight updates (every ``E2E_EVERY`` steps here, more often than the default, so the updates
+weigh more than in a real run). Reported, for the wall clock and for the process CPU time
+(which waiting for a core on a loaded machine does not inflate): per round the ratio of the
+summed step times after the first two steps, and the median over rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import time
 import pytest
 import torch
 
+from chameleon_ext.callbacks import Callback
 from chameleon_ext.model import GPT, GPTConfig
 from chameleon_ext.online import OnlineChameleon
 from python_tests.factories import make_domain_ids, make_hidden
@@ -157,7 +168,97 @@ def report(cases=CASES, rounds=15, threads=None):
               f"| {100 * parts:.2f}% | {100 * e2e:+.2f}% |")
 
 
+# --------------------------------------------------------------------------- end to end
+
+E2E_EVERY = 10
+# the run both providers make: the small preset on the built-in data
+E2E_ARGS = ["--preset", "small", "--block-size", "128", "--batch-size", "8", "--device", "cpu", "--quiet",
+            "--eval-every", "0", "--eval-windows", "0", "--ckpt-every", "0"]
+QUICK_E2E_ARGS = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--device", "cpu", "--quiet",
+                  "--eval-every", "0", "--eval-windows", "0", "--ckpt-every", "0"]
+
+
+class _StepClock(Callback):
+    """A trainer callback recording the wall and the process CPU time of every on_step_end
+    (placed last). CPU time is what a loaded machine disturbs least: waiting for a core is
+    not counted."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_step_end(self, state):
+        self.times.append((time.perf_counter(), time.process_time()))
+
+
+def _e2e_run(online: bool, steps: int, out: str, base_args) -> dict:
+    """``{"wall": [...], "cpu": [...]}`` step times (s) of one ``chameleon train`` run, online
+    or with static uniform weights."""
+    from chameleon_ext import cli
+    from chameleon_ext.trainer import train
+
+    extra = ["--weights", "online", "--online-every", str(E2E_EVERY), "--online-warmup", "2"] if online else []
+    args = cli.build_parser().parse_args(["train", "--steps", str(steps), "--out", out, *base_args, *extra])
+    ds = cli._dataset(args)
+    model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, args.block_size), seed=0)
+    cfg = cli._train_config(args, out, steps)
+    cfg.block_size = args.block_size
+    clock, weights, callbacks = _StepClock(), "uniform", []
+    if online:
+        weights, cb = cli._online_callback(args, ds, model, f"{out}/schedule.json")
+        callbacks.append(cb)
+    start = (time.perf_counter(), time.process_time())
+    train(model, ds, weights, cfg, resume=False, callbacks=[*callbacks, clock])
+    times = [start] + clock.times
+    return {clock_name: [b[i] - a[i] for a, b in zip(times, times[1:])] for i, clock_name in enumerate(("wall", "cpu"))}
+
+
+def report_end_to_end(rounds=6, steps=12, base_args=E2E_ARGS, threads=1):
+    """Print and return the per-round ratios ``{"wall": [...], "cpu": [...]}`` of online to
+    static summed step times (the first two steps left out)."""
+    import os
+    import tempfile
+
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, load average "
+          f"{os.getloadavg()[0]:.1f} at the start; chameleon train {' '.join(base_args)}, {steps} steps, "
+          f"online every {E2E_EVERY}; {rounds} alternating rounds\n")
+    ratios = {"wall": [], "cpu": []}
+    per_step = {("static", "wall"): [], ("online", "wall"): [], ("static", "cpu"): [], ("online", "cpu"): []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            t = {kind: _e2e_run(kind == "online", steps, f"{tmp}/{kind}{r}", base_args)
+                 for kind in (("static", "online") if r % 2 == 0 else ("online", "static"))}
+            for clock in ratios:
+                on, st = t["online"][clock][2:], t["static"][clock][2:]
+                ratios[clock].append(sum(on) / sum(st))
+                per_step["static", clock].append(1e3 * statistics.median(st))
+                per_step["online", clock].append(1e3 * statistics.median(on))
+            print(f"round {r}: ms/step static {per_step['static', 'wall'][-1]:.1f} wall "
+                  f"{per_step['static', 'cpu'][-1]:.1f} cpu, online {per_step['online', 'wall'][-1]:.1f} wall "
+                  f"{per_step['online', 'cpu'][-1]:.1f} cpu; online / static {ratios['wall'][-1]:.4f} wall "
+                  f"{ratios['cpu'][-1]:.4f} cpu; load {os.getloadavg()[0]:.1f}")
+    for clock, rs in ratios.items():
+        print(f"{clock}: static {statistics.median(per_step['static', clock]):.1f} ms/step, online "
+              f"{statistics.median(per_step['online', clock]):.1f} ms/step; overhead, median over rounds "
+              f"{100 * (statistics.median(rs) - 1):+.2f}% (rounds {100 * (min(rs) - 1):+.2f}% to "
+              f"{100 * (max(rs) - 1):+.2f}%)")
+    return ratios
+
+
+def bench_end_to_end_smoke(benchmark):
+    """The end-to-end report on a tiny run (what ``e2e`` measures; a smoke test of it)."""
+    ratios = report_end_to_end(rounds=1, steps=4, base_args=QUICK_E2E_ARGS, threads=None)
+    assert len(ratios["wall"]) == 1 and ratios["wall"][0] > 0 and ratios["cpu"][0] > 0
+    benchmark.extra_info.update(provider="end_to_end", ratio_wall=ratios["wall"][0], ratio_cpu=ratios["cpu"][0])
+    benchmark(lambda: None)
+
+
 if __name__ == "__main__":
-    # python benchmarks/bench_online.py [ROUNDS [THREADS]]
-    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15,
-           threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    # python benchmarks/bench_online.py [ROUNDS [THREADS]]  |  python benchmarks/bench_online.py e2e [ROUNDS [STEPS]]
+    if len(sys.argv) > 1 and sys.argv[1] == "e2e":
+        report_end_to_end(rounds=int(sys.argv[2]) if len(sys.argv) > 2 else 6,
+                          steps=int(sys.argv[3]) if len(sys.argv) > 3 else 12)
+    else:
+        report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 15,
+               threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -7,6 +7,9 @@
     chameleon train --data DIR --weights runs/weights/weights.json --out runs/base
     chameleon eval --data DIR --model runs/base/model.pt
     chameleon export --weights runs/weights/weights.json --out runs/exports
+    chameleon train --data DIR --weights online --out runs/online     # also writes schedule.json
+    chameleon train --data DIR --schedule runs/online/schedule.json --out runs/replay
+    chameleon export --schedule runs/online/schedule.json --out runs/schedule_exports
 
 User errors (bad paths, data, options) print one line and exit with status 2; every
 command runs unchanged under ``torchrun`` (rank 0 writes and prints).
@@ -145,7 +148,8 @@ def _check_args(args) -> None:
                                      "from the embeddings file alone; drop one or the other")
     if getattr(args, "data", None) == "":
         raise ChameleonUserError(f"--data: expected a dataset folder or {BUILTIN!r}, got an empty string")
-    for name in ("embeddings", "proxy", "weights", "model", "init_from", "cache_dir", "embed_cache"):
+    for name in ("embeddings", "proxy", "weights", "model", "init_from", "cache_dir", "embed_cache", "schedule",
+                 "online_init"):
         if getattr(args, name, None) == "":
             raise ChameleonUserError(f"--{name.replace('_', '-')}: expected a path, got an empty string")
 
@@ -369,6 +373,7 @@ def cmd_train(args) -> int:
     from .pipeline import read_weights
     from .trainer import train
 
+    _check_mixture_options(args)
     _init_distributed(args)
     init_from = None
     if args.init_from:
@@ -376,7 +381,7 @@ def cmd_train(args) -> int:
         block = model.config.block_size
     else:
         ds = _dataset(args)
-    weights = "uniform" if args.weights == "uniform" else read_weights(args.weights, ds.domains)
+    weights = args.weights if args.weights in ("uniform", ONLINE) else read_weights(args.weights, ds.domains)
     if not args.init_from:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
@@ -386,13 +391,110 @@ def cmd_train(args) -> int:
              f"{args.init_from}; training with sequences of {block} tokens")
     cfg.block_size = min(cfg.block_size or block, block)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), cfg.block_size)
-    result = train(model, ds, weights, cfg, init_from=init_from)
+    schedule_path = os.path.join(args.out, SCHEDULE_NAME)
+    callbacks = []
+    if weights == ONLINE:
+        weights, callback = _online_callback(args, ds, model, schedule_path)
+        callbacks.append(callback)
+    elif args.schedule is not None:
+        weights, callback = _schedule_callback(args, ds, cfg, schedule_path)
+        callbacks.append(callback)
+    elif os.path.exists(os.path.join(args.out, "ckpt.pt")) and os.path.exists(schedule_path):
+        # (the callbacks themselves refuse the other mismatches: a plain checkpoint resumed
+        # online or on a schedule, an online one on a schedule and the reverse)
+        raise ChameleonUserError(f"--out {args.out!r} holds a run that followed a mixture schedule ({schedule_path}); "
+                                 "resume it with the --weights online / --schedule it was started with, or use a "
+                                 "new --out")
+    result = train(model, ds, weights, cfg, init_from=init_from, callbacks=callbacks)
     if result["complete"]:
         _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
         return 0
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")
+    if callbacks:
+        _say(f"mixture schedule followed: {schedule_path}")
     return 0
+
+
+ONLINE = "online"
+SCHEDULE_NAME = "schedule.json"  # the schedule a --weights online / --schedule run writes into --out
+# --online-* option -> OnlineChameleon argument (their defaults are read from its signature)
+ONLINE_OPTIONS = {"--online-every": "every", "--online-warmup": "warmup", "--online-decay": "decay",
+                  "--online-floor": "floor", "--mode": "mode"}
+
+
+def _online_defaults() -> dict:
+    import inspect
+
+    from .online import OnlineChameleon
+
+    return {name: p.default for name, p in inspect.signature(OnlineChameleon).parameters.items()}
+
+
+def _check_mixture_options(args) -> None:
+    """--weights, --schedule and the online options go together in a few ways only; checked
+    before anything is loaded."""
+    online_given = [opt for opt in (*ONLINE_OPTIONS, "--online-layer", "--online-init")
+                    if getattr(args, opt.lstrip("-").replace("-", "_")) is not None]
+    if args.schedule is not None:
+        if args.weights != "uniform":
+            what = ("--weights online writes its own schedule.json" if args.weights == ONLINE
+                    else "the schedule sets the weights")
+            raise ChameleonUserError(f"--schedule cannot be used with --weights {args.weights}: {what}; "
+                                     "give one or the other")
+    if online_given and args.weights != ONLINE:
+        raise ChameleonUserError(f"{', '.join(online_given)}: only used with --weights online "
+                                 f"(got --weights {args.weights})")
+
+
+def _online_callback(args, ds, model, schedule_path: str):
+    """(initial sampler weights, the OnlineWeights callback) of --weights online."""
+    from .online import OnlineChameleon, OnlineWeights
+    from .pipeline import read_weights
+
+    n_layer = model.config.n_layer
+    layer = model.default_embedding_layer if args.online_layer is None else args.online_layer
+    if not 0 <= layer <= n_layer:
+        raise ChameleonUserError(f"--online-layer: expected an integer in [0, {n_layer}] (0 = embedding output) "
+                                 f"for a model of {n_layer} blocks, got {layer}")
+    options = {name: getattr(args, opt.lstrip("-").replace("-", "_")) for opt, name in ONLINE_OPTIONS.items()}
+    options = {k: v for k, v in options.items() if v is not None}  # the rest: OnlineChameleon's defaults
+    initial = read_weights(args.online_init, ds.domains) if args.online_init else None
+    try:
+        online = OnlineChameleon(ds.domains, initial_weights=initial, **options)
+    except ChameleonUserError as exc:  # "every must be ..." -> "--online-every must be ..."
+        text = str(exc)
+        for opt, name in ONLINE_OPTIONS.items():
+            if text.startswith(f"{name} "):
+                text = opt + text[len(name):]
+        raise ChameleonUserError(text) from None
+    first = online.warmup if online.warmup > 0 else online.every  # OnlineChameleon.update_due
+    _say(f"online weights: layer {layer} of {n_layer}, {online.mode} rule, recomputed at step {first} and "
+         f"every {online.every} steps after, EMA decay {online.decay:g}, floor {online.floor:g}; "
+         f"before that {'--online-init ' + args.online_init if initial else 'uniform'}; schedule -> {schedule_path}")
+    return online.weights.tolist(), OnlineWeights(online, layer, schedule_path)
+
+
+def _schedule_callback(args, ds, cfg, schedule_path: str):
+    """(initial sampler weights, the ScheduleWeights callback) of --schedule."""
+    from .schedule import check_schedule_domains, load_schedule
+    from .schedule_weights import ScheduleWeights
+
+    source = f"--schedule {args.schedule!r}"
+    schedule = load_schedule(args.schedule)
+    check_schedule_domains(schedule, ds.domains, source)
+    per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    if schedule.tokens_per_step is not None and schedule.tokens_per_step != per_step:
+        _say(f"note: {source} was made for {schedule.tokens_per_step} tokens per step, this run takes {per_step}; "
+             "it is followed by step (start_step), not by token")
+    unused = [e.start_step for e in schedule.entries if e.start_step >= cfg.steps]
+    if unused:
+        _say(f"note: {source}: {len(unused)} entr{'y' if len(unused) == 1 else 'ies'} start at or after --steps "
+             f"{cfg.steps} (from step {unused[0]}) and will not be used")
+    _say(f"following {args.schedule}: {len(schedule.entries)} stage(s) at steps "
+         f"{[e.start_step for e in schedule.entries]}; copied to {schedule_path}")
+    callback = ScheduleWeights(schedule, copy_path=schedule_path, source=source)
+    return callback.initial_weights(), callback
 
 
 def cmd_eval(args) -> int:
@@ -436,15 +538,36 @@ def cmd_export(args) -> int:
     # Pure file work: nothing here may import the compiled ops (test_faults_cli.py checks).
     from .exports import load_weights, write_exports
 
+    if (args.weights is None) == (args.schedule is None):
+        raise ChameleonUserError("give exactly one of --weights (a weights.json) and --schedule (a schedule.json)"
+                                 + ("" if args.weights is None else ", not both"))
+    formats = None
+    if args.format:
+        formats = [f.strip() for item in args.format for f in item.split(",") if f.strip()]
+    if args.schedule is not None:
+        return _export_schedule(args, formats)
     doc = load_weights(args.weights)
     prefixes = _prefix_map(args.prefix, "--prefix", doc["domains"], args.weights)
     splits = {name: _prefix_map(items, f"--{name}-prefix", doc["domains"], args.weights)
               for name, items in (("valid", args.valid_prefix), ("test", args.test_prefix))}
-    formats = None
-    if args.format:
-        formats = [f.strip() for item in args.format for f in item.split(",") if f.strip()]
     paths = write_exports(doc, args.out, prefixes=prefixes or None, formats=formats,
                           split_prefixes={k: v for k, v in splits.items() if v} or None)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}", flush=True)
+    return 0
+
+
+def _export_schedule(args, formats) -> int:
+    """``chameleon export --schedule``: the per-stage exports of a mixture schedule and its plot."""
+    from .schedule import load_schedule, write_schedule_exports
+
+    given = [opt for opt, v in (("--valid-prefix", args.valid_prefix), ("--test-prefix", args.test_prefix)) if v]
+    if given:
+        raise ChameleonUserError(f"{', '.join(given)}: only used with --weights (the schedule exports take "
+                                 "training prefixes only, --prefix)")
+    schedule = load_schedule(args.schedule)
+    prefixes = _prefix_map(args.prefix, "--prefix", schedule.domains, args.schedule)
+    paths = write_schedule_exports(schedule, args.out, prefixes=prefixes or None, formats=formats)
     for kind, path in paths.items():
         print(f"{kind}: {path}", flush=True)
     return 0
@@ -726,10 +849,38 @@ def _add_sweep_command(p):
 def _add_train(p):
     _add_common(p)
     _add_training(p)
-    p.add_argument("--weights", default="uniform", help="a weights.json, or 'uniform'")
+    p.add_argument("--weights", default="uniform",
+                   help="a weights.json, 'uniform', or 'online': Chameleon weights recomputed during training from "
+                        "the model's own hidden states (options below; writes --out/schedule.json)")
+    p.add_argument("--schedule", default=None,
+                   help="follow this mixture schedule (a schedule.json: weights from given steps on; e.g. one an "
+                        "online run wrote); only with --weights uniform")
     p.add_argument("--init-from", default=None, help="start from this model.pt/ckpt.pt (finetuning)")
     p.add_argument("--out", default="runs/train", help="output folder")
+    _add_online(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_online(p):
+    from .weights import MODES
+
+    lib = _online_defaults()
+    g = p.add_argument_group("online weights (--weights online)")
+    g.add_argument("--online-every", type=int, default=None,
+                   help=f"recompute the weights every N steps after the warm-up (default {lib['every']})")
+    g.add_argument("--online-warmup", type=int, default=None,
+                   help=f"steps before the first recomputation (default {lib['warmup']})")
+    g.add_argument("--online-decay", type=float, default=None,
+                   help=f"decay in [0, 1) of the moving average of per-domain hidden-state sums and counts "
+                        f"(default {lib['decay']})")
+    g.add_argument("--online-floor", type=float, default=None,
+                   help=f"least weight of any domain after an update (default {lib['floor']})")
+    g.add_argument("--online-layer", type=int, default=None,
+                   help="layer of the trained model whose hidden states embed the domains (default: the middle)")
+    g.add_argument("--online-init", default=None,
+                   help="a weights.json to sample from until the first recomputation (default: uniform)")
+    g.add_argument("--mode", default=None, choices=list(MODES),
+                   help=f"pretrain: inverse leverage; finetune: leverage (default {lib['mode']})")
 
 
 def _add_eval(p):
@@ -745,11 +896,16 @@ def _add_eval(p):
 
 def _add_export(p):
     from .exports import export_formats
+    from .schedule import schedule_export_formats
 
-    p.add_argument("--weights", required=True, help="weights.json")
+    p.add_argument("--weights", default=None, help="weights.json (or give --schedule)")
+    p.add_argument("--schedule", default=None,
+                   help="schedule.json: per-stage exports (nanotron data_stages, Megatron per stage, OLMo-core, YAML, "
+                        "HF per stage) and a plot of the weights over training")
     p.add_argument("--out", default="runs/exports", help="output folder")
     p.add_argument("--format", action="append", metavar="NAME",
-                   help=f"export only these (repeatable or comma-separated; default: all of {', '.join(export_formats())})")
+                   help=f"export only these (repeatable or comma-separated; default: all of {', '.join(export_formats())} "
+                        f"for --weights, all of {', '.join(schedule_export_formats())} for --schedule)")
     p.add_argument("--prefix", action="append", help="DOMAIN=PATH data prefix of a domain's training data (repeatable)")
     p.add_argument("--valid-prefix", action="append", default=None,
                    help="DOMAIN=PATH validation data prefix (Megatron per-split and NeMo exports)")

@@ -28,8 +28,8 @@ Design points:
   fewer than two seen domains there is nothing to compare and the previous weights stay.
 * **Cheap.** :meth:`observe` runs the fused op under ``torch.no_grad`` on detached states and
   adds into ``[k, H]`` float64 accumulators on the states' device: no host synchronisation
-  (on CUDA the op itself copies the ``[B]`` domain ids to the host: docs/online.md, "Open
-  points"). The host sees the EMA only at an update, every N steps.
+  (the op takes the ``[B]`` domain ids on the CPU, as the sampler makes them, and copies them
+  to the device without waiting). The host sees the EMA only at an update, every N steps.
 * **Distributed.** Each rank keeps the EMA of its own rows. The EMA is linear, so the sum of
   the ranks' EMAs is the EMA of the global batch: at an update the sums and counts are
   all-reduced (:func:`chameleon_ext.distributed.all_reduce_sum_`) and every rank computes the
@@ -207,7 +207,8 @@ class OnlineChameleon:
 
     def observe(self, hidden: Tensor, mask: Optional[Tensor], domain_ids: Tensor) -> None:
         """Add one (micro-)batch: ``hidden`` ``[B, T, H]`` at the chosen layer, ``mask``
-        ``[B, T]`` or None (all tokens valid), ``domain_ids`` ``[B]`` on hidden's device.
+        ``[B, T]`` or None (all tokens valid), ``domain_ids`` ``[B]`` on the CPU or on
+        hidden's device (CPU ids for CUDA states are copied over without a host sync).
 
         Runs under ``torch.no_grad`` on ``hidden.detach()``; nothing leaves the device. Call it
         once per micro-batch (several per step with gradient accumulation), then
@@ -407,7 +408,8 @@ class OnlineWeights(_callback_base()):
     replayed with ``chameleon train --schedule``. Its state (the moving averages) is saved in
     every checkpoint, so a resumed run continues with the same weights and data order.
 
-    An update at the final step is not applied (no batch would use it).
+    An update at the final step is not applied (no batch would use it). A resume needs the
+    online state in the checkpoint: resuming a run that was not online is refused.
     """
 
     name = "online_weights"
@@ -417,8 +419,13 @@ class OnlineWeights(_callback_base()):
         self.hidden_layer = int(layer)
         self.schedule_path = schedule_path
         self.writer = None
+        self._restored = False
 
     def on_train_start(self, state) -> None:
+        if state.start_step > 0 and not self._restored:
+            raise ChameleonUserError(
+                f"online weights: the checkpoint in {state.out_dir!r} (step {state.start_step}) was not written "
+                "by an online run (--weights online); resume it as it was started, or use a new output folder")
         if self.schedule_path is None or not state.is_main:
             return
         from .schedule import ScheduleWriter
@@ -429,7 +436,10 @@ class OnlineWeights(_callback_base()):
                                           tokens_per_step=state.tokens_per_step, resume_step=resume)
 
     def on_batch(self, state, batch) -> None:
-        self.online.observe(batch.hidden[self.hidden_layer], None, batch.domain.to(state.device))
+        # The domain ids stay on the CPU: domain_mean_pool takes host ids for CUDA states and
+        # copies them without waiting, where ``.to(device)`` from pageable memory would
+        # synchronise the host with the device at every micro-batch.
+        self.online.observe(batch.hidden[self.hidden_layer], None, batch.domain)
 
     def on_step_end(self, state) -> None:
         update = self.online.end_step(discard=state.skipped)
@@ -444,3 +454,4 @@ class OnlineWeights(_callback_base()):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.online.load_state_dict(state)
+        self._restored = True

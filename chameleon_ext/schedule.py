@@ -68,7 +68,9 @@ __all__ = [
     "hf_interleave_stages",
     "plot_schedule",
     "write_schedule_exports",
+    "schedule_export_formats",
     "SCHEDULE_EXPORT_FILES",
+    "check_schedule_domains",
 ]
 
 SCHEDULE_FORMAT = "chameleon_ext.schedule/1"
@@ -84,6 +86,11 @@ SCHEDULE_EXPORT_FILES = {
     "hf_interleave": "hf_interleave_stages.json",
     "plot": "schedule.png",
 }
+
+# export format name (``chameleon export --schedule --format``) -> the kinds it writes
+_SCHEDULE_FORMATS = {"nanotron": ("nanotron",), "megatron": ("megatron", "megatron_text"),
+                     "olmo-core": ("olmo-core",), "yaml": ("yaml",), "hf_interleave": ("hf_interleave",),
+                     "plot": ("plot",)}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -426,10 +433,18 @@ def plot_schedule(schedule, path: PathLike, title: Optional[str] = None) -> Opti
     return _save_png(fig, path)
 
 
+def schedule_export_formats() -> List[str]:
+    """The format names :func:`write_schedule_exports` takes (``megatron`` writes both the
+    JSON and the text file)."""
+    return list(_SCHEDULE_FORMATS)
+
+
 def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
-                           on_skip: Optional[Callable[[str], None]] = None) -> Dict[str, str]:
-    """Write every export of a schedule (path, dict or :class:`Schedule`) into ``out_dir``;
-    returns ``{kind: path}`` with the kinds of :data:`SCHEDULE_EXPORT_FILES`.
+                           on_skip: Optional[Callable[[str], None]] = None,
+                           formats: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Write every export of a schedule (path, dict or :class:`Schedule`) into ``out_dir``, or
+    only those of ``formats`` (names of :func:`schedule_export_formats`); returns
+    ``{kind: path}`` with the kinds of :data:`SCHEDULE_EXPORT_FILES`.
 
     All texts are built before the first file is written. An export whose format cannot hold
     the domains (a Megatron prefix with whitespace, two domains sharing a path) is an error; with
@@ -437,6 +452,12 @@ def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
     skipped (with a warning) when matplotlib is missing.
     """
     s = _as_schedule(schedule)
+    known = schedule_export_formats()
+    selected = known if formats is None else list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
+    unknown = [f for f in selected if f not in known]
+    if unknown or not selected:
+        raise ChameleonUserError(f"unknown schedule export format(s) {unknown or selected}; expected some of {known}")
+    kinds = {k for f in selected for k in _SCHEDULE_FORMATS[f]}
     builders = {
         "nanotron": lambda: nanotron_data_stages_yaml(s, prefixes),
         "megatron": lambda: json.dumps(megatron_stages(s, prefixes), indent=2) + "\n",
@@ -447,6 +468,8 @@ def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
     }
     texts = {}
     for kind, build in builders.items():
+        if kind not in kinds:
+            continue
         try:
             texts[kind] = build()
         except ChameleonUserError as exc:
@@ -457,7 +480,17 @@ def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
     paths = {}
     for kind, text in texts.items():
         paths[kind] = io.write_text(os.path.join(out, SCHEDULE_EXPORT_FILES[kind]), text, f"{kind} export")
-    png = plot_schedule(s, os.path.join(out, SCHEDULE_EXPORT_FILES["plot"]))
-    if png is not None:
-        paths["plot"] = png
+    if "plot" in kinds:
+        png = plot_schedule(s, os.path.join(out, SCHEDULE_EXPORT_FILES["plot"]))
+        if png is not None:
+            paths["plot"] = png
     return paths
+
+
+def check_schedule_domains(schedule: Schedule, domains: Sequence[str], source: str) -> None:
+    """A schedule followed on a dataset must name exactly its domains (in any order)."""
+    only_schedule = [d for d in schedule.domains if d not in set(domains)]
+    only_data = [d for d in domains if d not in set(schedule.domains)]
+    if only_schedule or only_data:
+        raise ChameleonUserError(f"{source}: the schedule's domains do not match the data: domains only in the "
+                                 f"schedule {only_schedule}, domains only in the data {only_data}")

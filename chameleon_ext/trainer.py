@@ -322,6 +322,9 @@ class _Trainer:
             self.train_step()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save_checkpoint()
+            # CHAMELEON_FAULT=train:step:N=kill: the process dies after step N (and its
+            # checkpoint, if one is due), as a preempted job would (tests of exact resume).
+            io.fault_point(f"train:step:{self.step}")
         if self.last_ckpt != self.step:
             self.save_checkpoint()
         if self.step == cfg.steps and (self.state.start_step < self.step
