@@ -75,6 +75,11 @@ class _Trainer:
         if len(set(names)) != len(names):
             raise ChameleonUserError(f"callbacks: names must be unique (they key checkpoint "
                                      f"state), got {names}")
+        losses = [cb for cb in self.callbacks if cb.replaces_loss]
+        if len(losses) > 1:
+            raise ChameleonUserError(f"callbacks: at most one may replace the loss (replaces_loss), "
+                                     f"got {[cb.name for cb in losses]}")
+        self.loss_callback = losses[0] if losses else None
         self.notices: list[str] = []
         self.lock, self.progress, self.ddp, self._hooks = None, None, None, []
         self.step, self.last_ckpt, self.bad_streak = 0, -1, 0
@@ -228,7 +233,11 @@ class _Trainer:
                     else contextlib.nullcontext())
             with sync:
                 with autocast(self.device):
-                    _, loss = self.forward(x, y)
+                    if self.loss_callback is None:
+                        _, loss = self.forward(x, y)
+                    else:  # the loss hook: the callback turns the logits into the loss
+                        logits, _ = self.forward(x)
+                        loss = self.loss_callback.compute_loss(state, x, y, dom.to(self.device), logits)
                 # Average over micro-batches (and, via DDP, over ranks, which hold equal shares
                 # of the rows) so the gradient matches one big batch.
                 (loss / cfg.grad_accum).backward()
