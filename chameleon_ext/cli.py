@@ -449,7 +449,8 @@ def cmd_compare(args) -> int:
         scenario="new_domains" if new else ("finetune" if finetune else "pretrain"), new_domains=new,
         finetune_domains=_name_list(args.finetune_domains), finetune_from=args.finetune_from,
         finetune_data=args.finetune_data, finetune_steps=args.finetune_steps, quiet=args.quiet)
-    path = builtin_dataset_path() if args.data == BUILTIN else args.data
+    # --finetune-data replaces --data: the finetuning domains are the whole dataset then
+    path = args.finetune_data or (builtin_dataset_path() if args.data == BUILTIN else args.data)
     ds = load_dataset(path, tokenizer=args.tokenizer or "byte", cache_dir=args.cache_dir,
                       val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     command = ("chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -74,7 +74,7 @@ OUTPUT_STEM = {"pretrain": "compare", "new_domains": "compare-new-domains", "fin
 # is refused rather than mixing incompatible runs in one table.
 _UNIT_KEYS = ("seed", "preset", "block_size", "batch_size", "lr", "warmup", "steps", "proxy_steps",
               "regmix_proxies", "regmix_steps", "eval_windows", "eval_seed", "embed_windows",
-              "test_fraction", "val_fraction", "finetune_steps")
+              "test_fraction", "val_fraction")
 
 
 @dataclass
@@ -353,9 +353,13 @@ class _Compare:
 
     # -- training helpers -------------------------------------------------------------------
 
-    def _model(self, vocab: int, seed: int):
-        from .model import GPT, GPTConfig
+    def _model(self, vocab: int, seed: int, like: Optional[str] = None):
+        """A fresh GPT of the comparison's preset, or shaped like the model file ``like`` (a
+        finetuning start, whose weights the trainer then loads)."""
+        from .model import GPT, GPTConfig, load_model
 
+        if like is not None:
+            return GPT(load_model(like).config, seed=seed)
         return GPT(GPTConfig.preset(self.cfg.preset, vocab, self.cfg.block_size), seed=seed)
 
     def _train(self, data, weights, out_dir: str, steps: int, seed: int, callbacks=(),
@@ -368,7 +372,7 @@ class _Compare:
                           warmup_steps=min(c.warmup, max(steps - 1, 0)), eval_every=0,
                           eval_windows=c.eval_windows, ckpt_every=c.ckpt_every, seed=seed,
                           device=c.device, out_dir=out_dir, quiet=True, log_every=max(1, steps))
-        model = self._model(data.vocab_size, seed)
+        model = self._model(data.vocab_size, seed, like=init_from)
         cbs = list(callbacks) + ([_StepProgress(self.progress)] if self.progress is not None else [])
         t0 = time.perf_counter()
         train(model, data, weights, cfg, callbacks=cbs, init_from=init_from)
@@ -518,11 +522,15 @@ class _Compare:
 
         online = mixture == "online"
         settings = self._online_settings(steps) if online else None
-        key = f"{tag}-{mixture}-{_digest([weights, settings, data.domains, init_from and os.path.abspath(init_from), online_mode if online else None])}-seed{seed}"
+        # Base runs' steps are fixed for the whole out folder (compare_settings.json); the
+        # finetuning runs' steps (finetune_steps) may change, so they are part of the key.
+        what = [weights, settings, data.domains, init_from and os.path.abspath(init_from),
+                online_mode if online else None] + ([] if tag == "base" else [steps])
+        key = f"{tag}-{mixture}-{_digest(what)}-seed{seed}"
 
         def build():
             folder = os.path.join(self.out, "runs", key)
-            init = self._model(data.vocab_size, seed)
+            init = self._model(data.vocab_size, seed, like=init_from)
             init_hash = state_dict_sha256(init.state_dict())
             callbacks, timed = [], None
             if online:
@@ -542,6 +550,10 @@ class _Compare:
             if online:
                 entries.append(_entry("online", f"online updates, seed {seed} (hidden states from the "
                                       "training forward: no extra pass)", FORWARD, n, 0, timed.seconds))
+            if init_from is not None:  # what the run starts from: the finetuned model's weights
+                from .model import load_model
+
+                init_hash = state_dict_sha256(load_model(init_from).state_dict())
             return {"mixture": mixture, "seed": seed, "data_seed": seed, "init_seed": seed,
                     "init_sha256": init_hash, "weights": weights, "online": settings,
                     "steps": steps, "batch_size": self.cfg.batch_size, "block_size": self.cfg.block_size,
@@ -759,5 +771,140 @@ def _chameleon_transfer(c: _Compare, ds, old: List[str], new: List[str]):
     return mixture, _ledger(rec["entries"])
 
 
+FINETUNE_METHODS = ("uniform", "natural", "chameleon", "doremi")
+
+
 def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, command) -> dict:
-    raise ChameleonUserError("the finetuning scenario is not implemented yet")
+    """The finetuning scenario (module doc): one start model, finetuned per mixture and seed."""
+    from .model import load_model
+
+    if cfg.finetune_from:
+        fdoms = list(cfg.finetune_domains or ds.domains)
+    else:
+        fdoms = list(cfg.finetune_domains)
+    unknown = [d for d in fdoms if d not in ds.domains]
+    if unknown:
+        raise ChameleonUserError(f"--finetune-domains: {unknown} are not domains of the data ({ds.domains})")
+    pre = [d for d in ds.domains if d not in fdoms]
+    if not cfg.finetune_from and not pre:
+        raise ChameleonUserError("--finetune-domains: leave at least one domain to pretrain the base model on "
+                                 "(or give --finetune-from)")
+    skipped = [m for m in cfg.mixtures if m in METHODS and m not in FINETUNE_METHODS]
+    mixes = [m for m in cfg.mixtures if m not in skipped]
+    if "uniform" not in mixes:
+        mixes.insert(0, "uniform")
+    fview = DatasetView(ds, fdoms)
+    scored = DatasetView(ds, fdoms, hide_test=False)
+    total = (0 if cfg.finetune_from else cfg.steps) + len(mixes) * cfg.seeds * cfg.finetune_steps
+    total += (2 * cfg.finetune_steps) if "doremi" in mixes else 0
+    say(f"budget (finetune): start model {'given' if cfg.finetune_from else f'pretrained here ({cfg.steps} steps, uniform over {pre})'}; "
+        f"{len(mixes)} mixtures x {cfg.seeds} seeds x {cfg.finetune_steps} finetuning steps "
+        f"({cfg.finetune_steps * cfg.batch_size * cfg.block_size:,} tokens each) on {fdoms}; {total:,} training steps in all"
+        + (f"; not part of this scenario: {skipped}" if skipped else ""))
+    c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.quiet, plain_every=0.05)
+    shared = []
+    try:
+        if cfg.finetune_from:
+            start = os.path.abspath(cfg.finetune_from)
+            load_model(start)  # verified now, not after the first mixture
+        else:
+            key = f"pretrain-start-{_digest([pre])}"
+            rec = c.base_run("uniform", {d: 1.0 / len(pre) for d in pre}, cfg.seed, DatasetView(ds, pre, hide_test=False),
+                             cfg.steps, tag="start")
+            start = os.path.join(c.out, "runs", rec["key"], "model.pt")
+            shared = [_as_method(e, "start model (shared)") for e in rec["entries"]]
+            del key
+        say(f"[1/2] finetuning mixtures: {', '.join(mixes)} on {', '.join(fdoms)}")
+        mixtures = {}
+        for name in mixes:
+            label = name if name in METHODS else _file_label(name)
+            if name == "chameleon":
+                mixtures[label] = c._unit(f"finetune-chameleon-{_digest([start, fdoms])}", "chameleon finetuning weights",
+                                          lambda: _chameleon_finetune(c, fview, start))
+            elif name == "doremi":
+                mixtures[label] = c._unit(f"finetune-doremi-{_digest([start, fdoms, cfg.finetune_steps])}", "doremi finetuning weights",
+                                          lambda: _doremi_finetune(c, fview, start))
+            else:
+                mixtures[label] = c.build_mixture(name, fview)
+        say(f"[2/2] finetuning runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.finetune_steps} steps each")
+        runs = {label: {s: c.base_run(label, m["weights"], s, scored, cfg.finetune_steps, init_from=start, tag="finetune")
+                        for s in cfg.seed_list} for label, m in mixtures.items()}
+    finally:
+        c.progress.close()
+    results = {label: {str(s): r["test"] for s, r in by.items()} for label, by in runs.items()}
+    stats = compare_perplexities(results, baseline="uniform")
+    entries = [_as_method(e, label) for label, m in mixtures.items() for e in m["entries"]]
+    entries += [e for by in runs.values() for r in by.values() for e in r["entries"]] + shared
+    ledger = _ledger(entries)
+    improved = {}
+    for label, ms in stats.mixtures.items():
+        if ms.difference is None:
+            continue
+        diffs = {d: ms.difference[d] for d in fdoms}
+        improved[label] = {"domains": len(fdoms),
+                           "improved_mean": sorted(d for d, iv in diffs.items() if iv.mean < 0),
+                           "improved_interval": sorted(d for d, iv in diffs.items()
+                                                       if iv.high is not None and iv.high < 0),
+                           "worse_interval": sorted(d for d, iv in diffs.items()
+                                                    if iv.low is not None and iv.low > 0)}
+    title = f"Finetuning on {', '.join(fdoms)}: test perplexity by finetuning mixture"
+    md = (_header(cfg, title, fdoms, cfg.finetune_steps * cfg.batch_size * cfg.block_size)
+          + f"Every run continues the same start model ({start}).\n\n" + format_comparison_table(stats, ledger))
+    md += "\nFinetuning domains improved over uniform (paired, same seeds):\n\n"
+    md += "| mixture | mean lower | 95% interval below 0 | 95% interval above 0 (worse) |\n|---|---:|---:|---:|\n"
+    for label, imp in improved.items():
+        n = imp["domains"]
+        md += (f"| {label} | {len(imp['improved_mean'])} of {n} | {len(imp['improved_interval'])} of {n} | "
+               f"{len(imp['worse_interval'])} of {n} |\n")
+    if shared:
+        md += f"\nThe start model's pretraining (shared by every mixture): {_ledger(shared).flops():.3g} FLOPs.\n"
+    if command:
+        md += f"\nCommand: `{command}`\n"
+    doc = {"format": "chameleon_ext.compare/1", "scenario": "finetune", "command": command,
+           "config": cfg.to_dict(), "domains": fdoms, "pretrain_domains": pre, "start_model": start,
+           "seeds": cfg.seed_list, "tokens_per_run": cfg.finetune_steps * cfg.batch_size * cfg.block_size,
+           "evaluation": {"split": "test", "windows": cfg.eval_windows, "seed": cfg.eval_seed,
+                          "window_tokens": cfg.block_size + 1},
+           "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
+           "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
+                                                       "data_seed", "init_seed", "evaluation", "steps")}
+                            for s, r in by.items()} for label, by in runs.items()},
+           "improved": improved, "not_in_scenario": skipped,
+           "stats": stats.as_dict(), "compute": ledger.to_dict(), "table": md}
+    paths = _write_outputs(out, OUTPUT_STEM["finetune"], doc, md, stats, ledger, title, plots)
+    say("\n" + md)
+    say("wrote " + ", ".join(p for p in paths.values() if p))
+    return doc
+
+
+def _chameleon_finetune(c: _Compare, fview, start: str) -> dict:
+    """Chameleon's finetuning weights: the finetuning domains embedded with the start model
+    itself as the frozen proxy (no proxy training), leverage-proportional (``mode="finetune"``)."""
+    from .model import load_model
+
+    model = load_model(start)
+    key = f"finetune-chameleon-{_digest([start, fview.domains])}"
+    weights, entry = c._chameleon_weights(fview, model, start, os.path.join(c.out, "mixtures", key, "weights"),
+                                          "finetune", fview.domains, "chameleon")
+    return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune"}}
+
+
+def _doremi_finetune(c: _Compare, fview, start: str) -> dict:
+    """DoReMi on the finetuning domains: the reference is the start model finetuned on
+    uniform; the Group-DRO proxy is finetuned from the start model too."""
+    from .baselines.doremi import DoReMiObjective, DoReMiWeights
+
+    cfg = c.cfg
+    folder = os.path.join(c.out, "mixtures", f"finetune-doremi-{_digest([start, fview.domains, cfg.finetune_steps])}")
+    ref, wall1 = c._train(fview, "uniform", os.path.join(folder, "reference"), cfg.finetune_steps, cfg.seed,
+                          init_from=start)
+    objective = DoReMiObjective(ref, DoReMiWeights(fview.domains), grad_accum=1)
+    proxy, wall2 = c._train(fview, "uniform", os.path.join(folder, "proxy"), cfg.finetune_steps, cfg.seed,
+                            callbacks=[DoReMiLoss(objective)], init_from=start)
+    n, tokens = non_embedding_parameters(proxy), cfg.finetune_steps * cfg.batch_size * cfg.block_size
+    entries = [_entry("doremi", "reference finetune", TRAIN, n, tokens, wall1),
+               _entry("doremi", "Group-DRO proxy finetune", TRAIN, n, tokens, wall2),
+               _entry("doremi", "reference forward on the proxy's batches", FORWARD, n, objective.reference_tokens, 0.0)]
+    result = objective.weights.result().as_dict()
+    return {"weights": result["weights"], "entries": entries, "steps_planned": 2 * cfg.finetune_steps,
+            "info": result}

@@ -367,3 +367,27 @@ def test_cli_compare(text_root, tmp_path):
     doc = json.loads((out / "compare.json").read_text())
     assert set(doc["runs"]) == {"uniform", "natural"} and doc["seeds"] == [0, 1]
     assert main(["compare", "--data", text_root, "--mixtures", "uniform,bogus", "--out", str(out)]) == 2
+
+
+def test_finetune_scenario(compared, ds, text_root):
+    _, _, out, _ = compared
+    doc, lines = _run(ds, out, scenario="finetune", finetune_domains=["digits", "dna"], finetune_steps=2,
+                      mixtures=["uniform", "chameleon", "doremi", "regmix"])
+    assert doc["not_in_scenario"] == ["regmix"] and set(doc["runs"]) == {"uniform", "chameleon", "doremi"}
+    assert doc["pretrain_domains"] == ["alpha"] and doc["domains"] == ["digits", "dna"]
+    for mix in doc["mixtures"].values():
+        assert list(mix["weights"]) == ["digits", "dna"]
+    assert doc["mixtures"]["chameleon"]["info"]["mode"] == "finetune"
+    # every finetune starts from the same weights, whatever the seed
+    assert len({r["init_sha256"] for by in doc["runs"].values() for r in by.values()}) == 1
+    imp = doc["improved"]["chameleon"]
+    diffs = doc["stats"]["mixtures"]["chameleon"]["difference_to_baseline"]
+    assert imp["improved_mean"] == sorted(d for d in ("digits", "dna") if diffs[d]["mean"] < 0)
+    md = (out / "compare-finetune.md").read_text()
+    assert "of 2" in md and "n = 2 seeds" in md
+    # the same finetuning from a given model and data folder (the --finetune-from form)
+    start = doc["start_model"]
+    doc2, lines = _run(ds, out, scenario="finetune", finetune_from=start, finetune_data=text_root,
+                       finetune_domains=["digits", "dna"], finetune_steps=2, mixtures=["uniform", "chameleon"])
+    assert doc2["runs"]["chameleon"] == doc["runs"]["chameleon"]  # the same units, skipped
+    assert all("skipped" in line for line in lines if "finetune run" in line)
