@@ -16,7 +16,8 @@ Chameleon trains twice: a small *proxy* on the uniform mixture of the k domains
   and the last good checkpoint stays.
 * **Callbacks** (:mod:`chameleon_ext.callbacks`) see every batch (with hidden states at a
   layer they choose), every step, evaluation and save, and may change the mixture; logging
-  and evaluation are callbacks themselves.
+  and evaluation are callbacks themselves. One callback may replace the training loss (the
+  loss hook, ``Callback.replaces_loss``/``compute_loss``: e.g. DoReMi's Group-DRO objective).
 * **Data parallel on torch.distributed.** Under ``torchrun`` (after
   :func:`chameleon_ext.distributed.init_from_env`) the model is wrapped in
   ``DistributedDataParallel``; ``TrainConfig.batch_size`` stays the *global* batch, so the
