@@ -793,6 +793,9 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     mixes = [m for m in cfg.mixtures if m not in skipped]
     if "uniform" not in mixes:
         mixes.insert(0, "uniform")
+    if len(fdoms) == 2 and "chameleon" in mixes:
+        say("note: with 2 finetuning domains both always have the same leverage, so Chameleon's "
+            "finetuning weights are uniform; use 3 or more domains to tell them apart")
     fview = DatasetView(ds, fdoms)
     scored = DatasetView(ds, fdoms, hide_test=False)
     total = (0 if cfg.finetune_from else cfg.steps) + len(mixes) * cfg.seeds * cfg.finetune_steps
