@@ -399,8 +399,13 @@ class _Compare:
     def build_mixture(self, name: str, view: DatasetView, tag: str = "") -> dict:
         """``{"weights", "entries", "info"}`` of mixture ``name`` built on ``view``."""
         k = len(view.domains)
-        if name == "uniform" or name == "online":
+        if name == "uniform":
             return {"weights": {d: 1.0 / k for d in view.domains}, "entries": [], "info": {}}
+        if name == "online":
+            return {"weights": {d: 1.0 / k for d in view.domains}, "entries": [],
+                    "info": {"rule": "the initial weights; OnlineWeights recomputes them during each base "
+                                     "run (its schedule.jsonl in the run's folder)",
+                             **self._online_settings(self.cfg.steps)}}
         if name == "natural":
             from .baselines import natural_weights
             from .baselines.natural import dataset_token_counts
