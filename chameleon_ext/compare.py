@@ -605,12 +605,16 @@ def _plot(stats, ledger: ComputeLedger, path: str, title: str) -> Optional[str]:
     costs = {m: ledger.flops(m) if m in ledger.methods() else 0.0 for m in mixes}
     positive = [v for v in costs.values() if v > 0]
     floor = min(positive) / 10 if positive else 1.0
+    free = 0
     for m in mixes:
         iv = stats.mixtures[m].perplexity[AVERAGE]
         x = costs[m] if costs[m] > 0 else floor
         ax2.errorbar([x], [iv.mean], yerr=[[iv.half_width or 0.0], [iv.half_width or 0.0]], fmt="o", capsize=3)
+        # the free mixtures share one x: their labels are stacked so they stay readable
+        dy = 4 if costs[m] > 0 else 4 + 10 * free
+        free += costs[m] <= 0
         ax2.annotate(m + ("" if costs[m] > 0 else " (free)"), (x, iv.mean), textcoords="offset points",
-                     xytext=(4, 4), fontsize=8)
+                     xytext=(4, dy), fontsize=8)
     ax2.set_xscale("log")
     ax2.set_xlabel("mixture cost (FLOPs, log scale)")
     ax2.set_ylabel("average test perplexity")
