@@ -49,13 +49,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
-
-import torch
+from typing import Any, List, Optional, Sequence
 
 from . import io
 from .callbacks import Callback
@@ -820,12 +817,10 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
             start = os.path.abspath(cfg.finetune_from)
             load_model(start)  # verified now, not after the first mixture
         else:
-            key = f"pretrain-start-{_digest([pre])}"
             rec = c.base_run("uniform", {d: 1.0 / len(pre) for d in pre}, cfg.seed, DatasetView(ds, pre, hide_test=False),
                              cfg.steps, tag="start")
             start = os.path.join(c.out, "runs", rec["key"], "model.pt")
             shared = [_as_method(e, "start model (shared)") for e in rec["entries"]]
-            del key
         say(f"[1/2] finetuning mixtures: {', '.join(mixes)} on {', '.join(fdoms)}")
         mixtures = {}
         for name in mixes:
