@@ -310,7 +310,7 @@ class MixtureDataset:
         meta = _tokenise_domain(d.name, d.files, self.tokenizer, self.cache_dir,
                                 _safe_name(d.name), d.fingerprint)
         tokens = _open_tokens(d.cache_path, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
-        d.train, d.val, d.test = _split(tokens, self.val_fraction, self.test_fraction)
+        d.train, d.val, d.test = _split3(tokens, self.val_fraction, self.test_fraction)
         d.max_id, d.max_checked = meta["max_id"], True
 
     def check_window(self, length: int, split: str = "train",
@@ -687,7 +687,13 @@ def split_blocks(n: int, val_fraction: float) -> tuple[int, np.ndarray]:
     return block, part > 0
 
 
-def _split(tokens: np.ndarray, val_fraction: float, test_fraction: float = 0.0):
+def _split(tokens: np.ndarray, val_fraction: float):
+    """``(train, val)`` of a stream without ``val.bin`` and without a test split."""
+    train, val, _ = _split3(tokens, val_fraction, 0.0)
+    return train, val
+
+
+def _split3(tokens: np.ndarray, val_fraction: float, test_fraction: float = 0.0):
     """``(train, val, test)`` of a stream without ``val.bin``/``test.bin``: evenly spread
     blocks (module doc)."""
     n = int(tokens.shape[0])
@@ -776,7 +782,7 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float, test_fraction: 
     val = _open_bin(name, val_path, dtype, allow_empty=True) if has_val else None
     test = _open_bin(name, test_path, dtype, allow_empty=True) if has_test else None
     if not (has_val and has_test):
-        train, cut_val, cut_test = _split(train, 0.0 if has_val else val_fraction,
+        train, cut_val, cut_test = _split3(train, 0.0 if has_val else val_fraction,
                                           0.0 if has_test else test_fraction)
         val = val if has_val else cut_val
         test = test if has_test else cut_test
@@ -942,7 +948,7 @@ def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
         )
     tpath = _token_path(cache_dir, safe, fp)
     tokens = _open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
-    train, val, test = _split(tokens, val_fraction, test_fraction)
+    train, val, test = _split3(tokens, val_fraction, test_fraction)
     return _Domain(name=name, path=dpath, kind="text", train=train, val=val, test=test,
                    vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
                    fingerprint=fp, stat_key=stat_key, cache_path=tpath,
