@@ -325,9 +325,24 @@ def test_rerun_with_other_settings_is_refused(compared, ds):
         _run(ds, out, steps=4)
 
 
-def test_new_domains_scenario(compared, ds):
+def test_new_domains_scenario(compared, ds, monkeypatch):
     _, _, out, _ = compared
+    # embedding windows: block_size tokens of the training split (training rows are one longer;
+    # 4 windows per domain make one embedding batch)
+    embedded = []
+    orig = type(ds).windows_at
+
+    def windows_at(self, name, starts, length, split="train"):
+        if split == "train" and length == TINY["block_size"]:
+            embedded.append(name)
+        return orig(self, name, starts, length, split)
+
+    monkeypatch.setattr(type(ds), "windows_at", windows_at)
     doc, lines = _run(ds, out, scenario="new_domains", new_domains=["dna"])
+    monkeypatch.undo()
+    # the old domains are embedded once (with the proxy that never saw dna); the transfer step
+    # embeds dna alone, the old domains' embeddings coming from the cache
+    assert embedded == ["alpha", "digits", "dna"]
     # base runs of uniform/natural/doremi/regmix/online are shared with the pretraining table
     assert sum("base run" in line and "skipped" in line for line in lines) == 10
     absorb = doc["absorb_new_domains"]
