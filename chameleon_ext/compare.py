@@ -195,7 +195,16 @@ class DatasetView:
         self.hide_test = hide_test
 
     def __getattr__(self, name):
-        return getattr(self._base, name)
+        attr = getattr(self._base, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args, **kwargs):  # any other reader given split="test" is refused too
+            if kwargs.get("split") == "test":
+                self._split("test")
+            return attr(*args, **kwargs)
+
+        return guarded
 
     def _split(self, split: str) -> str:
         if split == "test" and self.hide_test:
@@ -222,6 +231,9 @@ class DatasetView:
 
     def sample_window(self, name, length, rng, split="train"):
         return self._base.sample_window(self._domain(name), length, rng, self._split(split))
+
+    def draw_windows(self, name, n, length, rng, split="train"):  # the streamed-data reader
+        return self._base.draw_windows(self._domain(name), n, length, rng, self._split(split))
 
     def windows_at(self, name, starts, length, split="train"):
         return self._base.windows_at(self._domain(name), starts, length, self._split(split))
