@@ -91,6 +91,19 @@ class Callback:
         return type(self).__name__
 
     def on_train_start(self, state: TrainState) -> None: ...
+
+    # The loss hook: a callback that sets ``replaces_loss = True`` computes each micro-batch's
+    # training loss itself (e.g. DoReMi's Group-DRO objective). The trainer then runs the
+    # forward without targets and backpropagates ``compute_loss(state, x, y, domain, logits)``
+    # (divided by grad_accum) instead of the mean token loss; it is called exactly once per
+    # micro-batch, in order, before ``on_batch``. At most one callback may replace the loss;
+    # whatever state the loss keeps belongs in state_dict() so resume stays exact.
+    replaces_loss: bool = False
+
+    def compute_loss(self, state: TrainState, x: torch.Tensor, y: torch.Tensor,
+                     domain: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} sets replaces_loss but has no compute_loss")
+
     def on_batch(self, state: TrainState, batch: Batch) -> None: ...
     def on_step_end(self, state: TrainState) -> None: ...
     def on_eval(self, state: TrainState, metrics: dict) -> None: ...

@@ -269,6 +269,7 @@ def _cache_key(proxy_hash: str, layer: int, precision: str, dataset, name: str, 
         "domain": name,
         "fingerprint": dataset.fingerprint(name),
         "val_fraction": getattr(dataset, "val_fraction", None),
+        "test_fraction": getattr(dataset, "test_fraction", 0.0),  # test blocks leave train too
         "split_layout": SPLIT_LAYOUT,
         "n_windows": cfg.n_windows,
         "window": cfg.window,

@@ -24,7 +24,7 @@ AVERAGE_KEY = "average"
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, n_windows: int, block_size: int, seed: int = 0,
              device: Optional[Union[str, torch.device]] = None, batch_size: int = 16, *,
-             group: Optional[Any] = None, progress: bool = False) -> dict[str, dict[str, float]]:
+             group: Optional[Any] = None, progress: bool = False, split: str = "val") -> dict[str, dict[str, float]]:
     """Mean next-token loss and perplexity per domain on fixed held-out windows.
 
     For each domain, ``n_windows`` windows of ``block_size + 1`` tokens are drawn from its
@@ -42,6 +42,8 @@ def evaluate(model: torch.nn.Module, dataset, n_windows: int, block_size: int, s
             (the model is moved there; ``cuda:LOCAL_RANK`` under torch.distributed).
         group: the process group to evaluate over.
         progress: show progress over the domains (rank 0).
+        split: ``"val"`` (default; what training and every weighting method may look at) or
+            ``"test"`` (the held-out test split, for a final comparison only).
 
     Returns:
         ``{domain: {"loss", "ppl"}}`` for every domain, plus ``"average"``: ``{"loss": mean of
@@ -53,6 +55,8 @@ def evaluate(model: torch.nn.Module, dataset, n_windows: int, block_size: int, s
             is named ``"average"``.
         RuntimeError: another rank failed during the evaluation (that rank raises its own error).
     """
+    if split not in ("val", "test"):
+        raise ChameleonUserError(f"evaluate: split must be 'val' or 'test', got {split!r}")
     if AVERAGE_KEY in dataset.domains:
         raise ChameleonUserError(
             f"evaluate: a domain is named {AVERAGE_KEY!r}, which collides with the average "
@@ -75,7 +79,7 @@ def evaluate(model: torch.nn.Module, dataset, n_windows: int, block_size: int, s
         for j, name in enumerate(names):
             rng = np.random.default_rng([int(seed), _stable_domain_int(name)])
             windows = dataset.sample_windows(name, int(n_windows), int(block_size) + 1, rng,
-                                             split="val")
+                                             split=split)
             mine = distributed.shard_range(windows.shape[0], di.rank, di.world_size)
             windows = windows[mine.start:mine.stop]
             for i in range(0, windows.shape[0], batch_size):

@@ -16,7 +16,8 @@ Chameleon trains twice: a small *proxy* on the uniform mixture of the k domains
   and the last good checkpoint stays.
 * **Callbacks** (:mod:`chameleon_ext.callbacks`) see every batch (with hidden states at a
   layer they choose), every step, evaluation and save, and may change the mixture; logging
-  and evaluation are callbacks themselves.
+  and evaluation are callbacks themselves. One callback may replace the training loss (the
+  loss hook, ``Callback.replaces_loss``/``compute_loss``: e.g. DoReMi's Group-DRO objective).
 * **Data parallel on torch.distributed.** Under ``torchrun`` (after
   :func:`chameleon_ext.distributed.init_from_env`) the model is wrapped in
   ``DistributedDataParallel``; ``TrainConfig.batch_size`` stays the *global* batch, so the
@@ -75,6 +76,11 @@ class _Trainer:
         if len(set(names)) != len(names):
             raise ChameleonUserError(f"callbacks: names must be unique (they key checkpoint "
                                      f"state), got {names}")
+        losses = [cb for cb in self.callbacks if cb.replaces_loss]
+        if len(losses) > 1:
+            raise ChameleonUserError(f"callbacks: at most one may replace the loss (replaces_loss), "
+                                     f"got {[cb.name for cb in losses]}")
+        self.loss_callback = losses[0] if losses else None
         self.notices: list[str] = []
         self.lock, self.progress, self.ddp, self._hooks = None, None, None, []
         self.step, self.last_ckpt, self.bad_streak = 0, -1, 0
@@ -228,7 +234,11 @@ class _Trainer:
                     else contextlib.nullcontext())
             with sync:
                 with autocast(self.device):
-                    _, loss = self.forward(x, y)
+                    if self.loss_callback is None:
+                        _, loss = self.forward(x, y)
+                    else:  # the loss hook: the callback turns the logits into the loss
+                        logits, _ = self.forward(x)
+                        loss = self.loss_callback.compute_loss(state, x, y, dom.to(self.device), logits)
                 # Average over micro-batches (and, via DDP, over ranks, which hold equal shares
                 # of the rows) so the gradient matches one big batch.
                 (loss / cfg.grad_accum).backward()

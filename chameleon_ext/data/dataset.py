@@ -84,8 +84,16 @@ window anyway are a one-line error, never an IndexError inside the model.
 
 Split and windows
 -----------------
-Validation tokens are ``val.bin`` when given, otherwise the last ``val_fraction`` of the
-domain's token stream (deterministic; no shuffling). Windows are contiguous runs of ``length``
+Validation tokens are ``val.bin`` when given, otherwise ``val_fraction`` of the domain's
+token stream, as blocks spread evenly over it (deterministic; no shuffling). A **test** split
+(``test_fraction``, default 0: none) is drawn the same interleaved way: the held-out blocks
+(``val_fraction + test_fraction`` of the stream, evenly spread) are dealt to validation and
+test in proportion, again evenly, so every part of the stream is represented in each split
+and the three are disjoint. ``test.bin`` beside ``train.bin`` is used as the test split when
+given (and then nothing is cut for test); with ``val.bin`` given, test blocks are cut from
+``train.bin`` alone. With ``test_fraction == 0`` the train/validation split is exactly the one
+of layout version 2. The test split is for a final, untouched evaluation (``chameleon
+compare``): nothing in this library fits on it. Windows are contiguous runs of ``length``
 tokens starting anywhere in the split, so -- as in the reference -- they may cross document
 boundaries. (The reference draws starts from ``[0, n - length)``; every full window, i.e.
 ``[0, n - length]``, is allowed here.)
@@ -122,7 +130,8 @@ _TOKENS_RULES = "chameleon_ext.tokens/1"
 _CACHE_FORMAT = "chameleon_ext.tokens/2"
 VERIFY_MODES = ("sample", "full")
 _BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_BIN_FILES = ("train.bin", "val.bin", "meta.json")
+_BIN_FILES = ("train.bin", "val.bin", "test.bin", "meta.json")
+SPLITS = ("train", "val", "test")
 # Big text files are tokenised in chunks of this to twice this many characters (cut at a newline
 # or space where possible), so memory stays bounded; each chunk is still part of the same
 # document (no EOS between chunks).
@@ -133,7 +142,8 @@ _MAX_BLOCKS = 1024
 _SAMPLE_BLOCKS = 6  # random blocks checked per load, besides the first and the last
 # How train/val are cut from a stream without val.bin (see the module doc). Version 1 was the
 # stream's tail; bump when the rule changes, so caches of windows drawn from a split change key.
-SPLIT_LAYOUT = "blocks-evenly-spread/2"
+# Version 3 adds the test split (version 2's split whenever test_fraction is 0).
+SPLIT_LAYOUT = "blocks-evenly-spread/3"
 _SPLIT_MIN_BLOCK = 4096
 _SPLIT_MAX_BLOCKS = 1024
 _SPLIT_MIN_HELD_OUT = 32  # held-out blocks a domain gets at least, where its size allows
@@ -159,6 +169,7 @@ class _Domain:
     train: np.ndarray  # [n_train] memmap
     val: np.ndarray  # [n_val] memmap
     vocab_size: int
+    test: Optional[np.ndarray] = None  # [n_test]; None is read as empty
     files: list = field(default_factory=list)  # for text domains: [(relpath, abspath)]
     max_id: Optional[int] = None  # largest token id, when known
     fingerprint: Optional[str] = None
@@ -192,13 +203,14 @@ class MixtureDataset:
     """
 
     def __init__(self, path: str, domains: list[_Domain], tokenizer: Tokenizer,
-                 vocab_size: int, val_fraction: float, cache_dir: str):
+                 vocab_size: int, val_fraction: float, cache_dir: str, test_fraction: float = 0.0):
         self.path = path
         self._domains = {d.name: d for d in domains}
         self.domains = [d.name for d in domains]
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
         self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
         self.cache_dir = cache_dir
 
     # -- per-domain access -------------------------------------------------------------------
@@ -243,13 +255,20 @@ class MixtureDataset:
             raise self._streamed_error(d, "token array")
         return d.val
 
+    def test_tokens(self, name: str) -> np.ndarray:
+        """Test tokens of domain ``name`` (empty unless ``test_fraction > 0`` or a test.bin)."""
+        d = self._get(name)
+        return d.test if d.test is not None else d.val[:0]
+
     def tokens(self, name: str, split: str = "train") -> np.ndarray:
-        """Tokens of ``split`` (``"train"`` or ``"val"``) of domain ``name``."""
+        """Tokens of ``split`` (``"train"``, ``"val"`` or ``"test"``) of domain ``name``."""
         if split == "train":
             return self.train_tokens(name)
         if split == "val":
             return self.val_tokens(name)
-        raise ChameleonUserError(f"split: expected 'train' or 'val', got {split!r}")
+        if split == "test":
+            return self.test_tokens(name)
+        raise ChameleonUserError(f"split: expected one of {list(SPLITS)}, got {split!r}")
 
     def tokenizer_record(self) -> Optional[dict]:
         """The :func:`~chameleon_ext.data.tokenizer.tokenizer_record` of the tokenizer that made
@@ -348,7 +367,8 @@ class MixtureDataset:
                 self._rebuild(d, f"it holds token id {true_max} but recorded {d.max_id} as its largest")
                 true_max = _chunked_max(_open_tokens(d.cache_path, d.train.dtype))
         else:
-            true_max = max(_chunked_max(d.train), _chunked_max(d.val))
+            true_max = max(_chunked_max(d.train), _chunked_max(d.val),
+                           _chunked_max(d.test) if d.test is not None else -1)
         d.max_id, d.max_checked = true_max, True
 
     def verify(self) -> list:
@@ -388,7 +408,7 @@ class MixtureDataset:
                                 _safe_name(d.name), d.fingerprint,
                                 documents=None if d.source is None else d.source.iter_documents())
         tokens = _open_tokens(d.cache_path, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
-        d.train, d.val = _split(tokens, self.val_fraction)
+        d.train, d.val, d.test = _split3(tokens, self.val_fraction, self.test_fraction)
         d.max_id, d.max_checked = meta["max_id"], True
 
     def check_window(self, length: int, split: str = "train",
@@ -407,8 +427,9 @@ class MixtureDataset:
     def _check_domain_window(self, name: str, length: int, split: str) -> int:
         n = self.n_tokens(name, split)
         if n < length:
-            hint = (" (raise val_fraction or add a val.bin)" if split == "val"
-                    else " (add data or use a shorter window)")
+            hint = {"val": " (raise val_fraction or add a val.bin)",
+                    "test": " (raise test_fraction or add a test.bin)"}.get(
+                        split, " (add data or use a shorter window)")
             raise ChameleonUserError(
                 f"domain {name!r} is shorter than one window: its {split} split has {n} "
                 f"tokens, a window needs {length}{hint}"
@@ -532,7 +553,7 @@ class MixtureDataset:
 def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer] = "byte",
                  cache_dir: Optional[Union[str, os.PathLike]] = None,
                  val_fraction: float = 0.1, verify: str = "sample", text_field: str = "text",
-                 stream_threshold: int = STREAM_THRESHOLD_BYTES) -> MixtureDataset:
+                 stream_threshold: int = STREAM_THRESHOLD_BYTES, test_fraction: float = 0.0) -> MixtureDataset:
     """Discover, tokenise (with caching) and split the domains of the dataset at ``path``.
 
     Args:
@@ -544,6 +565,8 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
             loader would list as (part of) a domain; hidden folders are fine.
         val_fraction: fraction in ``[0, 1)`` of each token stream held out for validation when
             the domain has no ``val.bin``.
+        test_fraction: fraction in ``[0, 1)`` held out as the test split when the domain has
+            no ``test.bin`` (default 0: no test split); ``val_fraction + test_fraction < 1``.
         verify: how token caches are checked before use: ``"sample"`` (size and a few blocks;
             cheap) or ``"full"`` (every byte, the true largest id, and the source files
             re-hashed; for domains read through ``chameleon_ext.data.sources`` the cache and
@@ -573,6 +596,13 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
         raise ChameleonUserError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
     if not (0.0 <= val_fraction < 1.0):
         raise ChameleonUserError(f"val_fraction: expected a number in [0, 1), got {val_fraction}")
+    try:
+        test_fraction = float(test_fraction)
+    except (TypeError, ValueError):
+        raise ChameleonUserError(f"test_fraction: expected a number in [0, 1), got {test_fraction!r}")
+    if not (0.0 <= test_fraction < 1.0) or val_fraction + test_fraction >= 1.0:
+        raise ChameleonUserError(f"test_fraction: expected a number in [0, 1) with val_fraction + "
+                                 f"test_fraction < 1, got {test_fraction} (val_fraction {val_fraction})")
     if verify not in VERIFY_MODES:
         raise ChameleonUserError(f"verify: expected one of {list(VERIFY_MODES)}, got {verify!r}")
     if not isinstance(text_field, str) or not text_field:
@@ -607,21 +637,21 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
     for name in names:
         dpath = os.path.join(path, name)
         if os.path.lexists(os.path.join(dpath, "train.bin")):
-            domains.append(_open_bin_domain(name, dpath, val_fraction, int(stream_threshold)))
+            domains.append(_open_bin_domain(name, dpath, val_fraction, int(stream_threshold), test_fraction))
         else:
-            for f in ("val.bin", "meta.json"):
+            for f in ("val.bin", "test.bin", "meta.json"):
                 if os.path.lexists(os.path.join(dpath, f)):
                     raise ChameleonUserError(
                         f"domain {name!r}: found {f} but no train.bin in {dpath!r}; a "
                         "pre-tokenised domain needs train.bin (+ meta.json)"
                     )
             d = _open_raw_domain(name, dpath, tok, cache_dir, val_fraction, verify, text_field,
-                                 int(stream_threshold))
+                                 int(stream_threshold), test_fraction)
             # None: text files and .jsonl below the threshold, cached exactly as before
-            domains.append(d or _open_text_domain(name, dpath, tok, cache_dir, val_fraction, verify))
+            domains.append(d or _open_text_domain(name, dpath, tok, cache_dir, val_fraction, verify, test_fraction))
 
     vocab_size = _dataset_vocab(domains, tok)
-    return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir)
+    return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir, test_fraction)
 
 
 def _check_link(full: str, what: str) -> None:
@@ -807,28 +837,57 @@ class SourceTokens:
 
     def __repr__(self) -> str:
         return f"SourceTokens({self.shape[0]} tokens of {self.source.path!r})"
+def _evenly(n: int, f: float) -> np.ndarray:
+    """``[n]`` bool: which of ``n`` slots are picked when ``f`` of them are, evenly spread
+    (slot ``i`` is picked when ``round(i f)`` steps up at ``i + 1``)."""
+    i = np.arange(n, dtype=np.float64)
+    return np.floor((i + 1) * f + 0.5) > np.floor(i * f + 0.5)
+
+
+def split_parts(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, np.ndarray]:
+    """``(block, part [n_blocks] int8)``: the block size and, for each block of a stream of
+    ``n`` tokens, its split: 0 train, 1 validation, 2 test (the rule in the module doc).
+
+    The held-out blocks are ``val_fraction + test_fraction`` of the blocks, evenly spread;
+    they are dealt to test in the proportion ``test / (val + test)``, evenly again. The block
+    is small enough that the smaller positive fraction still gets ``_SPLIT_MIN_HELD_OUT``
+    blocks where the stream allows."""
+    v, t = float(val_fraction), float(test_fraction)
+    f = v + t
+    if n <= 0 or f <= 0.0:
+        return max(n, 1), np.zeros(1 if n > 0 else 0, dtype=np.int8)
+    smallest = min(x for x in (v, t) if x > 0)
+    block = max(_SPLIT_MIN_BLOCK, -(-n // _SPLIT_MAX_BLOCKS))
+    block = max(1, min(block, int(n * smallest / _SPLIT_MIN_HELD_OUT)))
+    held_out = _evenly(-(-n // block), f)
+    part = held_out.astype(np.int8)
+    if t > 0:
+        idx = np.flatnonzero(held_out)
+        part[idx[_evenly(idx.shape[0], t / f)]] = 2
+    return block, part
 
 
 def split_blocks(n: int, val_fraction: float) -> tuple[int, np.ndarray]:
     """``(block, held_out [n_blocks] bool)``: the block size and which blocks of a stream of
-    ``n`` tokens are validation blocks (the rule in the module doc)."""
-    f = float(val_fraction)
-    if n <= 0 or f <= 0.0:
-        return max(n, 1), np.zeros(1 if n > 0 else 0, dtype=bool)
-    block = max(_SPLIT_MIN_BLOCK, -(-n // _SPLIT_MAX_BLOCKS))
-    block = max(1, min(block, int(n * f / _SPLIT_MIN_HELD_OUT)))
-    i = np.arange(-(-n // block), dtype=np.float64)
-    held_out = np.floor((i + 1) * f + 0.5) > np.floor(i * f + 0.5)
-    return block, held_out
+    ``n`` tokens are validation blocks when there is no test split (the module doc's rule)."""
+    block, part = split_parts(n, val_fraction, 0.0)
+    return block, part > 0
 
 
 def _split(tokens: np.ndarray, val_fraction: float):
-    """``(train, val)`` of a stream without ``val.bin``: evenly spread blocks (module doc)."""
+    """``(train, val)`` of a stream without ``val.bin`` and without a test split."""
+    train, val, _ = _split3(tokens, val_fraction, 0.0)
+    return train, val
+
+
+def _split3(tokens: np.ndarray, val_fraction: float, test_fraction: float = 0.0):
+    """``(train, val, test)`` of a stream without ``val.bin``/``test.bin``: evenly spread
+    blocks (module doc)."""
     n = int(tokens.shape[0])
-    block, held_out = split_blocks(n, val_fraction)
-    if not held_out.any():
-        return tokens, tokens[n:]
-    bounds = np.minimum(np.arange(held_out.shape[0] + 1, dtype=np.int64) * block, n)
+    block, part = split_parts(n, val_fraction, test_fraction)
+    if not part.any():
+        return tokens, tokens[n:], tokens[n:]
+    bounds = np.minimum(np.arange(part.shape[0] + 1, dtype=np.int64) * block, n)
 
     def runs(mask: np.ndarray) -> SplitTokens:
         # maximal runs of consecutive blocks of one split, as (start, length) in the stream
@@ -836,7 +895,9 @@ def _split(tokens: np.ndarray, val_fraction: float):
         first, last = edges[0::2], edges[1::2]  # block ranges [first, last)
         return SplitTokens(tokens, bounds[first], bounds[last] - bounds[first])
 
-    return runs(~held_out), runs(held_out)
+    test = runs(part == 2) if (part == 2).any() else tokens[n:]
+    val = runs(part == 1) if (part == 1).any() else tokens[n:]
+    return runs(part == 0), val, test
 
 
 @functools.lru_cache(maxsize=1)
@@ -874,7 +935,7 @@ def _safe_name(name: str) -> str:
 
 
 def _open_bin_domain(name: str, dpath: str, val_fraction: float,
-                     threshold: int = STREAM_THRESHOLD_BYTES) -> _Domain:
+                     threshold: int = STREAM_THRESHOLD_BYTES, test_fraction: float = 0.0) -> _Domain:
     for f in _BIN_FILES:
         _check_link(os.path.join(dpath, f), f"domain {name!r}: {f}")
     meta_path = os.path.join(dpath, "meta.json")
@@ -903,14 +964,19 @@ def _open_bin_domain(name: str, dpath: str, val_fraction: float,
         )
 
     train = _open_bin(name, os.path.join(dpath, "train.bin"), dtype, allow_empty=False)
-    val_path = os.path.join(dpath, "val.bin")
-    if os.path.lexists(val_path):  # a broken link is an error, not "no val.bin"
-        val = _open_bin(name, val_path, dtype, allow_empty=True)
-    else:
-        train, val = _split(train, val_fraction)
+    val_path, test_path = os.path.join(dpath, "val.bin"), os.path.join(dpath, "test.bin")
+    # a broken link is an error, not "no val.bin"; a given file replaces its cut from train.bin
+    has_val, has_test = os.path.lexists(val_path), os.path.lexists(test_path)
+    val = _open_bin(name, val_path, dtype, allow_empty=True) if has_val else None
+    test = _open_bin(name, test_path, dtype, allow_empty=True) if has_test else None
+    if not (has_val and has_test):
+        train, cut_val, cut_test = _split3(train, 0.0 if has_val else val_fraction,
+                                          0.0 if has_test else test_fraction)
+        val = val if has_val else cut_val
+        test = test if has_test else cut_test
     # above the threshold the largest id is not scanned (every window read is checked instead)
-    large = (train.shape[0] + val.shape[0]) * np.dtype(dtype).itemsize > threshold
-    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab,
+    large = (train.shape[0] + val.shape[0] + test.shape[0]) * np.dtype(dtype).itemsize > threshold
+    return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, vocab_size=vocab, test=test,
                    max_checked=large)
 
 
@@ -1036,7 +1102,7 @@ def _content_fingerprint(kind: str, files: list[tuple[str, str]], domain: str,
 
 
 def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
-                      val_fraction: float, verify: str = "sample") -> _Domain:
+                      val_fraction: float, verify: str = "sample", test_fraction: float = 0.0) -> _Domain:
     files = _list_text_files(name, dpath, skip=(cache_dir,))
     if not files:
         raise ChameleonUserError(
@@ -1070,15 +1136,16 @@ def _open_text_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str,
         )
     tpath = _token_path(cache_dir, safe, fp)
     tokens = _open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"])
-    train, val = _split(tokens, val_fraction)
-    return _Domain(name=name, path=dpath, kind="text", train=train, val=val,
+    train, val, test = _split3(tokens, val_fraction, test_fraction)
+    return _Domain(name=name, path=dpath, kind="text", train=train, val=val, test=test,
                    vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
                    fingerprint=fp, stat_key=stat_key, cache_path=tpath,
                    max_checked=verify == "full")
 
 
 def _open_raw_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str, val_fraction: float,
-                     verify: str, text_field: str, threshold: int) -> Optional[_Domain]:
+                     verify: str, text_field: str, threshold: int,
+                     test_fraction: float = 0.0) -> Optional[_Domain]:
     """A domain without nanoGPT ``train.bin``: Megatron indexed data, raw text in today's
     formats tokenised into the cache as before, raw text in the formats only the sources read
     (compressed JSONL, Parquet, Arrow) tokenised into the cache from its source, or -- above
@@ -1106,11 +1173,11 @@ def _open_raw_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str, val_
     if isinstance(src, TokenSources):  # Megatron .bin/.idx: windows read by pread, never cached
         if src.n_tokens == 0:
             raise ChameleonUserError(f"domain {name!r} is empty: its Megatron data in {dpath!r} holds no tokens")
-        train, val = _split(SourceTokens(src, np.int64), val_fraction)
+        train, val, test = _split3(SourceTokens(src, np.int64), val_fraction, test_fraction)
         fp = _combine(f"{_TOKENS_RULES}:megatron", [src.fingerprint(full)])
         # above the threshold the largest id is not scanned (it would read everything);
         # every window read is checked against the vocabulary instead
-        return _Domain(name=name, path=dpath, kind="bin", train=train, val=val,
+        return _Domain(name=name, path=dpath, kind="bin", train=train, val=val, test=test,
                        vocab_size=int(tok.vocab_size), files=files, fingerprint=fp, source=src,
                        max_checked=size > threshold, full_fingerprint=full)
     if size > threshold:
@@ -1126,8 +1193,9 @@ def _open_raw_domain(name: str, dpath: str, tok: Tokenizer, cache_dir: str, val_
     if meta["n_tokens"] == 0:
         raise ChameleonUserError(f"domain {name!r} is empty: its {len(files)} file(s) in {dpath!r} hold no text")
     tpath = _token_path(cache_dir, safe, fp)
-    train, val = _split(_open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"]), val_fraction)
-    return _Domain(name=name, path=dpath, kind="text", train=train, val=val,
+    train, val, test = _split3(_open_tokens(tpath, _BIN_DTYPES[meta["dtype"]], meta["n_tokens"]), val_fraction,
+                               test_fraction)
+    return _Domain(name=name, path=dpath, kind="text", train=train, val=val, test=test,
                    vocab_size=int(tok.vocab_size), files=files, max_id=meta["max_id"],
                    fingerprint=fp, cache_path=tpath, max_checked=full, source=src,
                    text_field=text_field, full_fingerprint=full)

@@ -1,0 +1,408 @@
+"""`chameleon compare`: the test split of the data layer, the trainer's loss hook, the wiring of
+the comparison (on tiny data, few steps), resume skipping finished units, and the honesty rules
+(no method reads the test split; same token budget and windows; the seed sets initialisation
+and data order alike; the table states seeds and interval)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from chameleon_ext.callbacks import Callback
+from chameleon_ext.compare import CompareConfig, DatasetView, DoReMiLoss, run_compare
+from chameleon_ext.data import load_dataset
+from chameleon_ext.data import dataset as dataset_mod
+from chameleon_ext.errors import ChameleonUserError
+from chameleon_ext.model import GPT, GPTConfig, next_token_loss
+from chameleon_ext.trainer import TrainConfig, train
+from python_tests.factories import write_text_domains
+
+# -- the test split ----------------------------------------------------------------------------
+
+
+def _bin_domain(root, name, n, extra=None):
+    """A pre-tokenised domain whose token i is i (uint32): positions identify tokens."""
+    d = root / name
+    d.mkdir(parents=True)
+    np.arange(n, dtype=np.uint32).tofile(d / "train.bin")
+    for fname, arr in (extra or {}).items():
+        np.asarray(arr, dtype=np.uint32).tofile(d / fname)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 1 << 22, "dtype": "uint32"}))
+
+
+def _ids(split) -> set:
+    return set(np.asarray(split).tolist())
+
+
+@pytest.mark.parametrize("n", [100_000, 7_777, 300])
+def test_test_split_is_disjoint_deterministic_and_spread(tmp_path, n):
+    _bin_domain(tmp_path / "d", "a", n)
+    ds = load_dataset(tmp_path / "d", val_fraction=0.1, test_fraction=0.15)
+    tr, va, te = (_ids(ds.tokens("a", s)) for s in ("train", "val", "test"))
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    assert tr | va | te == set(range(n))
+    # shares close to the fractions (whole blocks)
+    assert abs(len(te) / n - 0.15) < 0.05 and abs(len(va) / n - 0.1) < 0.05
+    # every tenth of the stream holds test and validation tokens
+    for part in (te, va):
+        deciles = {int(10 * i / n) for i in part}
+        assert deciles == set(range(10)), sorted(deciles)
+    again = load_dataset(tmp_path / "d", val_fraction=0.1, test_fraction=0.15)
+    for s in ("train", "val", "test"):
+        assert np.array_equal(np.asarray(again.tokens("a", s)), np.asarray(ds.tokens("a", s)))
+
+
+def _old_rule(n, f):
+    """Layout version 2's validation blocks, written out again (the reference for f_test = 0)."""
+    block = max(4096, -(-n // 1024))
+    block = max(1, min(block, int(n * f / 32)))
+    m = -(-n // block)
+    held = [np.floor((i + 1) * f + 0.5) > np.floor(i * f + 0.5) for i in range(m)]
+    val = [t for i in range(m) if held[i] for t in range(i * block, min(n, (i + 1) * block))]
+    return val
+
+
+def test_no_test_fraction_keeps_the_old_split(tmp_path):
+    n = 50_000
+    _bin_domain(tmp_path / "d", "a", n)
+    ds = load_dataset(tmp_path / "d", val_fraction=0.1)
+    assert np.asarray(ds.tokens("a", "val")).tolist() == _old_rule(n, 0.1)
+    assert ds.n_tokens("a", "test") == 0
+    assert dataset_mod.SPLIT_LAYOUT.endswith("/3")
+
+
+def test_test_bin_and_val_bin(tmp_path):
+    _bin_domain(tmp_path / "d", "a", 10_000, {"val.bin": [1, 2, 3], "test.bin": [4, 5]})
+    _bin_domain(tmp_path / "d", "b", 10_000, {"val.bin": [7, 8]})
+    ds = load_dataset(tmp_path / "d", val_fraction=0.1, test_fraction=0.2)
+    assert np.asarray(ds.tokens("a", "test")).tolist() == [4, 5]
+    assert np.asarray(ds.tokens("a", "val")).tolist() == [1, 2, 3]
+    assert ds.n_tokens("a", "train") == 10_000  # both given: train.bin whole
+    assert np.asarray(ds.tokens("b", "val")).tolist() == [7, 8]  # val.bin semantics kept
+    tr, te = _ids(ds.tokens("b", "train")), _ids(ds.tokens("b", "test"))
+    assert not (tr & te) and tr | te == set(range(10_000)) and abs(len(te) / 10_000 - 0.2) < 0.05
+
+
+def test_bad_test_fraction(tmp_path):
+    _bin_domain(tmp_path / "d", "a", 1000)
+    for bad in (-0.1, 1.0, 0.95):
+        with pytest.raises(ChameleonUserError, match="test_fraction"):
+            load_dataset(tmp_path / "d", val_fraction=0.1, test_fraction=bad)
+    with pytest.raises(ChameleonUserError, match="split"):
+        load_dataset(tmp_path / "d").tokens("a", "tset")
+
+
+# -- the loss hook -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory):
+    return write_text_domains(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def ds(text_root):
+    return load_dataset(text_root, val_fraction=0.1, test_fraction=0.1)
+
+
+def _model(ds, seed=0):
+    return GPT(GPTConfig.preset("tiny", ds.vocab_size, 16), seed=seed)
+
+
+def _cfg(out, **kw):
+    base = dict(steps=4, batch_size=4, block_size=16, warmup_steps=1, ckpt_every=2, quiet=True,
+                seed=3, device="cpu", out_dir=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class _MeanLoss(Callback):
+    """The plain mean token loss, through the hook; records each call."""
+
+    replaces_loss = True
+
+    def __init__(self, scale=1.0):
+        self.calls, self.scale = [], scale
+
+    def compute_loss(self, state, x, y, domain, logits):
+        self.calls.append((state.step, x.shape[0], domain.tolist()))
+        return self.scale * next_token_loss(logits, y)
+
+
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_loss_hook_equal_to_built_in_loss(ds, tmp_path):
+    plain, hooked = _model(ds), _model(ds)
+    train(plain, ds, "uniform", _cfg(tmp_path / "a", grad_accum=2))
+    cb = _MeanLoss()
+    train(hooked, ds, "uniform", _cfg(tmp_path / "b", grad_accum=2), callbacks=[cb])
+    for k, v in _params(plain).items():
+        assert torch.equal(v, hooked.state_dict()[k]), k
+    assert [c[0] for c in cb.calls] == [0, 0, 1, 1, 2, 2, 3, 3]  # once per micro-batch, in order
+    doubled = _model(ds)
+    train(doubled, ds, "uniform", _cfg(tmp_path / "c", grad_accum=2), callbacks=[_MeanLoss(3.0)])
+    assert any(not torch.equal(v, doubled.state_dict()[k]) for k, v in _params(plain).items())
+
+
+def test_only_one_callback_may_replace_the_loss(ds, tmp_path):
+    class Other(_MeanLoss):
+        pass
+
+    with pytest.raises(ChameleonUserError, match="replace the loss"):
+        train(_model(ds), ds, "uniform", _cfg(tmp_path), callbacks=[_MeanLoss(), Other()])
+
+
+def _doremi(ds, ref):
+    from chameleon_ext.baselines.doremi import DoReMiObjective, DoReMiWeights
+
+    return DoReMiLoss(DoReMiObjective(ref, DoReMiWeights(ds.domains)))
+
+
+def test_doremi_loss_hook_resumes_exactly(ds, tmp_path):
+    ref = _model(ds, seed=9)
+    train(ref, ds, "uniform", _cfg(tmp_path / "ref"))
+    straight, cb1 = _model(ds), _doremi(ds, ref)
+    train(straight, ds, "uniform", _cfg(tmp_path / "s", steps=6), callbacks=[cb1])
+    split, cb2 = _model(ds), _doremi(ds, ref)
+    train(split, ds, "uniform", _cfg(tmp_path / "p", steps=6), callbacks=[cb2], stop_at=3)
+    resumed, cb3 = _model(ds, seed=5), _doremi(ds, ref)
+    train(resumed, ds, "uniform", _cfg(tmp_path / "p", steps=6), callbacks=[cb3])
+    for k, v in _params(straight).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    w1, w3 = cb1.objective.weights, cb3.objective.weights
+    assert torch.equal(w1.alpha, w3.alpha) and torch.equal(w1.average, w3.average)
+    assert cb1.objective.reference_tokens == cb3.objective.reference_tokens == 6 * 4 * 16
+    # the Group-DRO weights moved away from uniform: the hook's loss is really used
+    assert not torch.allclose(w1.average.double(), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+# -- the comparison ----------------------------------------------------------------------------
+
+TINY = dict(seeds=2, preset="tiny", block_size=16, batch_size=4, steps=3, proxy_steps=2,
+            regmix_proxies=3, regmix_steps=2, eval_windows=2, embed_windows=4, ckpt_every=2,
+            warmup=1, quiet=True)
+
+
+def _run(ds, out, say=None, **kw):
+    lines = []
+    cfg = CompareConfig(**{**TINY, **kw})
+    doc = run_compare(ds, cfg, str(out), say=say or lines.append, plots=False)
+    return doc, lines
+
+
+@pytest.fixture(scope="module")
+def compared(ds, tmp_path_factory):
+    """One full comparison on the tiny data, with every access to a split logged."""
+    out = tmp_path_factory.mktemp("cmp")
+    log, phase = [], {"now": "build"}
+    # every read of token contents for training, embedding and evaluation goes through
+    # windows_at (the sampler's rows, sample_windows); the lengths of the splits are not logged
+    orig_windows = type(ds).windows_at
+    import chameleon_ext.compare as compare_mod
+
+    orig_eval = compare_mod._Compare._eval
+
+    def windows_at(self, name, starts, length, split="train"):
+        log.append((phase["now"], split))
+        return orig_windows(self, name, starts, length, split)
+
+    def _eval(self, model, data, split):
+        before, phase["now"] = phase["now"], f"eval-{split}"
+        try:
+            return orig_eval(self, model, data, split)
+        finally:
+            phase["now"] = before
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(type(ds), "windows_at", windows_at)
+    mp.setattr(compare_mod._Compare, "_eval", _eval)
+    try:
+        doc, lines = _run(ds, out)
+    finally:
+        mp.undo()
+    return doc, lines, out, log
+
+
+def test_compare_wiring(compared, ds):
+    doc, lines, out, _ = compared
+    assert set(doc["mixtures"]) == {"uniform", "natural", "chameleon", "doremi", "regmix", "online"}
+    for name, m in doc["mixtures"].items():
+        w = m["weights"]
+        assert list(w) == ds.domains and abs(sum(w.values()) - 1) < 1e-9 and min(w.values()) >= 0, name
+    counts = {d: ds.n_tokens(d, "train") for d in ds.domains}
+    total = sum(counts.values())
+    for d in ds.domains:  # natural = token shares of the training split
+        assert doc["mixtures"]["natural"]["weights"][d] == pytest.approx(counts[d] / total, rel=1e-12)
+    # per-seed test perplexities reproduce the statistics (an independent mean / t interval)
+    for mix, runs in doc["runs"].items():
+        vals = [runs[s]["test"]["dna"] for s in ("0", "1")]
+        iv = doc["stats"]["mixtures"][mix]["perplexity"]["dna"]
+        assert iv["mean"] == pytest.approx(np.mean(vals))
+        half = 12.706204736174707 * np.std(vals, ddof=1) / np.sqrt(2)
+        assert iv["high"] - iv["mean"] == pytest.approx(half, rel=1e-6)
+    # the ledger: 6 N D for each base run, every method's proxies counted
+    base = [e for e in doc["compute"]["entries"] if e["method"] == "base"]
+    assert len(base) == 12 and all(e["tokens"] == 3 * 4 * 16 for e in base)
+    n = base[0]["n_params"]
+    assert doc["compute"]["summary"]["base"]["flops"] == pytest.approx(12 * 6 * n * 192)
+    methods = doc["compute"]["summary"]
+    assert methods["doremi"]["flops"] == pytest.approx(6 * n * 2 * 2 * 64 + 2 * n * 2 * 64)
+    assert methods["regmix"]["flops"] == pytest.approx(3 * (6 * n * 2 * 64 + 2 * n * 3 * 2 * 16))
+    assert methods["chameleon"]["flops"] == pytest.approx(6 * n * 2 * 64 + 2 * n * 3 * 4 * 16)
+    for f in ("compare.json", "compare.md"):
+        assert os.path.exists(out / f)
+
+
+def test_honesty_no_method_reads_the_test_split(compared):
+    _, _, _, log = compared
+    assert log, "the spy saw no access"
+    reads_of_test = {phase for phase, split in log if split == "test"}
+    assert reads_of_test == {"eval-test"}  # only the final evaluation of the base models
+    assert ("eval-val", "val") in log  # RegMix scored its proxies on validation
+    assert not any(p.startswith("eval-val") and s == "test" for p, s in log)
+
+
+def test_dataset_view_refuses_the_test_split(ds):
+    view = DatasetView(ds)
+    with pytest.raises(ChameleonUserError, match="test split is held out"):
+        view.tokens("dna", "test")
+    with pytest.raises(ChameleonUserError, match="test split is held out"):
+        view.sample_windows("dna", 1, 8, np.random.default_rng(0), split="test")
+    assert view.n_tokens("dna", "val") == ds.n_tokens("dna", "val")
+
+
+def test_honesty_same_budget_windows_and_seeds(compared):
+    doc, _, out, _ = compared
+    runs = [(mix, s, r) for mix, by in doc["runs"].items() for s, r in by.items()]
+    assert len({r["tokens"] for _, _, r in runs}) == 1
+    assert len({json.dumps(r["evaluation"], sort_keys=True) for _, _, r in runs}) == 1
+    assert runs[0][2]["evaluation"]["split"] == "test"
+    for s in ("0", "1"):  # same initialisation and data seed for every mixture at a seed
+        assert len({r["init_sha256"] for _, ss, r in runs if ss == s}) == 1
+        assert {r["data_seed"] for _, ss, r in runs if ss == s} == {int(s)}
+    assert doc["runs"]["uniform"]["0"]["init_sha256"] != doc["runs"]["uniform"]["1"]["init_sha256"]
+    # the data order really follows the seed: the checkpointed sampler state of seed 0 is the
+    # same for uniform and natural's first draw only if the seed drives it; check the trainer
+    # config saved with each run instead
+    from chameleon_ext.checkpoint import load_checkpoint
+
+    for rec in (out / "records").glob("base-*.json"):
+        r = json.loads(rec.read_text())
+        ck = load_checkpoint(str(out / "runs" / r["key"] / "ckpt.pt"))
+        assert ck["train_config"]["seed"] == r["seed"]
+
+
+def test_honesty_table_states_seeds_and_interval(compared):
+    _, _, out, _ = compared
+    md = (out / "compare.md").read_text()
+    assert "n = 2 seeds" in md and "95% confidence interval" in md and "test" in md
+
+
+def test_rerun_skips_every_finished_unit(compared, ds):
+    doc, _, out, _ = compared
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
+    doc2, lines = _run(ds, out)
+    assert sum("skipped" in line for line in lines) == 3 + 12  # 3 built mixtures, 12 base runs
+    assert {p: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == stamps
+    assert doc2["stats"] == doc["stats"]
+    # a lost record: only that unit runs again (from its finished checkpoint), same result
+    lost = next((out / "records").glob("base-natural-*seed1.json"))
+    lost.unlink()
+    doc3, lines = _run(ds, out)
+    assert sum("skipped" in line for line in lines) == 3 + 11
+    assert doc3["runs"]["natural"]["1"]["test"] == doc["runs"]["natural"]["1"]["test"]
+
+
+def test_rerun_with_other_settings_is_refused(compared, ds):
+    _, _, out, _ = compared
+    with pytest.raises(ChameleonUserError, match="other settings"):
+        _run(ds, out, steps=4)
+
+
+def test_new_domains_scenario(compared, ds, monkeypatch):
+    _, _, out, _ = compared
+    # embedding windows: block_size tokens of the training split (training rows are one longer;
+    # 4 windows per domain make one embedding batch)
+    embedded = []
+    orig = type(ds).windows_at
+
+    def windows_at(self, name, starts, length, split="train"):
+        if split == "train" and length == TINY["block_size"]:
+            embedded.append(name)
+        return orig(self, name, starts, length, split)
+
+    monkeypatch.setattr(type(ds), "windows_at", windows_at)
+    doc, lines = _run(ds, out, scenario="new_domains", new_domains=["dna"])
+    monkeypatch.undo()
+    # the old domains are embedded once (with the proxy that never saw dna); the transfer step
+    # embeds dna alone, the old domains' embeddings coming from the cache
+    assert embedded == ["alpha", "digits", "dna"]
+    # base runs of uniform/natural/doremi/regmix/online are shared with the pretraining table
+    assert sum("base run" in line and "skipped" in line for line in lines) == 10
+    absorb = doc["absorb_new_domains"]
+    cham = absorb["chameleon"]["entries"]
+    assert len(cham) == 1 and cham[0]["kind"] == "forward" and cham[0]["tokens"] == 1 * 4 * 16
+    assert absorb["doremi"]["summary"]["doremi"]["flops"] == doc["compute"]["summary"]["doremi"]["flops"]
+    assert absorb["uniform"]["entries"] == []
+    # Chameleon's proxy saw only the old domains
+    from chameleon_ext.checkpoint import load_checkpoint
+
+    proxy = doc["mixtures"]["chameleon"]["info"]["proxy"]
+    ck = load_checkpoint(os.path.join(os.path.dirname(proxy), "ckpt.pt"))
+    assert ck["domains"] == ["alpha", "digits"]
+    assert (out / "compare-new-domains.md").exists()
+
+
+def test_bad_options(ds, tmp_path):
+    with pytest.raises(ChameleonUserError, match="mixtures"):
+        CompareConfig(mixtures=["uniform", "nope"])
+    with pytest.raises(ChameleonUserError, match="new_domains"):
+        CompareConfig(scenario="new_domains")
+    with pytest.raises(ChameleonUserError, match="new-domains"):
+        _run(ds, tmp_path / "x", scenario="new_domains", new_domains=["nope"])
+    no_test = load_dataset(ds.path, val_fraction=0.1)
+    with pytest.raises(ChameleonUserError, match="no test split"):
+        _run(no_test, tmp_path / "y")
+
+
+def test_cli_compare(text_root, tmp_path):
+    from chameleon_ext.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["compare", "--data", text_root, "--mixtures", "uniform,natural", "--seeds", "2", "--steps", "2",
+               "--block-size", "16", "--batch-size", "4", "--eval-windows", "2", "--warmup", "1",
+               "--out", str(out), "--quiet", "--no-plots"])
+    assert rc == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert set(doc["runs"]) == {"uniform", "natural"} and doc["seeds"] == [0, 1]
+    assert main(["compare", "--data", text_root, "--mixtures", "uniform,bogus", "--out", str(out)]) == 2
+
+
+def test_finetune_scenario(compared, ds, text_root):
+    _, _, out, _ = compared
+    doc, lines = _run(ds, out, scenario="finetune", finetune_domains=["digits", "dna"], finetune_steps=2,
+                      mixtures=["uniform", "chameleon", "doremi", "regmix"])
+    assert doc["not_in_scenario"] == ["regmix"] and set(doc["runs"]) == {"uniform", "chameleon", "doremi"}
+    assert doc["pretrain_domains"] == ["alpha"] and doc["domains"] == ["digits", "dna"]
+    for mix in doc["mixtures"].values():
+        assert list(mix["weights"]) == ["digits", "dna"]
+    assert doc["mixtures"]["chameleon"]["info"]["mode"] == "finetune"
+    # every finetune starts from the same weights, whatever the seed
+    assert len({r["init_sha256"] for by in doc["runs"].values() for r in by.values()}) == 1
+    imp = doc["improved"]["chameleon"]
+    diffs = doc["stats"]["mixtures"]["chameleon"]["difference_to_baseline"]
+    assert imp["improved_mean"] == sorted(d for d in ("digits", "dna") if diffs[d]["mean"] < 0)
+    md = (out / "compare-finetune.md").read_text()
+    assert "of 2" in md and "n = 2 seeds" in md
+    # the same finetuning from a given model and data folder (the --finetune-from form)
+    start = doc["start_model"]
+    doc2, lines = _run(ds, out, scenario="finetune", finetune_from=start, finetune_data=text_root,
+                       finetune_domains=["digits", "dna"], finetune_steps=2, mixtures=["uniform", "chameleon"])
+    assert doc2["runs"]["chameleon"] == doc["runs"]["chameleon"]  # the same units, skipped
+    assert all("skipped" in line for line in lines if "finetune run" in line)
