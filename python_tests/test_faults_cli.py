@@ -192,10 +192,20 @@ def test_a_kill_before_the_first_file_leaves_the_old_set_whole(tmp_path, emb_fil
                            "--no-plots", "--quiet"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO, "CHAMELEON_FAULT": "write:manifest.json:replace=kill"})
     assert proc.returncode == -signal.SIGKILL
-    after = {name: (out / name).read_bytes() for name in os.listdir(out) if "chameleon-tmp" not in name}
+    # The killed run leaves its lock on --out (with its pid) and no temp file that counts.
+    lock = out / ".chameleon.lock"
+    dead_pid = int(lock.read_text().split()[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead_pid, 0)
+    after = {name: (out / name).read_bytes() for name in os.listdir(out)
+             if "chameleon-tmp" not in name and name != lock.name}
     assert after == before  # entirely old
     code, _, err = _run(["export", "--weights", out / "weights.json", "--out", tmp_path / "x"], capsys)
     assert code == 0, err
+    # The next run on that folder takes the dead run's lock over and writes a whole new set.
+    code, out_text, err = _run(["weights", "--embeddings", other, "--out", out, "--no-plots", "--quiet"], capsys)
+    assert code == 0, err
+    assert not lock.exists() and "stale lock" in out_text + err
 
 
 def test_a_file_rewritten_by_another_run_is_refused(tmp_path, emb_file, capsys):
