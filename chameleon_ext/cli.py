@@ -170,8 +170,9 @@ def _check_outputs(args) -> None:
     if getattr(args, "out", None) is not None:
         io.check_writable_folder(args.out, "--out")
         # Two runs writing one --out would interleave their files: the second stops here.
-        # Rank 0 alone holds the lock (every rank of a torchrun job writes the same folder).
-        if int(os.environ.get("RANK", "0") or "0") == 0:
+        # Rank 0 alone holds the lock (every rank of a torchrun job writes the same folder);
+        # train and train-proxy are locked by the trainer itself (chameleon_ext.trainer).
+        if int(os.environ.get("RANK", "0") or "0") == 0 and args.command not in ("train", "train-proxy"):
             _LOCKS.append(io.FolderLock(args.out, "--out", on_stale=_say).acquire())
     if getattr(args, "embed_cache", None):
         io.check_writable_folder(args.embed_cache, "--embed-cache")

@@ -336,10 +336,7 @@ class FolderLock:
     process is dead on this host is stale and taken over (with a notice through ``on_stale``);
     a live one, or one from another host, is an error naming the holder. Released on exit
     (``with FolderLock(...)`` or :meth:`release`).
-
-    Re-entrant within one process: a second lock on a folder this process already holds (the
-    CLI locks ``--out``, then the trainer locks the same folder) succeeds and leaves the lock
-    to its first holder. Only rank 0 of a distributed run should take it.
+    Only rank 0 of a distributed run should take it.
     """
 
     NAME = ".chameleon.lock"
@@ -359,8 +356,6 @@ class FolderLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder == (socket.gethostname(), os.getpid()):
-                    return self  # this process holds it already; its first holder releases it
                 if holder is None or not self._stale(holder):
                     who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
                     raise ChameleonUserError(

@@ -213,7 +213,25 @@ def test_a_damaged_window_file_is_recomputed(work, first_run, capsys):
     with pytest.warns(UserWarning, match="damaged"):
         _ok(_weights(work, "d", "--bootstrap", B, cache="bad_cache"), capsys)
     d = _json(work / "d" / "weights.json")
-    assert d["embedding"]["embedded_now"] == [entry["domain"]] and d["bootstrap"] == doc["bootstrap"]
+    assert d["embedding"]["embedded_now"] == [entry["domain"]]
+    # Re-embedding one domain alone batches its windows differently from the first run, so the
+    # forward pass may round differently in the last bits: equal up to that, not bit for bit.
+    _assert_close_tree(d["bootstrap"], doc["bootstrap"], tol=1e-7)
+
+
+def _assert_close_tree(a, b, tol, path="bootstrap"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for key in a:
+            _assert_close_tree(a[key], b[key], tol, f"{path}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close_tree(x, y, tol, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= tol * max(1.0, abs(b)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
 
 
 # --------------------------------------------------------------------------- chameleon sweep
