@@ -742,24 +742,12 @@ def _check_length(length) -> int:
     return int(length)
 
 
-class SplitTokens:
-    """One split of a token stream: the blocks ``[starts[j], starts[j] + lengths[j])`` of
-    ``base``, concatenated in stream order, read without copying the stream.
-
-    Behaves like a read-only 1-D array for what the dataset layer needs: ``shape``, ``dtype``,
-    ``len()``, integer and contiguous-slice indexing (a slice returns a new array), and
-    ``np.asarray(split)`` (the whole split, copied).
-    """
+class _TokenView:
+    """A read-only 1-D token array over some storage: ``shape``, ``dtype``, ``len()``, integer
+    and contiguous-slice indexing (a slice returns a new array) and ``np.asarray(view)``, all
+    through the subclass's ``_read(lo, hi)``."""
 
     ndim = 1
-
-    def __init__(self, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-        self.base = base
-        self.starts = np.asarray(starts, dtype=np.int64)  # [m] in stream coordinates
-        self.lengths = np.asarray(lengths, dtype=np.int64)  # [m]
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # [m + 1] in split coordinates
-        self.shape = (int(self.offsets[-1]),)
-        self.dtype = base.dtype
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -775,8 +763,33 @@ class SplitTokens:
         if i < 0:
             i += n
         if not 0 <= i < n:
-            raise IndexError(f"index {key} is out of bounds for a split of {n} tokens")
+            raise IndexError(f"index {key} is out of bounds for {n} tokens")
         return self._read(i, i + 1)[0]
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self._read(0, self.shape[0])
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class SplitTokens(_TokenView):
+    """One split of a token stream: the blocks ``[starts[j], starts[j] + lengths[j])`` of
+    ``base``, concatenated in stream order, read without copying the stream.
+
+    Behaves like a read-only 1-D array for what the dataset layer needs: ``shape``, ``dtype``,
+    ``len()``, integer and contiguous-slice indexing (a slice returns a new array), and
+    ``np.asarray(split)`` (the whole split, copied).
+    """
+
+    def __init__(self, base: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.base = base
+        self.starts = np.asarray(starts, dtype=np.int64)  # [m] in stream coordinates
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [m]
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # [m + 1] in split coordinates
+        self.shape = (int(self.offsets[-1]),)
+        self.dtype = base.dtype
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
         out = np.empty(hi - lo, dtype=self.dtype)
@@ -790,15 +803,11 @@ class SplitTokens:
             j += 1
         return out
 
-    def __array__(self, dtype=None, copy=None):
-        arr = self._read(0, self.shape[0])
-        return arr if dtype is None else arr.astype(dtype, copy=False)
-
     def __repr__(self) -> str:
         return f"SplitTokens({self.shape[0]} tokens in {len(self.starts)} runs of a {self.base.shape[0]}-token stream)"
 
 
-class SourceTokens:
+class SourceTokens(_TokenView):
     """A pre-tokenised token stream read through its source (``pread`` of the ranges asked
     for) instead of a memory map, so the process's memory does not grow with the file.
 
@@ -807,36 +816,18 @@ class SourceTokens:
     bins and int64 for Megatron (whose ids are checked whole and non-negative on read).
     """
 
-    ndim = 1
-
     def __init__(self, source, dtype):
         self.source = source
         self.shape = (int(source.n_tokens),)
         self.dtype = np.dtype(dtype)
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        n = self.shape[0]
-        if isinstance(key, slice):
-            lo, hi, step = key.indices(n)
-            if step != 1:
-                return np.asarray(self)[key]
-            return self.source.read(lo, max(lo, hi) - lo).astype(self.dtype, copy=False)
-        i = int(key)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {key} is out of bounds for a stream of {n} tokens")
-        return self.source.read(i, 1).astype(self.dtype)[0]
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[0:self.shape[0]]
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        return self.source.read(lo, hi - lo).astype(self.dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"SourceTokens({self.shape[0]} tokens of {self.source.path!r})"
+
+
 def _evenly(n: int, f: float) -> np.ndarray:
     """``[n]`` bool: which of ``n`` slots are picked when ``f`` of them are, evenly spread
     (slot ``i`` is picked when ``round(i f)`` steps up at ``i + 1``)."""
