@@ -143,3 +143,35 @@ def spawn_workers(fn, world: int, *args) -> None:
         except Exception as exc:  # noqa: BLE001
             if "address already in use" not in str(exc).lower() or attempt == 2:
                 raise
+
+
+def run_cli(argv, capsys):
+    """``chameleon_ext.cli.main(argv)`` in-process -> ``(exit status, stdout, stderr)``; an
+    argparse exit (``--help``, a bad option) counts as the status it exits with."""
+    from chameleon_ext.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ok_cli(argv, capsys) -> str:
+    """:func:`run_cli` that must succeed; returns stdout."""
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, f"{argv[0]} failed with {code}: {err}"
+    return out
+
+
+def perturb_vectors_(model, seed: int):
+    """Add noise to every 1-D parameter (biases, LayerNorm gains) in place, so a freshly
+    initialised model's hidden states are O(1) and differ between domains and layers (a fresh
+    init is nearly constant). Returns the model in eval mode."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()

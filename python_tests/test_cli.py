@@ -22,6 +22,7 @@ from chameleon_ext.exports import parse_megatron_blend, parse_mixture_yaml
 from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
 
 from .factories import write_text_domains as _write_domains
+from .factories import ok_cli as _ok, run_cli as _run
 
 DOMAINS = ["alpha", "digits", "dna"]
 COMMON = ["--device", "cpu", "--quiet"]
@@ -31,17 +32,6 @@ TRAIN = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--warmu
 COMMANDS = ["run", "train-proxy", "embed", "weights", "train", "eval", "export", "export-model"]
 
 
-def _run(argv, capsys):
-    """``main(argv)`` -> (exit status, stdout, stderr)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _ok(argv, capsys):
-    code, out, err = _run(argv, capsys)
-    assert code == 0, f"{argv[0]} failed with {code}: {err}"
-    return out
 
 
 def _read_json(path):

@@ -14,18 +14,13 @@ import pytest
 import torch
 import yaml
 
-from chameleon_ext.cli import main
 from chameleon_ext.model import GPT, GPTConfig, save_model
 
 from .factories import write_text_domains
+from .factories import run_cli as _run
 
 COMMON = ["--device", "cpu", "--quiet"]
 
-
-def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

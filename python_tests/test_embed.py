@@ -17,6 +17,8 @@ from chameleon_ext.embed import EmbedConfig, embed_domains, load_domain_embeddin
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.model import GPT, GPTConfig
 
+from .factories import perturb_vectors_
+
 from .reference_pipeline import all_hidden_states, reference_embeddings, retokenise
 
 BLOCK = 32
@@ -70,12 +72,7 @@ def _model(n_layer=2, seed=0, block=BLOCK):
     and differ clearly between layers and domains (a fresh GPT-2 init is nearly constant)."""
     cfg = GPTConfig.preset("tiny", 257, block, n_layer=n_layer)
     model = GPT(cfg, seed=seed)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb_vectors_(model, seed)
 
 
 @pytest.fixture(scope="module")

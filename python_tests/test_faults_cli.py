@@ -25,16 +25,12 @@ from chameleon_ext.manifest import MANIFEST_NAME
 from chameleon_ext.model import GPT, GPTConfig, save_model
 
 from .factories import write_text_domains
+from .factories import run_cli as _run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--device", "cpu", "--quiet"]
 DOMAINS = ["alpha", "digits", "dna"]
 
-
-def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(argv, capsys, *needles):

@@ -29,6 +29,8 @@ from chameleon_ext.errors import ChameleonUserError  # noqa: E402
 from chameleon_ext.model import GPT, GPTConfig, save_model  # noqa: E402
 from chameleon_ext.pipeline import load_proxy, load_proxy_and_tokenizer, weights_from_embeddings  # noqa: E402
 
+from .factories import perturb_vectors_  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"
 TEXTS = {
@@ -73,12 +75,7 @@ def _gpt2(vocab, n_layer=N_LAYER, seed=0):
     cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=n_layer, n_head=2,
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb_vectors_(model, seed)
 
 
 @pytest.fixture(scope="module")

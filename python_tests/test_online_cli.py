@@ -24,6 +24,7 @@ from chameleon_ext.online import OnlineChameleon
 from chameleon_ext.schedule import load_schedule, write_schedule
 
 from .factories import TEXT_DOMAINS, write_text_domains
+from .factories import run_cli as _run
 from .test_online_training import USER_SCHEDULE
 
 STEPS = 12
@@ -36,11 +37,6 @@ def _train_args(data, out):
             "--batch-size", "4", "--warmup", "1", "--ckpt-every", "2", "--eval-windows", "2", "--steps", str(STEPS),
             "--device", "cpu", "--quiet"]
 
-
-def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _killed_at(step, argv):

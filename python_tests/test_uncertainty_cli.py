@@ -22,6 +22,7 @@ from chameleon_ext.model import load_model
 from chameleon_ext.weights import weights_from_embeddings
 
 from .factories import TEXT_DOMAINS, write_text_domains
+from .factories import ok_cli as _ok, run_cli as _run
 
 COMMON = ["--device", "cpu", "--quiet"]
 N_WINDOWS, WINDOW = 12, 32
@@ -31,20 +32,6 @@ TRAIN = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--warmu
 B = 200
 
 
-def _run(argv, capsys):
-    """``main(argv)`` -> (exit status, stdout, stderr); argparse's own errors exit too."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _ok(argv, capsys):
-    code, out, err = _run(argv, capsys)
-    assert code == 0, f"{argv[0]} failed with {code}: {err}"
-    return out
 
 
 def _json(path):
