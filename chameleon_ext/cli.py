@@ -659,7 +659,8 @@ def cmd_compare(args) -> int:
     # --finetune-data replaces --data: the finetuning domains are the whole dataset then
     path = args.finetune_data or (builtin_dataset_path() if args.data == BUILTIN else args.data)
     ds = load_dataset(path, tokenizer=args.tokenizer or "byte", cache_dir=args.cache_dir,
-                      val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+                      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                      text_field=args.text_field)
     command = ("chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
                if "compare" in sys.argv[1:2] else None)
     say = (lambda *a: None) if args.quiet else _say

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import chameleon_ext.data.dataset as dataset_mod
+import chameleon_ext.data.sources.lines as lines_mod
+import chameleon_ext.data.splits as splits_mod
+import chameleon_ext.data.token_cache as cache_mod
 from chameleon_ext.data import (
     BUILTIN_DOMAINS,
     ByteTokenizer,
@@ -111,12 +114,9 @@ def test_load_tokenizer_specs(tmp_path):
         load_tokenizer(123)
 
 
-def test_hf_tokenizer_without_transformers(tmp_path):
-    try:
-        import transformers  # noqa: F401
-        pytest.skip("transformers is installed")
-    except ImportError:
-        pass
+def test_hf_tokenizer_without_transformers(tmp_path, monkeypatch):
+    # transformers hidden (a None entry makes its import fail), whether or not it is installed
+    monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ChameleonUserError, match="transformers"):
         HFTokenizer(str(tmp_path))
 
@@ -197,12 +197,12 @@ def test_every_part_of_the_stream_is_in_both_splits(tmp_path, n, f):
 
 def test_split_block_size_for_large_streams():
     for n in (10**7, 10**9, 3 * 10**10 + 7):
-        block, held = dataset_mod.split_blocks(n, 0.1)
+        block, held = splits_mod.split_parts(n, 0.1)
         assert block == max(4096, -(-n // 1024)) and held.shape[0] == -(-n // block) <= 1024
         assert held.sum() == round(held.shape[0] * 0.1)
         gaps = np.diff(np.flatnonzero(held))
         assert gaps.min() == gaps.max() == 10  # evenly spread
-    assert not dataset_mod.split_blocks(1000, 0.0)[1].any()
+    assert not splits_mod.split_parts(1000, 0.0)[1].any()
 
 
 def test_windows(mixed):
@@ -239,8 +239,8 @@ def test_cache_reuse_and_fingerprints(mixed, monkeypatch, tmp_path):
         raise AssertionError("re-tokenised or re-hashed an unchanged domain")
 
     with monkeypatch.context() as m:
-        m.setattr(dataset_mod, "_tokenise_domain", boom)
-        m.setattr(dataset_mod, "_content_fingerprint", boom)
+        m.setattr(cache_mod, "tokenise_domain", boom)
+        m.setattr(cache_mod, "content_fingerprint", boom)
         ds2 = load_dataset(mixed, cache_dir=cache)
         assert {d: ds2.fingerprint(d) for d in ds2.domains} == fps
         assert np.array_equal(ds2.train_tokens("prose"), ds1.train_tokens("prose"))
@@ -250,19 +250,19 @@ def test_cache_reuse_and_fingerprints(mixed, monkeypatch, tmp_path):
     st_ = os.stat(p)
     os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10_000_000_000))
     with monkeypatch.context() as m:
-        m.setattr(dataset_mod, "_tokenise_domain", boom)
+        m.setattr(cache_mod, "tokenise_domain", boom)
         assert load_dataset(mixed, cache_dir=cache).fingerprint("prose") == fps["prose"]
 
     # changing a file changes only that domain's fingerprint, and only it is re-tokenised
     calls = []
-    real = dataset_mod._tokenise_domain
+    real = cache_mod.tokenise_domain
 
     def spy(name, *a, **k):
         calls.append(name)
         return real(name, *a, **k)
 
     _write(str(mixed / "jsonl" / "part.jsonl"), json.dumps({"text": "changed"}) + "\n")
-    monkeypatch.setattr(dataset_mod, "_tokenise_domain", spy)
+    monkeypatch.setattr(cache_mod, "tokenise_domain", spy)
     ds3 = load_dataset(mixed, cache_dir=cache)
     assert calls == ["jsonl"]
     new = {d: ds3.fingerprint(d) for d in ds3.domains}
@@ -299,7 +299,7 @@ def test_fingerprint_is_content_based(tmp_path):
 
 
 def test_large_file_streams_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", 64)  # force many chunks
+    monkeypatch.setattr(lines_mod, "CHUNK_CHARS", 64)  # force many chunks
     text = "".join(f"line {i} with some words\n" for i in range(200))
     _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
     ds = load_dataset(tmp_path / "d", val_fraction=0)
@@ -359,7 +359,7 @@ def test_uint32_token_cache_hashes_and_max(tmp_path, monkeypatch):
         def encode_array(self, text):
             return super().encode_array(text).astype(np.int64) + 65536
 
-    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)  # several blocks
+    monkeypatch.setattr(cache_mod, "_HASH_BLOCK", 64)  # several blocks
     _write(str(tmp_path / "d" / "dom" / "a.txt"), "wide ids\n" * 30)
     ds = load_dataset(tmp_path / "d", tokenizer=Wide(), val_fraction=0)
     ref = np.asarray(list(("wide ids\n" * 30).encode()), dtype=np.int64) + 65536
@@ -377,8 +377,8 @@ def test_uint32_token_cache_hashes_and_max(tmp_path, monkeypatch):
 def tiny_blocks(monkeypatch):
     """Blocks of 64 bytes and no random samples: only the first and last block are checked on
     load, so damage in the middle passes the cheap check (as it may in a large file)."""
-    monkeypatch.setattr(dataset_mod, "_HASH_BLOCK", 64)
-    monkeypatch.setattr(dataset_mod, "_SAMPLE_BLOCKS", 0)
+    monkeypatch.setattr(cache_mod, "_HASH_BLOCK", 64)
+    monkeypatch.setattr(cache_mod, "_SAMPLE_BLOCKS", 0)
 
 
 def _poke(tpath, index, value):
@@ -525,8 +525,8 @@ def test_fingerprint_is_cheap_and_stable(tmp_path, monkeypatch):
     ds = load_dataset(tmp_path / "d")
     fps = {n: ds.fingerprint(n) for n in ds.domains}
     calls = []
-    real = dataset_mod._content_fingerprint
-    monkeypatch.setattr(dataset_mod, "_content_fingerprint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = cache_mod.content_fingerprint
+    monkeypatch.setattr(cache_mod, "content_fingerprint", lambda *a, **k: calls.append(a) or real(*a, **k))
     again = load_dataset(tmp_path / "d")
     assert {n: again.fingerprint(n) for n in again.domains} == fps
     assert {n: again.fingerprint(n) for n in again.domains} == fps
@@ -552,10 +552,10 @@ def test_jsonl_lone_surrogate_is_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("text", ["x" * 1000, ("word " * 300), "ab\ncd " * 150 + "e" * 700])
 def test_chunks_without_newlines_are_exact_and_bounded(tmp_path, monkeypatch, text):
-    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", 64)
+    monkeypatch.setattr(lines_mod, "CHUNK_CHARS", 64)
     chunks = []
-    real = dataset_mod._encode
-    monkeypatch.setattr(dataset_mod, "_encode", lambda tok, c: chunks.append(len(c)) or real(tok, c))
+    real = cache_mod.encode
+    monkeypatch.setattr(cache_mod, "encode", lambda tok, c, **k: chunks.append(len(c)) or real(tok, c, **k))
     _write(str(tmp_path / "d" / "dom" / "big.txt"), text)
     ds = load_dataset(tmp_path / "d", val_fraction=0)
     assert np.array_equal(ds.train_tokens("dom"), _encode_docs(text))
@@ -771,3 +771,46 @@ def test_builtin_dataset_path_is_idempotent(tmp_path):
     assert os.stat(os.path.join(p1, ".complete")).st_mtime_ns == marker_mtime
     assert [e for e in os.listdir(tmp_path) if e.startswith(".")] == []  # no temp leftovers
     assert load_dataset(p1).domains == sorted(BUILTIN_DOMAINS)
+
+
+# -- views and the command line ----------------------------------------------------------------
+
+
+def test_view_hides_the_test_split_and_other_domains(tmp_path):
+    _write(str(tmp_path / "d" / "a" / "x.txt"), "alpha " * 4000)
+    _write(str(tmp_path / "d" / "b" / "x.txt"), "beta " * 4000)
+    ds = load_dataset(tmp_path / "d", val_fraction=0.1, test_fraction=0.1)
+    view = ds.view(["a"])
+    assert view.domains == ["a"] and ds.n_tokens("a", "test") > 0
+    rng = np.random.default_rng(0)
+    for read in (lambda: view.tokens("a", "test"), lambda: view.test_tokens("a"),
+                 lambda: view.n_tokens("a", "test"), lambda: view.draw_windows("a", 1, 8, rng, "test"),
+                 lambda: view.sample_windows("a", 1, 8, rng, split="test"),
+                 lambda: view.windows_at("a", [0], 8, "test"), lambda: view.check_window(8, "test")):
+        _expect_error("test split is held out", read)
+    _expect_error("not in this view", lambda: view.tokens("b"))
+    # what the view lets through is the dataset's own data
+    assert np.array_equal(np.asarray(view.tokens("a", "val")), np.asarray(ds.val_tokens("a")))
+    assert np.array_equal(view.windows_at("a", [3, 9], 5), ds.windows_at("a", [3, 9], 5))
+    scored = ds.view(hide_test=False)
+    assert scored.domains == ["a", "b"]
+    assert np.array_equal(np.asarray(scored.tokens("b", "test")), np.asarray(ds.test_tokens("b")))
+    _expect_error("not in the dataset", lambda: ds.view(["a", "zzz"]))
+
+
+def test_compare_text_field_reaches_the_dataset(tmp_path, monkeypatch):
+    import chameleon_ext.compare as compare_mod
+    from chameleon_ext.cli import main
+
+    for name, body in (("a", "first domain text "), ("b", "second domain text ")):
+        _write(str(tmp_path / "d" / name / "x.jsonl"), json.dumps({"body": body * 200}) + "\n")
+    seen = {}
+    monkeypatch.setattr(compare_mod, "run_compare", lambda ds, cfg, out, **k: seen.setdefault("ds", ds))
+    args = ["compare", "--data", str(tmp_path / "d"), "--mixtures", "uniform", "--out", str(tmp_path / "out"),
+            "--quiet", "--no-plots", "--val-fraction", "0", "--test-fraction", "0.1"]
+    assert main(args) == 2  # the lines have no "text" field: a one-line error, as before
+    assert "ds" not in seen
+    assert main(args + ["--text-field", "body"]) == 0
+    ds = seen["ds"]
+    whole = np.concatenate([np.asarray(ds.train_tokens("a")), np.asarray(ds.test_tokens("a"))])
+    assert sorted(whole.tolist()) == sorted(_encode_docs("first domain text " * 200))

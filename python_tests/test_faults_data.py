@@ -20,7 +20,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import chameleon_ext.data.dataset as dataset_mod
+import chameleon_ext.data.sources.lines as lines_mod
+import chameleon_ext.data.token_cache as cache_mod
 from chameleon_ext import io
 from chameleon_ext.data import ByteTokenizer, load_dataset
 from chameleon_ext.errors import ChameleonUserError
@@ -162,7 +163,7 @@ def test_full_disk_while_tokenising_keeps_previous_cache(tmp_path, monkeypatch):
     assert np.array_equal(ds.train_tokens("dom"), _reference({**DOCS, "b.txt": "changed text\n"}))
     # the old text comes back: its entry is still there and is used as is
     (root / "dom" / "b.txt").write_text(DOCS["b.txt"], encoding="utf-8")
-    monkeypatch.setattr(dataset_mod, "_tokenise_domain", lambda *a, **k: pytest.fail("re-tokenised"))
+    monkeypatch.setattr(cache_mod, "tokenise_domain", lambda *a, **k: pytest.fail("re-tokenised"))
     assert np.array_equal(load_dataset(root, val_fraction=0).train_tokens("dom"), _reference(DOCS))
 
 
@@ -249,7 +250,7 @@ def test_read_only_data_folder_real(tmp_path):
 
 def test_file_without_newline_streams_in_bounded_memory(tmp_path, monkeypatch):
     chunk = 1 << 20
-    monkeypatch.setattr(dataset_mod, "_CHUNK_CHARS", chunk)
+    monkeypatch.setattr(lines_mod, "CHUNK_CHARS", chunk)
     n = 24 << 20  # 24 MB, one line, few spaces
     pattern = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ!", np.uint8)
     data = np.resize(pattern, n)

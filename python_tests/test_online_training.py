@@ -7,28 +7,22 @@ under two processes, test_online_cli.py through the command line with real kills
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
 import torch
 
+from chameleon_ext import callbacks
+from chameleon_ext import online as online_mod
+from chameleon_ext.data import load_dataset
+from chameleon_ext.errors import ChameleonUserError
+from chameleon_ext.model import GPT, GPTConfig
+from chameleon_ext.online import OnlineChameleon
+from chameleon_ext.schedule import load_schedule
+from chameleon_ext.schedule_weights import ScheduleWeights
 from chameleon_ext.trainer import TrainConfig, train
 
-if "callbacks" not in inspect.signature(train).parameters:
-    # (checked on train itself: an editable install elsewhere can make the module importable)
-    pytest.skip("the trainer's callback interface is not here", allow_module_level=True)
-
-from chameleon_ext import callbacks  # noqa: E402
-from chameleon_ext.data import load_dataset  # noqa: E402
-from chameleon_ext.model import GPT, GPTConfig  # noqa: E402
-from chameleon_ext import online as online_mod  # noqa: E402
-from chameleon_ext.online import OnlineChameleon  # noqa: E402
-from chameleon_ext.errors import ChameleonUserError  # noqa: E402
-from chameleon_ext.schedule import load_schedule  # noqa: E402
-from chameleon_ext.schedule_weights import ScheduleWeights  # noqa: E402
-
-from .factories import TEXT_DOMAINS, write_text_domains  # noqa: E402
+from .factories import TEXT_DOMAINS, write_text_domains
 
 STEPS = 12
 

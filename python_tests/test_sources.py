@@ -397,10 +397,16 @@ def test_plain_text_long_lines_are_cut_on_the_grid(tmp_path):
     assert src.last_stats.unit_bytes <= 40 * 2 * (1 << 20)  # at most two grid pieces per draw
     # a multi-byte character split by a cut is dropped, other bytes kept; real errors still raise
     piece = "é中😀x".encode()
-    assert sources._decode_cut(piece[1:-1]) == "中😀"
-    assert sources._decode_cut(piece[:-2]) == "é中"  # 😀 lost its last byte to the cut
+    assert sources._decode_cut(piece[1:-1], True, True) == "中😀"
+    assert sources._decode_cut(piece[:-2], True, True) == "é中"  # 😀 lost its last byte to the cut
     with pytest.raises(UnicodeDecodeError):
-        sources._decode_cut(b"ab\xffcdefgh")
+        sources._decode_cut(b"ab\xffcdefgh", True, True)
+    # only a real cut drops bytes: a file's own start and end are not cuts, and an invalid byte
+    # near a cut is not a split character either
+    for bad, head, tail in ((piece[1:], False, True), (piece[:-2], True, False), (b"ab\xff", True, True),
+                            (b"ab\xe9 x", True, True)):
+        with pytest.raises(UnicodeDecodeError):
+            sources._decode_cut(bad, head, tail)
 
 
 def test_text_field_option_and_hf_dataset_dict(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from chameleon_ext.data import dataset as dataset_mod
+from chameleon_ext.data import token_cache as cache_mod
 from chameleon_ext.data import load_dataset, sampler as sampler_mod
 from chameleon_ext.data.dataset import SourceTokens
 from chameleon_ext.data.sampler import WeightedDomainSampler
@@ -68,7 +69,7 @@ def test_new_formats_cache_key_follows_file_identity_and_text_field(tmp_path, mo
         load_dataset(data)  # no "text" column: one line naming the file
     ds = load_dataset(data, text_field="body", val_fraction=0.0)
     np.testing.assert_array_equal(np.asarray(ds.train_tokens(name)).astype(np.int64), reference_stream(order))
-    monkeypatch.setattr(dataset_mod, "_tokenise_domain", lambda *a, **k: pytest.fail("re-tokenised"))
+    monkeypatch.setattr(cache_mod, "tokenise_domain", lambda *a, **k: pytest.fail("re-tokenised"))
     assert load_dataset(data, text_field="body", val_fraction=0.0).fingerprint(name) == ds.fingerprint(name)
     monkeypatch.undo()
     f = sorted((data / name).iterdir())[0]

@@ -8,11 +8,13 @@
 
 from .builtin import BUILTIN_DOMAINS, builtin_dataset_path, write_builtin_dataset
 from .dataset import MixtureDataset, load_dataset
+from .view import DatasetView
 from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "BUILTIN_DOMAINS",
     "ByteTokenizer",
+    "DatasetView",
     "HFTokenizer",
     "MixtureDataset",
     "builtin_dataset_path",

@@ -78,16 +78,17 @@ content (and leaves out path and mtime, so copies agree).
 
 from __future__ import annotations
 
-import json
 import os
-from typing import List
+from typing import List, Optional
 
 from ...errors import ChameleonUserError
+from ..layout import list_files
 from .columnar import ArrowSource, ParquetSource
-from .common import file_fingerprint
+from .common import combine_fingerprints, file_fingerprint
 from .lines import JsonlSource, PlainTextSource
 from .text import SampleStats, TextSource, TextSources
-from .tokens import _NANOGPT_DTYPES, MEGATRON_DTYPES, MegatronSource, NanoGPTBinSource, TokenSource, TokenSources
+from .tokens import (MEGATRON_DTYPES, NANOGPT_FILES, MegatronSource, NanoGPTBinSource, TokenSource, TokenSources,
+                     read_nanogpt_meta)
 
 
 __all__ = [
@@ -104,26 +105,15 @@ __all__ = [
     "SampleStats",
     "detect_sources",
     "file_fingerprint",
+    "combine_fingerprints",
     "MEGATRON_DTYPES",
+    "read_nanogpt_meta",
 ]
 _RAW_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow", ".txt", ".text")
 
 
-def _walk(domain_dir: str) -> List[str]:
-    out = []
-
-    def onerror(exc):
-        raise ChameleonUserError(f"cannot read folder {exc.filename!r}: {exc.strerror or exc}")
-
-    for root, dirs, files in os.walk(domain_dir, onerror=onerror, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if not f.startswith("."):
-                out.append(os.path.join(root, f))
-    return sorted(out)
-
-
-def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blocks: int = 8):
+def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blocks: int = 8,
+                   files: Optional[List[str]] = None):
     """The sources of one domain folder: a :class:`TokenSources` or a :class:`TextSources`.
 
     Pre-tokenised: Megatron ``.bin``/``.idx`` pairs, or nanoGPT ``train.bin`` (+ ``val.bin``) with
@@ -131,6 +121,8 @@ def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blo
     files (``.jsonl*``, ``.parquet``, ``.arrow``, ``.txt``) make it an error. Raw text: every
     other non-hidden file, by suffix (package docstring); ``save_to_disk`` folders are recognised
     by their ``state.json`` (or ``dataset_dict.json``). Hidden files and folders are skipped.
+    ``files``: the domain's files (absolute paths) when the caller listed them already; by
+    default they are listed by the dataset layout's rules (:func:`~..layout.list_files`).
 
     Raises:
         ChameleonUserError: missing or empty folder, a domain mixing pre-tokenised and raw
@@ -141,7 +133,9 @@ def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blo
         raise ChameleonUserError(f"domain folder {domain_dir!r} does not exist or is not a folder")
     if not isinstance(text_field, str) or not text_field:
         raise ChameleonUserError(f"text_field: expected a non-empty column/field name, got {text_field!r}")
-    files = _walk(domain_dir)
+    if files is None:
+        files = [full for _, full in list_files(os.path.basename(domain_dir), domain_dir)]
+    files = sorted(os.path.abspath(f) for f in files)
     # save_to_disk folders: their files belong to one ArrowSource
     hf_dirs = sorted({os.path.dirname(f) for f in files
                       if os.path.basename(f) in ("state.json", "dataset_dict.json")})
@@ -192,27 +186,14 @@ def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blo
 
 def _nanogpt(domain_dir: str, bins: List[str], idx) -> TokenSources:
     extra = [b for b in bins if os.path.dirname(b) != domain_dir
-             or os.path.basename(b) not in ("train.bin", "val.bin")]
+             or os.path.basename(b) not in NANOGPT_FILES]
     if extra:
         raise ChameleonUserError(
-            f"domain {domain_dir!r}: nanoGPT data is train.bin (+ val.bin); also found "
+            f"domain {domain_dir!r}: nanoGPT data is train.bin (+ val.bin, test.bin); also found "
             f"{os.path.relpath(extra[0], domain_dir)!r}"
         )
-    meta_path = os.path.join(domain_dir, "meta.json")
-    try:
-        with open(meta_path, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ChameleonUserError(
-            f"domain {domain_dir!r}: train.bin needs a readable meta.json declaring its dtype ({exc})"
-        ) from None
-    dtype = meta.get("dtype") if isinstance(meta, dict) else None
-    if dtype not in _NANOGPT_DTYPES:
-        raise ChameleonUserError(
-            f"{meta_path!r}: dtype must be one of {sorted(_NANOGPT_DTYPES)}, got {dtype!r}"
-        )
-    vocab = meta.get("vocab_size")
+    dtype, vocab = read_nanogpt_meta(domain_dir, f"domain {domain_dir!r}")
     val_path = os.path.join(domain_dir, "val.bin")
-    val = NanoGPTBinSource(val_path, _NANOGPT_DTYPES[dtype]) if os.path.isfile(val_path) else None
-    return TokenSources([NanoGPTBinSource(os.path.join(domain_dir, "train.bin"), _NANOGPT_DTYPES[dtype])],
-                        val=val, vocab_size=int(vocab) if isinstance(vocab, int) else None, path=domain_dir)
+    val = NanoGPTBinSource(val_path, dtype) if os.path.isfile(val_path) else None
+    return TokenSources([NanoGPTBinSource(os.path.join(domain_dir, "train.bin"), dtype)],
+                        val=val, vocab_size=vocab, path=domain_dir)

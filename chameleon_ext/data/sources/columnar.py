@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from ...errors import ChameleonUserError
-from .text import TextSource, _Block, _encode, _start_at, _Window
+from .text import TextSource, _Block, encode, _start_at, _Window
 
 
 def _string_chunks(column, path: str, text_field: str) -> list:
@@ -69,7 +69,7 @@ class _Rows:
 def _doc_tokens(text: Optional[str], tok, stats) -> np.ndarray:
     if not text:  # null or empty rows are no document (no EOS either)
         return np.zeros(0, np.int64)
-    ids = np.append(_encode(tok, text), np.int64(tok.eos_id))
+    ids = np.append(encode(tok, text), np.int64(tok.eos_id))
     stats.add(len(text.encode("utf-8")), ids.size)
     return ids
 

@@ -47,7 +47,8 @@ def file_fingerprint(path: str, full: bool = False) -> str:
     return h.hexdigest()
 
 
-def _combine(kind: str, parts: Sequence[str]) -> str:
+def combine_fingerprints(kind: str, parts: Sequence[str]) -> str:
+    """One fingerprint of ``kind`` over the fingerprints (or other strings) ``parts``, in order."""
     h = hashlib.sha256(f"{_FINGERPRINT_FORMAT}\0{kind}\0".encode())
     for p in parts:
         h.update(p.encode() + b"\0")

@@ -6,14 +6,15 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
 from ...errors import ChameleonUserError
 from .common import _MIB, _size
-from .text import SampleStats, TextSource, _Block, _encode, _start_at, _Window
+from .text import SampleStats, TextSource, _Block, encode, _start_at, _Window
 
 
 _STREAM_CHUNK = _MIB
@@ -21,20 +22,136 @@ _LOOKBACK = 1 << 16  # bytes read backwards per step when finding the start of a
 _MAX_UNIT = 1 << 20
 
 
-def _decode_cut(data: bytes) -> str:
-    """UTF-8 of a piece cut on the byte grid: a character split by the cut is dropped (at most
-    3 bytes at each end); anything else invalid still raises."""
-    head = 0
-    while head < min(3, len(data)) and 0x80 <= data[head] < 0xC0:
-        head += 1
-    data = data[head:]
-    for tail in range(0, min(4, len(data) + 1)):
+def _decode_cut(data: bytes, head: bool, tail: bool) -> str:
+    """UTF-8 of a piece cut on the byte grid: a character split by a cut (``head``: the piece
+    starts at a cut, ``tail``: it ends at one) is dropped (at most 3 bytes at each end);
+    anything else invalid raises, with its position in ``data``."""
+    skip = 0
+    while head and skip < min(3, len(data)) and 0x80 <= data[skip] < 0xC0:
+        skip += 1
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if tail and exc.reason == "unexpected end of data" and exc.end == len(data) - skip:
+            return data[skip:skip + exc.start].decode("utf-8")
+        raise UnicodeDecodeError("utf-8", data, exc.start + skip, exc.end + skip, exc.reason) from None
+
+
+# Plain text read whole (tokenised into the cache) comes in chunks of this to twice this many
+# characters, cut at a newline or space where possible, so memory stays bounded; each chunk is
+# still part of the same document (no EOS between chunks).
+CHUNK_CHARS = 1 << 22
+_BOM = b"\xef\xbb\xbf"
+# Unpaired UTF-16 surrogates: JSON can spell them ("\ud800") but they are not Unicode text and
+# cannot be encoded as UTF-8, so no tokenizer can take them.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_error(path: str, offset: int, reason: str) -> ChameleonUserError:
+    """The one error for bytes that are not UTF-8, in any text format."""
+    return ChameleonUserError(
+        f"file {path!r} is not valid UTF-8 text near byte {offset} ({reason}); convert it to "
+        "UTF-8 or remove it from the domain folder")
+
+
+def line_error(path: str, offset: int, lineno: Optional[int], what: str) -> ChameleonUserError:
+    """The one error for a bad JSONL line: the file, the line (its number where the reader
+    counted from the start, else its byte offset: a random draw does not count lines) and what
+    is wrong."""
+    where = f"line {lineno}" if lineno is not None else f"line at byte {offset}"
+    return ChameleonUserError(f"file {path!r} {where} {what}")
+
+
+def jsonl_text(line: bytes, path: str, offset: int, text_field: str, lineno: Optional[int] = None) -> str:
+    """The text of one JSONL line (``""`` for a blank line), or the one error for its fault:
+    not UTF-8, not JSON, no string ``text_field``, or a lone surrogate escape in it."""
+    if offset == 0 and line.startswith(_BOM):
+        line = line[len(_BOM):]  # a UTF-8 byte order mark, as some editors write: not part of the JSON
+        offset = len(_BOM)
+    if not line.strip():
+        return ""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise utf8_error(path, offset + exc.start, exc.reason) from None
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError as exc:
+        raise line_error(path, offset, lineno, f"is not valid JSON ({exc.msg})") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise line_error(path, offset, lineno, f"cannot be parsed ({exc})") from None
+    except RecursionError:
+        raise line_error(path, offset, lineno, "is nested too deeply to parse") from None
+    text = obj.get(text_field) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise line_error(path, offset, lineno, f"has no string {text_field!r} field (choose the text "
+                                               "field with text_field / --text-field)")
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise line_error(path, offset, lineno,
+                         f"holds a lone surrogate escape in its text (\\u{ord(bad.group()):04x} at character "
+                         f"{bad.start()}), which is not Unicode text; fix or remove that line")
+    return text
+
+
+def _first_bad_utf8(path: str) -> tuple[int, str]:
+    """Byte offset and reason of the first invalid UTF-8 in ``path`` (for the error message)."""
+    pos, pending = 0, b""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_STREAM_CHUNK), b""):
+            data = pending + block
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if exc.reason != "unexpected end of data" or len(data) - exc.start >= 4:
+                    return pos + exc.start, exc.reason
+                pending, pos = data[exc.start:], pos + exc.start  # a character cut by the block
+                continue
+            pending, pos = b"", pos + len(data)
+    try:
+        pending.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return pos + exc.start, exc.reason
+    return pos, "invalid UTF-8"
+
+
+def text_chunks(path: str) -> Iterator[str]:
+    """A whole UTF-8 text file in bounded chunks (see :func:`bounded_chunks`)."""
+    def blocks():
         try:
-            return data[:len(data) - tail].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if exc.start < len(data) - 4:
-                raise
-    return data.decode("utf-8")  # raises with the real position
+            with open(path, "r", encoding="utf-8", newline="") as f:
+                for block in iter(lambda: f.read(CHUNK_CHARS), ""):
+                    yield block
+        except UnicodeDecodeError:
+            raise utf8_error(path, *_first_bad_utf8(path)) from None
+        except OSError as exc:
+            raise ChameleonUserError(f"cannot read file {path!r}: {exc.strerror or exc}") from exc
+    return bounded_chunks(blocks())
+
+
+def bounded_chunks(blocks: Iterator[str]) -> Iterator[str]:
+    """Re-cut ``blocks`` into chunks of at most ``2 * CHUNK_CHARS`` characters, each cut after
+    a newline where there is one, else after a space, else anywhere (the cut matters only to
+    subword tokenizers, which see fewer split words this way). Memory stays bounded even for a
+    file, or a JSONL document, with no newline at all."""
+    carry = ""
+    for block in blocks:
+        text = carry + block
+        cut = text.rfind("\n") + 1
+        if cut == 0 or len(text) - cut > CHUNK_CHARS:
+            cut = text.rfind(" ") + 1
+            if cut == 0 or len(text) - cut > CHUNK_CHARS:
+                cut = len(text)
+        carry = text[cut:]
+        if cut:
+            yield text[:cut]
+    if carry:
+        yield carry
+
+
+def _document(text: str) -> Iterator[str]:
+    """One JSONL document as bounded pieces (a line is parsed whole, then cut for the tokenizer)."""
+    return bounded_chunks(text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS))
 
 
 class _LineFormat:
@@ -43,34 +160,19 @@ class _LineFormat:
     def __init__(self, path: str, jsonl: bool, text_field: str):
         self.path, self.jsonl, self.text_field = path, jsonl, text_field
 
-    def parse(self, line: bytes, offset: int, cut: bool = False) -> str:
-        if not self.jsonl:
-            try:
-                return _decode_cut(line) if cut else line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ChameleonUserError(
-                    f"file {self.path!r} is not valid UTF-8 text near byte {offset + exc.start} ({exc.reason})"
-                ) from None
-        if not line.strip():
-            return ""
+    def parse(self, line: bytes, offset: int, cut: tuple = (False, False), lineno: Optional[int] = None) -> str:
+        if self.jsonl:
+            return jsonl_text(line, self.path, offset, self.text_field, lineno)
         try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ChameleonUserError(
-                f"file {self.path!r}: the line at byte {offset} is not valid JSON ({exc})"
-            ) from None
-        text = obj.get(self.text_field) if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            raise ChameleonUserError(
-                f"file {self.path!r}: the line at byte {offset} has no string {self.text_field!r} "
-                "field (choose the field with text_field / --text-field)"
-            )
-        return text
+            return _decode_cut(line, *cut)
+        except UnicodeDecodeError as exc:
+            raise utf8_error(self.path, offset + exc.start, exc.reason) from None
 
-    def tokens(self, line: bytes, offset: int, last: bool, tok, stats, cut: bool = False) -> np.ndarray:
+    def tokens(self, line: bytes, offset: int, last: bool, tok, stats, cut: tuple = (False, False),
+               lineno: Optional[int] = None) -> np.ndarray:
         """Tokens of one line; EOS closes a JSONL document and the last line of a text file."""
-        text = self.parse(line, offset, cut)
-        ids = _encode(tok, text) if text else np.zeros(0, np.int64)
+        text = self.parse(line, offset, cut, lineno)
+        ids = encode(tok, text) if text else np.zeros(0, np.int64)
         if (self.jsonl and text) or (not self.jsonl and last):
             ids = np.append(ids, np.int64(tok.eos_id))
         stats.add(len(line), ids.size)
@@ -118,7 +220,8 @@ class _SeekableLines(_Block):
 
     def _tokens(self, unit: bytes, pos: int, tok, stats) -> np.ndarray:
         end = pos + len(unit)
-        cut = not self.fmt.jsonl and (pos % _MAX_UNIT == 0 or end % _MAX_UNIT == 0)
+        # a text line cut by the grid (not by the file's own start or end) may split a character
+        cut = (pos % _MAX_UNIT == 0 and pos > 0, end % _MAX_UNIT == 0 and end < self.weight)
         return self.fmt.tokens(unit, pos, end >= self.weight, tok, stats, cut=cut)
 
     def windows(self, rng, k, window, tok, stats):
@@ -145,26 +248,16 @@ class _SeekableLines(_Block):
         return out
 
     def documents(self):
-        if self.fmt.jsonl:
-            with self._open() as f:
-                pos = 0
-                for line in f:
-                    text = self.fmt.parse(line, pos)
-                    pos += len(line)
-                    if text:
-                        yield iter((text,))
-        else:
-            yield self._pieces()
-
-    def _pieces(self) -> Iterator[str]:
+        if not self.fmt.jsonl:  # one document, read whole in bounded chunks
+            yield text_chunks(self.path)
+            return
         with self._open() as f:
             pos = 0
-            unit = self._unit(f, 0)
-            while unit:
-                yield self.fmt.parse(unit, pos, not self.fmt.jsonl and (pos % _MAX_UNIT == 0
-                                                                         or (pos + len(unit)) % _MAX_UNIT == 0))
-                pos += len(unit)
-                unit = self._unit(f, pos)
+            for lineno, line in enumerate(f, 1):
+                text = self.fmt.parse(line, pos, lineno=lineno)
+                pos += len(line)
+                if text:
+                    yield _document(text)
 
     def head(self, n, tok, stats):
         w = _Window(n)
@@ -220,13 +313,13 @@ class _CompressedLines(_Block):
             raise self._broken(exc) from None
         return total
 
-    def _lines(self, stats) -> Iterator[tuple[int, bytes]]:
+    def _lines(self, stats) -> Iterator[tuple[int, int, bytes]]:
         stream, raw = self._stream()
         pos = 0
         try:
             with raw, stream:
-                for line in stream:
-                    yield pos, line
+                for lineno, line in enumerate(stream, 1):
+                    yield lineno, pos, line
                     pos += len(line)
         except self._errors() as exc:
             raise self._broken(exc) from None
@@ -242,7 +335,7 @@ class _CompressedLines(_Block):
         order = np.argsort(us, kind="stable")
         out = [_Window(window) for _ in range(k)]
         nxt, active = 0, []
-        for pos, line in self._lines(stats):
+        for lineno, pos, line in self._lines(stats):
             end = pos + len(line)
             starting = []
             while nxt < k and us[order[nxt]] < end:
@@ -250,7 +343,7 @@ class _CompressedLines(_Block):
                 nxt += 1
             if not starting and not active:
                 continue
-            toks = self.fmt.tokens(line, pos, end >= total, tok, stats)
+            toks = self.fmt.tokens(line, pos, end >= total, tok, stats, lineno=lineno)
             for i in active:
                 out[i].feed(toks)
             for i in starting:
@@ -263,15 +356,15 @@ class _CompressedLines(_Block):
         return out
 
     def documents(self):
-        for pos, line in self._lines(SampleStats()):
-            text = self.fmt.parse(line, pos)
+        for lineno, pos, line in self._lines(SampleStats()):
+            text = self.fmt.parse(line, pos, lineno=lineno)
             if text:
-                yield iter((text,))
+                yield _document(text)
 
     def head(self, n, tok, stats):
         w = _Window(n)
-        for pos, line in self._lines(stats):  # JSONL: every document ends with EOS anyway
-            w.feed(self.fmt.tokens(line, pos, False, tok, stats))
+        for lineno, pos, line in self._lines(stats):  # JSONL: every document ends with EOS anyway
+            w.feed(self.fmt.tokens(line, pos, False, tok, stats, lineno=lineno))
             if w.full:
                 break
         return w.tokens()

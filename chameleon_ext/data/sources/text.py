@@ -10,13 +10,16 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 from ...errors import ChameleonUserError
-from .common import _check_counts, _combine, file_fingerprint
+from .common import _check_counts, combine_fingerprints, file_fingerprint
 
 
-def _encode(tok, text: str) -> np.ndarray:
+def encode(tok, text: str, int64: bool = True) -> np.ndarray:
+    """``text`` as token ids ``[n]`` (the tokenizer's ``encode_array`` where it has one): int64,
+    or with ``int64=False`` the tokenizer's own dtype (the token cache writes them as they come,
+    without an 8-byte copy of every chunk)."""
     enc = getattr(tok, "encode_array", None)
     ids = enc(text) if enc is not None else np.asarray(tok.encode(text), dtype=np.int64)
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64) if int64 else ids
 
 
 _SPLIT_ROUNDS = 64  # rounds of redraws before a split is declared too small
@@ -120,7 +123,7 @@ class TextSource:
         return [b.weight for b in self.blocks()]
 
     def fingerprint(self, full: bool = False) -> str:
-        return _combine(f"text:{self.format}:{getattr(self, 'text_field', '')}",
+        return combine_fingerprints(f"text:{self.format}:{getattr(self, 'text_field', '')}",
                         [file_fingerprint(f, full) for f in self.files()])
 
 
@@ -163,7 +166,7 @@ class TextSources:
             yield from b.documents()
 
     def fingerprint(self, full: bool = False) -> str:
-        return _combine("text", [s.fingerprint(full) for s in self.sources])
+        return combine_fingerprints("text", [s.fingerprint(full) for s in self.sources])
 
     def _draw_blocks(self, rng, n) -> np.ndarray:
         p = self.weights / self.weights.sum()

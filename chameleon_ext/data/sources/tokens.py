@@ -9,8 +9,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ... import io as files_io
 from ...errors import ChameleonUserError
-from .common import _check_counts, _combine, _size, file_fingerprint
+from .common import _check_counts, combine_fingerprints, _size, file_fingerprint
 
 
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
@@ -18,7 +19,38 @@ _MEGATRON_HEADER = len(_MEGATRON_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype
 _INDEX_CHUNK = 1 << 22  # sequences checked per step when opening a Megatron index
 MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                    6: np.float64, 7: np.float32, 8: np.uint16}
-_NANOGPT_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+NANOGPT_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+NANOGPT_FILES = ("train.bin", "val.bin", "test.bin")  # beside meta.json; val and test optional
+
+
+def read_nanogpt_meta(domain_dir: str, what: str) -> tuple:
+    """``(dtype, vocab_size)`` declared by the ``meta.json`` beside a nanoGPT ``train.bin``: the
+    one reader of it. ``dtype`` is ``uint16`` or ``uint32``; ``vocab_size`` a positive integer
+    that fits the dtype. ``what`` names the domain in the errors.
+
+    Raises:
+        ChameleonUserError: meta.json missing or unreadable, an unknown dtype, a missing,
+            non-positive or too large vocab_size.
+    """
+    meta_path = os.path.join(domain_dir, "meta.json")
+    if not os.path.lexists(meta_path):
+        raise ChameleonUserError(
+            f"{what}: train.bin has no meta.json beside it in {domain_dir!r}; write one like "
+            '{"vocab_size": 50257, "dtype": "uint16"} so the token dtype is known')
+    meta = files_io.read_json(meta_path, f"{what}: meta.json")
+    dtype_name = meta.get("dtype") if isinstance(meta, dict) else None
+    if not isinstance(dtype_name, str) or dtype_name not in NANOGPT_DTYPES:
+        raise ChameleonUserError(
+            f"{what}: unknown token dtype {dtype_name!r} in {meta_path!r}; expected one of "
+            f"{sorted(NANOGPT_DTYPES)}")
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        raise ChameleonUserError(
+            f"{what}: {meta_path!r} must declare a positive integer vocab_size, got {vocab!r}")
+    dtype = NANOGPT_DTYPES[dtype_name]
+    if vocab > np.iinfo(dtype).max + 1:
+        raise ChameleonUserError(f"{what}: vocab_size {vocab} does not fit dtype {dtype_name} in {meta_path!r}")
+    return dtype, vocab
 
 
 class TokenSource:
@@ -42,7 +74,7 @@ class TokenSource:
         raise NotImplementedError
 
     def fingerprint(self, full: bool = False) -> str:
-        return _combine(type(self).__name__, [file_fingerprint(f, full) for f in self.files()])
+        return combine_fingerprints(type(self).__name__, [file_fingerprint(f, full) for f in self.files()])
 
     def _check_range(self, start: int, length: int) -> None:
         if start < 0 or length < 0 or start + length > self.n_tokens:
@@ -296,4 +328,4 @@ class TokenSources:
         parts = [s.fingerprint(full) for s in self.sources]
         if self.val is not None:
             parts.append("val:" + self.val.fingerprint(full))
-        return _combine("tokens", parts)
+        return combine_fingerprints("tokens", parts)
