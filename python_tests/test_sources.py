@@ -264,6 +264,32 @@ def test_nanogpt_bad_size_and_meta(tmp_path):
         detect_sources(str(tmp_path))
 
 
+def test_one_nanogpt_meta_reader_for_sources_and_dataset(tmp_path):
+    # the sources and the dataset once parsed meta.json apart: one refused test.bin, the other
+    # took a missing vocab_size; now both read it alike
+    from chameleon_ext.data import load_dataset
+
+    d = tmp_path / "data" / "code"
+    d.mkdir(parents=True)
+    tokens = np.arange(600, dtype=np.uint16) % 300
+    tokens.tofile(d / "train.bin")
+    tokens[:50].tofile(d / "test.bin")
+    (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 300}))
+    src = detect_sources(str(d))
+    assert src.n_tokens == 600 and src.vocab_size == 300
+    ds = load_dataset(tmp_path / "data", val_fraction=0.0)
+    assert ds.n_tokens("code", "test") == 50 and ds.vocab_size == 300
+    for meta, words in (({"dtype": "uint16"}, "positive integer vocab_size"),
+                        ({"dtype": "uint16", "vocab_size": True}, "positive integer vocab_size"),
+                        ({"dtype": "uint16", "vocab_size": 70_000}, "does not fit dtype uint16"),
+                        ({"dtype": "int8", "vocab_size": 300}, "unknown token dtype 'int8'")):
+        (d / "meta.json").write_text(json.dumps(meta))
+        for load in (lambda: detect_sources(str(d)), lambda: load_dataset(tmp_path / "data")):
+            with pytest.raises(ChameleonUserError, match=words) as ei:
+                load()
+            assert "meta.json" in str(ei.value) and "code" in str(ei.value)
+
+
 # ----------------------------------------------------------------------------- raw text formats
 
 

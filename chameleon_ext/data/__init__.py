@@ -4,21 +4,35 @@
     ds = load_dataset(builtin_dataset_path(), tokenizer="byte")
     ds.domains                          # ['books', 'code', 'dna', ...]
     ds.sample_windows("code", n=8, length=128, rng=np.random.default_rng(0))  # [8, 128] int64
+
+The names below load their module on first use, so importing one submodule (say the
+tokenizer, for the command line) does not import the whole reading stack.
 """
 
-from .builtin import BUILTIN_DOMAINS, builtin_dataset_path, write_builtin_dataset
-from .dataset import MixtureDataset, load_dataset
-from .view import DatasetView
-from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+import importlib
 
-__all__ = [
-    "BUILTIN_DOMAINS",
-    "ByteTokenizer",
-    "DatasetView",
-    "HFTokenizer",
-    "MixtureDataset",
-    "builtin_dataset_path",
-    "load_dataset",
-    "load_tokenizer",
-    "write_builtin_dataset",
-]
+_EXPORTS = {
+    "BUILTIN_DOMAINS": "builtin",
+    "builtin_dataset_path": "builtin",
+    "write_builtin_dataset": "builtin",
+    "MixtureDataset": "dataset",
+    "load_dataset": "dataset",
+    "DatasetView": "view",
+    "ByteTokenizer": "tokenizer",
+    "HFTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'chameleon_ext.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,49 +7,41 @@ A dataset is a folder with one subfolder per domain (:mod:`.layout`)::
       web/     part-0.jsonl part-1.jsonl      one JSON object per line with a "text" field
       github/  train.bin val.bin meta.json    pre-tokenised, nanoGPT layout
 
-Every file is read through :mod:`chameleon_ext.data.sources` (``detect_sources``), whatever
-its format and whether the domain is cached or streamed, so a fault in a file is the same
-one-line error everywhere. A domain is one of:
+Every file is read through :mod:`chameleon_ext.data.sources`, whatever its format and whether
+its domain is cached or streamed, so a fault in a file is the same one-line error everywhere
+(:mod:`.domains` opens a domain). A domain is one of:
 
-* **text** -- raw text: UTF-8 text files (one document each), ``.jsonl`` /
-  ``.jsonl.gz`` / ``.jsonl.zst`` (one document per line, text in ``text_field``), Parquet,
-  Hugging Face ``save_to_disk`` folders and ``.arrow`` files. Documents are joined with the
-  tokenizer's EOS id (EOS after every document, as in the reference's data preparation) and
-  tokenised once into the token cache (:mod:`.token_cache`), a file at a time, big files in
-  bounded chunks, so a domain never has to fit in memory. A JSONL ``text`` holding a lone
+* **text** -- raw text: UTF-8 text files (one document each), ``.jsonl`` / ``.jsonl.gz`` /
+  ``.jsonl.zst`` (a document per line, text in ``text_field``), Parquet, Hugging Face
+  ``save_to_disk`` folders and ``.arrow`` files. Documents are joined with the tokenizer's
+  EOS id (after every document, as in the reference's data preparation) and tokenised once,
+  in bounded chunks, into the token cache (:mod:`.token_cache`). A JSONL text holding a lone
   surrogate escape (``{"text": "\\ud800"}``, not Unicode text) is an error naming file and line.
 * **pre-tokenised** -- nanoGPT ``train.bin`` (optionally ``val.bin``, ``test.bin``) with
   ``meta.json`` declaring ``{"vocab_size": 50257, "dtype": "uint16"}``, or Megatron-LM
-  ``PREFIX.bin`` + ``PREFIX.idx`` pairs (their vocabulary is the tokenizer's). Tokens are
-  :class:`~.splits.SourceTokens`, read by ``pread`` rather than memory-mapped.
+  ``PREFIX.bin`` + ``PREFIX.idx`` pairs (their vocabulary is the tokenizer's), read by ``pread``.
 
 A raw-text domain whose files hold more than ``stream_threshold`` bytes
-(:data:`STREAM_THRESHOLD_BYTES`, 256 MiB) is *streamed*: it has no token cache and no token
-array; :meth:`MixtureDataset.draw_windows` draws windows from its files with
-``TextSources.sample_windows`` (uniform over tokens up to each document's bytes per token;
-the split by a hash of each unit's position), its :meth:`~MixtureDataset.token_count` is
-estimated from a seeded draw, and its fingerprint keys on the sources' identity, the
-tokenizer, ``text_field`` and the draw rules. A pre-tokenised domain above the threshold is
-not scanned whole for its largest id; each window read is checked instead.
+(:data:`STREAM_THRESHOLD_BYTES`, 256 MiB) is *streamed*: no token cache, no token array;
+:meth:`MixtureDataset.draw_windows` draws from its files with ``TextSources.sample_windows``
+(uniform over tokens up to each document's bytes per token; the split by a hash of each
+unit's position), and its token count is estimated from a seeded draw. A pre-tokenised domain
+above the threshold is not scanned whole for its largest id; each window read is checked.
 
 :meth:`MixtureDataset.fingerprint` keys embedding caches and tells a resumed run that a
-domain's data changed. A damaged cache entry is rebuilt from the text with a warning; ids
-beyond the vocabulary that reach a window anyway are a one-line error, never an IndexError
-inside the model. :meth:`MixtureDataset.check_vocab` scans the true maximum id of every domain
-once, so an id beyond the model's vocabulary is found before training.
+domain's data changed. A damaged cache entry is rebuilt with a warning; ids beyond the
+vocabulary are found by :meth:`MixtureDataset.check_vocab` before training, and any that reach
+a window anyway are a one-line error, never an IndexError inside the model.
 
 Splits (:mod:`.splits`): validation is ``val.bin`` or ``val_fraction`` of the stream as
-evenly spread blocks; the test split (``test_fraction``, or ``test.bin``) likewise. The test
-split is for a final, untouched evaluation (``chameleon compare``): nothing in this library
-fits on it, and :meth:`MixtureDataset.view` hides it. Windows are contiguous runs of
-``length`` tokens starting anywhere in the split, so -- as in the reference -- they may cross
-document boundaries. (The reference draws starts from ``[0, n - length)``; every full window,
-i.e. ``[0, n - length]``, is allowed here.)
+evenly spread blocks; test (``test_fraction`` or ``test.bin``) likewise. The test split is for
+a final, untouched evaluation (``chameleon compare``); :meth:`MixtureDataset.view` hides it.
+Windows are contiguous runs of ``length`` tokens starting anywhere in the split, so -- as in
+the reference -- they may cross document boundaries (every full window, ``[0, n - length]``).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from typing import Optional, Sequence, Union
@@ -59,10 +51,9 @@ import numpy as np
 from .. import io
 from ..errors import ChameleonUserError
 from . import token_cache
-from .domains import BIN_FILES, Domain, current_fingerprint, dataset_vocab, open_domain
-from .layout import DEFAULT_CACHE_DIRNAME, check_cache_location, domain_errors, domain_names, safe_name
-from .splits import SPLIT_LAYOUT, SPLITS, SourceTokens, SplitTokens, split_stream
-from .token_cache import TOKEN_DTYPES
+from .domains import BIN_FILES, Domain, check_max, dataset_vocab, open_domain, rebuild
+from .layout import DEFAULT_CACHE_DIRNAME, check_cache_location, domain_errors, domain_names
+from .splits import SPLIT_LAYOUT, SPLITS, SourceTokens, SplitTokens, check_draw, check_length, check_memory
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_record
 from .view import DatasetView
 
@@ -238,7 +229,7 @@ class MixtureDataset:
         vocab_size = int(vocab_size)
         for name in self.domains:
             d = self._domains[name]
-            self._check_max(d)
+            check_max(d, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction)
             if d.max_id is None:
                 # streamed or large pre-tokenised domains are not scanned (it would read them
                 # whole): their vocabulary must fit, and every window read is checked against it
@@ -258,19 +249,6 @@ class MixtureDataset:
                     f"vocab_size >= {d.max_id + 1}"
                 )
 
-    def _check_max(self, d: Domain) -> None:
-        if d.max_checked:
-            return
-        if d.kind == "text":  # (streamed domains are created max_checked)
-            true_max = token_cache.chunked_max(token_cache.open_tokens(d.cache_path, d.train.dtype))
-            if true_max != d.max_id:
-                self._rebuild(d, f"it holds token id {true_max} but recorded {d.max_id} as its largest")
-                true_max = token_cache.chunked_max(token_cache.open_tokens(d.cache_path, d.train.dtype))
-        else:
-            true_max = max(token_cache.chunked_max(d.train), token_cache.chunked_max(d.val),
-                           token_cache.chunked_max(d.test) if d.test is not None else -1)
-        d.max_id, d.max_checked = true_max, True
-
     def verify(self) -> list:
         """Fully verify every text domain's token cache now (each block's digest, the whole
         file's sha256 and the true largest id) and rebuild the damaged ones from the text.
@@ -287,24 +265,10 @@ class MixtureDataset:
             problem = (token_cache.verify_tokens(d.cache_path, meta, "full") if meta is not None
                        else "its metadata is missing or unreadable")
             if problem:
-                self._rebuild(d, problem)
+                rebuild(d, self.tokenizer, self.cache_dir, self.val_fraction, self.test_fraction, problem)
                 rebuilt.append(name)
             d.max_checked = True
         return rebuilt
-
-    def _rebuild(self, d: Domain, problem: str) -> None:
-        """Re-tokenise text domain ``d`` into its cache entry after ``problem`` was found."""
-        token_cache.warn_damaged(d.cache_path, d.name, problem)
-        now = current_fingerprint(d, self.tokenizer)
-        if now != d.fingerprint:
-            raise ChameleonUserError(
-                f"domain {d.name!r}: its files in {d.path!r} changed after the dataset was "
-                "loaded; load it again")
-        meta = token_cache.tokenise_domain(d.name, d.files, self.tokenizer, self.cache_dir,
-                                           safe_name(d.name), d.fingerprint, d.source.iter_documents())
-        tokens = token_cache.open_tokens(d.cache_path, TOKEN_DTYPES[meta["dtype"]], meta["n_tokens"])
-        d.train, d.val, d.test = split_stream(tokens, self.val_fraction, self.test_fraction)
-        d.max_id, d.max_checked = meta["max_id"], True
 
     def check_window(self, length: int, split: str = "train",
                      domains: Optional[Sequence[str]] = None) -> None:
@@ -314,7 +278,7 @@ class MixtureDataset:
             ChameleonUserError: naming the first domain whose ``split`` is shorter than
                 ``length`` tokens.
         """
-        length = _check_length(length)
+        length = check_length(length)
         for name in self.domains if domains is None else domains:
             if not self._get(name).streamed:  # a streamed domain's draw raises when too short
                 self._check_domain_window(name, length, split)
@@ -358,45 +322,27 @@ class MixtureDataset:
         tokenising only what the windows need.
         """
         d = self._get(name)
-        if d.streamed:
-            return self._draw_streamed(d, n, length, rng, split)
-        if not isinstance(rng, np.random.Generator):
-            raise ChameleonUserError(
-                f"rng: expected a numpy.random.Generator, got {type(rng).__name__}"
-            )
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
-        length = _check_length(length)
-        total = self._check_domain_window(name, length, split)
-        _check_memory(int(n), length + 1, name)  # the windows and their starts
-        starts = rng.integers(0, total - length + 1, size=int(n))
-        return self.windows_at(name, starts, length, split)
-
-    def _draw_streamed(self, d: Domain, n, length, rng, split: str) -> np.ndarray:
-        if not isinstance(rng, np.random.Generator):
-            raise ChameleonUserError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        n, length = check_draw(rng, n, length)
+        if not d.streamed:
+            total = self._check_domain_window(name, length, split)
+            check_memory(n, length + 1, name)  # the windows and their starts
+            return self.windows_at(name, rng.integers(0, total - length + 1, size=n), length, split)
         if split not in ("train", "val"):
             raise ChameleonUserError(f"split: expected 'train' or 'val', got {split!r}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
-        length = _check_length(length)
-        _check_memory(int(n), length, d.name)
-        if self.val_fraction == 0.0:
-            if split == "val":
-                raise ChameleonUserError(
-                    f"domain {d.name!r} has no validation split (val_fraction is 0); raise val_fraction")
-            with domain_errors(d.name):
-                return d.source.sample_windows(rng, int(n), length, self.tokenizer)
+        if self.val_fraction == 0.0 and split == "val":
+            raise ChameleonUserError(
+                f"domain {d.name!r} has no validation split (val_fraction is 0); raise val_fraction")
+        check_memory(n, length, d.name)
+        by_split = {} if self.val_fraction == 0.0 else {"split": split, "val_fraction": self.val_fraction}
         with domain_errors(d.name):
-            return d.source.sample_windows(rng, int(n), length, self.tokenizer, split=split,
-                                       val_fraction=self.val_fraction)
+            return d.source.sample_windows(rng, n, length, self.tokenizer, **by_split)
 
     def windows_at(self, name: str, starts: np.ndarray, length: int,
                    split: str = "train") -> np.ndarray:
         """Windows of ``length`` tokens starting at ``starts`` ``[n]``: ``[n, length]`` int64
         (not for streamed domains, which have no token positions: use :meth:`draw_windows`)."""
         toks = self.tokens(name, split)
-        length = _check_length(length)
+        length = check_length(length)
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if starts.size and (int(starts.min()) < 0 or int(starts.max()) > n - length):
@@ -404,7 +350,7 @@ class MixtureDataset:
                 f"starts: every window start must lie in [0, {n - length}] for windows of "
                 f"{length} tokens in the {split} split of domain {name!r} ({n} tokens), got "
                 f"{int(starts.min())}..{int(starts.max())}")
-        _check_memory(starts.shape[0], length, name)
+        check_memory(starts.shape[0], length, name)
         out = np.empty((starts.shape[0], length), dtype=np.int64)
         # Row by row slicing reads each window as one contiguous run of the memmap, which beats
         # fancy indexing with an [n, length] index array on large files.
@@ -441,7 +387,6 @@ class MixtureDataset:
         parts = ", ".join(f"{s['domain']}={s['train_tokens']}+{s['val_tokens']}"
                           for s in self.summary())
         return f"MixtureDataset({self.path!r}, vocab_size={self.vocab_size}, tokens: {parts})"
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -532,36 +477,3 @@ def load_dataset(path: Union[str, os.PathLike], tokenizer: Union[str, Tokenizer]
                            text_field, int(stream_threshold)) for name in names]
     vocab_size = dataset_vocab(domains, tok)
     return MixtureDataset(path, domains, tok, vocab_size, val_fraction, cache_dir, test_fraction)
-
-
-
-
-def _check_length(length) -> int:
-    try:
-        ok = int(length) == length and int(length) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ChameleonUserError(f"length: expected a positive integer window length, got {length!r}")
-    return int(length)
-
-
-
-@functools.lru_cache(maxsize=1)
-def _machine_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _check_memory(n: int, length: int, name: str) -> None:
-    """Refuse a window batch larger than this machine's memory before allocating it (the
-    allocation may otherwise "succeed" lazily and the process be killed while filling it)."""
-    need = int(n) * int(length) * 8
-    total = _machine_memory()
-    if total and need > total:
-        raise ChameleonUserError(
-            f"{n} windows of {length} tokens from domain {name!r} need {need / 2**30:.1f} GiB "
-            f"as int64, more than this machine's {total / 2**30:.1f} GiB of memory; draw fewer "
-            "or shorter windows")

@@ -166,6 +166,37 @@ def dataset_vocab(domains: list, tok: Tokenizer) -> int:
     return vocab
 
 
+def check_max(d: "Domain", tok: Tokenizer, cache_dir: str, val_fraction: float, test_fraction: float) -> None:
+    """Scan domain ``d``'s true largest token id once (``d.max_id``); a token cache whose true
+    maximum is not the recorded one is damaged and rebuilt first."""
+    if d.max_checked:
+        return
+    if d.kind == "text":  # (streamed domains are created max_checked)
+        true_max = token_cache.chunked_max(token_cache.open_tokens(d.cache_path, d.train.dtype))
+        if true_max != d.max_id:
+            rebuild(d, tok, cache_dir, val_fraction, test_fraction,
+                    f"it holds token id {true_max} but recorded {d.max_id} as its largest")
+            true_max = token_cache.chunked_max(token_cache.open_tokens(d.cache_path, d.train.dtype))
+    else:
+        true_max = max(token_cache.chunked_max(d.train), token_cache.chunked_max(d.val),
+                       token_cache.chunked_max(d.test) if d.test is not None else -1)
+    d.max_id, d.max_checked = true_max, True
+
+
+def rebuild(d: "Domain", tok: Tokenizer, cache_dir: str, val_fraction: float, test_fraction: float,
+            problem: str) -> None:
+    """Re-tokenise text domain ``d`` into its cache entry after ``problem`` was found."""
+    token_cache.warn_damaged(d.cache_path, d.name, problem)
+    if current_fingerprint(d, tok) != d.fingerprint:
+        raise ChameleonUserError(
+            f"domain {d.name!r}: its files in {d.path!r} changed after the dataset was loaded; load it again")
+    meta = token_cache.tokenise_domain(d.name, d.files, tok, cache_dir, safe_name(d.name), d.fingerprint,
+                                       d.source.iter_documents())
+    tokens = token_cache.open_tokens(d.cache_path, TOKEN_DTYPES[meta["dtype"]], meta["n_tokens"])
+    d.train, d.val, d.test = split_stream(tokens, val_fraction, test_fraction)
+    d.max_id, d.max_checked = meta["max_id"], True
+
+
 def current_fingerprint(d: "Domain", tok: Tokenizer) -> str:
     """The fingerprint text domain ``d``'s files have now (to see whether they changed)."""
     if d.content_keyed:

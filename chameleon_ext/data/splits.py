@@ -1,4 +1,5 @@
-"""Train/validation/test splits of a token stream, and the read-only token views they return.
+"""Train/validation/test splits of a token stream, the read-only token views they return, and
+the checks of a window draw from them.
 
 Validation tokens are ``val.bin`` when given, otherwise ``val_fraction`` of the domain's token
 stream, as blocks spread evenly over it (deterministic; no shuffling). A **test** split
@@ -11,9 +12,15 @@ the one of layout version 2.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
-__all__ = ["SPLITS", "SPLIT_LAYOUT", "SplitTokens", "SourceTokens", "split_parts", "split_stream"]
+from ..errors import ChameleonUserError
+
+__all__ = ["SPLITS", "SPLIT_LAYOUT", "SplitTokens", "SourceTokens", "check_draw", "check_length", "check_memory",
+           "split_parts", "split_stream"]
 
 SPLITS = ("train", "val", "test")
 # How train/val are cut from a stream without val.bin (see the module doc). Version 1 was the
@@ -160,3 +167,42 @@ def split_stream(tokens: np.ndarray, val_fraction: float, test_fraction: float =
     val = runs(part == 1) if (part == 1).any() else tokens[n:]
     return runs(part == 0), val, test
 
+
+def check_draw(rng, n, length) -> tuple:
+    """``(n, length)`` of a window draw, checked, with its generator."""
+    if not isinstance(rng, np.random.Generator):
+        raise ChameleonUserError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ChameleonUserError(f"n: expected a non-negative integer window count, got {n!r}")
+    return int(n), check_length(length)
+
+
+def check_length(length) -> int:
+    """``length`` as a positive integer window length, or the one-line error."""
+    try:
+        ok = int(length) == length and int(length) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ChameleonUserError(f"length: expected a positive integer window length, got {length!r}")
+    return int(length)
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(n: int, length: int, name: str) -> None:
+    """Refuse a window batch larger than this machine's memory before allocating it (the
+    allocation may otherwise "succeed" lazily and the process be killed while filling it)."""
+    need = int(n) * int(length) * 8
+    total = _machine_memory()
+    if total and need > total:
+        raise ChameleonUserError(
+            f"{n} windows of {length} tokens from domain {name!r} need {need / 2**30:.1f} GiB "
+            f"as int64, more than this machine's {total / 2**30:.1f} GiB of memory; draw fewer "
+            "or shorter windows")

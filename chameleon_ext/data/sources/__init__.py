@@ -9,8 +9,9 @@ Formats
 -------
 Pre-tokenised (random access to tokens, nothing is tokenised):
 
-* nanoGPT: ``train.bin`` (+ ``val.bin``) flat token arrays with ``meta.json`` declaring
-  ``{"dtype": "uint16" | "uint32", "vocab_size": V}``.
+* nanoGPT: ``train.bin`` (+ ``val.bin``, ``test.bin``) flat token arrays with ``meta.json``
+  declaring ``{"dtype": "uint16" | "uint32", "vocab_size": V}`` (both required; one reader,
+  :func:`read_nanogpt_meta`, for the dataset and the sources).
 * Megatron-LM indexed datasets: ``PREFIX.bin`` + ``PREFIX.idx`` pairs (many prefixes per domain).
   The ``.idx`` holds the 9-byte magic ``MMIDIDX\\0\\0``, a little-endian u64 version (1), a u8
   dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16), u64
@@ -116,8 +117,8 @@ def detect_sources(domain_dir: str, text_field: str = "text", max_sequential_blo
                    files: Optional[List[str]] = None):
     """The sources of one domain folder: a :class:`TokenSources` or a :class:`TextSources`.
 
-    Pre-tokenised: Megatron ``.bin``/``.idx`` pairs, or nanoGPT ``train.bin`` (+ ``val.bin``) with
-    ``meta.json``; other files there (READMEs, scripts, JSON) are ignored, but raw-text data
+    Pre-tokenised: Megatron ``.bin``/``.idx`` pairs, or nanoGPT ``train.bin`` (+ ``val.bin``,
+    ``test.bin``) with ``meta.json``; other files there (READMEs, scripts, JSON) are ignored, but raw-text data
     files (``.jsonl*``, ``.parquet``, ``.arrow``, ``.txt``) make it an error. Raw text: every
     other non-hidden file, by suffix (package docstring); ``save_to_disk`` folders are recognised
     by their ``state.json`` (or ``dataset_dict.json``). Hidden files and folders are skipped.
