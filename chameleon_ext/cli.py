@@ -1050,9 +1050,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     previous = _on_sigterm_interrupt()
     try:
+        if not getattr(args, "quiet", False):  # silencing the libraries imports them: only when asked
+            return _run_command(args)
         from .data.tokenizer import quiet_libraries
 
-        with quiet_libraries(bool(getattr(args, "quiet", False))):
+        with quiet_libraries(True):
             return _run_command(args)
     finally:
         _close_distributed()
