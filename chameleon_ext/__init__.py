@@ -67,6 +67,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'chameleon_ext' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_OP_NAMES) | set(_WEIGHT_NAMES))
+
+
 def build_info() -> dict:
     """How the compiled ops were built: version, torch version, CUDA or CPU-only, arch list."""
     import torch

@@ -118,10 +118,6 @@ class TextSource:
     def files(self) -> List[str]:
         return [self.path]
 
-    def sizes(self) -> List[int]:
-        """Each block's weight (bytes, see the package docstring); no text is read."""
-        return [b.weight for b in self.blocks()]
-
     def fingerprint(self, full: bool = False) -> str:
         return combine_fingerprints(f"text:{self.format}:{getattr(self, 'text_field', '')}",
                         [file_fingerprint(f, full) for f in self.files()])
@@ -154,9 +150,6 @@ class TextSources:
         self.weights = np.array([b.weight for b in self.blocks], dtype=np.float64)
         self.n_bytes = int(self.weights.sum())
         self.last_stats = SampleStats()
-
-    def sizes(self) -> List[int]:
-        return [b.weight for b in self.blocks]
 
     def iter_documents(self) -> Iterator[Iterator[str]]:
         """Every document of the domain in order, each an iterator of text pieces (a plain text
