@@ -154,6 +154,22 @@ def _document(text: str) -> Iterator[str]:
     return bounded_chunks(text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS))
 
 
+def _numbered(f) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, line)`` of every line of the binary stream ``f``."""
+    pos = 0
+    for lineno, line in enumerate(f, 1):
+        yield lineno, pos, line
+        pos += len(line)
+
+
+def _jsonl_documents(fmt, numbered) -> Iterator[Iterator[str]]:
+    """The documents of numbered JSONL lines, each as bounded pieces (blank lines are none)."""
+    for lineno, pos, line in numbered:
+        text = fmt.parse(line, pos, lineno=lineno)
+        if text:
+            yield _document(text)
+
+
 class _LineFormat:
     """How a line becomes text: a JSONL document (EOS after each) or a line of a text file."""
 
@@ -252,12 +268,7 @@ class _SeekableLines(_Block):
             yield text_chunks(self.path)
             return
         with self._open() as f:
-            pos = 0
-            for lineno, line in enumerate(f, 1):
-                text = self.fmt.parse(line, pos, lineno=lineno)
-                pos += len(line)
-                if text:
-                    yield _document(text)
+            yield from _jsonl_documents(self.fmt, _numbered(f))
 
     def head(self, n, tok, stats):
         w = _Window(n)
@@ -315,12 +326,9 @@ class _CompressedLines(_Block):
 
     def _lines(self, stats) -> Iterator[tuple[int, int, bytes]]:
         stream, raw = self._stream()
-        pos = 0
         try:
             with raw, stream:
-                for lineno, line in enumerate(stream, 1):
-                    yield lineno, pos, line
-                    pos += len(line)
+                yield from _numbered(stream)
         except self._errors() as exc:
             raise self._broken(exc) from None
 
@@ -356,10 +364,7 @@ class _CompressedLines(_Block):
         return out
 
     def documents(self):
-        for lineno, pos, line in self._lines(SampleStats()):
-            text = self.fmt.parse(line, pos, lineno=lineno)
-            if text:
-                yield _document(text)
+        yield from _jsonl_documents(self.fmt, self._lines(SampleStats()))
 
     def head(self, n, tok, stats):
         w = _Window(n)
