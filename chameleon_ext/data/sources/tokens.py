@@ -53,6 +53,12 @@ def read_nanogpt_meta(domain_dir: str, what: str) -> tuple:
     return dtype, vocab
 
 
+def _check_range(start: int, length: int, n_tokens: int, what: str) -> None:
+    if start < 0 or length < 0 or start + length > n_tokens:
+        raise ChameleonUserError(
+            f"read: tokens [{start}, {start + length}) are outside {what}, which holds {n_tokens} tokens")
+
+
 class TokenSource:
     """A pre-tokenised token stream with random access.
 
@@ -77,11 +83,7 @@ class TokenSource:
         return combine_fingerprints(type(self).__name__, [file_fingerprint(f, full) for f in self.files()])
 
     def _check_range(self, start: int, length: int) -> None:
-        if start < 0 or length < 0 or start + length > self.n_tokens:
-            raise ChameleonUserError(
-                f"read: tokens [{start}, {start + length}) are outside {self.path!r}, which "
-                f"holds {self.n_tokens} tokens"
-            )
+        _check_range(start, length, self.n_tokens, repr(self.path))
 
 
 def _as_ids(arr: np.ndarray, path: str) -> np.ndarray:
@@ -291,11 +293,7 @@ class TokenSources:
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the concatenated streams: ``[length]`` int64."""
         start, length = int(start), int(length)
-        if start < 0 or length < 0 or start + length > self.n_tokens:
-            raise ChameleonUserError(
-                f"read: tokens [{start}, {start + length}) are outside the domain {self.path!r}, "
-                f"which holds {self.n_tokens} tokens"
-            )
+        _check_range(start, length, self.n_tokens, f"the domain {self.path!r}")
         parts, pos, end = [], start, start + length
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
         while pos < end:
