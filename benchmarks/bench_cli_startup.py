@@ -5,7 +5,8 @@ process, against a bare ``python -c pass`` as the yardstick.
 Neither command needs torch, transformers or the compiled ops, so their cost should stay
 close to the interpreter's own (the goal: under 0.5 s and 150 MB). The figures go into
 ``extra_info`` (``peak_rss_MB``, ``wall_s``, ``x_bare_python``) and are printed; nothing
-here asserts a time. Linux (reads ``/proc``). Run alone with
+here asserts a time. Linux (reads ``/proc``). With ``PYTHONDONTWRITEBYTECODE`` set, every run
+recompiles the modules it imports (about 0.05 s more for ``export``). Run alone with
 ``python -m benchmarks.bench_cli_startup``.
 """
 
