@@ -358,7 +358,7 @@ def cmd_sweep(args) -> int:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")
         _say(f"wrote {path}")
         if not args.no_plots:
-            from .plots_uncertainty import plot_sweep
+            from .plots import plot_sweep
 
             # sweep.png at the first temperature, sweep_T<T>.png at each other one
             for j, T in enumerate(sweep.temperatures):

@@ -279,7 +279,7 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
 
         title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
         if result.bootstrap is not None:  # the same picture with the intervals as error bars
-            from .plots_uncertainty import plot_bootstrap
+            from .plots import plot_bootstrap
 
             p = plot_bootstrap(result.bootstrap, os.path.join(out_dir, "weights.png"), title=title)
         else:

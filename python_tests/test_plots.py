@@ -149,6 +149,8 @@ def test_missing_matplotlib_warns_and_returns_none(tmp_path, without_matplotlib)
         lambda p: plots.plot_weights(names, result.weights, p, scores=result.leverage),
         lambda p: plots.plot_affinity(names, result.affinity, p),
         lambda p: plots.plot_perplexity({"uniform": {"web": 20.0, "average": 20.0}}, p),
+        lambda p: plots.plot_comparison(*comparison_inputs(), p, "compare"),
+        lambda p: plots.plot_schedule(two_stage_schedule(), p),
     ]
     for i, call in enumerate(calls):
         path = str(tmp_path / f"plot{i}.png")
@@ -156,3 +158,53 @@ def test_missing_matplotlib_warns_and_returns_none(tmp_path, without_matplotlib)
             assert call(path) is None
         assert not os.path.exists(path)
     assert os.listdir(tmp_path) == []
+
+
+def comparison_inputs():
+    """Perplexities of three mixtures over two seeds and the FLOPs one of them cost."""
+    from chameleon_ext.compare_stats import ComputeLedger, compare_perplexities
+
+    results = {m: {s: {"web": 20.0 + r + s, "code": 12.0 + 2 * r - s} for s in (0, 1)}
+               for r, m in enumerate(["uniform", "chameleon", "doremi"])}
+    ledger = ComputeLedger()
+    ledger.add("chameleon", "proxy", "train", n_params=10_000, tokens=1_000_000)
+    return compare_perplexities(results), ledger
+
+
+def two_stage_schedule():
+    from chameleon_ext.schedule import validate_schedule
+
+    return validate_schedule({"format": "chameleon_ext.schedule/1", "domains": ["web", "code"],
+                              "entries": [{"start_step": 0, "start_token": 0, "weights": {"web": 0.5, "code": 0.5}},
+                                          {"start_step": 10, "start_token": 40, "weights": {"web": 0.8, "code": 0.2}}]})
+
+
+def test_plot_comparison(tmp_path, needs_matplotlib):
+    stats, ledger = comparison_inputs()
+    path = str(tmp_path / "compare.png")
+    assert plots.plot_comparison(stats, ledger, path, "three mixtures") == path
+    check_png(path)
+    assert no_temporary_files(tmp_path)
+
+
+def test_plot_schedule(tmp_path, needs_matplotlib):
+    path = tmp_path / "schedule.png"
+    assert plots.plot_schedule(two_stage_schedule(), path) == str(path)
+    check_png(path)
+    with pytest.raises(ChameleonUserError, match="expected a Schedule"):
+        plots.plot_schedule({"domains": ["web"]}, tmp_path / "x.png")
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_plots_package_draws_without_importing_matplotlib_until_asked():
+    """Importing every figure module is free: matplotlib loads on the first drawing only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, chameleon_ext.plots, chameleon_ext.plots.canvas, chameleon_ext.plots.weights, "
+            "chameleon_ext.plots.uncertainty, chameleon_ext.plots.perplexity, chameleon_ext.plots.schedule\n"
+            "print(sorted(m for m in ('matplotlib', 'torch', 'numpy') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -544,7 +544,7 @@ def test_window_cache_rejects_damage_and_mismatch():
 
 def test_plots_write_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    from chameleon_ext import plots_uncertainty as P
+    from chameleon_ext import plots as P
 
     from .test_plots import check_png
 

@@ -2,9 +2,9 @@
 as error bars, and a lambda sweep (each domain's weight against lambda, log axis, with the
 effective dimension sum(S) on a second axis).
 
-Same conventions as :mod:`chameleon_ext.plots` (whose plumbing it reuses): matplotlib is
-optional (a missing one warns and returns None), figures are drawn on an Agg canvas without
-pyplot, and PNGs are written atomically.
+Conventions in :mod:`chameleon_ext.plots.canvas`: matplotlib is optional (a missing one warns
+and returns None), figures are drawn on an Agg canvas without pyplot, and PNGs are written
+atomically.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import List, Mapping, Optional, Sequence
 
-from .errors import ChameleonUserError
-from .plots import MAX_WEIGHT_LABELS, PathLike, _as_floats, _check_domains, _clamp, _new_figure, _save_png
+from ..errors import ChameleonUserError
+from .canvas import MAX_WEIGHT_LABELS, PathLike, as_floats, check_domains, clamp, new_figure, save_png
 
 __all__ = ["plot_weight_intervals", "plot_bootstrap", "plot_sweep"]
 
@@ -40,9 +40,9 @@ def _interval_panel(ax, domains: List[str], values, low, high, xlabel: str, refe
 
 
 def _check_interval(values, low, high, domains, fn: str, what: str):
-    v = _as_floats(values, domains, fn, what)
-    lo = _as_floats(low, domains, fn, f"{what} low")
-    hi = _as_floats(high, domains, fn, f"{what} high")
+    v = as_floats(values, domains, fn, what)
+    lo = as_floats(low, domains, fn, f"{what} low")
+    hi = as_floats(high, domains, fn, f"{what} high")
     bad = [d for d, a, b in zip(domains, lo, hi) if a > b]
     if bad:
         raise ChameleonUserError(f"{fn}: {what} interval has low > high for domain(s) {bad}")
@@ -59,7 +59,7 @@ def plot_weight_intervals(
     value (a loaded weights.json's ``bootstrap`` entries can be passed directly). Returns
     ``path``, or None when matplotlib is missing."""
     fn = "plot_weight_intervals"
-    domains = _check_domains(domains, fn)
+    domains = check_domains(domains, fn)
     w, w_lo, w_hi = _check_interval(weights, low, high, domains, fn, "weights")
     with_scores = scores is not None
     if with_scores:
@@ -69,7 +69,7 @@ def plot_weight_intervals(
     path = os.fspath(path)
     k = len(domains)
     fontsize = 9 if k <= 30 else 7
-    fig = _new_figure((11.0 if with_scores else 7.0, _clamp(0.28 * k + 1.6, 2.6, 45.0)), fn, path)
+    fig = new_figure((11.0 if with_scores else 7.0, clamp(0.28 * k + 1.6, 2.6, 45.0)), fn, path)
     if fig is None:
         return None
     axes = fig.subplots(1, 2 if with_scores else 1, sharey=True, squeeze=False)[0]
@@ -81,7 +81,7 @@ def plot_weight_intervals(
         _interval_panel(axes[1], domains, s, s_lo, s_hi, "leverage score $S_i / \\sum_j S_j$", None, fontsize)
         axes[1].set_title(f"normalised leverage ({pct} interval)")
     fig.suptitle(title or f"Chameleon domain weights with bootstrap intervals (k = {k})")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_bootstrap(result, path: PathLike, title: Optional[str] = None) -> Optional[str]:
@@ -108,7 +108,7 @@ def plot_sweep(
     fn = "plot_sweep"
     d = sweep if isinstance(sweep, Mapping) else sweep.to_dict()
     try:
-        domains = _check_domains(d["domains"], fn)
+        domains = check_domains(d["domains"], fn)
         lambdas = [float(x) for x in d["lambdas"]]
         temps = [float(x) for x in d["temperatures"]]
         eff = [float(x) for x in d["effective_dimension"]]
@@ -128,7 +128,7 @@ def plot_sweep(
         series.append([float(by_lambda[x][name]) for x in xs])
     path = os.fspath(path)
     k = len(domains)
-    fig = _new_figure((8.5 if k <= MAX_SWEEP_LEGEND else 7.0, 4.8), fn, path)
+    fig = new_figure((8.5 if k <= MAX_SWEEP_LEGEND else 7.0, 4.8), fn, path)
     if fig is None:
         return None
     ax = fig.subplots()
@@ -146,4 +146,4 @@ def plot_sweep(
     if k <= MAX_SWEEP_LEGEND:
         fig.legend(title="domain", fontsize="small", loc="outside right upper")
     ax.set_title(title or f"Chameleon weights across $\\lambda$ ({d.get('mode', '')}, k = {k})")
-    return _save_png(fig, path)
+    return save_png(fig, path)
