@@ -33,6 +33,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -201,9 +202,11 @@ def append_line(path: PathLike, line: str, what: str = "log file") -> None:
         raise write_error(path, what, exc) from exc
 
 
-def remove_stale_temps(folder: PathLike) -> list:
-    """Delete temp files left in ``folder`` by writers on this host that are no longer alive;
-    return their paths. Live writers' temp files and other hosts' are left alone."""
+def remove_stale_temps(folder: PathLike, base: Optional[str] = None) -> list:
+    """Delete temp files (and temp folders, such as a half-built dataset) left in ``folder`` by
+    writers on this host that are no longer alive; return their paths. With ``base``, only the
+    temps of ``os.path.join(folder, base)`` (named by :func:`temp_path`). Live writers' temps
+    and other hosts' are left alone."""
     folder = os.fspath(folder)
     removed = []
     try:
@@ -211,16 +214,20 @@ def remove_stale_temps(folder: PathLike) -> list:
     except OSError:
         return removed
     for name in names:
-        if not name.endswith(_TMP_TAG):
+        if not name.endswith(_TMP_TAG) or (base is not None and not name.startswith(f".{base}.")):
             continue
         parts = name[: -len(_TMP_TAG)].rsplit(".", 3)
         if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
             continue
         if _pid_alive(int(parts[2])):
             continue
+        full = os.path.join(folder, name)
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+            removed.append(full)
     return removed
 
 

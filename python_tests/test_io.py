@@ -102,6 +102,24 @@ def test_remove_stale_temps_only_of_dead_writers(tmp_path):
     assert sorted(_temps(tmp_path)) == sorted([live.name, other_host.name])
 
 
+def test_remove_stale_temps_of_one_base_takes_dead_folders_too(tmp_path):
+    """A half-built folder (the built-in dataset's) named by temp_path is removed with its
+    files once its writer is dead; other bases' temps are left for their own writers."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname().replace(".", "_")
+    folder = tmp_path / f".builtin-v1.{host}.{int(dead.stdout)}.0a0b0c0d.chameleon-tmp"
+    (folder / "web").mkdir(parents=True)
+    (folder / "web" / "a.txt").write_text("x")
+    other = tmp_path / f".ckpt.pt.{host}.{int(dead.stdout)}.0a0b0c0d.chameleon-tmp"
+    other.write_bytes(b"x")
+    mine = io.temp_path(tmp_path / "builtin-v1")
+    os.mkdir(mine)  # a live build (this process)
+    assert os.path.basename(mine).startswith(".builtin-v1.") and mine.endswith(".chameleon-tmp")
+    assert io.remove_stale_temps(tmp_path, base="builtin-v1") == [str(folder)]
+    assert sorted(_temps(tmp_path)) == sorted([os.path.basename(mine), other.name])
+
+
 def test_folder_lock_excludes_a_second_run_and_takes_over_stale_locks(tmp_path):
     with io.FolderLock(tmp_path / "out"):
         with pytest.raises(ChameleonUserError, match=f"in use by process {os.getpid()}"):

@@ -422,8 +422,10 @@ def builtin_dataset_path(root: Optional[Union[str, os.PathLike]] = None, seed: i
             f"builtin dataset: {target!r} exists but is not a complete built-in dataset "
             f"(no {_MARKER} marker); delete it or pass another root"
         )
-    _remove_stale_builds(root, name)
-    tmp = _build_folder_name(root, name)
+    # The build folder is named like io's temp files (host and pid), so a build killed outright
+    # is recognised, and removed, by the next call.
+    io.remove_stale_temps(root, base=name)
+    tmp = io.temp_path(os.path.join(root, name))
     try:
         os.makedirs(root, exist_ok=True)
         os.mkdir(tmp, 0o755)
@@ -447,24 +449,3 @@ def builtin_dataset_path(root: Optional[Union[str, os.PathLike]] = None, seed: i
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _build_folder_name(root: str, name: str) -> str:
-    # The same host/pid naming as io's temp files, so a build killed outright is recognised
-    # (and removed) by the next call.
-    return io._temp_name(root, name)
-
-
-def _remove_stale_builds(root: str, name: str) -> None:
-    """Remove half-built dataset folders left under ``root`` by builders that died."""
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return
-    for entry in entries:
-        if not (entry.startswith(f".{name}.") and entry.endswith(io._TMP_TAG)):
-            continue
-        parts = entry[: -len(io._TMP_TAG)].rsplit(".", 3)
-        if len(parts) == 4 and parts[1] == io._HOST and parts[2].isdigit() and not io._pid_alive(int(parts[2])):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(os.path.join(root, entry))

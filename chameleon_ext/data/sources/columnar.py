@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from ...errors import ChameleonUserError
-from .text import TextSource, _Block, encode, _start_at, _Window
+from .text import Block, TextSource, Window, encode, start_at
 
 
 def _string_chunks(column, path: str, text_field: str) -> list:
@@ -74,12 +74,12 @@ def _doc_tokens(text: Optional[str], tok, stats) -> np.ndarray:
     return ids
 
 
-def _row_windows(rows: _Rows, rng, k, window, tok, stats) -> List[_Window]:
+def _row_windows(rows: _Rows, rng, k, window, tok, stats) -> List[Window]:
     us = rng.integers(0, rows.n_bytes, size=k) if rows.n_bytes else np.zeros(k, np.int64)
     fractions = rng.random(size=k)
     out = []
     for u, frac in zip(us, fractions):
-        w = _Window(window)
+        w = Window(window)
         out.append(w)
         if not rows.n_bytes:
             continue
@@ -88,7 +88,7 @@ def _row_windows(rows: _Rows, rng, k, window, tok, stats) -> List[_Window]:
         first = True
         for text in rows.texts_from(c, r):
             toks = _doc_tokens(text, tok, stats)
-            w.feed(_start_at(toks, (within + frac) / max(length, 1)) if first else toks)
+            w.feed(start_at(toks, (within + frac) / max(length, 1)) if first else toks)
             first = False
             if w.full:
                 break
@@ -102,7 +102,7 @@ def _row_documents(rows: _Rows) -> Iterator[Iterator[str]]:
 
 
 def _row_head(rows: _Rows, n, tok, stats) -> np.ndarray:
-    w = _Window(n)
+    w = Window(n)
     for text in rows.texts_from(0, 0):
         w.feed(_doc_tokens(text, tok, stats))
         if w.full:
@@ -110,7 +110,7 @@ def _row_head(rows: _Rows, n, tok, stats) -> np.ndarray:
     return w.tokens()
 
 
-class _ArrowBlock(_Block):
+class _ArrowBlock(Block):
     """One memory-mapped Arrow IPC file (``datasets.save_to_disk`` writes the stream format)."""
 
     sequential = False
@@ -147,7 +147,7 @@ class _ArrowBlock(_Block):
         return _row_documents(self.rows)
 
 
-class _ParquetRowGroup(_Block):
+class _ParquetRowGroup(Block):
     """One row group of a Parquet file; only its text column is read, and only when drawn."""
 
     sequential = True

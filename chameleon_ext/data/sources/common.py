@@ -11,7 +11,7 @@ import numpy as np
 from ...errors import ChameleonUserError
 
 
-_MIB = 1 << 20
+MIB = 1 << 20
 _FINGERPRINT_FORMAT = "chameleon_ext.source_fingerprint/1"
 
 
@@ -33,14 +33,14 @@ def file_fingerprint(path: str, full: bool = False) -> str:
             h.update(f"{st.st_size}\0".encode())
         with open(path, "rb") as f:
             if full:
-                for block in iter(lambda: f.read(_MIB), b""):
+                for block in iter(lambda: f.read(MIB), b""):
                     h.update(block)
             else:
-                h.update(f.read(_MIB))
-                if st.st_size > 2 * _MIB:
-                    f.seek(st.st_size - _MIB)
-                    h.update(f.read(_MIB))
-                elif st.st_size > _MIB:
+                h.update(f.read(MIB))
+                if st.st_size > 2 * MIB:
+                    f.seek(st.st_size - MIB)
+                    h.update(f.read(MIB))
+                elif st.st_size > MIB:
                     h.update(f.read())
     except OSError as exc:
         raise ChameleonUserError(f"cannot read file {path!r}: {exc.strerror or exc}") from exc
@@ -55,14 +55,16 @@ def combine_fingerprints(kind: str, parts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
+    """Bytes in ``path``; an unreadable file is a one-line user error naming it."""
     try:
         return os.path.getsize(path)
     except OSError as exc:
         raise ChameleonUserError(f"cannot read file {path!r}: {exc.strerror or exc}") from exc
 
 
-def _check_counts(n, window):
+def check_counts(n, window):
+    """``(n, window)`` as ints: ``n`` windows (>= 0) of ``window`` tokens (>= 1) to draw."""
     for name, v in (("n", n), ("window", window)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "n" else 1):
             raise ChameleonUserError(f"{name}: expected a {'non-negative' if name == 'n' else 'positive'} "

@@ -13,11 +13,11 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ...errors import ChameleonUserError
-from .common import _MIB, _size
-from .text import SampleStats, TextSource, _Block, encode, _start_at, _Window
+from .common import MIB, file_size
+from .text import Block, SampleStats, TextSource, Window, encode, start_at
 
 
-_STREAM_CHUNK = _MIB
+_STREAM_CHUNK = MIB
 _LOOKBACK = 1 << 16  # bytes read backwards per step when finding the start of a line
 _MAX_UNIT = 1 << 20
 
@@ -195,14 +195,14 @@ class _LineFormat:
         return ids
 
 
-class _SeekableLines(_Block):
+class _SeekableLines(Block):
     """A plain text or JSONL file: byte offsets drawn uniformly, each taken to its line."""
 
     sequential = False
 
     def __init__(self, path: str, fmt: _LineFormat):
         self.path, self.fmt, self.label = path, fmt, path
-        self.weight = _size(path)
+        self.weight = file_size(path)
 
     def _open(self):
         try:
@@ -252,12 +252,12 @@ class _SeekableLines(_Block):
                 unit = self._unit(f, pos)
                 # position of u within its unit, so the start is uniform over the unit's tokens
                 frac = (u - pos + frac) / max(len(unit), 1)
-                w = _Window(window)
+                w = Window(window)
                 w.key = pos
                 first = True
                 while unit and not w.full:
                     toks = self._tokens(unit, pos, tok, stats)
-                    w.feed(_start_at(toks, frac) if first else toks)
+                    w.feed(start_at(toks, frac) if first else toks)
                     first, pos = False, pos + len(unit)
                     unit = self._unit(f, pos)
                 out.append(w)
@@ -271,7 +271,7 @@ class _SeekableLines(_Block):
             yield from _jsonl_documents(self.fmt, _numbered(f))
 
     def head(self, n, tok, stats):
-        w = _Window(n)
+        w = Window(n)
         with self._open() as f:
             pos = 0
             unit = self._unit(f, 0)
@@ -282,7 +282,7 @@ class _SeekableLines(_Block):
         return w.tokens()
 
 
-class _CompressedLines(_Block):
+class _CompressedLines(Block):
     """A ``.jsonl.gz`` / ``.jsonl.zst`` shard: streamed, as it cannot seek (package docstring)."""
 
     sequential = True
@@ -290,7 +290,7 @@ class _CompressedLines(_Block):
 
     def __init__(self, path: str, fmt: _LineFormat, codec: str):
         self.path, self.fmt, self.codec, self.label = path, fmt, codec, path
-        self.weight = _size(path)
+        self.weight = file_size(path)
 
     def _stream(self):
         try:
@@ -337,11 +337,11 @@ class _CompressedLines(_Block):
         total = self._uncompressed_size()
         stats.measured(self.rescale_key, self.weight, total)
         if total == 0:
-            return [_Window(window) for _ in range(k)]
+            return [Window(window) for _ in range(k)]
         us = rng.integers(0, total, size=k)
         fractions = rng.random(size=k)
         order = np.argsort(us, kind="stable")
-        out = [_Window(window) for _ in range(k)]
+        out = [Window(window) for _ in range(k)]
         nxt, active = 0, []
         for lineno, pos, line in self._lines(stats):
             end = pos + len(line)
@@ -357,7 +357,7 @@ class _CompressedLines(_Block):
             for i in starting:
                 out[i].key = pos
                 frac = (int(us[i]) - pos + fractions[i]) / max(len(line), 1)
-                out[i].feed(_start_at(toks, frac))
+                out[i].feed(start_at(toks, frac))
             active = [i for i in active + starting if not out[i].full]
             if nxt >= k and not active:
                 break  # nothing left to read from this shard
@@ -367,7 +367,7 @@ class _CompressedLines(_Block):
         yield from _jsonl_documents(self.fmt, self._lines(SampleStats()))
 
     def head(self, n, tok, stats):
-        w = _Window(n)
+        w = Window(n)
         for lineno, pos, line in self._lines(stats):  # JSONL: every document ends with EOS anyway
             w.feed(self.fmt.tokens(line, pos, False, tok, stats, lineno=lineno))
             if w.full:

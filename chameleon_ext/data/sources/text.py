@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 from ...errors import ChameleonUserError
-from .common import _check_counts, combine_fingerprints, file_fingerprint
+from .common import check_counts, combine_fingerprints, file_fingerprint
 
 
 def encode(tok, text: str, int64: bool = True) -> np.ndarray:
@@ -52,7 +52,7 @@ class SampleStats:
         self.tokens += n_tokens
 
 
-class _Window:
+class Window:
     """One window being assembled: tokens gathered so far, and ``key``, the position of the
     unit (line, row) it starts in, which decides its train/validation split."""
 
@@ -75,12 +75,12 @@ class _Window:
         return np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64)
 
 
-def _start_at(toks: np.ndarray, fraction: float) -> np.ndarray:
+def start_at(toks: np.ndarray, fraction: float) -> np.ndarray:
     """Tokens of a document from its token at relative position ``fraction`` in [0, 1)."""
     return toks[int(fraction * toks.size):]
 
 
-class _Block:
+class Block:
     """A unit read at once; ``weight`` is its share of the domain (bytes, see the package docstring)."""
 
     weight: int
@@ -88,7 +88,7 @@ class _Block:
     rescale_key: Optional[str] = None  # set when ``weight`` approximates the unit bytes
     label: str
 
-    def windows(self, rng, k, window, tok, stats) -> List[_Window]:
+    def windows(self, rng, k, window, tok, stats) -> List[Window]:
         """``k`` windows started in this block (possibly short at its end)."""
         raise NotImplementedError
 
@@ -112,7 +112,7 @@ class TextSource:
     path: str
     format: str
 
-    def blocks(self) -> List[_Block]:
+    def blocks(self) -> List[Block]:
         raise NotImplementedError
 
     def files(self) -> List[str]:
@@ -191,7 +191,7 @@ class TextSources:
             ChameleonUserError: the domain is empty or holds fewer than ``window`` tokens, a
                 file is corrupt, truncated or lacks the text field, or the split is empty.
         """
-        n, window = _check_counts(n, window)
+        n, window = check_counts(n, window)
         if split not in (None, "train", "val"):
             raise ChameleonUserError(f"split: expected None, 'train' or 'val', got {split!r}")
         if split is not None and not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):

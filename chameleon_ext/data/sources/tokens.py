@@ -11,7 +11,7 @@ import numpy as np
 
 from ... import io as files_io
 from ...errors import ChameleonUserError
-from .common import _check_counts, combine_fingerprints, _size, file_fingerprint
+from .common import check_counts, combine_fingerprints, file_fingerprint, file_size
 
 
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
@@ -133,7 +133,7 @@ class NanoGPTBinSource(TokenSource):
     def __init__(self, path: str, dtype):
         self.path = os.path.abspath(path)
         self.dtype = np.dtype(dtype)
-        size = _size(self.path)
+        size = file_size(self.path)
         if size % self.dtype.itemsize:
             raise ChameleonUserError(
                 f"{self.path!r} is {size} bytes, not a whole number of {self.dtype.name} tokens; "
@@ -166,7 +166,7 @@ class MegatronSource(TokenSource):
     def __init__(self, prefix: str):
         self.path = os.path.abspath(prefix)
         self.idx_path, self.bin_path = self.path + ".idx", self.path + ".bin"
-        idx_size = _size(self.idx_path)
+        idx_size = file_size(self.idx_path)
         try:
             with open(self.idx_path, "rb") as f:
                 head = f.read(_MEGATRON_HEADER)
@@ -228,7 +228,7 @@ class MegatronSource(TokenSource):
         if not contiguous:  # token offset of each sequence in the stream [S + 1]
             self._starts = np.zeros(n_seq + 1, dtype=np.int64)
             np.cumsum(self.sequence_lengths, out=self._starts[1:])
-        bin_size = _size(self.bin_path)
+        bin_size = file_size(self.bin_path)
         if bin_size < end:
             raise ChameleonUserError(
                 f"{self.bin_path!r} is {bin_size} bytes but its index {os.path.basename(self.idx_path)!r} "
@@ -307,7 +307,7 @@ class TokenSources:
     def sample_windows(self, rng: np.random.Generator, n: int, window: int, tokenizer=None) -> np.ndarray:
         """``n`` windows ``[n, window]`` int64, starts uniform over every full window
         (``tokenizer`` is unused: it keeps the signature of :meth:`TextSources.sample_windows`)."""
-        n, window = _check_counts(n, window)
+        n, window = check_counts(n, window)
         if self.n_tokens < window:
             raise ChameleonUserError(
                 f"domain {self.path!r} is shorter than one window: {self.n_tokens} tokens, a "
