@@ -1,4 +1,4 @@
-"""Overhead of online Chameleon weights (issue 14) against a training step.
+"""Overhead of online Chameleon weights against a training step.
 
 Providers, on the project's small GPT (4 blocks, 4 heads; width 128 = the ``small`` preset,
 and width 384, the [16, 256, 384] hidden state of the issue), batch 16 x 256 tokens, fp32 on

@@ -1,5 +1,5 @@
 """Corpus sources: the time and memory to draw n x window tokens from a domain should not grow
-with the domain (issue 13's goal: a 10x larger domain takes at most 1.2x the time, memory flat).
+with the domain (the goal: a 10x larger domain takes at most 1.2x the time, memory flat).
 
 For each format a small and a 10x larger domain are generated from the same random text
 (timed run: ~200 MB and ~2 GB under $CHAMELEON_BENCH_DIR or /tmp, kept between runs; the 2 GB

@@ -2,7 +2,7 @@
 per-window embeddings, one batched ``krls`` call) against a Python loop over resamples
 (index the windows, average, the plain weights path), and a lambda sweep.
 
-Goal (issue 11): B = 1000, k = 7, n = 2048 windows, d = 768 in under 1 s on the 2-core CPU
+Goal (interactive use of `chameleon weights --bootstrap`): B = 1000, k = 7, n = 2048 windows, d = 768 in under 1 s on the 2-core CPU
 (the embedding pass excluded), under 50 ms on an H200. The loop is timed at B = 100 only
 (it is linear in B); the ratio is read from the B = 100 group.
 """

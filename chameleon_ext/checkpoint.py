@@ -36,7 +36,6 @@ from .model import state_dict_sha256
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
-    "PREVIOUS_NAME",
     "DamagedCheckpoint",
     "load_checkpoint",
     "save_checkpoint",
@@ -47,7 +46,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "chameleon_ext.train/2"
 CHECKPOINT_NAME = "ckpt.pt"
-PREVIOUS_NAME = "ckpt.prev.pt"
 
 # Keys every checkpoint holds; "sha256" covers all of them but the model's own three.
 _KEYS = ("format", "step", "model", "model_config", "model_sha256", "optimizer", "world_size",

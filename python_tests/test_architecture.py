@@ -387,3 +387,24 @@ def test_architecture_doc_shows_the_rooms_table():
         listed = {m.rstrip("/").replace("/", ".").removesuffix(".py") for m in modules}
         assert listed == {p if p != PACKAGE else "__init__" for p in ROOMS[room]}, (room, listed)
         assert allowed == ALLOWED[room], (room, allowed)
+
+
+# Comments and docstrings say why, not which tracker entry asked for a change.
+TRACKER_REFERENCE = re.compile(r"\b(?:[Ii]ssue|[Tt]ask)s? #?\d+|(?<![\w&])#\d+\b")
+
+# files whose tracker references other branches are rewriting (the lead empties this)
+KNOWN_TRACKER_REFERENCES: Set[str] = {
+    "online.py",  # its module docstring names the issue that asked for it (formats/online branch)
+}
+
+
+def test_no_tracker_numbers_in_the_package(pkg):
+    found = set()
+    for module, (path, _) in pkg.modules.items():
+        text = open(path, encoding="utf-8").read()
+        if TRACKER_REFERENCE.search(text):
+            found.add(os.path.relpath(path, os.path.join(ROOT, PACKAGE)))
+    assert sorted(found - KNOWN_TRACKER_REFERENCES) == []
+    assert sorted(KNOWN_TRACKER_REFERENCES - found) == [], "fixed: delete from KNOWN_TRACKER_REFERENCES"
+    assert TRACKER_REFERENCE.search("see issue 14") and TRACKER_REFERENCE.search("fixes #12")
+    assert not TRACKER_REFERENCE.search('"part.jsonl#0"') and not TRACKER_REFERENCE.search("&#39;")

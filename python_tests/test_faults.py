@@ -1,4 +1,4 @@
-"""Hostile and careless use of training and its files (issue 8), through the command line
+"""Hostile and careless use of training and its files, through the command line
 where a user would meet it: every fault ends with its exit status and one line naming the file,
 and no good file is lost or mixed. Faults are injected at named points (``CHAMELEON_FAULT``,
 see chameleon_ext.io); kills are real SIGKILLs of a subprocess."""

@@ -1,4 +1,4 @@
-"""Hostile and careless use of the command line (issue 8: output sets, bad --embeddings content,
+"""Hostile and careless use of the command line (output sets, bad --embeddings content,
 unwritable outputs, out-of-range options, SIGTERM) and work that must not need the compiled
 ops. Each case checks the exit status, the single line on stderr, and that no file was lost
 or mixed. Faults are injected through CHAMELEON_FAULT (chameleon_ext.io.fault_point), so the
@@ -149,7 +149,7 @@ def test_domain_mean_pool_rejects_a_fractional_domain_count():
         chameleon_ext.domain_mean_pool(torch.randn(2, 3, 4), None, torch.zeros(2, dtype=torch.long), 3.7)
 
 
-# --------------------------------------------------------------------------- output sets (issue 8.4)
+# --------------------------------------- output sets: a folder holds one run's outputs, or none
 
 
 def test_a_complete_set_has_a_manifest_of_its_files(tmp_path, emb_file, capsys):

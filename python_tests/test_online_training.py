@@ -1,4 +1,4 @@
-"""The trainer callbacks of issue 14 in a single process: an online run (``OnlineWeights``) or a
+"""The online and schedule trainer callbacks in a single process: an online run (``OnlineWeights``) or a
 schedule-following run (``ScheduleWeights``) stopped between two weight changes, or right after
 one, and resumed, ends with bitwise the same model (and schedule.json) as an uninterrupted run;
 a schedule replays the weights an online run sampled, to the same model bit for bit; a resume

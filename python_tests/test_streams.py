@@ -1,4 +1,4 @@
-"""Corpus sources wired into the data layer (issue 13, input side): every format through
+"""Corpus sources wired into the data layer (its input side): every format through
 ``load_dataset`` (token caches against the full tokenisation, streamed windows against the
 stream), ``draw_windows`` giving today's windows on cached and pre-tokenised domains,
 embeddings and their cache keys, the sampler and trainer on a streamed domain (reproducible,

@@ -308,7 +308,7 @@ def test_save_model_of_trained_proxy_is_loadable(dataset, tmp_path):
     assert save_model(tmp_path / "again.pt", loaded) == m.content_hash
 
 
-# -- logged metrics resume exactly (issue 8, item 14) -------------------------------------------
+# -- logged metrics resume exactly: a resumed run's metrics.jsonl equals an uninterrupted one's ----
 
 
 def _records(path):

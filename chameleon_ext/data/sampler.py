@@ -25,18 +25,12 @@ import torch
 from ..distributed import shard_range
 from ..errors import ChameleonUserError
 
-__all__ = ["WeightsLike", "WeightedDomainSampler", "normalize_weights", "uniform_weights"]
+__all__ = ["WeightsLike", "WeightedDomainSampler", "normalize_weights"]
 
 WeightsLike = Union[str, Mapping[str, float], Sequence[float], np.ndarray]
 # Windows drawn at once into a streamed domain's buffer: larger amortises the draw's fixed cost
 # (compressed shards are streamed per draw), smaller spreads a run over more independent draws.
 STREAM_BUFFER_WINDOWS = 256
-
-
-def uniform_weights(dataset) -> dict[str, float]:
-    """Equal weight on every domain (the proxy's training mixture)."""
-    k = len(dataset.domains)
-    return {d: 1.0 / k for d in dataset.domains}
 
 
 def normalize_weights(dataset, weights: WeightsLike) -> np.ndarray:
@@ -168,17 +162,14 @@ class WeightedDomainSampler:
         """
         self.probs = self._checked(weights)
 
-    def local_batch_size(self, batch_size: int) -> int:
-        """Rows :meth:`sample` returns on this rank for the global ``batch_size``."""
-        return len(shard_range(int(batch_size), self.rank, self.world_size))
-
     def sample(self, batch_size: int):
         """Draw one global batch of ``batch_size`` rows and return this rank's share.
 
         Returns:
             ``(x, y, domain)``: inputs ``[b, T]`` int64, targets ``[b, T]`` int64 (``x``
             shifted by one), and each row's domain index ``[b]`` int64 into
-            ``dataset.domains``, where ``b`` is :meth:`local_batch_size`.
+            ``dataset.domains``, where ``b`` is this rank's share of the rows,
+            ``len(shard_range(batch_size, rank, world_size))``.
         """
         B, T = int(batch_size), self.block_size
         dom = self.rng.choice(len(self.domains), size=B, p=self.probs)
