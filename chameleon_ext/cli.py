@@ -241,15 +241,22 @@ def cmd_train_proxy(args) -> int:
     ds = _dataset(args)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)  # a bad preset fails now
+    done = []
     path = train_proxy(ds, args.out, preset=args.preset, block_size=args.block_size,
-                       config=_train_config(args, args.out, args.steps, eval_at_end=True), seed=args.seed)
+                       config=_train_config(args, args.out, args.steps, eval_at_end=True), seed=args.seed,
+                       notice=done.append)
+    if done:  # already at or past --steps: nothing was trained (the trainer's line says which)
+        if args.quiet:
+            _say(done[0])
+        _say(f"proxy (unchanged) at {path}")
+        return 0
     _say(f"proxy written to {path}")
     return 0
 
 
 def cmd_embed(args) -> int:
     from . import distributed
-    from .embed import embed_domains
+    from .embed import cache_reuse_line, embed_domains
 
     _init_distributed(args)
     proxy, _, ds = _model_and_dataset(args, args.proxy)
@@ -260,6 +267,8 @@ def cmd_embed(args) -> int:
     path = os.path.join(args.out, "domain_embeddings.pt")
     if distributed.info().is_main:
         emb.save(path)  # one file, replaced atomically: old or new, never a mix
+    if cache_reuse_line(emb, cache):
+        _say(cache_reuse_line(emb, cache))
     _say(f"embedded {len(emb.computed)} domain(s), {len(emb.domains) - len(emb.computed)} from the cache; "
          f"wrote {path}")
     return 0
@@ -334,7 +343,7 @@ def cmd_sweep(args) -> int:
     """Weights at every (lambda, temperature) from one batched krls call: sweep.json,
     sweep.png and a table."""
     from . import distributed
-    from .embed import embed_domains, load_domain_embeddings
+    from .embed import cache_reuse_line, embed_domains, load_domain_embeddings
     from .io import write_json
     from .uncertainty import format_sweep_table, sweep_weights
 
@@ -351,6 +360,8 @@ def cmd_sweep(args) -> int:
         _check_embedding_memory(cfg, proxy)
         cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
+        if cache_reuse_line(emb, cache):
+            _say(cache_reuse_line(emb, cache))
     sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
                           normalize=not args.no_normalize, domains=emb.domains)
     _say(format_sweep_table(sweep))
@@ -408,7 +419,8 @@ def cmd_train(args) -> int:
                                  "new --out")
     result = train(model, ds, weights, cfg, init_from=init_from, callbacks=callbacks)
     if result["complete"]:
-        _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
+        if args.quiet:  # (otherwise the trainer has printed it)
+            _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
         return 0
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")

@@ -27,7 +27,13 @@ table states the number of seeds and what the interval is.
 
 Resumable: every finished unit (a mixture, a RegMix proxy, a base run) leaves a record under
 ``<out>/records``; a rerun skips it, and an interrupted training run resumes from its
-checkpoint (the trainer's exact resume).
+checkpoint (the trainer's exact resume). Each record names what the unit was computed from
+(each domain's data fingerprint, the tokenizer, the unit's settings, the chameleon_ext version,
+a finetuning start model's hash): a rerun reuses a record only when all of them still hold and
+says so; a record whose data (or any of the rest) changed is stale: the terminal says why and
+the unit is recomputed, in a new work folder (named by the digest of what it is computed from,
+so the old checkpoints are not resumed). Other settings than those pinned in
+``compare_settings.json`` are refused instead (a new ``--out`` is the way to change them).
 
 Scenarios (each writes its own ``compare*.json/md/png`` into the same ``out`` and shares the
 finished units of the others):
@@ -67,11 +73,14 @@ METHODS = ("uniform", "natural", "chameleon", "doremi", "regmix", "online")
 SCENARIOS = ("pretrain", "new_domains", "finetune")
 RECORD_FORMAT = "chameleon_ext.compare_unit/1"
 OUTPUT_STEM = {"pretrain": "compare", "new_domains": "compare-new-domains", "finetune": "compare-finetune"}
-# Settings that change what a finished unit holds: a rerun into the same out with other values
-# is refused rather than mixing incompatible runs in one table.
-_UNIT_KEYS = ("seed", "preset", "block_size", "batch_size", "lr", "warmup", "steps", "proxy_steps",
-              "regmix_proxies", "regmix_steps", "eval_windows", "eval_seed", "embed_windows",
-              "test_fraction", "val_fraction")
+# Settings every unit is computed from; a unit of a method adds that method's own (below).
+# compare_settings.json pins the settings of the units an out folder holds: a rerun with other
+# values is refused rather than mixing incompatible runs in one table.
+_COMMON_KEYS = ("seed", "preset", "block_size", "batch_size", "lr", "warmup", "eval_windows", "eval_seed",
+                "test_fraction", "val_fraction")
+_KIND_KEYS = {"base": ("steps",), "start": ("steps",), "finetune": ("finetune_steps",),
+              "chameleon": ("proxy_steps", "embed_windows", "mode_lam"), "doremi": ("proxy_steps",),
+              "regmix": ("regmix_proxies", "regmix_steps")}
 
 
 @dataclass
@@ -156,6 +165,11 @@ class CompareConfig:
             raise ChameleonUserError(f"scenario: expected one of {SCENARIOS}, got {self.scenario!r}")
         if not (0.0 < float(self.test_fraction) < 1.0):
             raise ChameleonUserError(f"test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
+        for name in ("new_domains", "finetune_domains"):
+            names = [str(d) for d in getattr(self, name)]
+            twice = sorted({d for d in names if names.count(d) > 1})
+            if twice:  # stored twice, a domain would be counted twice in every table
+                raise ChameleonUserError(f"{name}: {twice} given more than once; name each domain once")
         if self.scenario == "new_domains" and not self.new_domains:
             raise ChameleonUserError("new_domains: the new-domains scenario needs at least one domain name")
         if self.scenario == "finetune" and not (self.finetune_domains or self.finetune_data):
@@ -324,22 +338,51 @@ def _digest(obj: Any, n: int = 10) -> str:
 
 
 class _Records:
-    """One JSON record per finished unit under ``<out>/records``; a rerun skips them."""
+    """One JSON record per finished unit under ``<out>/records``, named by the unit (what it
+    is: method, domains, seed); the record holds the unit's *provenance* (what it was computed
+    from) and the name of its work folder, which carries the provenance's digest, so a unit
+    recomputed from other data never resumes the old checkpoints."""
 
     def __init__(self, out: str):
         self.folder = os.path.join(out, "records")
 
-    def path(self, key: str) -> str:
-        return os.path.join(self.folder, key + ".json")
+    def path(self, unit: str) -> str:
+        return os.path.join(self.folder, unit + ".json")
 
-    def get(self, key: str) -> Optional[dict]:
-        rec = io.read_json_or_none(self.path(key))
+    def get(self, unit: str) -> Optional[dict]:
+        rec = io.read_json_or_none(self.path(unit))
         return rec if rec and rec.get("format") == RECORD_FORMAT else None
 
-    def put(self, key: str, rec: dict) -> dict:
-        rec = {"format": RECORD_FORMAT, "key": key, **rec}
-        io.write_json(self.path(key), rec, "comparison record")
+    def put(self, unit: str, key: str, provenance: dict, rec: dict) -> dict:
+        rec = {"format": RECORD_FORMAT, "unit": unit, "key": key, "provenance": provenance, **rec}
+        io.write_json(self.path(unit), rec, "comparison record")
         return rec
+
+
+def stale_reason(saved: Optional[dict], now: dict) -> Optional[str]:
+    """Why a record computed from provenance ``saved`` no longer holds for ``now`` (None: it
+    does). A provenance is ``{"data": {domain: fingerprint}, "tokenizer", "settings",
+    "library", ...}``."""
+    if not saved:
+        return "it does not record what it was computed from (written by an older chameleon_ext)"
+    reasons = []
+    data_then, data_now = saved.get("data") or {}, now.get("data") or {}
+    changed = [d for d in data_now if data_then.get(d) != data_now[d]]
+    if changed or set(data_then) != set(data_now):
+        reasons.append(f"the data of domain(s) {changed or sorted(set(data_then) ^ set(data_now))} changed")
+    if saved.get("tokenizer") != now.get("tokenizer"):
+        reasons.append("the tokenizer changed")
+    then_s, now_s = saved.get("settings") or {}, now.get("settings") or {}
+    settings = sorted(k for k in set(then_s) | set(now_s) if then_s.get(k) != now_s.get(k))
+    if settings:
+        reasons.append(f"settings {settings} changed")
+    if saved.get("library") != now.get("library"):
+        reasons.append(f"chameleon_ext {saved.get('library')} wrote it, this is {now.get('library')}")
+    others = sorted(k for k in set(saved) | set(now) if k not in ("data", "tokenizer", "settings", "library")
+                    and saved.get(k) != now.get(k))
+    if others:
+        reasons.append(f"its inputs {others} changed")
+    return "; ".join(reasons) or None
 
 
 def _entry(method: str, name: str, kind: str, n_params: int, tokens: int, wall_s: float) -> dict:
@@ -356,6 +399,7 @@ class _Compare:
         self.ds, self.cfg, self.out, self.say = dataset, cfg, out, say
         self.records = _Records(out)
         self.progress: Optional[Progress] = None
+        self._model_hashes: dict = {}
         if not all(dataset.n_tokens(d, "test") for d in dataset.domains):
             raise ChameleonUserError("the dataset has no test split: load it with test_fraction > 0 "
                                      "(or give every domain a test.bin)")
@@ -393,15 +437,36 @@ class _Compare:
         return evaluate(model, data, self.cfg.eval_windows, self.cfg.block_size, seed=self.cfg.eval_seed,
                         device=self.cfg.device, split=split)
 
-    def _unit(self, key: str, what: str, build) -> dict:
-        rec = self.records.get(key)
+    def provenance(self, data, kind: str, **inputs) -> dict:
+        """What a unit of ``kind`` trained or scored on ``data`` is computed from: each domain's
+        data fingerprint (which covers the tokenizer's name), the tokenizer's content hash, the
+        settings of that kind of unit, the library version, and ``inputs`` (e.g. the hash of a
+        finetuning start model)."""
+        from . import __version__
+
+        record = data.tokenizer_record() if hasattr(data, "tokenizer_record") else None
+        keys = _COMMON_KEYS + _KIND_KEYS.get(kind, ())
+        return {"data": {d: data.fingerprint(d) for d in data.domains},
+                "tokenizer": None if record is None else record["sha256"],
+                "settings": {k: getattr(self.cfg, k) for k in keys}, "library": __version__, **inputs}
+
+    def _unit(self, unit: str, what: str, provenance: dict, build) -> dict:
+        """The record of ``unit``: reused when it was computed from ``provenance``, else
+        (re)computed by ``build(key)`` in work folders named ``key`` (unit + provenance digest)."""
+        key = f"{unit}-{_digest(provenance, 8)}"
+        rec = self.records.get(unit)
         if rec is not None:
-            self.say(f"  {what}: done before (record {self.records.path(key)}), skipped")
-            if self.progress is not None:
-                self.progress.update(rec.get("steps_planned", 0))
-            return rec
-        self.say(f"  {what} ...")
-        return self.records.put(key, build())
+            why = stale_reason(rec.get("provenance"), provenance)
+            if why is None:
+                self.say(f"  {what}: reused (record {self.records.path(unit)}: computed from the same data "
+                         "fingerprints, tokenizer, settings and chameleon_ext version), skipped")
+                if self.progress is not None:
+                    self.progress.update(rec.get("steps_planned", 0))
+                return rec
+            self.say(f"  {what}: the record {self.records.path(unit)} is stale ({why}); recomputing")
+        else:
+            self.say(f"  {what} ...")
+        return self.records.put(unit, key, provenance, build(key))
 
     # -- mixtures ---------------------------------------------------------------------------
 
@@ -421,13 +486,11 @@ class _Compare:
 
             return {"weights": natural_weights(dataset_token_counts(view, "train")), "entries": [],
                     "info": {"rule": "token shares of the training split"}}
-        key = f"mixture-{name}-{_digest([view.domains, tag])}"
-        if name == "chameleon":
-            return self._unit(key, f"chameleon mixture ({k} domains)", lambda: self._chameleon(view, key))
-        if name == "doremi":
-            return self._unit(key, f"doremi mixture ({k} domains)", lambda: self._doremi(view, key))
-        if name == "regmix":
-            return self._unit(key, f"regmix mixture ({k} domains)", lambda: self._regmix(view, key))
+        unit = f"mixture-{name}-{_digest([view.domains, tag])}"
+        build = {"chameleon": self._chameleon, "doremi": self._doremi, "regmix": self._regmix}.get(name)
+        if build is not None:
+            return self._unit(unit, f"{name} mixture ({k} domains)", self.provenance(view, name),
+                              lambda key: build(view, key))
         from .pipeline import read_weights
 
         return {"weights": read_weights(name, view.domains), "entries": [],
@@ -446,6 +509,7 @@ class _Compare:
         return EmbedConfig(n_windows=self.cfg.embed_windows, window=self.cfg.block_size, seed=self.cfg.seed)
 
     def _chameleon_weights(self, view, proxy, proxy_path, out_dir, mode, embedded: Sequence[str], method):
+        from .embed import cache_reuse_line
         from .pipeline import compute_weights
         from .weights import DEFAULT_LAMBDA
 
@@ -455,6 +519,9 @@ class _Compare:
                                          embed_config=self._embed_config(), device=self.cfg.device,
                                          cache_dir=os.path.join(self.out, "embeddings"), plots=False,
                                          proxy=proxy)
+        reuse = cache_reuse_line(emb, os.path.join(self.out, "embeddings"))
+        if reuse is not None:
+            self.say("  " + reuse)
         tokens = len(embedded) * self.cfg.embed_windows * self.cfg.block_size
         entry = _entry(method, f"embedding pass ({len(embedded)} domains)", FORWARD,
                        non_embedding_parameters(proxy), tokens, time.perf_counter() - t0)
@@ -540,9 +607,11 @@ class _Compare:
         # finetuning runs' steps (finetune_steps) may change, so they are part of the key.
         what = [weights, settings, data.domains, init_from and os.path.abspath(init_from),
                 online_mode if online else None] + ([] if tag == "base" else [steps])
-        key = f"{tag}-{mixture}-{_digest(what)}-seed{seed}"
+        unit = f"{tag}-{mixture}-{_digest(what)}-seed{seed}"
+        inputs = {"init_sha256": self.model_hash(init_from)} if init_from is not None else {}
+        provenance = self.provenance(data, "base" if tag == "base" else tag, **inputs)
 
-        def build():
+        def build(key):
             folder = os.path.join(self.out, "runs", key)
             init = self._model(data.vocab_size, seed, like=init_from)
             init_hash = state_dict_sha256(init.state_dict())
@@ -578,7 +647,16 @@ class _Compare:
                     "test_loss": {d: ev[d]["loss"] for d in data.domains},
                     "eval_wall_s": time.perf_counter() - t0, "entries": entries}
 
-        return self._unit(key, f"{tag} run: {mixture}, seed {seed}", build)
+        return self._unit(unit, f"{tag} run: {mixture}, seed {seed}", provenance, build)
+
+    def model_hash(self, path: str) -> str:
+        """Content hash of the model file ``path`` (a finetuning start), read once."""
+        path = os.path.abspath(path)
+        if path not in self._model_hashes:
+            from .model import load_model
+
+            self._model_hashes[path] = load_model(path).content_hash
+        return self._model_hashes[path]
 
 
 # ------------------------------------------------------------------------------------------
@@ -657,21 +735,39 @@ def run_compare(dataset, cfg: CompareConfig, out: str, say=print, plots: bool = 
     out = os.fspath(out)
     io.check_writable_folder(out, "--out")
     settings_path = os.path.join(out, "compare_settings.json")
-    mine = {k: getattr(cfg, k) for k in _UNIT_KEYS}
-    mine["dataset"] = {d: dataset.fingerprint(d) for d in dataset.domains}
-    saved = io.read_json_or_none(settings_path)
-    if saved is not None:
-        changed = sorted(k for k in mine if k in saved and saved[k] != mine[k] and k != "dataset")
-        if changed:
-            raise ChameleonUserError(
-                f"--out {out!r} holds a comparison made with other settings ({', '.join(changed)}: "
-                f"{[saved[k] for k in changed]} there, {[mine[k] for k in changed]} now); use a new "
-                "--out or the same settings")
-    io.write_json(settings_path, {**(saved or {}), **mine}, "comparison settings")
+    mine = {k: getattr(cfg, k) for k in pinned_settings(cfg)}
+    saved = io.read_json_or_none(settings_path) or {}
+    changed = sorted(k for k in mine if k in saved and saved[k] != mine[k])
+    if changed:
+        raise ChameleonUserError(
+            f"--out {out!r} holds a comparison made with other settings ({', '.join(changed)}: "
+            f"{[saved[k] for k in changed]} there, {[mine[k] for k in changed]} now); use a new "
+            "--out or the same settings")
+    # The data may change between runs: each unit's record names the data fingerprints it was
+    # computed from, and a unit whose data changed is recomputed (said per unit), so what the
+    # settings file states about the data is true of every unit the new tables use.
+    data = {d: dataset.fingerprint(d) for d in dataset.domains}
+    before = saved.get("dataset") or {}
+    moved = [d for d in data if d in before and before[d] != data[d]]
+    if moved:
+        say(f"note: the data of domain(s) {moved} changed since the last comparison in {out}: every unit "
+            "computed from the old data is recomputed (units of unchanged data are reused)")
+    io.write_json(settings_path, {**saved, **mine, "dataset": {**before, **data}}, "comparison settings")
     c = _Compare(dataset, cfg, out, say)
     if cfg.scenario == "finetune":
         return _finetune(c, dataset, cfg, out, say, plots, command)
     return _pretrain(c, dataset, cfg, out, say, plots, command)
+
+
+def pinned_settings(cfg: CompareConfig) -> tuple:
+    """The settings compare_settings.json pins for ``cfg``: those of the units it runs (RegMix's
+    only when RegMix is run, the proxies' only when a method trains one)."""
+    keys = _COMMON_KEYS + ("steps",)
+    mixtures = set(cfg.mixtures)
+    for kind in ("chameleon", "doremi", "regmix"):
+        if kind in mixtures:
+            keys += tuple(k for k in _KIND_KEYS[kind] if k not in keys and k != "mode_lam")
+    return keys
 
 
 def _plan_steps(cfg: CompareConfig, mixtures: Sequence[str], extra: int = 0) -> int:
@@ -739,6 +835,7 @@ def _pretrain(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         md += f"\nCommand: `{command}`\n"
     doc = {"format": "chameleon_ext.compare/1", "scenario": cfg.scenario, "command": command,
            "config": cfg.to_dict(), "domains": list(ds.domains), "new_domains": new,
+           "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
            "seeds": cfg.seed_list, "tokens_per_run": cfg.tokens_per_run,
            "evaluation": {"split": "test", "windows": cfg.eval_windows, "seed": cfg.eval_seed,
                           "window_tokens": cfg.block_size + 1},
@@ -772,19 +869,20 @@ def _chameleon_transfer(c: _Compare, ds, old: List[str], new: List[str]):
     the old ones read from the embedding cache. Returns (mixture, ledger of the extra cost)."""
     old_view = DatasetView(ds, old)
     base = c.build_mixture("chameleon", old_view)  # what existed before the new domains came
-    key = f"mixture-chameleon-transfer-{_digest([old, new])}"
+    unit = f"mixture-chameleon-transfer-{_digest([old, new])}"
+    path = base["info"]["proxy"]
 
-    def build():
+    def build(key):
         from .pipeline import load_proxy
 
-        path = base["info"]["proxy"]
         proxy = load_proxy(path, device="cpu")
         weights, entry = c._chameleon_weights(DatasetView(ds), proxy, path, os.path.join(
             c.out, "mixtures", key, "weights"), "transfer", new, "chameleon")
         return {"weights": weights, "entries": [entry], "info": {"proxy": path, "mode": "transfer",
                                                                   "new_domains": new}}
 
-    rec = c._unit(key, f"chameleon transfer to {', '.join(new)}", build)
+    provenance = c.provenance(DatasetView(ds), "chameleon", proxy_sha256=c.model_hash(path))
+    rec = c._unit(unit, f"chameleon transfer to {', '.join(new)}", provenance, build)
     mixture = {"weights": rec["weights"], "entries": base["entries"] + rec["entries"], "info": rec["info"]}
     return mixture, _ledger(rec["entries"])
 
@@ -837,12 +935,13 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         mixtures = {}
         for name in mixes:
             label = name if name in METHODS else _file_label(name)
-            if name == "chameleon":
-                mixtures[label] = c._unit(f"finetune-chameleon-{_digest([start, fdoms])}", "chameleon finetuning weights",
-                                          lambda: _chameleon_finetune(c, fview, start))
-            elif name == "doremi":
-                mixtures[label] = c._unit(f"finetune-doremi-{_digest([start, fdoms, cfg.finetune_steps])}", "doremi finetuning weights",
-                                          lambda: _doremi_finetune(c, fview, start))
+            if name in ("chameleon", "doremi"):
+                unit = f"finetune-{name}-{_digest([start, fdoms] + ([cfg.finetune_steps] if name == 'doremi' else []))}"
+                build = _chameleon_finetune if name == "chameleon" else _doremi_finetune
+                provenance = c.provenance(fview, name, init_sha256=c.model_hash(start),
+                                          **({"finetune_steps": cfg.finetune_steps} if name == "doremi" else {}))
+                mixtures[label] = c._unit(unit, f"{name} finetuning weights", provenance,
+                                          lambda key, build=build: build(c, fview, start, key))
             else:
                 mixtures[label] = c.build_mixture(name, fview)
         say(f"[2/2] finetuning runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.finetune_steps} steps each")
@@ -881,6 +980,7 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         md += f"\nCommand: `{command}`\n"
     doc = {"format": "chameleon_ext.compare/1", "scenario": "finetune", "command": command,
            "config": cfg.to_dict(), "domains": fdoms, "pretrain_domains": pre, "start_model": start,
+           "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
            "seeds": cfg.seed_list, "tokens_per_run": cfg.finetune_steps * cfg.batch_size * cfg.block_size,
            "evaluation": {"split": "test", "windows": cfg.eval_windows, "seed": cfg.eval_seed,
                           "window_tokens": cfg.block_size + 1},
@@ -896,25 +996,24 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     return doc
 
 
-def _chameleon_finetune(c: _Compare, fview, start: str) -> dict:
+def _chameleon_finetune(c: _Compare, fview, start: str, key: str) -> dict:
     """Chameleon's finetuning weights: the finetuning domains embedded with the start model
     itself as the frozen proxy (no proxy training), leverage-proportional (``mode="finetune"``)."""
     from .model import load_model
 
     model = load_model(start)
-    key = f"finetune-chameleon-{_digest([start, fview.domains])}"
     weights, entry = c._chameleon_weights(fview, model, start, os.path.join(c.out, "mixtures", key, "weights"),
                                           "finetune", fview.domains, "chameleon")
     return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune"}}
 
 
-def _doremi_finetune(c: _Compare, fview, start: str) -> dict:
+def _doremi_finetune(c: _Compare, fview, start: str, key: str) -> dict:
     """DoReMi on the finetuning domains: the reference is the start model finetuned on
     uniform; the Group-DRO proxy is finetuned from the start model too."""
     from .baselines.doremi import DoReMiObjective, DoReMiWeights
 
     cfg = c.cfg
-    folder = os.path.join(c.out, "mixtures", f"finetune-doremi-{_digest([start, fview.domains, cfg.finetune_steps])}")
+    folder = os.path.join(c.out, "mixtures", key)
     ref, wall1 = c._train(fview, "uniform", os.path.join(folder, "reference"), cfg.finetune_steps, cfg.seed,
                           init_from=start)
     objective = DoReMiObjective(ref, DoReMiWeights(fview.domains), grad_accum=1)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from . import distributed, io
 from ._version import __version__
-from .embed import DomainEmbeddings, EmbedConfig, embed_domains
+from .embed import DomainEmbeddings, EmbedConfig, cache_reuse_line, embed_domains
 from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
@@ -51,12 +51,16 @@ DEFAULT_BLOCK_SIZE = 128
 
 def train_proxy(dataset, out_dir: str, preset: str = DEFAULT_PRESET, block_size: int = DEFAULT_BLOCK_SIZE,
                 config: Optional[TrainConfig] = None, model_overrides: Optional[dict] = None,
-                seed: int = 0) -> str:
-    """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``."""
+                seed: int = 0, notice: Optional[Callable[[str], None]] = None) -> str:
+    """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``.
+    ``notice``: given the trainer's line when the run in ``out_dir`` was already complete (at or
+    past ``config.steps``), so a quiet caller still says that nothing was trained."""
     cfg = config or TrainConfig(out_dir=out_dir, seed=seed, block_size=block_size)
     cfg.out_dir = out_dir
     model = GPT(GPTConfig.preset(preset, dataset.vocab_size, block_size, **(model_overrides or {})), seed=seed)
     result = train(model, dataset, "uniform", cfg)
+    if result["complete"] and notice is not None:
+        notice(result["notices"][-1])
     return result["model_path"] or os.path.join(out_dir, "model.pt")
 
 
@@ -340,6 +344,9 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
                         progress=progress, windows=bootstrap > 0)
+    reuse = cache_reuse_line(emb, cache_dir)
+    if reuse is not None and notice is not None and distributed.info(group).is_main:
+        notice(reuse)
     result = weights_for_domains(emb, mode, lam, temperature, normalize)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}

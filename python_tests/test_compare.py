@@ -406,3 +406,67 @@ def test_finetune_scenario(compared, ds, text_root):
                        finetune_domains=["digits", "dna"], finetune_steps=2, mixtures=["uniform", "chameleon"])
     assert doc2["runs"]["chameleon"] == doc["runs"]["chameleon"]  # the same units, skipped
     assert all("skipped" in line for line in lines if "finetune run" in line)
+
+
+# -- stale units: a rerun after the data changed ------------------------------------------------
+
+
+def test_rerun_after_a_data_change_recomputes_stale_units(tmp_path):
+    """Rewrite one file of one domain and rerun into the same out: every unit computed from the
+    old data is recomputed (and said so) and the perplexities equal a fresh out's."""
+    root = write_text_domains(tmp_path / "data")
+    kw = dict(mixtures=["uniform", "chameleon"], seeds=1)
+    first = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+    old_doc, _ = _run(first, tmp_path / "same", **kw)
+    with open(os.path.join(root, "dna", "part0.txt"), "w", encoding="utf-8") as f:
+        f.write("".join("ACGT"[(i * i + 3 * i) % 4] for i in range(3000)) + " GATTACA" * 50)
+    ds2 = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+    doc, lines = _run(ds2, tmp_path / "same", **kw)
+    fresh, _ = _run(ds2, tmp_path / "fresh", **kw)
+    assert doc["runs"] == fresh["runs"]  # the same perplexities as a fresh out folder
+    assert doc["mixtures"]["chameleon"]["weights"] == fresh["mixtures"]["chameleon"]["weights"]
+    assert doc["runs"]["uniform"]["0"]["test"]["dna"] != old_doc["runs"]["uniform"]["0"]["test"]["dna"]
+    assert not any("skipped" in line for line in lines)
+    # the chameleon mixture and the uniform base run (chameleon's base run has new weights: a new unit)
+    assert sum("stale" in line and "['dna']" in line and "recomputing" in line for line in lines) == 2
+    assert any(line.startswith("note: the data of domain(s) ['dna'] changed") for line in lines)
+    saved = json.loads((tmp_path / "same" / "compare_settings.json").read_text())
+    assert saved["dataset"] == {d: ds2.fingerprint(d) for d in ds2.domains}
+    assert doc["data_fingerprints"] == saved["dataset"]
+    # a third run reuses everything and says why
+    _, lines = _run(ds2, tmp_path / "same", **kw)
+    assert sum("reused" in line and "same data fingerprints" in line for line in lines) == 3
+
+
+def test_rerun_with_an_older_record_recomputes_it(ds, tmp_path):
+    out = tmp_path / "o"
+    doc, _ = _run(ds, out, mixtures=["uniform"], seeds=1)
+    rec_path = next((out / "records").glob("base-uniform-*.json"))
+    rec = json.loads(rec_path.read_text())
+    del rec["provenance"]  # what an older release wrote
+    rec["test"] = {d: 1.0 for d in rec["test"]}
+    rec_path.write_text(json.dumps(rec))
+    doc2, lines = _run(ds, out, mixtures=["uniform"], seeds=1)
+    assert any("stale" in line and "older chameleon_ext" in line for line in lines)
+    assert doc2["runs"]["uniform"]["0"]["test"] == doc["runs"]["uniform"]["0"]["test"]
+
+
+def test_settings_pin_regmix_only_when_it_runs(ds, tmp_path):
+    out = tmp_path / "o"
+    _run(ds, out, mixtures=["uniform"], seeds=1)
+    saved = json.loads((out / "compare_settings.json").read_text())
+    assert not any(k.startswith("regmix") or k in ("proxy_steps", "embed_windows") for k in saved)
+    # so another RegMix setting later is not "other settings"
+    _run(ds, out, mixtures=["uniform", "regmix"], seeds=1, regmix_steps=3)
+    saved = json.loads((out / "compare_settings.json").read_text())
+    assert saved["regmix_steps"] == 3 and saved["regmix_proxies"] == TINY["regmix_proxies"]
+    with pytest.raises(ChameleonUserError, match="regmix_steps"):
+        _run(ds, out, mixtures=["regmix"], seeds=1, regmix_steps=2)
+
+
+def test_new_domains_given_twice_is_refused(ds, tmp_path):
+    with pytest.raises(ChameleonUserError, match=r"new_domains: \['dna'\] given more than once"):
+        CompareConfig(scenario="new_domains", new_domains=["dna", "dna"])
+    from chameleon_ext.cli import main
+
+    assert main(["compare", "--data", ds.path, "--new-domains", "dna,dna", "--out", str(tmp_path / "x")]) == 2
