@@ -230,6 +230,16 @@ def _check_embedding_memory(cfg, proxy) -> None:
     _check_memory("--n-windows", cfg.n_windows, cfg.n_windows * per_window, f"{cfg.n_windows} {what}")
 
 
+def _check_bootstrap_memory(resamples, cfg, n_domains: int, hidden: int) -> None:
+    # Before the proxy and the embeddings cost anything; bootstrap_weights checks again with
+    # the windows it really got.
+    from .uncertainty import DEFAULT_RESAMPLES, check_bootstrap_memory
+
+    resamples = DEFAULT_RESAMPLES if resamples is None else resamples
+    if isinstance(resamples, int) and not isinstance(resamples, bool):
+        check_bootstrap_memory(resamples, [cfg.n_windows] * n_domains, hidden)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -306,6 +316,7 @@ def cmd_weights(args) -> int:
         block = getattr(getattr(proxy, "config", None), "block_size", None)
         cfg = _embed_config(args, block)
         _check_embedding_memory(cfg, proxy)
+        _check_bootstrap_memory(args.bootstrap, cfg, len(ds.domains), proxy.config.n_embd)
         result, emb, paths = compute_weights(
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
@@ -612,6 +623,8 @@ def cmd_run(args) -> int:
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
     _check_embedding_memory(embed_config, None)
+    _check_bootstrap_memory(args.bootstrap, embed_config, len(ds.domains),
+                            GPTConfig.preset(args.preset, ds.vocab_size, args.block_size).n_embd)
     out = args.out
     _say(f"[1/4] data: {len(ds.domains)} domains from {ds.path}: {', '.join(ds.domains)}")
     _say(f"[2/4] training the proxy ({args.preset}, {args.proxy_steps} steps, uniform mixture)")
