@@ -356,7 +356,8 @@ def cmd_sweep(args) -> int:
     from . import distributed
     from .embed import cache_reuse_line, embed_domains, load_domain_embeddings
     from .io import write_json
-    from .uncertainty import format_sweep_table, sweep_weights
+    from .pipeline import sweep_for_domains
+    from .uncertainty import format_sweep_table
 
     _init_distributed(args)
     if args.embeddings:
@@ -373,8 +374,7 @@ def cmd_sweep(args) -> int:
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
         if cache_reuse_line(emb, cache):
             _say(cache_reuse_line(emb, cache))
-    sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
-                          normalize=not args.no_normalize, domains=emb.domains)
+    sweep = sweep_for_domains(emb, args.lam, args.temperature, mode=args.mode, normalize=not args.no_normalize)
     _say(format_sweep_table(sweep))
     if distributed.info().is_main:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")

@@ -185,13 +185,38 @@ def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: floa
     rule = "pretrain" if mode == "transfer" else mode
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        try:
+        with _leverage_errors():
             result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
                                               normalize=normalize, domains=emb.domains)
-        except ValueError as exc:
-            raise ChameleonUserError(f"domain embeddings: {exc}") from None
     result.mode = mode
     return result
+
+
+def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures: Optional[Sequence[float]] = None,
+                      mode: str = "pretrain", normalize: bool = True):
+    """:func:`chameleon_ext.uncertainty.sweep_weights` for a :class:`DomainEmbeddings`, checked
+    as :func:`weights_for_domains` checks one (lambda, temperature): the same options and
+    the same one-line error for a lambda too small for the embeddings."""
+    from .uncertainty import sweep_weights
+
+    for lam in lams:
+        for temperature in (temperatures or [None]):
+            check_weight_options(mode, lam, temperature)
+    with _leverage_errors():
+        return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains)
+
+
+class _leverage_errors:
+    """The leverage computation's ValueError (krls: a lambda below the rounding level of the
+    affinity, non-finite embeddings) as a ChameleonUserError naming the embeddings."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, ValueError) and not issubclass(kind, ChameleonUserError):
+            raise ChameleonUserError(f"domain embeddings: {exc}") from None
+        return False
 
 
 def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
@@ -220,10 +245,11 @@ def assess_weights(result: DomainWeights, emb: DomainEmbeddings, resamples: Opti
 
     resamples = check_resamples(DEFAULT_RESAMPLES if resamples is None else resamples)
     boot = None
-    if resamples > 0 and emb.windows is not None:
-        boot = bootstrap_weights(emb.windows, resamples=resamples, seed=seed, point=result)
-    result.bootstrap = boot
-    result.diagnostics = diagnose(result, emb.embeddings, boot)
+    with _leverage_errors():
+        if resamples > 0 and emb.windows is not None:
+            boot = bootstrap_weights(emb.windows, resamples=resamples, seed=seed, point=result)
+        result.bootstrap = boot
+        result.diagnostics = diagnose(result, emb.embeddings, boot)
     return result
 
 

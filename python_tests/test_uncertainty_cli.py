@@ -356,3 +356,20 @@ def test_cli_bootstrap_too_large_is_one_line_before_embedding(work, capsys, monk
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--bootstrap) {B:,}" in err and "the largest --bootstrap that fits is" in err
     assert "Traceback" not in err
+
+
+def test_sweep_and_weights_refuse_a_lambda_too_small_alike(work, capsys):
+    """One checking path: the lambda below the affinity's rounding level is the same one-line
+    exit 2 in `sweep` as in `weights`, not a ValueError traceback."""
+    # (three domains in 16 dimensions: krls refuses lambda = 1e-300 for their affinity)
+    X = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    emb = str(work / "spread.pt")
+    torch.save({"domains": ["a", "b", "c"], "embeddings": X, "counts": [1] * 3, "settings": {}}, emb)
+    errors = {}
+    for command in ("weights", "sweep"):
+        code, out, err = _run([command, "--embeddings", emb, "--lam", "1e-300", "--out", work / f"tiny_{command}",
+                               "--no-plots", *COMMON], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        errors[command] = err
+        assert "lam = 1e-300 is too small" in err and "use a larger lam" in err, err
+    assert not os.path.exists(work / "tiny_sweep" / "sweep.json")
