@@ -240,12 +240,13 @@ def test_compare_wiring(compared, ds):
     for d in ds.domains:  # natural = token shares of the training split
         assert doc["mixtures"]["natural"]["weights"][d] == pytest.approx(counts[d] / total, rel=1e-12)
     # per-seed test perplexities reproduce the statistics (an independent mean / t interval)
-    for mix, runs in doc["runs"].items():
-        vals = [runs[s]["test"]["dna"] for s in ("0", "1")]
+    for mix, runs in doc["runs"].items():  # on the log scale: geometric mean, exp(mean log +- half)
+        vals = np.log([runs[s]["test"]["dna"] for s in ("0", "1")])
         iv = doc["stats"]["mixtures"][mix]["perplexity"]["dna"]
-        assert iv["mean"] == pytest.approx(np.mean(vals))
+        assert iv["mean"] == pytest.approx(np.exp(np.mean(vals))) and iv["scale"] == "log"
         half = 12.706204736174707 * np.std(vals, ddof=1) / np.sqrt(2)
-        assert iv["high"] - iv["mean"] == pytest.approx(half, rel=1e-6)
+        assert iv["high"] == pytest.approx(np.exp(np.mean(vals) + half), rel=1e-6)
+        assert 0 < iv["low"] == pytest.approx(np.exp(np.mean(vals) - half), rel=1e-6)
     # the ledger: 6 N D for each base run, every method's proxies counted
     base = [e for e in doc["compute"]["entries"] if e["method"] == "base"]
     assert len(base) == 12 and all(e["tokens"] == 3 * 4 * 16 for e in base)
