@@ -301,7 +301,7 @@ def cmd_weights(args) -> int:
         if args.bootstrap > 0 and emb.windows is None:
             _say(f"note: no {WINDOW_EMBEDDINGS_NAME} beside {args.embeddings}: no bootstrap intervals "
                  "(diagnostics only); it is written by `chameleon weights` from --data/--proxy")
-        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
+        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize, notice=_say)
         paths = {}
         if distributed.info().is_main:
             assess_weights(result, emb, args.bootstrap, seed)
@@ -374,7 +374,8 @@ def cmd_sweep(args) -> int:
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
         if cache_reuse_line(emb, cache):
             _say(cache_reuse_line(emb, cache))
-    sweep = sweep_for_domains(emb, args.lam, args.temperature, mode=args.mode, normalize=not args.no_normalize)
+    sweep = sweep_for_domains(emb, args.lam, args.temperature, mode=args.mode, normalize=not args.no_normalize,
+                              notice=_say)
     _say(format_sweep_table(sweep))
     if distributed.info().is_main:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")

@@ -518,7 +518,7 @@ class _Compare:
         result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=lam,
                                          embed_config=self._embed_config(), device=self.cfg.device,
                                          cache_dir=os.path.join(self.out, "embeddings"), plots=False,
-                                         proxy=proxy)
+                                         proxy=proxy, notice=lambda line: self.say("  " + line))
         reuse = cache_reuse_line(emb, os.path.join(self.out, "embeddings"))
         if reuse is not None:
             self.say("  " + reuse)

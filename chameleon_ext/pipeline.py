@@ -176,24 +176,48 @@ def check_weight_options(mode: str, lam: float, temperature: Optional[float]) ->
 
 
 def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                        temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+                        temperature: Optional[float] = None, normalize: bool = True,
+                        notice: Optional[Callable[[str], None]] = None) -> DomainWeights:
     """:func:`chameleon_ext.weights_from_embeddings` for a :class:`DomainEmbeddings`, with the
-    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors."""
+    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors.
+    ``notice``: given the library's remarks (one domain, identical embeddings) as ``note:``
+    lines instead of warnings, so a command line prints them its own way (or not, quiet)."""
     check_weight_options(mode, lam, temperature)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
     rule = "pretrain" if mode == "transfer" else mode
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        with _leverage_errors():
-            result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
-                                              normalize=normalize, domains=emb.domains)
+    with _library_notes(notice), _leverage_errors():
+        result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
+                                          normalize=normalize, domains=emb.domains)
     result.mode = mode
     return result
 
 
+class _library_notes:
+    """Collects the UserWarnings of the block (the weights' remarks) and hands each to
+    ``notice`` as a ``note:`` line; without ``notice`` they are warned as before."""
+
+    def __init__(self, notice: Optional[Callable[[str], None]]):
+        self.notice = notice
+        self._catch = warnings.catch_warnings(record=True)
+
+    def __enter__(self):
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        for w in self.caught:
+            if self.notice is not None and issubclass(w.category, UserWarning):
+                self.notice(f"note: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
+
+
 def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures: Optional[Sequence[float]] = None,
-                      mode: str = "pretrain", normalize: bool = True):
+                      mode: str = "pretrain", normalize: bool = True, notice: Optional[Callable[[str], None]] = None):
     """:func:`chameleon_ext.uncertainty.sweep_weights` for a :class:`DomainEmbeddings`, checked
     as :func:`weights_for_domains` checks one (lambda, temperature): the same options and
     the same one-line error for a lambda too small for the embeddings."""
@@ -202,7 +226,7 @@ def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures
     for lam in lams:
         for temperature in (temperatures or [None]):
             check_weight_options(mode, lam, temperature)
-    with _leverage_errors():
+    with _library_notes(notice), _leverage_errors():
         return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains)
 
 
@@ -373,7 +397,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     reuse = cache_reuse_line(emb, cache_dir)
     if reuse is not None and notice is not None and distributed.info(group).is_main:
         notice(reuse)
-    result = weights_for_domains(emb, mode, lam, temperature, normalize)
+    result = weights_for_domains(emb, mode, lam, temperature, normalize, notice=notice)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:

@@ -56,3 +56,15 @@ def test_embed_and_weights_say_what_came_from_the_cache(proxy, data, tmp_path, c
     w = ok_cli(["weights", "--data", data, "--proxy", proxy, "--out", tmp_path / "w", "--embed-cache", cache,
                 "--quiet", "--bootstrap", "0", "--no-plots", *EMBED], capsys)
     assert "reused from the cache" in w and "proxy's content hash" in w
+
+
+def test_a_single_domain_is_a_note_not_a_raw_warning(proxy, tmp_path, capsys):
+    import warnings
+
+    write_text_domains(tmp_path / "one", names=["dna"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ok_cli(["weights", "--data", tmp_path / "one", "--proxy", proxy, "--out", tmp_path / "w", "--quiet",
+                      "--no-plots", "--bootstrap", "5", *EMBED], capsys)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert "note: only one domain: its weight is 1.0" in out
