@@ -752,11 +752,14 @@ def run_compare(dataset, cfg: CompareConfig, out: str, say=print, plots: bool = 
     if moved:
         say(f"note: the data of domain(s) {moved} changed since the last comparison in {out}: every unit "
             "computed from the old data is recomputed (units of unchanged data are reused)")
-    io.write_json(settings_path, {**saved, **mine, "dataset": {**before, **data}}, "comparison settings")
+    # The data fingerprints are written once the tables built from that data are: a run killed
+    # before then leaves the file naming the data of the last finished tables.
+    io.write_json(settings_path, {**saved, **mine}, "comparison settings")
     c = _Compare(dataset, cfg, out, say)
-    if cfg.scenario == "finetune":
-        return _finetune(c, dataset, cfg, out, say, plots, command)
-    return _pretrain(c, dataset, cfg, out, say, plots, command)
+    run = _finetune if cfg.scenario == "finetune" else _pretrain
+    doc = run(c, dataset, cfg, out, say, plots, command)
+    io.write_json(settings_path, {**saved, **mine, "dataset": {**before, **data}}, "comparison settings")
+    return doc
 
 
 def pinned_settings(cfg: CompareConfig) -> tuple:

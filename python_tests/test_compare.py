@@ -471,3 +471,26 @@ def test_new_domains_given_twice_is_refused(ds, tmp_path):
     from chameleon_ext.cli import main
 
     assert main(["compare", "--data", ds.path, "--new-domains", "dna,dna", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_settings_name_the_data_of_the_last_finished_tables(tmp_path, monkeypatch):
+    import chameleon_ext.compare as compare_mod
+
+    root = write_text_domains(tmp_path / "data", names=["alpha", "dna"])
+    out = tmp_path / "o"
+    _run(load_dataset(root, val_fraction=0.1, test_fraction=0.1), out, mixtures=["uniform"], seeds=1)
+    old = json.loads((out / "compare_settings.json").read_text())["dataset"]
+    (tmp_path / "data" / "dna" / "part0.txt").write_text("ACGT" * 900, encoding="utf-8")
+    ds2 = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+
+    def killed(*a, **k):
+        raise RuntimeError("killed during the evaluation")
+
+    monkeypatch.setattr(compare_mod._Compare, "_eval", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(ds2, out, mixtures=["uniform"], seeds=1)
+    assert json.loads((out / "compare_settings.json").read_text())["dataset"] == old  # not the new data yet
+    monkeypatch.undo()
+    doc, _ = _run(ds2, out, mixtures=["uniform"], seeds=1)
+    now = json.loads((out / "compare_settings.json").read_text())["dataset"]
+    assert now == doc["data_fingerprints"] == {d: ds2.fingerprint(d) for d in ds2.domains} and now != old
