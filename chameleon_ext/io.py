@@ -22,7 +22,9 @@ environment variable: a comma-separated list of ``POINT=ACTION`` where ``POINT``
 (RuntimeError), ``kill`` (SIGKILL this process) or ``sleep:SECONDS``. Every atomic write
 passes the points ``write:NAME:open``, ``write:NAME:data`` (before the data is flushed) and
 ``write:NAME:replace`` (data written, before the rename), where NAME is the file's base name;
-other modules add their own with :func:`fault_point` (e.g. ``train:step:120``).
+a whole folder written through :func:`staged_folder` passes ``folder:NAME:staged``,
+``folder:NAME:swapped`` (and ``folder:NAME:aside`` where the filesystem cannot exchange two
+paths); other modules add their own with :func:`fault_point` (e.g. ``train:step:120``).
 """
 
 from __future__ import annotations
@@ -270,7 +272,8 @@ def staged_folder(path: PathLike, what: str = "folder") -> Iterator[str]:
     (after it, before the old folder is deleted), NAME being ``path``'s base name."""
     import shutil
 
-    path = os.path.abspath(os.fspath(path))
+    # The real folder is replaced (a symlink to it stays a symlink), beside it on its filesystem.
+    path = os.path.realpath(os.fspath(path))
     parent, base = os.path.split(path)
     staged = None
     try:

@@ -183,3 +183,15 @@ def test_recover_folder_puts_back_a_folder_moved_aside_by_a_dead_writer(tmp_path
     aside.mkdir()  # killed after the swap: the new folder stays, the aside one goes
     cio.recover_folder(str(target))
     assert _tree(target) == {"a.txt": "old"} and sorted(os.listdir(tmp_path)) == ["set"]
+
+
+def test_staged_folder_through_a_symlink_replaces_the_real_folder(tmp_path):
+    from chameleon_ext import io as cio
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("old")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with cio.staged_folder(tmp_path / "link") as staged:
+        cio.write_text(os.path.join(staged, "a.txt"), "new")
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "link" / "a.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
