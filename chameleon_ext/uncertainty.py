@@ -438,7 +438,12 @@ def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
     memory (MemAvailable, else its physical memory); None when unknown."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            return int(torch.cuda.mem_get_info(device.index if device.index is not None else None)[0])
+        except (RuntimeError, AssertionError):  # no usable CUDA here: nothing to bound by
+            return None
+    if device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
