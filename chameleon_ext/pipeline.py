@@ -10,6 +10,7 @@ The command line (``chameleon``) is a thin layer over these functions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -193,27 +194,18 @@ def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: floa
     return result
 
 
-class _library_notes:
+@contextlib.contextmanager
+def _library_notes(notice: Optional[Callable[[str], None]]):
     """Collects the UserWarnings of the block (the weights' remarks) and hands each to
     ``notice`` as a ``note:`` line; without ``notice`` they are warned as before."""
-
-    def __init__(self, notice: Optional[Callable[[str], None]]):
-        self.notice = notice
-        self._catch = warnings.catch_warnings(record=True)
-
-    def __enter__(self):
-        self.caught = self._catch.__enter__()
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
-        for w in self.caught:
-            if self.notice is not None and issubclass(w.category, UserWarning):
-                self.notice(f"note: {w.message}")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return False
+        yield
+    for w in caught:
+        if notice is not None and issubclass(w.category, UserWarning):
+            notice(f"note: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures: Optional[Sequence[float]] = None,
@@ -230,17 +222,16 @@ def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures
         return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains)
 
 
-class _leverage_errors:
+@contextlib.contextmanager
+def _leverage_errors():
     """The leverage computation's ValueError (krls: a lambda below the rounding level of the
     affinity, non-finite embeddings) as a ChameleonUserError naming the embeddings."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is not None and issubclass(kind, ValueError) and not issubclass(kind, ChameleonUserError):
-            raise ChameleonUserError(f"domain embeddings: {exc}") from None
-        return False
+    try:
+        yield
+    except ChameleonUserError:
+        raise
+    except ValueError as exc:
+        raise ChameleonUserError(f"domain embeddings: {exc}") from None
 
 
 def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
