@@ -615,22 +615,26 @@ def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.
     return HFCausalLM(hf.eval()).to(map_location)
 
 
-# Heads of a causal-LM checkpoint that the base model leaves out on purpose (embeddings never
-# need logits): unexpected tensors under these names are expected, any other one is not.
-HF_DROPPED_HEADS = ("lm_head.", "embed_out.", "cls.predictions.")
+# Parts the hidden states never use. Heads a checkpoint stores and the base model leaves out on
+# purpose (embeddings need no logits): GPT-2/Llama's lm_head, GPT-NeoX's embed_out, BERT's
+# pretraining heads. And BERT's pooler, which a checkpoint saved without it leaves random in
+# BertModel: it reads only the last layer's first position, after every hidden state.
+HF_DROPPED_HEADS = ("lm_head.", "embed_out.", "cls.")
+HF_UNUSED_MISSING = ("pooler.",)
 
 
 def check_hf_loading_info(info: dict, path: str, model_class: str, shown: int = 12) -> None:
     """Raise naming the tensors when a Hugging Face load (``output_loading_info=True``) left any
-    tensor missing (randomly initialised), found one the architecture does not have (other
-    than a dropped head, :data:`HF_DROPPED_HEADS`), or one of another shape."""
+    tensor missing (randomly initialised; but :data:`HF_UNUSED_MISSING`), found one the
+    architecture does not have (other than a dropped head, :data:`HF_DROPPED_HEADS`), or one of
+    another shape."""
 
     def names(items) -> str:
         items = sorted(items)
         more = f" and {len(items) - shown} more" if len(items) > shown else ""
         return ", ".join(items[:shown]) + more
 
-    missing = [str(k) for k in info.get("missing_keys") or ()]
+    missing = [str(k) for k in info.get("missing_keys") or () if not str(k).startswith(HF_UNUSED_MISSING)]
     unexpected = [str(k) for k in info.get("unexpected_keys") or () if not str(k).startswith(HF_DROPPED_HEADS)]
     mismatched = [f"{k[0]} ({tuple(k[1])} in the file, {tuple(k[2])} in {model_class})" if isinstance(k, tuple)
                   else str(k) for k in info.get("mismatched_keys") or ()]

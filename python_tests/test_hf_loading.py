@@ -110,3 +110,22 @@ def test_eval_and_train_refuse_a_hugging_face_folder(folders, data, tmp_path, ca
     code, out, err = run_cli([*argv, folders["no_block0"], "--data", data, "--out", tmp_path / "o.json",
                               "--device", "cpu", "--quiet"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Hugging Face" in err, err
+
+
+def test_a_bert_checkpoint_with_pretraining_heads_and_no_pooler_loads(tmp_path):
+    """BERT's pretraining heads are dropped on purpose and its pooler is never used for hidden
+    states: neither is a mismatch. A missing encoder layer still is."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForPreTraining(cfg).save_pretrained(tmp_path / "pretraining")  # heads + pooler
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")  # head, no pooler
+    for name in ("pretraining", "mlm"):
+        model = load_hf_model(tmp_path / name)
+        assert model.n_layer == 2
+    weights = safetensors_torch.load_file(str(tmp_path / "mlm" / "model.safetensors"))
+    shutil.copytree(tmp_path / "mlm", tmp_path / "broken")
+    safetensors_torch.save_file({k: v for k, v in weights.items() if ".layer.1." not in k},
+                                str(tmp_path / "broken" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ChameleonUserError, match=r"encoder\.layer\.1\."):
+        load_hf_model(tmp_path / "broken")
