@@ -206,7 +206,7 @@ def compared(ds, tmp_path_factory):
     orig_windows = type(ds).windows_at
     import chameleon_ext.compare as compare_mod
 
-    orig_eval = compare_mod._Compare._eval
+    orig_eval = compare_mod.Comparison._eval
 
     def windows_at(self, name, starts, length, split="train"):
         log.append((phase["now"], split))
@@ -221,7 +221,7 @@ def compared(ds, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(type(ds), "windows_at", windows_at)
-    mp.setattr(compare_mod._Compare, "_eval", _eval)
+    mp.setattr(compare_mod.Comparison, "_eval", _eval)
     try:
         doc, lines = _run(ds, out)
     finally:
@@ -486,7 +486,7 @@ def test_settings_name_the_data_of_the_last_finished_tables(tmp_path, monkeypatc
     def killed(*a, **k):
         raise RuntimeError("killed during the evaluation")
 
-    monkeypatch.setattr(compare_mod._Compare, "_eval", killed)
+    monkeypatch.setattr(compare_mod.Comparison, "_eval", killed)
     with pytest.raises(RuntimeError, match="killed"):
         _run(ds2, out, mixtures=["uniform"], seeds=1)
     assert json.loads((out / "compare_settings.json").read_text())["dataset"] == old  # not the new data yet
