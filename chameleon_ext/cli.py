@@ -230,6 +230,16 @@ def _check_embedding_memory(cfg, proxy) -> None:
     _check_memory("--n-windows", cfg.n_windows, cfg.n_windows * per_window, f"{cfg.n_windows} {what}")
 
 
+def _check_bootstrap_memory(resamples, cfg, n_domains: int, hidden: int) -> None:
+    # Before the proxy and the embeddings cost anything; bootstrap_weights checks again with
+    # the windows it really got.
+    from .uncertainty import DEFAULT_RESAMPLES, check_bootstrap_memory
+
+    resamples = DEFAULT_RESAMPLES if resamples is None else resamples
+    if isinstance(resamples, int) and not isinstance(resamples, bool):
+        check_bootstrap_memory(resamples, [cfg.n_windows] * n_domains, hidden)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -241,15 +251,22 @@ def cmd_train_proxy(args) -> int:
     ds = _dataset(args)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)  # a bad preset fails now
+    done = []
     path = train_proxy(ds, args.out, preset=args.preset, block_size=args.block_size,
-                       config=_train_config(args, args.out, args.steps, eval_at_end=True), seed=args.seed)
+                       config=_train_config(args, args.out, args.steps, eval_at_end=True), seed=args.seed,
+                       notice=done.append)
+    if done:  # already at or past --steps: nothing was trained (the trainer's line says which)
+        if args.quiet:
+            _say(done[0])
+        _say(f"proxy (unchanged) at {path}")
+        return 0
     _say(f"proxy written to {path}")
     return 0
 
 
 def cmd_embed(args) -> int:
     from . import distributed
-    from .embed import embed_domains
+    from .embed import cache_reuse_line, embed_domains
 
     _init_distributed(args)
     proxy, _, ds = _model_and_dataset(args, args.proxy)
@@ -260,6 +277,8 @@ def cmd_embed(args) -> int:
     path = os.path.join(args.out, "domain_embeddings.pt")
     if distributed.info().is_main:
         emb.save(path)  # one file, replaced atomically: old or new, never a mix
+    if cache_reuse_line(emb, cache):
+        _say(cache_reuse_line(emb, cache))
     _say(f"embedded {len(emb.computed)} domain(s), {len(emb.domains) - len(emb.computed)} from the cache; "
          f"wrote {path}")
     return 0
@@ -282,7 +301,7 @@ def cmd_weights(args) -> int:
         if args.bootstrap > 0 and emb.windows is None:
             _say(f"note: no {WINDOW_EMBEDDINGS_NAME} beside {args.embeddings}: no bootstrap intervals "
                  "(diagnostics only); it is written by `chameleon weights` from --data/--proxy")
-        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
+        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize, notice=_say)
         paths = {}
         if distributed.info().is_main:
             assess_weights(result, emb, args.bootstrap, seed)
@@ -297,6 +316,7 @@ def cmd_weights(args) -> int:
         block = getattr(getattr(proxy, "config", None), "block_size", None)
         cfg = _embed_config(args, block)
         _check_embedding_memory(cfg, proxy)
+        _check_bootstrap_memory(args.bootstrap, cfg, len(ds.domains), proxy.config.n_embd)
         result, emb, paths = compute_weights(
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
@@ -334,9 +354,10 @@ def cmd_sweep(args) -> int:
     """Weights at every (lambda, temperature) from one batched krls call: sweep.json,
     sweep.png and a table."""
     from . import distributed
-    from .embed import embed_domains, load_domain_embeddings
+    from .embed import cache_reuse_line, embed_domains, load_domain_embeddings
     from .io import write_json
-    from .uncertainty import format_sweep_table, sweep_weights
+    from .pipeline import sweep_for_domains
+    from .uncertainty import format_sweep_table
 
     _init_distributed(args)
     if args.embeddings:
@@ -351,8 +372,10 @@ def cmd_sweep(args) -> int:
         _check_embedding_memory(cfg, proxy)
         cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
-    sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
-                          normalize=not args.no_normalize, domains=emb.domains)
+        if cache_reuse_line(emb, cache):
+            _say(cache_reuse_line(emb, cache))
+    sweep = sweep_for_domains(emb, args.lam, args.temperature, mode=args.mode, normalize=not args.no_normalize,
+                              notice=_say)
     _say(format_sweep_table(sweep))
     if distributed.info().is_main:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")
@@ -408,7 +431,8 @@ def cmd_train(args) -> int:
                                  "new --out")
     result = train(model, ds, weights, cfg, init_from=init_from, callbacks=callbacks)
     if result["complete"]:
-        _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
+        if args.quiet:  # (otherwise the trainer has printed it)
+            _say(result["notices"][-1])  # complete, or past --steps: nothing was trained
         return 0
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     _say(f"trained to step {result['step']}, loss {loss}; model at {result['model_path']}")
@@ -600,6 +624,8 @@ def cmd_run(args) -> int:
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)
     _check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
     _check_embedding_memory(embed_config, None)
+    _check_bootstrap_memory(args.bootstrap, embed_config, len(ds.domains),
+                            GPTConfig.preset(args.preset, ds.vocab_size, args.block_size).n_embd)
     out = args.out
     _say(f"[1/4] data: {len(ds.domains)} domains from {ds.path}: {', '.join(ds.domains)}")
     _say(f"[2/4] training the proxy ({args.preset}, {args.proxy_steps} steps, uniform mixture)")

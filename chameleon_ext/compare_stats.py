@@ -11,6 +11,13 @@ with ``t`` the Student-t quantile with ``n - 1`` degrees of freedom (computed he
 integer degrees of freedom, no SciPy needed). With one seed there is no interval (``low`` and
 ``high`` are None) and the table says so.
 
+**Perplexity on the log scale.** A perplexity is ``exp(loss)``: positive, and its spread over
+seeds grows with its size. Its interval is computed on the log scale (the formula above on
+``log ppl_s``, i.e. on the mean test loss) and exponentiated: ``exp(mean log ppl +- h)``
+around the geometric mean ``exp(mean log ppl)``. So it never goes below zero -- a linear
+interval with 2 seeds (``t_{0.975, 1} = 12.7``) often does -- and it is asymmetric, as the
+spread of a positive quantity is; the table prints it as ``[low, high]``.
+
 **Paired differences.** The difference of a mixture to the baseline (uniform) is taken seed by
 seed, ``d_s = ppl(mixture, s) - ppl(uniform, s)``, over the seeds both have, and its interval is
 the interval of the mean of the ``d_s``: seeds share initialisation and data order, so pairing
@@ -41,6 +48,7 @@ __all__ = [
     "student_t_quantile",
     "Interval",
     "mean_interval",
+    "log_mean_interval",
     "MixtureStats",
     "ComparisonStats",
     "compare_perplexities",
@@ -122,14 +130,24 @@ class Interval:
     n: int
     sd: Optional[float]
     confidence: float = DEFAULT_CONFIDENCE
+    # "linear": mean +- half-width; "log": computed on the logs (see log_mean_interval), mean
+    # the geometric mean, sd that of the logs, low/high asymmetric around mean
+    scale: str = "linear"
 
     @property
     def half_width(self) -> Optional[float]:
-        return None if self.high is None else self.high - self.mean
+        """The half-width of a linear interval (None for one seed, or on the log scale, where
+        the interval is not symmetric: use :attr:`errors`)."""
+        return None if self.high is None or self.scale != "linear" else self.high - self.mean
+
+    @property
+    def errors(self) -> tuple:
+        """``(mean - low, high - mean)``, ``(0, 0)`` without an interval (error bars)."""
+        return (0.0, 0.0) if self.high is None else (self.mean - self.low, self.high - self.mean)
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "sd": self.sd,
-                "confidence": self.confidence}
+                "confidence": self.confidence, "scale": self.scale}
 
 
 def mean_interval(values: Iterable[float], confidence: float = DEFAULT_CONFIDENCE) -> Interval:
@@ -147,6 +165,20 @@ def mean_interval(values: Iterable[float], confidence: float = DEFAULT_CONFIDENC
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = student_t_quantile(confidence, n - 1) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, sd, confidence)
+
+
+def log_mean_interval(values: Iterable[float], confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """The interval of positive per-seed ``values`` (perplexities) on the log scale: the
+    Student-t interval of ``log values``, exponentiated; ``mean`` is the geometric mean, ``sd``
+    the standard deviation of the logs (module doc)."""
+    xs = [float(v) for v in values]
+    bad = [v for v in xs if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ChameleonUserError(f"log_mean_interval: values must be finite and > 0, got {bad[0]!r}")
+    iv = mean_interval([math.log(v) for v in xs], confidence)
+    low = None if iv.low is None else math.exp(iv.low)
+    high = None if iv.high is None else math.exp(iv.high)
+    return Interval(math.exp(iv.mean), low, high, iv.n, iv.sd, confidence, "log")
 
 
 @dataclass
@@ -185,11 +217,13 @@ class ComparisonStats:
         if ns == [1]:
             return (f"{n_text} seed: single values, no confidence interval (one seed gives no "
                     "estimate of the spread).")
-        return (f"{n_text} seeds; x ± h is the mean over seeds and the half-width h of its "
-                f"two-sided {pct} confidence interval (Student t with n - 1 degrees of freedom, "
-                "sample standard deviation)"
-                + (f"; Δ is the paired difference to {self.baseline} (same seeds), with its "
-                   f"{pct} interval" if self.baseline else "") + ".")
+        return (f"{n_text} seeds; a perplexity x [lo, hi] is the geometric mean over seeds (the "
+                f"perplexity of the mean test loss) and its two-sided {pct} confidence interval, "
+                "computed on the log scale (Student t with n - 1 degrees of freedom on the per-seed "
+                "log perplexities, sample standard deviation) and exponentiated, so it stays positive"
+                + (f"; Δ ± h is the mean paired difference to {self.baseline} (same seeds) and the "
+                   f"half-width h of its {pct} confidence interval (Student t with n - 1 degrees of "
+                   "freedom)" if self.baseline else "") + ".")
 
     def as_dict(self) -> dict:
         return {"domains": list(self.domains), "baseline": self.baseline,
@@ -242,7 +276,7 @@ def compare_perplexities(results: Mapping[str, Mapping[Any, Mapping[str, float]]
     out: Dict[str, MixtureStats] = {}
     for mix, rows in table.items():
         seeds = list(rows)
-        ppl_iv = {k: mean_interval([rows[s][k] for s in seeds], confidence) for k in keys}
+        ppl_iv = {k: log_mean_interval([rows[s][k] for s in seeds], confidence) for k in keys}
         diff, paired = None, []
         if baseline is not None and mix != baseline:
             paired = [s for s in seeds if s in table[baseline]]
@@ -352,14 +386,16 @@ class ComputeLedger:
 
 def _fmt(iv: Interval, digits: int, signed: bool = False) -> str:
     sign = "+" if signed else ""
-    if iv.half_width is None:
+    if iv.high is None:
         return f"{iv.mean:{sign}.{digits}f}"
+    if iv.scale == "log":
+        return f"{iv.mean:{sign}.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
     return f"{iv.mean:{sign}.{digits}f} ± {iv.half_width:.{digits}f}"
 
 
 def format_comparison_table(stats: ComparisonStats, ledger: Optional[ComputeLedger] = None,
                             digits: int = 3, base_method: str = "base") -> str:
-    """Markdown: test perplexity per domain and on average (mean ± CI half-width), the paired
+    """Markdown: test perplexity per domain and on average (geometric mean [CI]), the paired
     difference of the average to the baseline, and each mixture's cost from ``ledger``
     (entries whose ``method`` is the mixture's name); then the paired differences per domain.
     The text above the tables states the number of seeds and what the interval is."""

@@ -456,6 +456,17 @@ def embed_domains(
     return DomainEmbeddings(names, torch.stack(sums), counts, settings, computed=todo, windows=window_means)
 
 
+def cache_reuse_line(emb: DomainEmbeddings, cache_dir: Optional[str]) -> Optional[str]:
+    """The line a command prints when ``emb`` reused cached embeddings: which domains, from
+    where, and why they still hold (None when every domain was embedded now)."""
+    reused = [d for d in emb.domains if d not in emb.computed]
+    if not reused:
+        return None
+    return (f"embeddings of {len(reused)} domain(s) {reused} reused from the cache {cache_dir} (each entry is "
+            "keyed by the proxy's content hash, the domain's data fingerprint, the tokenizer, the split and "
+            "the embedding settings, so it is what embedding now would give)")
+
+
 def check_proxy_tokenizer(model, dataset, cfg: Optional[EmbedConfig] = None) -> None:
     """Raise if the proxy records a tokenizer and the dataset's text was tokenised with another.
 

@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ChameleonUserError
-from .io import check_writable_folder, write_bytes, write_json, write_text
+from .io import (check_writable_folder, recover_folder, remove_stale_temps, staged_folder, write_bytes,
+                 write_json, write_text)
 
 __all__ = ["export_hf", "gpt2_config", "gpt2_state_dict", "byte_tokenizer_json", "VERIFY_ATOL", "EOS_TEXT"]
 
@@ -310,12 +311,16 @@ def _verify(model, hf_sd: Dict[str, torch.Tensor], config: dict) -> Optional[flo
 
 
 def _check_out_dir(out_dir: str) -> str:
+    recover_folder(os.path.abspath(out_dir))  # an earlier export killed mid-swap: its old folder back first
     out_dir = check_writable_folder(out_dir, "Hugging Face output folder")
-    foreign = sorted(n for n in os.listdir(out_dir) if n not in _OWN_FILES and not n.startswith("."))
+    # The whole folder is replaced (staged_folder), so any file but the export's own, hidden
+    # ones included, would be lost: refused. (Temp files of killed writers are removed first.)
+    remove_stale_temps(out_dir)
+    foreign = sorted(n for n in os.listdir(out_dir) if n not in _OWN_FILES)
     if foreign:
         raise ChameleonUserError(
             f"Hugging Face output folder {out_dir!r} holds other files ({foreign[:5]}); transformers might load "
-            "them instead, so choose an empty folder")
+            "them instead, and a new export replaces the whole folder, so choose an empty folder")
     return out_dir
 
 
@@ -348,12 +353,15 @@ def export_hf(model_or_path, out_dir: PathLike, tokenizer=None, verify: bool = T
 
     weights = safetensors_bytes(hf_sd, metadata={"format": "pt"})
     out_dir = _check_out_dir(os.fspath(out_dir))
-    written = [write_json(os.path.join(out_dir, "config.json"), config, "Hugging Face config")]
-    written.append(write_bytes(os.path.join(out_dir, "model.safetensors"), weights, "Hugging Face weights"))
-    for name, data in tok_files.items():
-        path = os.path.join(out_dir, name)
-        if isinstance(data, str):
-            written.append(write_text(path, data, "tokenizer file"))
-        else:
-            written.append(write_bytes(path, data, "tokenizer file"))
-    return {"out_dir": out_dir, "files": written, "max_logit_diff": diff}
+    # The files go to a new folder beside out_dir that then takes its place in one step:
+    # transformers reads no manifest, so a run killed midway must not leave new files beside
+    # old ones (a new config.json with the old weights and tokenizer).
+    with staged_folder(out_dir, "Hugging Face output folder") as staged:
+        names = [os.path.basename(write_json(os.path.join(staged, "config.json"), config, "Hugging Face config")),
+                 os.path.basename(write_bytes(os.path.join(staged, "model.safetensors"), weights,
+                                              "Hugging Face weights"))]
+        for name, data in tok_files.items():
+            path = os.path.join(staged, name)
+            write = write_text if isinstance(data, str) else write_bytes
+            names.append(os.path.basename(write(path, data, "tokenizer file")))
+    return {"out_dir": out_dir, "files": [os.path.join(out_dir, n) for n in names], "max_logit_diff": diff}

@@ -22,7 +22,9 @@ environment variable: a comma-separated list of ``POINT=ACTION`` where ``POINT``
 (RuntimeError), ``kill`` (SIGKILL this process) or ``sleep:SECONDS``. Every atomic write
 passes the points ``write:NAME:open``, ``write:NAME:data`` (before the data is flushed) and
 ``write:NAME:replace`` (data written, before the rename), where NAME is the file's base name;
-other modules add their own with :func:`fault_point` (e.g. ``train:step:120``).
+a whole folder written through :func:`staged_folder` passes ``folder:NAME:staged``,
+``folder:NAME:swapped`` (and ``folder:NAME:aside`` where the filesystem cannot exchange two
+paths); other modules add their own with :func:`fault_point` (e.g. ``train:step:120``).
 """
 
 from __future__ import annotations
@@ -202,6 +204,108 @@ def append_line(path: PathLike, line: str, what: str = "log file") -> None:
         raise write_error(path, what, exc) from exc
 
 
+# -- whole folders ---------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux 3.15+): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step; False where the OS or filesystem
+    cannot (the caller then falls back to two renames)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _aside_name(path: str) -> str:
+    folder, base = os.path.split(path)
+    return _temp_name(folder, base + "~previous")
+
+
+def recover_folder(path: str) -> None:
+    """Settle what a :func:`staged_folder` killed in its two-rename fallback left: a previous
+    folder moved aside (``~previous`` temp of a dead writer) goes back to ``path`` when ``path``
+    is missing (killed between the renames), and is deleted when ``path`` exists (killed after
+    the swap)."""
+
+    folder, base = os.path.split(path)
+    prefix = f".{base}~previous."
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(_TMP_TAG))
+    except OSError:
+        return
+    for name in names:
+        parts = name[: -len(_TMP_TAG)].rsplit(".", 3)
+        if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit() or _pid_alive(int(parts[2])):
+            continue
+        if os.path.exists(path):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        else:
+            os.rename(os.path.join(folder, name), path)
+
+
+@contextlib.contextmanager
+def staged_folder(path: PathLike, what: str = "folder") -> Iterator[str]:
+    """A fresh temp folder beside ``path`` to write a whole folder's files into; on leaving the
+    block without an exception it takes ``path``'s place in one step and the previous folder is
+    deleted. So readers (and a writer killed at any point) see the old folder or the new one,
+    never a mix: before the swap ``path`` is untouched, the temp folder of a killed writer is
+    deleted by the next :func:`remove_stale_temps` of the parent folder.
+
+    The swap is an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``); where the filesystem
+    cannot exchange, the old folder is first renamed aside, and a writer killed between the two
+    renames has its old folder put back by the next call. Fault points:
+    ``folder:NAME:staged`` (every file written, before the swap) and ``folder:NAME:swapped``
+    (after it, before the old folder is deleted), NAME being ``path``'s base name."""
+
+    # The real folder is replaced (a symlink to it stays a symlink), beside it on its filesystem.
+    path = os.path.realpath(os.fspath(path))
+    parent, base = os.path.split(path)
+    staged = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        recover_folder(path)
+        remove_stale_temps(parent)
+        staged = _temp_name(parent, base)
+        os.mkdir(staged, 0o755)
+        yield staged
+        fault_point(f"folder:{base}:staged")
+        _fsync_dir(staged)  # (its files were written with atomic_write: each already fsynced)
+        if not os.path.exists(path):
+            os.rename(staged, path)
+            old = None
+        elif _exchange(staged, path):
+            old = staged  # the exchange left the previous folder under the temp name
+        else:
+            old = _aside_name(path)
+            os.rename(path, old)
+            fault_point(f"folder:{base}:aside")
+            os.rename(staged, path)
+        staged = None
+        _fsync_dir(parent)
+        fault_point(f"folder:{base}:swapped")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise write_error(path, what, exc) from exc
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
 def remove_stale_temps(folder: PathLike, base: Optional[str] = None) -> list:
     """Delete temp files (and temp folders, such as a half-built dataset) left in ``folder`` by
     writers on this host that are no longer alive; return their paths. With ``base``, only the
@@ -219,11 +323,11 @@ def remove_stale_temps(folder: PathLike, base: Optional[str] = None) -> list:
         parts = name[: -len(_TMP_TAG)].rsplit(".", 3)
         if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
             continue
-        if _pid_alive(int(parts[2])):
-            continue
+        if _pid_alive(int(parts[2])) or parts[0].endswith("~previous"):
+            continue  # (a folder moved aside is put back by staged_folder, never deleted here)
         full = os.path.join(folder, name)
         with contextlib.suppress(OSError):
-            if os.path.isdir(full) and not os.path.islink(full):
+            if os.path.isdir(full) and not os.path.islink(full):  # a staged folder (staged_folder)
                 shutil.rmtree(full)
             else:
                 os.unlink(full)

@@ -597,8 +597,60 @@ def load_hf_model(path: Union[str, os.PathLike], map_location: Union[str, torch.
             "'transformers' (pip install transformers)"
         ) from exc
     kw = {} if torch_dtype is None else {"dtype": torch_dtype}
+    # Every tensor is accounted for: transformers fills a missing or wrongly shaped tensor with a
+    # random one and carries on (a config.json of one architecture beside the weights of another
+    # loads as a random model), so the load report decides here, and transformers' own printed
+    # report, which would read as if the load were fine, is silenced.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        hf = transformers.AutoModel.from_pretrained(path, local_files_only=True, **kw)
+        hf, info = transformers.AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True, **kw)
     except Exception as exc:
-        raise ChameleonUserError(f"could not load a Hugging Face model from {path!r}: {exc}") from exc
+        raise ChameleonUserError(f"could not load a Hugging Face model from {path!r}: "
+                                 f"{' '.join(str(exc).split())}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_hf_loading_info(info, path, type(hf).__name__)
     return HFCausalLM(hf.eval()).to(map_location)
+
+
+# Parts the hidden states never use. Heads a checkpoint stores and the base model leaves out on
+# purpose (embeddings need no logits): GPT-2/Llama's lm_head, GPT-NeoX's embed_out, BERT's
+# pretraining heads. And BERT's pooler, which a checkpoint saved without it leaves random in
+# BertModel: it reads only the last layer's first position, after every hidden state.
+HF_DROPPED_HEADS = ("lm_head.", "embed_out.", "cls.")
+HF_UNUSED_MISSING = ("pooler.",)
+
+
+def check_hf_loading_info(info: dict, path: str, model_class: str, shown: int = 12) -> None:
+    """Raise naming the tensors when a Hugging Face load (``output_loading_info=True``) left any
+    tensor missing (randomly initialised; but :data:`HF_UNUSED_MISSING`), found one the
+    architecture does not have (other than a dropped head, :data:`HF_DROPPED_HEADS`), or one of
+    another shape."""
+
+    def names(items) -> str:
+        items = sorted(items)
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    missing = [str(k) for k in info.get("missing_keys") or () if not str(k).startswith(HF_UNUSED_MISSING)]
+    unexpected = [str(k) for k in info.get("unexpected_keys") or () if not str(k).startswith(HF_DROPPED_HEADS)]
+    mismatched = [f"{k[0]} ({tuple(k[1])} in the file, {tuple(k[2])} in {model_class})" if isinstance(k, tuple)
+                  else str(k) for k in info.get("mismatched_keys") or ()]
+    errors = [" ".join(str(e).split()) for e in info.get("error_msgs") or ()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of {model_class} missing from the weights: {names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the weights that {model_class} does not have: "
+                        f"{names(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of another shape: {names(mismatched)}")
+    if errors:
+        problems.append(f"load errors: {names(errors)}")
+    if problems:
+        raise ChameleonUserError(
+            f"the Hugging Face model at {path!r} does not match its config.json ({'; '.join(problems)}); "
+            "loaded as it is, the model would hold random tensors or leave stored ones unused: check that "
+            "config.json and the weights belong to the same model")

@@ -10,6 +10,7 @@ The command line (``chameleon``) is a thin layer over these functions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -17,7 +18,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from . import distributed, io
 from ._version import __version__
-from .embed import DomainEmbeddings, EmbedConfig, embed_domains
+from .embed import DomainEmbeddings, EmbedConfig, cache_reuse_line, embed_domains
 from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
@@ -51,12 +52,16 @@ DEFAULT_BLOCK_SIZE = 128
 
 def train_proxy(dataset, out_dir: str, preset: str = DEFAULT_PRESET, block_size: int = DEFAULT_BLOCK_SIZE,
                 config: Optional[TrainConfig] = None, model_overrides: Optional[dict] = None,
-                seed: int = 0) -> str:
-    """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``."""
+                seed: int = 0, notice: Optional[Callable[[str], None]] = None) -> str:
+    """Train a proxy GPT on the uniform mixture; return the path of its ``model.pt``.
+    ``notice``: given the trainer's line when the run in ``out_dir`` was already complete (at or
+    past ``config.steps``), so a quiet caller still says that nothing was trained."""
     cfg = config or TrainConfig(out_dir=out_dir, seed=seed, block_size=block_size)
     cfg.out_dir = out_dir
     model = GPT(GPTConfig.preset(preset, dataset.vocab_size, block_size, **(model_overrides or {})), seed=seed)
     result = train(model, dataset, "uniform", cfg)
+    if result["complete"] and notice is not None:
+        notice(result["notices"][-1])
     return result["model_path"] or os.path.join(out_dir, "model.pt")
 
 
@@ -172,22 +177,61 @@ def check_weight_options(mode: str, lam: float, temperature: Optional[float]) ->
 
 
 def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                        temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+                        temperature: Optional[float] = None, normalize: bool = True,
+                        notice: Optional[Callable[[str], None]] = None) -> DomainWeights:
     """:func:`chameleon_ext.weights_from_embeddings` for a :class:`DomainEmbeddings`, with the
-    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors."""
+    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors.
+    ``notice``: given the library's remarks (one domain, identical embeddings) as ``note:``
+    lines instead of warnings, so a command line prints them its own way (or not, quiet)."""
     check_weight_options(mode, lam, temperature)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
     rule = "pretrain" if mode == "transfer" else mode
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        try:
-            result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
-                                              normalize=normalize, domains=emb.domains)
-        except ValueError as exc:
-            raise ChameleonUserError(f"domain embeddings: {exc}") from None
+    with _library_notes(notice), _leverage_errors():
+        result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
+                                          normalize=normalize, domains=emb.domains)
     result.mode = mode
     return result
+
+
+@contextlib.contextmanager
+def _library_notes(notice: Optional[Callable[[str], None]]):
+    """Collects the UserWarnings of the block (the weights' remarks) and hands each to
+    ``notice`` as a ``note:`` line; without ``notice`` they are warned as before."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if notice is not None and issubclass(w.category, UserWarning):
+            notice(f"note: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures: Optional[Sequence[float]] = None,
+                      mode: str = "pretrain", normalize: bool = True, notice: Optional[Callable[[str], None]] = None):
+    """:func:`chameleon_ext.uncertainty.sweep_weights` for a :class:`DomainEmbeddings`, checked
+    as :func:`weights_for_domains` checks one (lambda, temperature): the same options and
+    the same one-line error for a lambda too small for the embeddings."""
+    from .uncertainty import sweep_weights
+
+    for lam in lams:
+        for temperature in (temperatures or [None]):
+            check_weight_options(mode, lam, temperature)
+    with _library_notes(notice), _leverage_errors():
+        return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains)
+
+
+@contextlib.contextmanager
+def _leverage_errors():
+    """The leverage computation's ValueError (krls: a lambda below the rounding level of the
+    affinity, non-finite embeddings) as a ChameleonUserError naming the embeddings."""
+    try:
+        yield
+    except ChameleonUserError:
+        raise
+    except ValueError as exc:
+        raise ChameleonUserError(f"domain embeddings: {exc}") from None
 
 
 def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
@@ -216,10 +260,11 @@ def assess_weights(result: DomainWeights, emb: DomainEmbeddings, resamples: Opti
 
     resamples = check_resamples(DEFAULT_RESAMPLES if resamples is None else resamples)
     boot = None
-    if resamples > 0 and emb.windows is not None:
-        boot = bootstrap_weights(emb.windows, resamples=resamples, seed=seed, point=result)
-    result.bootstrap = boot
-    result.diagnostics = diagnose(result, emb.embeddings, boot)
+    with _leverage_errors():
+        if resamples > 0 and emb.windows is not None:
+            boot = bootstrap_weights(emb.windows, resamples=resamples, seed=seed, point=result)
+        result.bootstrap = boot
+        result.diagnostics = diagnose(result, emb.embeddings, boot)
     return result
 
 
@@ -340,7 +385,10 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
                         progress=progress, windows=bootstrap > 0)
-    result = weights_for_domains(emb, mode, lam, temperature, normalize)
+    reuse = cache_reuse_line(emb, cache_dir)
+    if reuse is not None and notice is not None and distributed.info(group).is_main:
+        notice(reuse)
+    result = weights_for_domains(emb, mode, lam, temperature, normalize, notice=notice)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:

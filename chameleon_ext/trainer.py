@@ -164,7 +164,10 @@ class _Trainer:
             if cb.name in mine:
                 cb.load_state_dict(mine[cb.name])
         self.step = self.last_ckpt = step
-        self.notices.append(f"resumed from {path} at step {step}")
+        why = ("every domain's data fingerprint matches" if not changed else
+               f"the data of {changed} changed, see above")
+        self.notices.append(f"resumed from {path} at step {step} (checked: the same model shape, training "
+                            f"settings, domains and world size; {why})")
         if step > cfg.steps:
             self.notices.append(
                 f"note: the checkpoint is at step {step}, past steps={cfg.steps}: the run already "

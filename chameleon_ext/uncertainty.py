@@ -88,6 +88,8 @@ __all__ = [
     "SweepResult",
     "Diagnostics",
     "resample_counts",
+    "bootstrap_bytes",
+    "check_bootstrap_memory",
     "bootstrap_weights",
     "sweep_weights",
     "sweep_weights_from_affinity",
@@ -418,6 +420,66 @@ class BootstrapResult:
         }
 
 
+def bootstrap_bytes(n_windows: Sequence[int], dim: int, resamples: int,
+                    fractions: Sequence[float] = WINDOW_FRACTIONS, sum_bytes: int = 4) -> int:
+    """About how many bytes :func:`bootstrap_weights` holds at its peak for ``resamples``
+    resamples of domains with ``n_windows`` windows of ``dim`` values (``sum_bytes``: 4 for
+    float32 windows, 8 for float64): everything it allocates grows with the resamples."""
+    k, blocks, n_max = len(n_windows), 1 + len(fractions), max(n_windows)
+    per_resample = (n_max * (8 + sum_bytes) + dim * sum_bytes  # one domain's draws and their product
+                    + k * dim * 8  # the resampled embeddings
+                    + blocks * k * k * 8 * 2  # the affinities, and krls' work on them
+                    + blocks * k * 8 * 3 + k * 8 * 4)  # leverage, scores, weights; the percentiles' sorts
+    return int(resamples) * per_resample
+
+
+def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the host's available
+    memory (MemAvailable, else its physical memory); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device.index if device.index is not None else None)[0])
+        except (RuntimeError, AssertionError):  # no usable CUDA here: nothing to bound by
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_bootstrap_memory(resamples: int, n_windows: Sequence[int], dim: int, device="cpu",
+                           fractions: Sequence[float] = WINDOW_FRACTIONS, sum_bytes: int = 4,
+                           available: Optional[int] = None) -> None:
+    """Raise, before anything is allocated, when ``resamples`` bootstrap resamples cannot fit
+    in the memory free on ``device``, saying how much they need and the largest number that
+    fits."""
+    if resamples <= 0 or not n_windows:
+        return
+    free = available_memory(device) if available is None else int(available)
+    need = bootstrap_bytes(n_windows, dim, resamples, fractions, sum_bytes)
+    if free is None or need <= free:
+        return
+    largest = free // bootstrap_bytes(n_windows, dim, 1, fractions, sum_bytes)
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.0f} MiB"
+
+    raise ChameleonUserError(
+        f"resamples (--bootstrap) {resamples:,}: needs about {gib(need)} of memory ({len(n_windows)} domains, up to "
+        f"{max(n_windows)} windows of {dim} values, {1 + len(fractions)} bootstrap blocks per resample) but "
+        f"{gib(free)} is free on {torch.device(device)}; the largest --bootstrap that fits is {largest:,}")
+
+
 def bootstrap_weights(
     window_embeddings: WindowsLike,
     counts=None,
@@ -481,6 +543,8 @@ def bootstrap_weights(
         raise ChameleonUserError(f"window_fractions must lie in (0, 1), got {list(window_fractions)}")
 
     device = windows[0].device
+    check_bootstrap_memory(resamples, n, int(windows[0].shape[1]), device, fractions,
+                           8 if all(w.dtype == torch.float64 for w in windows) else 4)
     mean_embeddings = _window_means(windows)  # [k, d]
     summands, acc = _summands(windows, mean_embeddings)
     generator = torch.Generator(device=device)

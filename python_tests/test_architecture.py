@@ -82,12 +82,10 @@ KNOWN_PRIVATE_IMPORTS: Set[Tuple[str, str, str]] = {
     ("schedule", "mixture_formats", "_dump_yaml"),
     ("schedule", "mixture_formats", "_header"),
     ("schedule_weights", "schedule", "_as_schedule"),
-    # these two draw their own figures until they call plots.plot_schedule / plots.plot_comparison;
+    # schedule draws its own figure until it calls plots.plot_schedule;
     # then plots/__init__.py drops the two aliases
     ("schedule", "plots", "_new_figure"),
     ("schedule", "plots", "_save_png"),
-    ("compare", "plots", "_new_figure"),
-    ("compare", "plots", "_save_png"),
 }
 
 # frozensets of modules that import each other at module level

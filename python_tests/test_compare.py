@@ -206,7 +206,7 @@ def compared(ds, tmp_path_factory):
     orig_windows = type(ds).windows_at
     import chameleon_ext.compare as compare_mod
 
-    orig_eval = compare_mod._Compare._eval
+    orig_eval = compare_mod.Comparison._eval
 
     def windows_at(self, name, starts, length, split="train"):
         log.append((phase["now"], split))
@@ -221,7 +221,7 @@ def compared(ds, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(type(ds), "windows_at", windows_at)
-    mp.setattr(compare_mod._Compare, "_eval", _eval)
+    mp.setattr(compare_mod.Comparison, "_eval", _eval)
     try:
         doc, lines = _run(ds, out)
     finally:
@@ -240,12 +240,13 @@ def test_compare_wiring(compared, ds):
     for d in ds.domains:  # natural = token shares of the training split
         assert doc["mixtures"]["natural"]["weights"][d] == pytest.approx(counts[d] / total, rel=1e-12)
     # per-seed test perplexities reproduce the statistics (an independent mean / t interval)
-    for mix, runs in doc["runs"].items():
-        vals = [runs[s]["test"]["dna"] for s in ("0", "1")]
+    for mix, runs in doc["runs"].items():  # on the log scale: geometric mean, exp(mean log +- half)
+        vals = np.log([runs[s]["test"]["dna"] for s in ("0", "1")])
         iv = doc["stats"]["mixtures"][mix]["perplexity"]["dna"]
-        assert iv["mean"] == pytest.approx(np.mean(vals))
+        assert iv["mean"] == pytest.approx(np.exp(np.mean(vals))) and iv["scale"] == "log"
         half = 12.706204736174707 * np.std(vals, ddof=1) / np.sqrt(2)
-        assert iv["high"] - iv["mean"] == pytest.approx(half, rel=1e-6)
+        assert iv["high"] == pytest.approx(np.exp(np.mean(vals) + half), rel=1e-6)
+        assert 0 < iv["low"] == pytest.approx(np.exp(np.mean(vals) - half), rel=1e-6)
     # the ledger: 6 N D for each base run, every method's proxies counted
     base = [e for e in doc["compute"]["entries"] if e["method"] == "base"]
     assert len(base) == 12 and all(e["tokens"] == 3 * 4 * 16 for e in base)
@@ -406,3 +407,90 @@ def test_finetune_scenario(compared, ds, text_root):
                        finetune_domains=["digits", "dna"], finetune_steps=2, mixtures=["uniform", "chameleon"])
     assert doc2["runs"]["chameleon"] == doc["runs"]["chameleon"]  # the same units, skipped
     assert all("skipped" in line for line in lines if "finetune run" in line)
+
+
+# -- stale units: a rerun after the data changed ------------------------------------------------
+
+
+def test_rerun_after_a_data_change_recomputes_stale_units(tmp_path):
+    """Rewrite one file of one domain and rerun into the same out: every unit computed from the
+    old data is recomputed (and said so) and the perplexities equal a fresh out's."""
+    root = write_text_domains(tmp_path / "data")
+    kw = dict(mixtures=["uniform", "chameleon"], seeds=1)
+    first = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+    old_doc, _ = _run(first, tmp_path / "same", **kw)
+    with open(os.path.join(root, "dna", "part0.txt"), "w", encoding="utf-8") as f:
+        f.write("".join("ACGT"[(i * i + 3 * i) % 4] for i in range(3000)) + " GATTACA" * 50)
+    ds2 = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+    doc, lines = _run(ds2, tmp_path / "same", **kw)
+    fresh, _ = _run(ds2, tmp_path / "fresh", **kw)
+    assert doc["runs"] == fresh["runs"]  # the same perplexities as a fresh out folder
+    assert doc["mixtures"]["chameleon"]["weights"] == fresh["mixtures"]["chameleon"]["weights"]
+    assert doc["runs"]["uniform"]["0"]["test"]["dna"] != old_doc["runs"]["uniform"]["0"]["test"]["dna"]
+    assert not any("skipped" in line for line in lines)
+    # the chameleon mixture and the uniform base run (chameleon's base run has new weights: a new unit)
+    assert sum("stale" in line and "['dna']" in line and "recomputing" in line for line in lines) == 2
+    assert any(line.startswith("note: the data of domain(s) ['dna'] changed") for line in lines)
+    saved = json.loads((tmp_path / "same" / "compare_settings.json").read_text())
+    assert saved["dataset"] == {d: ds2.fingerprint(d) for d in ds2.domains}
+    assert doc["data_fingerprints"] == saved["dataset"]
+    # a third run reuses everything and says why
+    _, lines = _run(ds2, tmp_path / "same", **kw)
+    assert sum("reused" in line and "same data fingerprints" in line for line in lines) == 3
+
+
+def test_rerun_with_an_older_record_recomputes_it(ds, tmp_path):
+    out = tmp_path / "o"
+    doc, _ = _run(ds, out, mixtures=["uniform"], seeds=1)
+    rec_path = next((out / "records").glob("base-uniform-*.json"))
+    rec = json.loads(rec_path.read_text())
+    del rec["provenance"]  # what an older release wrote
+    rec["test"] = {d: 1.0 for d in rec["test"]}
+    rec_path.write_text(json.dumps(rec))
+    doc2, lines = _run(ds, out, mixtures=["uniform"], seeds=1)
+    assert any("stale" in line and "older chameleon_ext" in line for line in lines)
+    assert doc2["runs"]["uniform"]["0"]["test"] == doc["runs"]["uniform"]["0"]["test"]
+
+
+def test_settings_pin_regmix_only_when_it_runs(ds, tmp_path):
+    out = tmp_path / "o"
+    _run(ds, out, mixtures=["uniform"], seeds=1)
+    saved = json.loads((out / "compare_settings.json").read_text())
+    assert not any(k.startswith("regmix") or k in ("proxy_steps", "embed_windows") for k in saved)
+    # so another RegMix setting later is not "other settings"
+    _run(ds, out, mixtures=["uniform", "regmix"], seeds=1, regmix_steps=3)
+    saved = json.loads((out / "compare_settings.json").read_text())
+    assert saved["regmix_steps"] == 3 and saved["regmix_proxies"] == TINY["regmix_proxies"]
+    with pytest.raises(ChameleonUserError, match="regmix_steps"):
+        _run(ds, out, mixtures=["regmix"], seeds=1, regmix_steps=2)
+
+
+def test_new_domains_given_twice_is_refused(ds, tmp_path):
+    with pytest.raises(ChameleonUserError, match=r"new_domains: \['dna'\] given more than once"):
+        CompareConfig(scenario="new_domains", new_domains=["dna", "dna"])
+    from chameleon_ext.cli import main
+
+    assert main(["compare", "--data", ds.path, "--new-domains", "dna,dna", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_settings_name_the_data_of_the_last_finished_tables(tmp_path, monkeypatch):
+    import chameleon_ext.compare as compare_mod
+
+    root = write_text_domains(tmp_path / "data", names=["alpha", "dna"])
+    out = tmp_path / "o"
+    _run(load_dataset(root, val_fraction=0.1, test_fraction=0.1), out, mixtures=["uniform"], seeds=1)
+    old = json.loads((out / "compare_settings.json").read_text())["dataset"]
+    (tmp_path / "data" / "dna" / "part0.txt").write_text("ACGT" * 900, encoding="utf-8")
+    ds2 = load_dataset(root, val_fraction=0.1, test_fraction=0.1)
+
+    def killed(*a, **k):
+        raise RuntimeError("killed during the evaluation")
+
+    monkeypatch.setattr(compare_mod.Comparison, "_eval", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(ds2, out, mixtures=["uniform"], seeds=1)
+    assert json.loads((out / "compare_settings.json").read_text())["dataset"] == old  # not the new data yet
+    monkeypatch.undo()
+    doc, _ = _run(ds2, out, mixtures=["uniform"], seeds=1)
+    now = json.loads((out / "compare_settings.json").read_text())["dataset"]
+    assert now == doc["data_fingerprints"] == {d: ds2.fingerprint(d) for d in ds2.domains} and now != old

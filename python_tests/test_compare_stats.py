@@ -80,14 +80,22 @@ def check(iv, x, t):
     assert iv.low == pytest.approx(lo, abs=1e-12) and iv.high == pytest.approx(hi, abs=1e-12)
 
 
+def check_log(iv, x, t):
+    """A perplexity interval: the t interval of log x, exponentiated (numpy, float64)."""
+    m, lo, hi = np_interval(np.log(np.asarray(x, dtype=np.float64)), t)
+    assert iv.scale == "log"
+    assert iv.mean == pytest.approx(np.exp(m), rel=1e-12)
+    assert iv.low == pytest.approx(np.exp(lo), rel=1e-12) and iv.high == pytest.approx(np.exp(hi), rel=1e-12)
+
+
 def test_per_domain_average_and_paired_intervals():
     st = S.compare_perplexities(RESULTS)
     assert st.domains == ["a", "b"] and st.baseline == "uniform"
     u, c, r = (st.mixtures[m] for m in ("uniform", "chameleon", "regmix"))
-    check(u.perplexity["a"], [10, 11, 12], T_975_2)
-    check(c.perplexity["b"], [19, 18, 20], T_975_2)
+    check_log(u.perplexity["a"], [10, 11, 12], T_975_2)
+    check_log(c.perplexity["b"], [19, 18, 20], T_975_2)
     # average: the mean of the domains' perplexities per seed, then over seeds
-    check(c.perplexity["average"], [14.0, 14.25, 15.5], T_975_2)
+    check_log(c.perplexity["average"], [14.0, 14.25, 15.5], T_975_2)
     assert u.difference is None
     # paired by seed ("0" and 0 are the same seed): chameleon - uniform
     check(c.difference["a"], [-1.0, -0.5, -1.0], T_975_2)
@@ -155,14 +163,36 @@ def test_table_states_seeds_and_interval():
     led.add("base", "base runs", "train", 5000, 100_000, 20.0)
     md = S.format_comparison_table(st, led)
     assert "n = 3 seeds" in md and "95% confidence interval" in md and "Student t with n - 1" in md
+    assert "log scale" in md
     assert "paired difference to uniform" in md
     rows = {}  # first table only: the first row of each mixture
     for line in md.splitlines():
         if line.startswith("| "):
             rows.setdefault(line.split(" | ")[0].strip("| "), line)
-    assert rows["uniform"].startswith("| uniform | 11.000 ± 2.484 | 20.333 ± 3.795 |")
+    # geometric means [exp(mean log -+ t sd(log) / sqrt 3)] (numpy: 1320 ** (1/3) = 10.970, ...)
+    assert rows["uniform"].startswith("| uniform | 10.970 [8.746, 13.759] | 20.296 [16.871, 24.415] |"), rows
+    assert "| -1.083 ± 0.949 |" in rows["chameleon"]  # the paired difference stays linear
     assert " | 6e+07 | 2.0 |" in rows["chameleon"] and "—" in rows["uniform"]
     assert "Base training, all runs together: 3e+09 FLOPs" in md
     one = S.compare_perplexities({"uniform": {0: {"a": 3.0}}, "natural": {0: {"a": 2.5}}})
     md1 = S.format_comparison_table(one)
     assert "n = 1 seed" in md1 and "no confidence interval" in md1 and "| natural | 2.500 | 2.500 | -0.500 |" in md1
+
+
+def test_two_seed_perplexity_intervals_stay_positive():
+    """With 2 seeds t = 12.7: the linear interval of [5, 40] would reach -135; the log-scale one
+    is exp(mean log +- 12.706 * sd(log) / sqrt 2), positive, around the geometric mean 14.14."""
+    st = S.compare_perplexities({"uniform": {0: {"a": 5.0}, 1: {"a": 40.0}}})
+    iv = st.mixtures["uniform"].perplexity["a"]
+    lin = S.mean_interval([5.0, 40.0])
+    assert lin.low < 0 < iv.low < iv.mean < iv.high
+    assert iv.mean == pytest.approx(math.sqrt(5.0 * 40.0), rel=1e-14)
+    half = T_975_1 * abs(math.log(40.0) - math.log(5.0)) / 2  # sd of two values = |x1 - x2| / sqrt 2
+    assert iv.low == pytest.approx(math.sqrt(200.0) * math.exp(-half), rel=1e-12)
+    assert iv.high == pytest.approx(math.sqrt(200.0) * math.exp(half), rel=1e-12)
+    # tiny and huge perplexities: the same relative interval (scale free on the log scale)
+    for scale in (1e-3, 1e6):
+        big = S.compare_perplexities({"u": {0: {"a": 5.0 / 1e-3 * scale}, 1: {"a": 40.0 / 1e-3 * scale}}},
+                                     baseline=None).mixtures["u"].perplexity["a"]
+        assert big.high / big.mean == pytest.approx(iv.high / iv.mean, rel=1e-12)
+    assert iv.half_width is None and iv.errors == (iv.mean - iv.low, iv.high - iv.mean)

@@ -409,3 +409,63 @@ def test_manifest_edge_cases(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "other/1", "complete": True}))
     with pytest.raises(ChameleonUserError, match="unknown format 'other/1'"):
         check_member(str(a))
+
+
+# --------------------------------------------------------------------------- export-model killed midway
+
+EXPORT_KILL = """
+import sys
+import chameleon_ext.io
+if sys.argv[1] == "no-exchange":  # a filesystem without renameat2's exchange: the two-rename path
+    chameleon_ext.io._exchange = lambda a, b: False
+from chameleon_ext.cli import main
+sys.exit(main(["export-model", "--model", sys.argv[2], "--hf", sys.argv[3]]))
+"""
+
+
+def _files(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed in (1, 2):
+        paths.append(str(root / f"m{seed}.pt"))
+        save_model(paths[-1], GPT(GPTConfig.preset("tiny", 257, 32), seed=seed))
+    return paths
+
+
+@pytest.mark.parametrize("swap", ["exchange", "no-exchange"])
+@pytest.mark.parametrize("point", ["write:config.json:replace", "write:model.safetensors:data",
+                                   "write:tokenizer.json:replace", "folder:hf:staged", "folder:hf:aside",
+                                   "folder:hf:swapped"])
+def test_a_killed_export_model_leaves_the_old_folder_or_the_new_one(tmp_path, two_models, capsys, swap, point):
+    transformers = pytest.importorskip("transformers")
+    if point == "folder:hf:aside" and swap == "exchange":
+        pytest.skip("the aside rename is the fallback's only")
+    hf = tmp_path / "hf"
+    code, _, err = _run(["export-model", "--model", two_models[0], "--hf", hf], capsys)
+    assert code == 0, err
+    old = _files(hf)
+    env = {**os.environ, "PYTHONPATH": REPO, "CHAMELEON_FAULT": f"{point}=kill"}
+    proc = subprocess.run([sys.executable, "-c", EXPORT_KILL, swap, two_models[1], str(hf)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if point == "folder:hf:aside":  # killed between the two renames: the next export puts the old one back
+        assert not hf.exists()
+        code, _, err = _run(["export-model", "--model", two_models[0], "--hf", hf], capsys)
+        assert code == 0, err
+        assert _files(hf) == old
+    elif point == "folder:hf:swapped":
+        new = _files(hf)
+        assert new.keys() == old.keys() and new["model.safetensors"] != old["model.safetensors"]
+    else:
+        assert _files(hf) == old  # the old folder, whole
+    transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True)  # loads either way
+    # a later export leaves nothing of the killed one behind
+    code, _, err = _run(["export-model", "--model", two_models[1], "--hf", hf], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["hf"], os.listdir(tmp_path)
+    assert _files(hf).keys() == old.keys()

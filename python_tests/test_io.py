@@ -156,3 +156,60 @@ def test_fault_point_actions(monkeypatch):
         io.fault_point("b:1")
     assert ei.value.errno == 5
     io.fault_point("b:2")  # not named: nothing happens
+
+
+# -- whole folders (staged_folder) --------------------------------------------------------------
+
+
+def _tree(folder):
+    return {n: (folder / n).read_text() for n in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_staged_folder_replaces_the_whole_folder_or_nothing(tmp_path, monkeypatch, exchange):
+    from chameleon_ext import io as cio
+
+    if not exchange:
+        monkeypatch.setattr(cio, "_exchange", lambda a, b: False)
+    target = tmp_path / "set"
+    with cio.staged_folder(target) as staged:  # no folder yet
+        cio.write_text(os.path.join(staged, "a.txt"), "1")
+        cio.write_text(os.path.join(staged, "b.txt"), "1")
+    assert _tree(target) == {"a.txt": "1", "b.txt": "1"}
+    with pytest.raises(RuntimeError, match="midway"):  # a failure before the swap: the old folder whole
+        with cio.staged_folder(target) as staged:
+            cio.write_text(os.path.join(staged, "a.txt"), "2")
+            raise RuntimeError("midway")
+    assert _tree(target) == {"a.txt": "1", "b.txt": "1"}
+    with cio.staged_folder(target) as staged:  # a new set drops the old set's files
+        cio.write_text(os.path.join(staged, "c.txt"), "3")
+    assert _tree(target) == {"c.txt": "3"}
+    assert sorted(os.listdir(tmp_path)) == ["set"]  # no temp folder left
+
+
+def test_recover_folder_puts_back_a_folder_moved_aside_by_a_dead_writer(tmp_path):
+    from chameleon_ext import io as cio
+
+    target = tmp_path / "set"
+    aside = tmp_path / f".set~previous.{cio._HOST}.999999999.0000.chameleon-tmp"  # pid 999999999: not alive
+    aside.mkdir()
+    (aside / "a.txt").write_text("old")
+    cio.remove_stale_temps(tmp_path)  # never deletes a folder moved aside
+    assert aside.exists()
+    cio.recover_folder(str(target))
+    assert _tree(target) == {"a.txt": "old"} and not aside.exists()
+    aside.mkdir()  # killed after the swap: the new folder stays, the aside one goes
+    cio.recover_folder(str(target))
+    assert _tree(target) == {"a.txt": "old"} and sorted(os.listdir(tmp_path)) == ["set"]
+
+
+def test_staged_folder_through_a_symlink_replaces_the_real_folder(tmp_path):
+    from chameleon_ext import io as cio
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("old")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with cio.staged_folder(tmp_path / "link") as staged:
+        cio.write_text(os.path.join(staged, "a.txt"), "new")
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "link" / "a.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]

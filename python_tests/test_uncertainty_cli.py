@@ -318,3 +318,58 @@ def test_a_window_file_for_other_domains_is_an_error(work, first_run, capsys):
     # --bootstrap 0 does not read it
     _ok(["weights", "--embeddings", folder / "domain_embeddings.pt", "--out", work / "mm", "--bootstrap", 0,
          *COMMON], capsys)
+
+
+# --------------------------------------------------------------------------- --bootstrap bounded by memory
+
+
+def test_bootstrap_bytes_is_what_the_bootstrap_holds():
+    """The estimate counts each buffer that grows with the resamples (hand-computed for k = 3
+    domains of 128 windows of 64 float32 values, 3 blocks: 1536 + 256 + 1536 + 432 + 216 + 96)."""
+    assert U.bootstrap_bytes([128, 100, 128], 64, 1) == 4072
+    assert U.bootstrap_bytes([128, 100, 128], 64, 10**9) == 4072 * 10**9
+    assert U.bootstrap_bytes([5, 5], 8, 7, fractions=(), sum_bytes=8) == 7 * (5 * 16 + 64 + 128 + 64 + 48 + 64)
+
+
+def test_a_bootstrap_too_large_for_memory_is_refused_before_any_allocation(monkeypatch):
+    ws = [torch.randn(128, 64) for _ in range(3)]
+    allocated = []
+    monkeypatch.setattr(U, "_draw_counts", lambda *a: allocated.append(a) or (_ for _ in ()).throw(AssertionError))
+    free = 3 * 2**30
+    monkeypatch.setattr(U, "available_memory", lambda device="cpu": free)
+    with pytest.raises(U.ChameleonUserError) as info:
+        U.bootstrap_weights(ws, resamples=10**9)
+    text = str(info.value)
+    largest = free // 4072
+    assert f"the largest --bootstrap that fits is {largest:,}" in text and "\n" not in text
+    assert "--bootstrap" in text and "GiB" in text and not allocated
+    assert U.bootstrap_bytes([128] * 3, 64, largest) <= free < U.bootstrap_bytes([128] * 3, 64, largest + 1)
+
+
+@pytest.mark.parametrize("B", [10**7 * 4, 10**9])
+def test_cli_bootstrap_too_large_is_one_line_before_embedding(work, capsys, monkeypatch, B):
+    from chameleon_ext import pipeline
+
+    monkeypatch.setattr(U, "available_memory", lambda device="cpu": 2**34)  # 16 GiB free
+    monkeypatch.setattr(pipeline, "embed_domains", lambda *a, **k: pytest.fail("embedded before the check"))
+    code, out, err = _run(_weights(work, "toolarge", "--bootstrap", B, cache="cache_toolarge"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--bootstrap) {B:,}" in err and "the largest --bootstrap that fits is" in err
+    assert "Traceback" not in err
+
+
+def test_sweep_and_weights_refuse_a_lambda_too_small_alike(work, capsys):
+    """One checking path: the lambda below the affinity's rounding level is the same one-line
+    exit 2 in `sweep` as in `weights`, not a ValueError traceback."""
+    # (three domains in 16 dimensions: krls refuses lambda = 1e-300 for their affinity)
+    X = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    emb = str(work / "spread.pt")
+    torch.save({"domains": ["a", "b", "c"], "embeddings": X, "counts": [1] * 3, "settings": {}}, emb)
+    errors = {}
+    for command in ("weights", "sweep"):
+        code, out, err = _run([command, "--embeddings", emb, "--lam", "1e-300", "--out", work / f"tiny_{command}",
+                               "--no-plots", *COMMON], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        errors[command] = err
+        assert "lam = 1e-300 is too small" in err and "use a larger lam" in err, err
+    assert not os.path.exists(work / "tiny_sweep" / "sweep.json")

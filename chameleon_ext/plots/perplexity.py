@@ -99,7 +99,8 @@ def plot_comparison(stats, ledger, path: PathLike, title: str) -> Optional[str]:
     drawn at the axis' left edge, labelled "(free)").
 
     ``stats`` is a :class:`~chameleon_ext.compare_stats.ComparisonStats` (``domains``, and
-    ``mixtures[name].perplexity[domain]`` intervals with ``mean`` and ``half_width``);
+    ``mixtures[name].perplexity[domain]`` intervals with ``mean`` and ``errors``, the distances
+    below and above the mean: a log-scale interval is asymmetric);
     ``ledger`` a :class:`~chameleon_ext.compare_stats.ComputeLedger` (``methods()``,
     ``flops(name)``). Returns ``path``, or None when matplotlib is missing."""
     path = os.fspath(path)
@@ -113,7 +114,7 @@ def plot_comparison(stats, ledger, path: PathLike, title: str) -> Optional[str]:
     for r, m in enumerate(mixes):
         ivs = [stats.mixtures[m].perplexity[d] for d in doms]
         xs = [c - 0.4 + width * (r + 0.5) for c in range(len(doms))]
-        err = [iv.half_width or 0.0 for iv in ivs]
+        err = [[iv.errors[0] for iv in ivs], [iv.errors[1] for iv in ivs]]  # log-scale: asymmetric
         ax.bar(xs, [iv.mean for iv in ivs], width=width, yerr=err, capsize=2, label=m)
     ax.set_xticks(range(len(doms)), labels=doms, rotation=30, ha="right")
     ax.set_ylabel("test perplexity (lower is better)")
@@ -127,7 +128,7 @@ def plot_comparison(stats, ledger, path: PathLike, title: str) -> Optional[str]:
     for m in mixes:
         iv = stats.mixtures[m].perplexity[AVERAGE_KEY]
         x = costs[m] if costs[m] > 0 else floor
-        ax2.errorbar([x], [iv.mean], yerr=[[iv.half_width or 0.0], [iv.half_width or 0.0]], fmt="o", capsize=3)
+        ax2.errorbar([x], [iv.mean], yerr=[[iv.errors[0]], [iv.errors[1]]], fmt="o", capsize=3)
         # the free mixtures share one x: their labels are stacked so they stay readable
         dy = 4 if costs[m] > 0 else 4 + 10 * free
         free += costs[m] <= 0
