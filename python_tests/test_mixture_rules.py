@@ -290,3 +290,35 @@ def test_calibrated_temperature_is_recorded():
     assert res.temperature >= 5.0 and res.ratio == 10.0
     assert float(res.weights.max() / res.weights.min()) <= 10.0 + 1e-9
     assert W.weights_from_scores(S, rule="calibrated").shape == (6,)
+
+
+# --------------------------------------------------------------------------------------------
+# The scale-free lambda under the bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_chooses_lambda_again_on_every_resample():
+    from chameleon_ext import uncertainty as U
+
+    g = torch.Generator().manual_seed(21)
+    centres = torch.randn(5, 6, generator=g, dtype=torch.float64) * 3.0
+    windows = [c + torch.randn(12, 6, generator=g, dtype=torch.float64) for c in centres]
+    point = W.weights_from_embeddings(torch.stack([w.mean(0) for w in windows]))
+    counts = [torch.randint(0, 3, (8, 12), generator=g).double() for _ in windows]
+    for c in counts:
+        c[:, 0] += 1.0  # at least one window per resample
+    res = U.bootstrap_weights(windows, resamples=8, point=point, draw_counts=counts, window_fractions=())
+    assert res.lambda_samples is not None and res.lambda_samples.shape == (8,)
+    for b in range(8):
+        X = torch.stack([(c[b] @ w) / c[b].sum() for c, w in zip(counts, windows)])
+        own = W.weights_from_embeddings(X)  # the plain path on that resample: its own lambda
+        assert abs(float(res.lambda_samples[b]) / own.lam - 1.0) < 1e-9
+        torch.testing.assert_close(res.weight_samples[b], own.weights, rtol=0, atol=1e-12)
+        assert abs(float(res.effective_dimension_samples[b]) - W.DEFAULT_SHARE * 4) < 1e-9
+    interval = res.to_dict()["lambda_interval"]
+    assert interval["point"] == point.lam and interval["low"] <= interval["high"]
+    assert interval["low"] >= float(res.lambda_samples.min()) - 1e-12
+    assert interval["high"] <= float(res.lambda_samples.max()) + 1e-12
+    fixed = U.bootstrap_weights(windows, resamples=8, point=W.weights_from_embeddings(
+        torch.stack([w.mean(0) for w in windows]), rule="paper"), draw_counts=counts, window_fractions=())
+    assert fixed.lambda_samples is None and fixed.to_dict()["lambda_interval"] is None
