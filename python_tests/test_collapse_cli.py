@@ -141,3 +141,16 @@ def test_collapse_lines_only_above_the_threshold():
     lines = U.collapse_lines({"a": 0.95, "b": 0.05}, 100, "do X")
     assert lines[0].startswith("WARNING: collapsed mixture: 'a' takes 0.9500")
     assert lines[1] == "  tokens per domain over this run's 100 tokens: a 95, b 5" and lines[2] == "  fix: do X"
+
+
+def test_run_strict_stops_before_the_base_models(tmp_path, capsys):
+    # A power rule this sharp (T = 0.01, no smoothing) puts everything on the lowest-leverage domain.
+    data = write_text_domains(tmp_path / "data", names=TEXT_DOMAINS)
+    argv = ["run", "--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--block-size", 16, "--batch-size", 2,
+            "--proxy-steps", 2, "--steps", 1, "--warmup", 0, "--n-windows", 4, "--window", 16, "--bootstrap", 0,
+            "--no-plots", "--device", "cpu", "--quiet", "--smoothing", "0", "--temperature", "0.01", "--strict"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and "--strict: the chameleon mixture is collapsed" in err
+    assert "WARNING: collapsed chameleon mixture" in out and f"over this run's {1 * 2 * 16:,} tokens" in out
+    assert "fix: the default rule and settings (drop --smoothing 0, --temperature 0.01) gives at most" in out
+    assert not os.path.exists(tmp_path / "r" / "base")  # no base model was trained on it
