@@ -121,6 +121,12 @@ def test_compare_marks_collapsed_mixtures_and_strict_stops():
     assert collapsed == {"chameleon-paper": {"domain": "alpha", "weight": 0.97}}
     assert any("collapsed mixture 'chameleon-paper'" in line for line in said)
     assert any("alpha 970, digits 10" in line for line in said)
+    assert not any("fix:" in line for line in said)  # no default-rule mixture to point at
+    said.clear()
+    compare._check_collapsed({**mixtures, "chameleon": {"weights": {d: 0.25 for d in DOMAINS}}}, cfg, 1000,
+                             said.append)
+    assert any("fix: the chameleon mixture in this table (the default power rule) puts at most 0.250" in line
+               for line in said)
     assert "COLLAPSED mixtures" in compare._collapsed_note(collapsed) and "chameleon-paper" in compare._collapsed_note(
         collapsed)
     assert compare._collapsed_note({}) == ""
@@ -154,3 +160,13 @@ def test_run_strict_stops_before_the_base_models(tmp_path, capsys):
     assert "WARNING: collapsed chameleon mixture" in out and f"over this run's {1 * 2 * 16:,} tokens" in out
     assert "fix: the default rule and settings (drop --smoothing 0, --temperature 0.01) gives at most" in out
     assert not os.path.exists(tmp_path / "r" / "base")  # no base model was trained on it
+
+
+def test_collapse_fix_names_every_option_it_drops_and_its_result_is_the_default(emb_path):
+    X = torch.load(emb_path)["embeddings"]
+    point = W.weights_from_embeddings(X, rule="paper", lam=3.0, normalize=False, domains=DOMAINS)
+    fix = U.collapse_fix(point)
+    assert fix.startswith("the default rule and settings (drop --rule paper, --lam 3, --no-normalize) gives at most ")
+    assert f"at most {float(W.weights_from_embeddings(X).weights.max()):.3f}" in fix
+    share = W.weights_from_embeddings(X, share=0.9, smoothing=0.0, temperature=0.05)
+    assert "(drop --smoothing 0, --temperature 0.05, --share 0.9)" in U.collapse_fix(share)
