@@ -170,3 +170,19 @@ def test_collapse_fix_names_every_option_it_drops_and_its_result_is_the_default(
     assert f"at most {float(W.weights_from_embeddings(X).weights.max()):.3f}" in fix
     share = W.weights_from_embeddings(X, share=0.9, smoothing=0.0, temperature=0.05)
     assert "(drop --smoothing 0, --temperature 0.05, --share 0.9)" in U.collapse_fix(share)
+
+
+def test_train_advice_without_embeddings_uses_the_file_s_leverage(emb_path, tmp_path, capsys):
+    import shutil
+
+    data = write_text_domains(tmp_path / "data", names=TEXT_DOMAINS)
+    assert run_cli(_weights(emb_path, tmp_path / "w", "--rule", "paper"), capsys)[0] == 0
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "w" / "weights.json", tmp_path / "alone" / "weights.json")
+    doc = json.loads((tmp_path / "alone" / "weights.json").read_text())
+    code, out, err = run_cli(["train", "--data", data, "--weights", tmp_path / "alone" / "weights.json", "--preset",
+                              "tiny", "--block-size", 16, "--steps", 1, "--out", tmp_path / "t", "--strict",
+                              "--device", "cpu", "--quiet"], capsys)
+    assert code == 2
+    w = W.weights_from_scores([doc["leverage"][d] for d in DOMAINS], "pretrain")
+    assert f"on this file's leverage scores it gives at most {float(w.max()):.3f}" in out and float(w.max()) < 0.9
