@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import os
+import re
 import time
 
 import torch
@@ -79,7 +79,7 @@ def fmt_w(w):
     return " ".join(f"{v:.3f}" for v in w.tolist())
 
 
-def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=None):
+def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=None, work="runs/study/validate"):
     """Average validation perplexity of a tiny base model per candidate mixture (compare's default
     budget: tiny preset, 64-token blocks, batch 16), mixtures from the tiny-40 proxy."""
     from benchmarks.study_embeddings import load_corpus
@@ -111,7 +111,7 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
                 continue
             ppl = []
             for seed in seeds:
-                out = f"/tmp/i17_validate/{corpus}/{abs(hash(label)) % 10**8}/{seed}"
+                out = os.path.join(work, corpus, re.sub(r"[^A-Za-z0-9]+", "-", label), str(seed))
                 cfg = TrainConfig(steps=steps, batch_size=16, block_size=64, lr=3e-3, warmup_steps=10, eval_every=0,
                                   ckpt_every=steps, seed=seed, device="cpu", out_dir=out, quiet=True, log_every=steps)
                 model = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=seed)
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.validate:
         corpora = {"builtin": "builtin", **dict(c.split("=", 1) for c in args.corpus)}
-        rows = validate(corpora, records, list(CANDIDATES), cache_path=os.path.join(args.study, "validation.json"))
+        rows = validate(corpora, records, list(CANDIDATES), cache_path=os.path.join(args.study, "validation.json"),
+                        work=os.path.join(args.study, "validate"))
         say("## Validation perplexity (tiny base model, 60 steps, 2 seeds; mixtures from the tiny-40 proxy)")
         say("")
         say("| corpus | mixture | mean val ppl | per seed |")
