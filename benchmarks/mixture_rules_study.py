@@ -37,6 +37,9 @@ CANDIDATES = {
     "power T=2": {"rule": "power", "temperature": 2.0, "smoothing": 0.0},
     "power T=1 + smoothing 0.2": {"rule": "power", "temperature": 1.0, "smoothing": 0.2},
     "power T=2 + smoothing 0.2": {"rule": "power", "temperature": 2.0, "smoothing": 0.2},
+    # the same toward the natural mixture (token shares of the training split) instead of uniform
+    "power T=2 + smoothing 0.2 to natural": {"rule": "power", "temperature": 2.0, "smoothing": 0.2,
+                                              "prior": "natural"},
 }
 SENSITIVITY = {
     "power: T": ("temperature", [0.25, 0.5, 1.0, 2.0, 4.0], {"rule": "power", "smoothing": 0.0}),
@@ -61,16 +64,36 @@ def weights(X, mode="pretrain", **kw):
     return weights_from_embeddings(X, mode=mode, **kw).weights
 
 
+def resolve(kw, rec, split=None):
+    """``kw`` with ``prior="natural"`` replaced by the corpus's token shares (after splitting
+    domain ``split`` into two halves, each half has half its tokens)."""
+    if kw.get("prior") != "natural":
+        return kw
+    p = list(rec["natural"])
+    if split is not None:
+        half = p.pop(split) / 2.0
+        p += [half, half]
+    return {**kw, "prior": p}
+
+
+def natural_shares(spec: str, domains, tokens_dir: str):
+    from benchmarks.study_embeddings import load_corpus
+
+    _, ds = load_corpus(spec, tokens_dir)
+    counts = [ds.n_tokens(d, "train") for d in domains]
+    return [c / sum(counts) for c in counts]
+
+
 def split_growth(rec, kw, mode="pretrain"):
     """Per domain j: (pair's total weight after splitting j into its even/odd windows) / (j's weight)."""
     W = [w.double() for w in rec["windows"]]
     X = torch.stack([w.mean(0) for w in W])
-    base = weights(X, mode, **kw)
+    base = weights(X, mode, **resolve(kw, rec))
     growth = []
     for j in range(len(W)):
         halves = torch.stack([W[j][0::2].mean(0), W[j][1::2].mean(0)])
         Xs = torch.cat([X[:j], X[j + 1:], halves])
-        ws = weights(Xs, mode, **kw)
+        ws = weights(Xs, mode, **resolve(kw, rec, split=j))
         growth.append(float(ws[-2:].sum() / base[j]))
     return growth
 
@@ -103,7 +126,7 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
         X = torch.stack([w.double().mean(0) for w in rec["windows"]])
         mixes = {"uniform": "uniform"}
         for label in candidates:
-            mixes[label] = dict(zip(rec["domains"], weights(X, **CANDIDATES[label]).tolist()))
+            mixes[label] = dict(zip(rec["domains"], weights(X, **resolve(CANDIDATES[label], rec)).tolist()))
         for label, mix in mixes.items():
             if f"{corpus}|{label}" in done:
                 ppl = done[f"{corpus}|{label}"]
@@ -136,14 +159,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     records = load_all(args.study)
+    specs = {"builtin": "builtin", **{c.split("=", 1)[0]: c for c in args.corpus}}
+    shares = {}
     for key, rec in records.items():
         rec["_path"] = os.path.join(args.study, key[0], key[1], "embeddings.pt")
+        if key[0] in specs:
+            if key[0] not in shares:
+                shares[key[0]] = natural_shares(specs[key[0]], rec["domains"], os.path.join(args.study, key[0], "tokens"))
+            rec["natural"] = shares[key[0]]
     lines = ["# Mixture rules study", ""]
 
     def say(line=""):
         print(line, flush=True)
         lines.append(line)
 
+    for corpus, p in shares.items():
+        say(f"natural token shares of {corpus}: " + ", ".join(f"{v:.3f}" for v in p))
+    say("")
     say("## Largest weight (pretraining) and split-domain growth per corpus x proxy")
     say("")
     say("growth = pair total / original weight when one domain is split into two near-identical halves "
@@ -155,7 +187,9 @@ def main(argv=None) -> int:
     for (corpus, setting), rec in records.items():
         X = torch.stack([w.double().mean(0) for w in rec["windows"]])
         for label, kw in CANDIDATES.items():
-            w = weights(X, **kw)
+            if kw.get("prior") == "natural" and "natural" not in rec:
+                continue
+            w = weights(X, **resolve(kw, rec))
             g = split_growth(rec, kw)
             worst[label] = max(worst.get(label, 0.0), float(w.max()))
             say(f"| {corpus} | {setting} | {label} | {float(w.max()):.3f} | {fmt_w(w)} | {max(g):.2f} | "

@@ -322,3 +322,14 @@ def test_bootstrap_chooses_lambda_again_on_every_resample():
     fixed = U.bootstrap_weights(windows, resamples=8, point=W.weights_from_embeddings(
         torch.stack([w.mean(0) for w in windows]), rule="paper"), draw_counts=counts, window_fractions=())
     assert fixed.lambda_samples is None and fixed.to_dict()["lambda_interval"] is None
+
+
+@pytest.mark.parametrize("rule", list(mixture.RULES))
+def test_degenerate_inputs_under_every_rule(rule):
+    with pytest.warns(UserWarning, match="only one domain"):
+        res = W.weights_from_embeddings(torch.randn(1, 8, dtype=torch.float64), rule=rule)
+    assert res.weights.tolist() == [1.0]
+    for mode in mixture.MODES:  # every domain at one point: nothing tells them apart
+        with pytest.warns(UserWarning, match="identical embeddings"):
+            res = W.weights_from_embeddings(torch.full((3, 4), 7.0, dtype=torch.float64), mode, rule=rule)
+        torch.testing.assert_close(res.weights, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=0, atol=1e-15)
