@@ -333,3 +333,22 @@ def test_degenerate_inputs_under_every_rule(rule):
         with pytest.warns(UserWarning, match="identical embeddings"):
             res = W.weights_from_embeddings(torch.full((3, 4), 7.0, dtype=torch.float64), mode, rule=rule)
         torch.testing.assert_close(res.weights, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_the_default_never_collapses(mode):
+    """The default's cap holds for any input: random embeddings of k = 2..12 domains at scales
+    1e-6..1e6, with one domain on (or near) the others' centroid, and exact duplicates."""
+    g = torch.Generator().manual_seed(99)
+    c = W.RULE_DEFAULTS[W.DEFAULT_RULE]["smoothing"]
+    for k in range(2, 13):
+        for scale in (1e-6, 1.0, 1e6):
+            for case in range(3):
+                X = torch.randn(k, 5, generator=g, dtype=torch.float64)
+                if case == 1:
+                    X[0] = X[1:].mean(0)  # on the centroid: zero leverage
+                if case == 2 and k > 2:
+                    X[1] = X[0]  # an exact duplicate
+                w = W.weights_from_embeddings(X * scale, mode).weights
+                cap = 0.5 if k == 2 else 1.0 - c * (1.0 - 1.0 / k)
+                assert float(w.max()) <= cap + 1e-12 and float(w.max()) <= mixture.COLLAPSE_THRESHOLD
