@@ -352,3 +352,17 @@ def test_the_default_never_collapses(mode):
                 w = W.weights_from_embeddings(X * scale, mode).weights
                 cap = 0.5 if k == 2 else 1.0 - c * (1.0 - 1.0 / k)
                 assert float(w.max()) <= cap + 1e-12 and float(w.max()) <= mixture.COLLAPSE_THRESHOLD
+
+
+def test_bootstrap_of_the_calibrated_rule_keeps_its_settings():
+    from chameleon_ext import uncertainty as U
+
+    g = torch.Generator().manual_seed(4)
+    windows = [c + 0.3 * torch.randn(10, 6, generator=g, dtype=torch.float64)
+               for c in torch.randn(5, 6, generator=g, dtype=torch.float64)]
+    X = torch.stack([w.mean(0) for w in windows])
+    point = W.weights_from_embeddings(X, rule="calibrated", temperature=3.0, ratio=1e3)  # not binding: T matters
+    ones = [torch.ones(1, 10, dtype=torch.float64)] * 5  # the identity resample
+    res = U.bootstrap_weights(windows, resamples=1, point=point, draw_counts=ones, window_fractions=())
+    torch.testing.assert_close(res.weight_samples[0], point.weights, rtol=0, atol=1e-12)
+    assert point.settings["temperature"] == 3.0 and point.settings["ratio"] == 1e3 and point.temperature == 3.0
