@@ -150,11 +150,69 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
     return rows
 
 
+FINETUNE_DOMAINS = {"builtin": ["math", "code", "web"], "realtext": ["python", "c_headers", "manpages"]}
+FINETUNE_CANDIDATES = {
+    "paper": {"rule": "paper"},
+    "calibrated ratio 10": {"rule": "calibrated"},
+    "power T=1 + smoothing 0.2 (default)": {"rule": "power", "temperature": 1.0, "smoothing": 0.2},
+    "power T=0.5 + smoothing 0.2": {"rule": "power", "temperature": 0.5, "smoothing": 0.2},
+}
+
+
+def validate_finetune(corpora, work, seeds=(0, 1), start_steps=60, steps=40):
+    """The finetuning rules on VALIDATION data: a tiny start model trained on the other domains
+    (uniform), the finetuning domains embedded with it as the frozen proxy (as `compare` does),
+    then `steps` finetuning steps per mixture and seed; mean validation perplexity over the
+    finetuning domains."""
+    from benchmarks.study_embeddings import load_corpus
+    from chameleon_ext.compare import DatasetView
+    from chameleon_ext.embed import EmbedConfig, embed_domains
+    from chameleon_ext.evaluation import evaluate
+    from chameleon_ext.model import GPT, GPTConfig
+    from chameleon_ext.trainer import TrainConfig, train
+
+    def cfg(out, n, seed):
+        return TrainConfig(steps=n, batch_size=16, block_size=64, lr=3e-3, warmup_steps=min(10, n - 1), eval_every=0,
+                           ckpt_every=n, seed=seed, device="cpu", out_dir=out, quiet=True, log_every=n)
+
+    rows = {}
+    for corpus, spec in corpora.items():
+        fdoms = FINETUNE_DOMAINS.get(corpus)
+        if not fdoms:
+            continue
+        spec = spec if spec == "builtin" else f"{corpus}={spec}"
+        _, ds = load_corpus(spec, os.path.join(work, "..", corpus, "tokens"))
+        pre = DatasetView(ds, [d for d in ds.domains if d not in fdoms])
+        fview = DatasetView(ds, fdoms)
+        folder = os.path.join(work, "finetune", corpus)
+        start = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=0)
+        train(start, pre, "uniform", cfg(os.path.join(folder, "start"), start_steps, 0), resume=False)
+        start_path = os.path.join(folder, "start", "model.pt")
+        emb = embed_domains(start, fview, EmbedConfig(n_windows=128, window=64, seed=0), device="cpu")
+        mixes = {"uniform": "uniform"}
+        for label, kw in FINETUNE_CANDIDATES.items():
+            mixes[label] = dict(zip(emb.domains, weights(emb.embeddings, "finetune", **kw).tolist()))
+        for label, mix in mixes.items():
+            ppl = []
+            for seed in seeds:
+                out = os.path.join(folder, re.sub(r"[^A-Za-z0-9]+", "-", label), str(seed))
+                model = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=seed)
+                train(model, fview, mix, cfg(out, steps, seed), resume=False, init_from=start_path)
+                ev = evaluate(model, fview, 32, 64, seed=0, device="cpu", split="val")
+                ppl.append(ev["average"]["mean_ppl"])
+            top = max(mix.values()) if isinstance(mix, dict) else 1.0 / len(fdoms)
+            rows[(corpus, label)] = (sum(ppl) / len(ppl), ppl, top)
+            print(f"finetune {corpus} {label}: {rows[(corpus, label)][0]:.3f} {ppl} max weight {top:.3f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="runs/study")
     p.add_argument("--out", default=None, help="write the report (markdown) here too")
     p.add_argument("--validate", action="store_true")
+    p.add_argument("--validate-finetune", action="store_true",
+                   help="also the finetuning rules on validation data (start model + finetuning runs)")
     p.add_argument("--corpus", action="append", default=[], help="NAME=FOLDER of a corpus to validate on")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -234,6 +292,17 @@ def main(argv=None) -> int:
         for (corpus, label), (mean, per) in rows.items():
             say(f"| {corpus} | {label} | {mean:.3f} | {', '.join(f'{v:.3f}' for v in per)} |")
         say(f"\n(validation took {time.perf_counter() - t0:.0f} s)")
+    if args.validate_finetune:
+        corpora = {"builtin": "builtin", **dict(c.split("=", 1) for c in args.corpus)}
+        rows = validate_finetune(corpora, os.path.join(args.study, "validate"))
+        say("## Finetuning rules on validation data (tiny start model 60 steps on the other domains, "
+            "40 finetuning steps, 2 seeds)")
+        say("")
+        say("| corpus | finetuning domains | mixture | mean val ppl | per seed | max weight |")
+        say("|---|---|---|---:|---|---:|")
+        for (corpus, label), (mean, per, top) in rows.items():
+            say(f"| {corpus} | {', '.join(FINETUNE_DOMAINS[corpus])} | {label} | {mean:.3f} | "
+                f"{', '.join(f'{v:.3f}' for v in per)} | {top:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
