@@ -2,7 +2,8 @@
 (docs/method.md, "Rules"). Reads the embeddings benchmarks/study_embeddings.py wrote.
 
     python -m benchmarks.study_embeddings --corpus builtin --corpus realtext=/work/evidence/corpus --out runs/study
-    python -m benchmarks.mixture_rules_study --study runs/study --out runs/study/report.md [--validate]
+    python -m benchmarks.mixture_rules_study --study runs/study --out runs/study/report.md [--validate] \
+        [--validate-finetune] [--corpus realtext=/work/evidence/corpus]
 
 For every corpus x proxy setting x candidate rule it reports
   * the largest weight (the collapse test: the default must stay <= 0.9 everywhere);
@@ -12,7 +13,9 @@ For every corpus x proxy setting x candidate rule it reports
     reward a duplicated domain, because each copy explains the other);
   * sensitivity curves: the largest weight against each rule's parameter;
   * with ``--validate``: average VALIDATION perplexity of small base models trained on each
-    candidate mixture (the test split is never read; ``chameleon compare`` reports test).
+    candidate mixture (the test split is never read; ``chameleon compare`` reports test);
+  * with ``--validate-finetune``: the finetuning rules the same way (a start model trained on
+    the other domains, then finetuning runs from it on each candidate mixture).
 """
 
 from __future__ import annotations
