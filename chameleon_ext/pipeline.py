@@ -23,7 +23,8 @@ from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
 from .trainer import TrainConfig, evaluate, train
-from .weights import DEFAULT_LAMBDA, DomainWeights, weights_from_embeddings as _weights_from_embeddings
+from .mixture import AUTO_LAMBDA, PIPELINE_MODES, RULES
+from .weights import DEFAULT_RULE, DomainWeights, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
     "MODES",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
-MODES = ("pretrain", "finetune", "transfer")
+MODES = PIPELINE_MODES
 # The model every command creates unless told otherwise: the small preset at 128 tokens (what
 # the README's runs and `chameleon run` use; TrainConfig holds the optimiser's defaults).
 DEFAULT_PRESET = "small"
@@ -165,31 +166,47 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
     return proxy, tok
 
 
-def check_weight_options(mode: str, lam: float, temperature: Optional[float]) -> None:
-    """Raise ChameleonUserError for a bad mode, lambda or temperature (before any work is done)."""
+def check_weight_options(mode: str, lam=None, temperature: Optional[float] = None, rule: str = DEFAULT_RULE,
+                         share: Optional[float] = None, smoothing: Optional[float] = None) -> None:
+    """Raise ChameleonUserError for a bad mode, rule, lambda, temperature, share or smoothing
+    (before any work is done). ``None`` stands for the rule's default."""
+    from .weights import rule_settings
+
     if mode not in MODES:
         raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
-    checks = [("lambda (--lam)", lam)] + ([] if temperature is None else [("temperature (--temperature)", temperature)])
+    if rule not in RULES:
+        raise ChameleonUserError(f"rule (--rule): expected one of {RULES}, got {rule!r}")
+    checks = ([] if lam is None or lam == AUTO_LAMBDA else [("lambda (--lam)", lam)]) + (
+        [] if temperature is None else [("temperature (--temperature)", temperature)])
     for name, value in checks:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         if not ok:
-            raise ChameleonUserError(f"{name}: expected a finite number > 0, got {value!r}")
+            raise ChameleonUserError(f"{name}: expected a finite number > 0" + (" or 'auto'" if "lam" in name else "")
+                                     + f", got {value!r}")
+    try:
+        rule_settings(rule, "finetune" if mode == "finetune" else "pretrain", lam, temperature, share, smoothing)
+    except ChameleonUserError as exc:  # "share: ..." -> "share (--share): ..."
+        name, _, rest = str(exc).partition(":")
+        raise ChameleonUserError(f"{name} (--{name}):{rest}") from None
 
 
-def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                        temperature: Optional[float] = None, normalize: bool = True,
+def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam=None,
+                        temperature: Optional[float] = None, normalize: bool = True, rule: str = DEFAULT_RULE,
+                        share: Optional[float] = None, smoothing: Optional[float] = None,
                         notice: Optional[Callable[[str], None]] = None) -> DomainWeights:
     """:func:`chameleon_ext.weights_from_embeddings` for a :class:`DomainEmbeddings`, with the
     pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors.
+    ``rule="paper"`` is the paper's method; ``None`` settings are the rule's defaults.
     ``notice``: given the library's remarks (one domain, identical embeddings) as ``note:``
     lines instead of warnings, so a command line prints them its own way (or not, quiet)."""
-    check_weight_options(mode, lam, temperature)
+    check_weight_options(mode, lam, temperature, rule, share, smoothing)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
-    rule = "pretrain" if mode == "transfer" else mode
+    direction = "pretrain" if mode == "transfer" else mode
     with _library_notes(notice), _leverage_errors():
-        result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
-                                          normalize=normalize, domains=emb.domains)
+        result = _weights_from_embeddings(emb.embeddings, direction, lam=lam, temperature=temperature,
+                                          normalize=normalize, domains=emb.domains, rule=rule, share=share,
+                                          smoothing=smoothing)
     result.mode = mode
     return result
 
@@ -209,7 +226,8 @@ def _library_notes(notice: Optional[Callable[[str], None]]):
 
 
 def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures: Optional[Sequence[float]] = None,
-                      mode: str = "pretrain", normalize: bool = True, notice: Optional[Callable[[str], None]] = None):
+                      mode: str = "pretrain", normalize: bool = True, rule: str = DEFAULT_RULE,
+                      smoothing: Optional[float] = None, notice: Optional[Callable[[str], None]] = None):
     """:func:`chameleon_ext.uncertainty.sweep_weights` for a :class:`DomainEmbeddings`, checked
     as :func:`weights_for_domains` checks one (lambda, temperature): the same options and
     the same one-line error for a lambda too small for the embeddings."""
@@ -217,9 +235,10 @@ def sweep_for_domains(emb: DomainEmbeddings, lams: Sequence[float], temperatures
 
     for lam in lams:
         for temperature in (temperatures or [None]):
-            check_weight_options(mode, lam, temperature)
+            check_weight_options(mode, lam, temperature, rule, None, smoothing)
     with _library_notes(notice), _leverage_errors():
-        return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains)
+        return sweep_weights(emb.embeddings, lams, temperatures, mode=mode, normalize=normalize, domains=emb.domains,
+                             rule=rule, smoothing=smoothing)
 
 
 @contextlib.contextmanager
@@ -322,7 +341,8 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
     if plots:
         from .plots import plot_affinity, plot_weights
 
-        title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
+        title = (f"Chameleon {result.mode} weights ({result.rule} rule, lambda={result.lam:.3g}, "
+                 f"T={result.temperature:g}, smoothing={result.smoothing:g})")
         if result.bootstrap is not None:  # the same picture with the intervals as error bars
             from .plots import plot_bootstrap
 
@@ -355,14 +375,18 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
     return weights
 
 
-def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam=None,
                     temperature: Optional[float] = None, normalize: bool = True,
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
                     plots: bool = True, progress: bool = False, group=None, proxy=None,
                     notice: Optional[Callable[[str], None]] = None, token_budget: Optional[int] = None,
                     max_epochs: Optional[float] = None, bootstrap: Optional[int] = None,
-                    bootstrap_seed: Optional[int] = None):
+                    bootstrap_seed: Optional[int] = None, rule: str = DEFAULT_RULE, share: Optional[float] = None,
+                    smoothing: Optional[float] = None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
+
+    ``rule``, ``lam``, ``temperature``, ``share``, ``smoothing``: as in
+    :func:`chameleon_ext.weights_from_embeddings` (``rule="paper"``: the paper's method).
 
     ``bootstrap``: resamples of the windows for the intervals (default
     :data:`chameleon_ext.uncertainty.DEFAULT_RESAMPLES`; 0: none), seeded with
@@ -377,7 +401,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     """
     from .uncertainty import DEFAULT_RESAMPLES
 
-    check_weight_options(mode, lam, temperature)
+    check_weight_options(mode, lam, temperature, rule, share, smoothing)
     bootstrap = check_resamples(DEFAULT_RESAMPLES if bootstrap is None else bootstrap)
     if proxy is None:
         proxy = load_proxy(proxy_path, device="cpu")
@@ -388,7 +412,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     reuse = cache_reuse_line(emb, cache_dir)
     if reuse is not None and notice is not None and distributed.info(group).is_main:
         notice(reuse)
-    result = weights_for_domains(emb, mode, lam, temperature, normalize, notice=notice)
+    result = weights_for_domains(emb, mode, lam, temperature, normalize, rule, share, smoothing, notice=notice)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:

@@ -9,7 +9,9 @@ from typing import List, Optional, Sequence
 
 from ..errors import ChameleonUserError
 
-METHODS = ("uniform", "natural", "chameleon", "doremi", "regmix", "online")
+METHODS = ("uniform", "natural", "chameleon", "chameleon-paper", "doremi", "regmix", "online")
+# Chameleon's two variants: the library's default rule, and the paper's method exactly (rule="paper").
+CHAMELEON_RULES = {"chameleon": None, "chameleon-paper": "paper"}
 SCENARIOS = ("pretrain", "new_domains", "finetune")
 OUTPUT_STEM = {"pretrain": "compare", "new_domains": "compare-new-domains", "finetune": "compare-finetune"}
 # Settings every unit is computed from; a unit of a method adds that method's own (below).
@@ -78,6 +80,7 @@ class CompareConfig:
     finetune_steps: int = 40
     ckpt_every: int = 20
     quiet: bool = False
+    strict: bool = False  # stop (ChameleonUserError) before training on a collapsed mixture
 
     def __post_init__(self):
         def positive(name, minimum=1):
@@ -136,6 +139,14 @@ def pinned_settings(cfg: CompareConfig) -> tuple:
     keys = COMMON_KEYS + ("steps",)
     mixtures = set(cfg.mixtures)
     for kind in ("chameleon", "doremi", "regmix"):
-        if kind in mixtures:
+        if kind in mixtures or (kind == "chameleon" and mixtures & set(CHAMELEON_RULES)):
             keys += tuple(k for k in KIND_KEYS[kind] if k not in keys and k != "mode_lam")
     return keys
+
+
+def rule_of(method: str) -> str:
+    """The weight rule a Chameleon method of the comparison uses (``chameleon``: the library's
+    default; ``chameleon-paper``: the paper's)."""
+    from ..weights import DEFAULT_RULE
+
+    return CHAMELEON_RULES.get(method) or DEFAULT_RULE

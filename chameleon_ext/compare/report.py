@@ -6,6 +6,7 @@ import os
 from typing import Optional, Sequence
 
 from .. import io
+from ..errors import ChameleonUserError
 from ..compare_stats import ComputeLedger
 from ..plots import plot_comparison
 from .config import CompareConfig
@@ -35,7 +36,7 @@ def table_header(cfg: CompareConfig, title: str, domains: Sequence[str], tokens:
 
 
 def plan_steps(cfg: CompareConfig, mixtures: Sequence[str], extra: int = 0) -> int:
-    per = {"chameleon": cfg.proxy_steps, "doremi": 2 * cfg.proxy_steps,
+    per = {"chameleon": cfg.proxy_steps, "chameleon-paper": cfg.proxy_steps, "doremi": 2 * cfg.proxy_steps,
            "regmix": cfg.regmix_proxies * cfg.regmix_steps}
     return sum(per.get(m, 0) for m in mixtures) + extra + len(mixtures) * cfg.seeds * cfg.steps
 
@@ -47,3 +48,36 @@ def say_budget(cfg: CompareConfig, say, total_steps: int, what: str) -> None:
         f"({cfg.tokens_per_run:,} tokens each); proxies {cfg.proxy_steps} steps; RegMix "
         f"{cfg.regmix_proxies} x {cfg.regmix_steps} steps; {total_steps:,} training steps "
         f"({total_steps * tok:,} tokens) in all, before skipping finished units")
+
+
+def check_collapsed(mixtures: dict, cfg: CompareConfig, tokens: int, say) -> dict:
+    """``{label: {"domain", "weight"}}`` of the mixtures with one domain above the collapse
+    threshold, each announced with its tokens per domain; ``cfg.strict`` stops here instead."""
+    from ..uncertainty import COLLAPSED_WEIGHT, collapse_lines
+    from ..weights import DEFAULT_RULE
+
+    out = {}
+    default = mixtures.get("chameleon")
+    for label, m in mixtures.items():
+        fix = None
+        if label == "chameleon-paper" and default is not None:  # the default rule on the same proxy's data
+            fix = (f"the chameleon mixture in this table (the default {DEFAULT_RULE} rule) puts at most "
+                   f"{max(default['weights'].values()):.3f} on one domain")
+        lines = collapse_lines(m["weights"], tokens, fix, f"mixture {label!r}")
+        if lines:
+            top = max(m["weights"], key=m["weights"].get)
+            out[label] = {"domain": top, "weight": float(m["weights"][top])}
+            for line in lines:
+                say(line)
+    if out and cfg.strict:
+        raise ChameleonUserError(f"--strict: collapsed mixture(s) {sorted(out)} (one domain > {COLLAPSED_WEIGHT}); "
+                                 "not training on them")
+    return out
+
+
+def collapsed_note(collapsed: dict) -> str:
+    """The line under a table that marks its collapsed mixtures (empty when there are none)."""
+    if not collapsed:
+        return ""
+    items = "; ".join(f"**{label}** ({v['domain']} {v['weight']:.4f})" for label, v in collapsed.items())
+    return f"\nCOLLAPSED mixtures (one domain above 0.9 of the data): {items}.\n"

@@ -11,9 +11,9 @@ from ..errors import ChameleonUserError
 from ..progress import Progress
 from .callbacks import DoReMiLoss
 from ..data.view import DatasetView
-from .config import METHODS, OUTPUT_STEM, CompareConfig, pinned_settings
+from .config import CHAMELEON_RULES, METHODS, OUTPUT_STEM, CompareConfig, pinned_settings, rule_of
 from .records import digest, ledger_entry
-from .report import ledger_of, plan_steps, say_budget, table_header, write_outputs
+from .report import check_collapsed, collapsed_note, ledger_of, plan_steps, say_budget, table_header, write_outputs
 from .units import Comparison
 
 
@@ -60,7 +60,7 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
         raise ChameleonUserError("--new-domains: at least one domain must stay old")
     old = [d for d in ds.domains if d not in new]
     full = DatasetView(ds)
-    extra = cfg.proxy_steps if new and "chameleon" in cfg.mixtures else 0
+    extra = cfg.proxy_steps * sum(m in CHAMELEON_RULES for m in cfg.mixtures) if new else 0
     total = plan_steps(cfg, cfg.mixtures, extra)
     say_budget(cfg, say, total, cfg.scenario)
     c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.quiet, plain_every=0.05)
@@ -69,12 +69,13 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
         mixtures, absorb = {}, {}
         for name in cfg.mixtures:
             label = name if name in METHODS else file_label(name)
-            if new and name == "chameleon":
-                mixtures[label], absorb[label] = chameleon_transfer(c, ds, old, new)
+            if new and name in CHAMELEON_RULES:
+                mixtures[label], absorb[label] = chameleon_transfer(c, ds, old, new, name)
             else:
                 mixtures[label] = c.build_mixture(name, full)
                 if new:  # every other method simply rebuilds on all domains
                     absorb[label] = ledger_of([as_method(e, label) for e in mixtures[label]["entries"]])
+        collapsed = check_collapsed(mixtures, cfg, cfg.tokens_per_run, say)
         say(f"[2/2] base runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.steps} steps each")
         runs = {label: {s: c.base_run(label, m["weights"], s, ds, cfg.steps) for s in cfg.seed_list}
                 for label, m in mixtures.items()}
@@ -88,6 +89,7 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     title = ("Pretraining: test perplexity by mixture" if not new else
              f"New domains ({', '.join(new)}): test perplexity by mixture")
     md = table_header(cfg, title, ds.domains, cfg.tokens_per_run) + format_comparison_table(stats, ledger)
+    md += collapsed_note(collapsed)
     if new:
         md += ("\nExtra compute each method spent to absorb the new domains (Chameleon: embedding "
                "them with its frozen proxy, the other domains' embeddings from the cache; DoReMi "
@@ -111,7 +113,7 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
                             for s, r in by.items()} for label, by in runs.items()},
            "stats": stats.as_dict(), "compute": ledger.to_dict(),
            "absorb_new_domains": {k: v.to_dict() for k, v in absorb.items()} if new else None,
-           "table": md}
+           "collapsed": collapsed, "table": md}
     paths = write_outputs(out, OUTPUT_STEM[cfg.scenario], doc, md, stats, ledger, title, plots)
     say("\n" + md)
     say("wrote " + ", ".join(p for p in paths.values() if p))
@@ -129,13 +131,13 @@ def as_method(entry: dict, method: str) -> dict:
     return {**entry, "method": method}
 
 
-def chameleon_transfer(c: Comparison, ds, old: List[str], new: List[str]):
+def chameleon_transfer(c: Comparison, ds, old: List[str], new: List[str], method: str = "chameleon"):
     """Chameleon in the new-domains scenario: the proxy trained and the embeddings computed on
     the old domains only; then the new domains embedded with the frozen proxy (transfer mode),
     the old ones read from the embedding cache. Returns (mixture, ledger of the extra cost)."""
     old_view = DatasetView(ds, old)
-    base = c.build_mixture("chameleon", old_view)  # what existed before the new domains came
-    unit = f"mixture-chameleon-transfer-{digest([old, new])}"
+    base = c.build_mixture(method, old_view)  # what existed before the new domains came
+    unit = f"mixture-{method}-transfer-{digest([old, new])}"
     path = base["info"]["proxy"]
 
     def build(key):
@@ -143,17 +145,17 @@ def chameleon_transfer(c: Comparison, ds, old: List[str], new: List[str]):
 
         proxy = load_proxy(path, device="cpu")
         weights, entry = c.chameleon_weights(DatasetView(ds), proxy, path, os.path.join(
-            c.out, "mixtures", key, "weights"), "transfer", new, "chameleon")
+            c.out, "mixtures", key, "weights"), "transfer", new, method)
         return {"weights": weights, "entries": [entry], "info": {"proxy": path, "mode": "transfer",
-                                                                  "new_domains": new}}
+                                                                  "new_domains": new, "rule": rule_of(method)}}
 
-    provenance = c.provenance(DatasetView(ds), "chameleon", proxy_sha256=c.model_hash(path))
-    rec = c.unit(unit, f"chameleon transfer to {', '.join(new)}", provenance, build)
+    provenance = c.provenance(DatasetView(ds), "chameleon", proxy_sha256=c.model_hash(path), rule=rule_of(method))
+    rec = c.unit(unit, f"{method} transfer to {', '.join(new)}", provenance, build)
     mixture = {"weights": rec["weights"], "entries": base["entries"] + rec["entries"], "info": rec["info"]}
     return mixture, ledger_of(rec["entries"])
 
 
-FINETUNE_METHODS = ("uniform", "natural", "chameleon", "doremi")
+FINETUNE_METHODS = ("uniform", "natural", "chameleon", "chameleon-paper", "doremi")
 
 
 def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plots: bool, command) -> dict:
@@ -175,7 +177,7 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     mixes = [m for m in cfg.mixtures if m not in skipped]
     if "uniform" not in mixes:
         mixes.insert(0, "uniform")
-    if len(fdoms) == 2 and "chameleon" in mixes:
+    if len(fdoms) == 2 and any(m in CHAMELEON_RULES for m in mixes):
         say("note: with 2 finetuning domains both always have the same leverage, so Chameleon's "
             "finetuning weights are uniform; use 3 or more domains to tell them apart")
     fview = DatasetView(ds, fdoms)
@@ -202,15 +204,20 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
         mixtures = {}
         for name in mixes:
             label = name if name in METHODS else file_label(name)
-            if name in ("chameleon", "doremi"):
-                unit = f"finetune-{name}-{digest([start, fdoms] + ([cfg.finetune_steps] if name == 'doremi' else []))}"
-                build = chameleon_finetune if name == "chameleon" else doremi_finetune
-                provenance = c.provenance(fview, name, init_sha256=c.model_hash(start),
-                                          **({"finetune_steps": cfg.finetune_steps} if name == "doremi" else {}))
+            if name in CHAMELEON_RULES:
+                unit = f"finetune-{name}-{digest([start, fdoms])}"
+                provenance = c.provenance(fview, "chameleon", init_sha256=c.model_hash(start), rule=rule_of(name))
                 mixtures[label] = c.unit(unit, f"{name} finetuning weights", provenance,
-                                          lambda key, build=build: build(c, fview, start, key))
+                                         lambda key, name=name: chameleon_finetune(c, fview, start, key, name))
+            elif name == "doremi":
+                unit = f"finetune-doremi-{digest([start, fdoms, cfg.finetune_steps])}"
+                provenance = c.provenance(fview, name, init_sha256=c.model_hash(start),
+                                          finetune_steps=cfg.finetune_steps)
+                mixtures[label] = c.unit(unit, "doremi finetuning weights", provenance,
+                                         lambda key: doremi_finetune(c, fview, start, key))
             else:
                 mixtures[label] = c.build_mixture(name, fview)
+        collapsed = check_collapsed(mixtures, cfg, cfg.finetune_steps * cfg.batch_size * cfg.block_size, say)
         say(f"[2/2] finetuning runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.finetune_steps} steps each")
         runs = {label: {s: c.base_run(label, m["weights"], s, scored, cfg.finetune_steps, init_from=start, tag="finetune")
                         for s in cfg.seed_list} for label, m in mixtures.items()}
@@ -235,6 +242,7 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     title = f"Finetuning on {', '.join(fdoms)}: test perplexity by finetuning mixture"
     md = (table_header(cfg, title, fdoms, cfg.finetune_steps * cfg.batch_size * cfg.block_size)
           + f"Every run continues the same start model ({start}).\n\n" + format_comparison_table(stats, ledger))
+    md += collapsed_note(collapsed)
     md += "\nFinetuning domains improved over uniform (paired, same seeds):\n\n"
     md += "| mixture | mean lower | 95% interval below 0 | 95% interval above 0 (worse) |\n|---|---:|---:|---:|\n"
     for label, imp in improved.items():
@@ -255,7 +263,7 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
            "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
                                                        "data_seed", "init_seed", "evaluation", "steps")}
                             for s, r in by.items()} for label, by in runs.items()},
-           "improved": improved, "not_in_scenario": skipped,
+           "improved": improved, "not_in_scenario": skipped, "collapsed": collapsed,
            "stats": stats.as_dict(), "compute": ledger.to_dict(), "table": md}
     paths = write_outputs(out, OUTPUT_STEM["finetune"], doc, md, stats, ledger, title, plots)
     say("\n" + md)
@@ -263,15 +271,16 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     return doc
 
 
-def chameleon_finetune(c: Comparison, fview, start: str, key: str) -> dict:
+def chameleon_finetune(c: Comparison, fview, start: str, key: str, method: str = "chameleon") -> dict:
     """Chameleon's finetuning weights: the finetuning domains embedded with the start model
     itself as the frozen proxy (no proxy training), leverage-proportional (``mode="finetune"``)."""
     from ..model import load_model
 
     model = load_model(start)
     weights, entry = c.chameleon_weights(fview, model, start, os.path.join(c.out, "mixtures", key, "weights"),
-                                          "finetune", fview.domains, "chameleon")
-    return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune"}}
+                                         "finetune", fview.domains, method)
+    return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune",
+                                                             "rule": rule_of(method)}}
 
 
 def doremi_finetune(c: Comparison, fview, start: str, key: str) -> dict:

@@ -14,7 +14,7 @@ from ..errors import ChameleonUserError
 from ..progress import Progress
 from .callbacks import DoReMiLoss, StepProgress, Timed
 from ..data.view import DatasetView
-from .config import COMMON_KEYS, KIND_KEYS, CompareConfig
+from .config import CHAMELEON_RULES, COMMON_KEYS, KIND_KEYS, CompareConfig, rule_of
 from .records import Records, digest, ledger_entry, stale_reason
 
 
@@ -114,7 +114,11 @@ class Comparison:
             return {"weights": natural_weights(dataset_token_counts(view, "train")), "entries": [],
                     "info": {"rule": "token shares of the training split"}}
         unit = f"mixture-{name}-{digest([view.domains, tag])}"
-        build = {"chameleon": self._chameleon, "doremi": self._doremi, "regmix": self._regmix}.get(name)
+        if name in CHAMELEON_RULES:  # the rule is part of what the mixture is computed from
+            return self.unit(unit, f"{name} mixture ({k} domains)",
+                             self.provenance(view, "chameleon", rule=rule_of(name)),
+                             lambda key: self._chameleon(view, key, name))
+        build = {"doremi": self._doremi, "regmix": self._regmix}.get(name)
         if build is not None:
             return self.unit(unit, f"{name} mixture ({k} domains)", self.provenance(view, name),
                               lambda key: build(view, key))
@@ -138,11 +142,10 @@ class Comparison:
     def chameleon_weights(self, view, proxy, proxy_path, out_dir, mode, embedded: Sequence[str], method):
         from ..embed import cache_reuse_line
         from ..pipeline import compute_weights
-        from ..weights import DEFAULT_LAMBDA
 
         t0 = time.perf_counter()
-        lam = DEFAULT_LAMBDA if self.cfg.mode_lam is None else self.cfg.mode_lam
-        result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=lam,
+        result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=self.cfg.mode_lam,
+                                         rule=rule_of(method),
                                          embed_config=self._embed_config(), device=self.cfg.device,
                                          cache_dir=os.path.join(self.out, "embeddings"), plots=False,
                                          proxy=proxy, notice=lambda line: self.say("  " + line))
@@ -154,13 +157,13 @@ class Comparison:
                        non_embedding_parameters(proxy), tokens, time.perf_counter() - t0)
         return dict(zip(result.domains, result.weights.tolist())), entry
 
-    def _chameleon(self, view, key):
+    def _chameleon(self, view, key, method: str = "chameleon"):
         folder = os.path.join(self.out, "mixtures", key)
-        proxy, path, e1 = self._proxy(view, os.path.join(folder, "proxy"), "chameleon")
+        proxy, path, e1 = self._proxy(view, os.path.join(folder, "proxy"), method)
         weights, e2 = self.chameleon_weights(view, proxy, path, os.path.join(folder, "weights"),
-                                              "pretrain", view.domains, "chameleon")
+                                             "pretrain", view.domains, method)
         return {"weights": weights, "entries": [e1, e2], "steps_planned": self.cfg.proxy_steps,
-                "info": {"proxy": path, "mode": "pretrain"}}
+                "info": {"proxy": path, "mode": "pretrain", "rule": rule_of(method)}}
 
     def _doremi(self, view, key):
         from ..baselines.doremi import DoReMiObjective, DoReMiWeights
