@@ -24,7 +24,7 @@
 namespace chameleon {
 namespace {
 
-// Largest k for the fused kernel (its group buffers are 1.5 k * k * kLanes doubles per thread);
+// Largest k for the fused kernel (its group buffer is k (k + 1) / 2 * kLanes doubles per thread);
 // the batch-dependent crossover is in krls_cpu, picked with benchmarks/bench_krls.py.
 constexpr int64_t kFusedMaxK = 512;
 // Matrices per group: four AVX2 registers of doubles, enough independent work to hide the
@@ -42,21 +42,20 @@ inline double min_d(double a, double b) { return a < b ? a : b; }
 
 // Offset of element (i, j), j <= i, in the packed lower triangle (row-major, rows of
 // i + 1 elements). Packing halves the working set of a group against a full k x k buffer:
-// at k = 16 the group's matrices (17 KB) and scratch (10 KB) fit a 32 KB L1 together, which
+// at k = 16 the group's matrices (17 KB) and scratch (8 KB) fit a 32 KB L1 together, which
 // the full layout (32 KB for the matrices alone) did not.
 inline int64_t tri(int64_t i) { return i * (i + 1) / 2; }
 
 // The solve for one group. a: packed lower triangles [k (k + 1) / 2, kLanes] (symmetric,
-// checked input), mu: [kLanes], scratch: [5, k, kLanes]. Writes S [k, kLanes] and, per lane,
+// checked input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane,
 // the first failing Cholesky pivot (-1 if none) into pivot.
 CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k,
                                  const double* __restrict mu, bool center, double* __restrict S,
                                  int32_t* __restrict pivot) {
   double* rowmean = scratch;                // [k, L]
   double* inv_diag = scratch + k * kLanes;  // [k, L]: 1 / L_jj
-  double* w0 = scratch + 2 * k * kLanes;    // [k, L]: column i of L^-1
+  double* w = scratch + 2 * k * kLanes;     // [k, L]: a column of L^-1
   double* dpiv = scratch + 3 * k * kLanes;  // [k, L]: d_j, the pivots of Kc (L_jj^2 - mu, exactly)
-  double* w1 = scratch + 4 * k * kLanes;    // [k, L]: column i + 1 of L^-1
   auto row = [&](int64_t i) { return a + tri(i) * kLanes; };
   LANES pivot[l] = -1;
 
@@ -92,41 +91,13 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
 
   // Cholesky-Banachiewicz of Kc + mu I, row by row, in place. mu is added only when a pivot
   // is taken, so the diagonal's running value is d_j, the pivot of Kc itself, kept exactly
-  // for the scores. Each step is a short dot product over kLanes matrices side by side;
-  // entries (i, j) and (i, j + 1) are taken together, so both dot products share the loads
-  // of row i and run as twice as many independent vector chains (the multiply-add latency,
-  // not the arithmetic, bounds a single chain). Per entry the order of the sum is unchanged.
-  // A lane that fails gets a unit pivot so the group carries on; the caller discards it.
+  // for the scores. Each step is a short dot product; with kLanes matrices side by side it is
+  // kLanes/4 independent vector chains. A lane that fails gets a unit pivot so the group
+  // carries on; the caller discards its result. (Taking two entries per pass, to share the
+  // loads of row i, measured slower: the extra accumulators did not stay in registers.)
   for (int64_t i = 0; i < k; ++i) {
     double* ri = row(i);
-    int64_t j = 0;
-    for (; j + 1 < i; j += 2) {
-      const double* rj = row(j);
-      const double* rj1 = row(j + 1);
-      double s0[kLanes], s1[kLanes];
-      LANES {
-        s0[l] = ri[j * kLanes + l];
-        s1[l] = ri[(j + 1) * kLanes + l];
-      }
-      for (int64_t p = 0; p < j; ++p) {
-        const double* x = ri + p * kLanes;
-        const double* y0 = rj + p * kLanes;
-        const double* y1 = rj1 + p * kLanes;
-        LANES {
-          s0[l] -= x[l] * y0[l];
-          s1[l] -= x[l] * y1[l];
-        }
-      }
-      const double* d0 = inv_diag + j * kLanes;
-      const double* d1 = inv_diag + (j + 1) * kLanes;
-      const double* y1 = rj1 + j * kLanes;  // L(j + 1, j)
-      LANES {
-        const double lij = s0[l] * d0[l];
-        ri[j * kLanes + l] = lij;
-        ri[(j + 1) * kLanes + l] = (s1[l] - lij * y1[l]) * d1[l];
-      }
-    }
-    for (; j < i; ++j) {
+    for (int64_t j = 0; j <= i; ++j) {
       const double* rj = row(j);
       double s[kLanes];
       LANES s[l] = ri[j * kLanes + l];
@@ -135,115 +106,74 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
         const double* y = rj + p * kLanes;
         LANES s[l] -= x[l] * y[l];
       }
-      const double* d = inv_diag + j * kLanes;
-      LANES ri[j * kLanes + l] = s[l] * d[l];
-    }
-    double s[kLanes];
-    LANES s[l] = ri[i * kLanes + l];
-    for (int64_t p = 0; p < i; ++p) {
-      const double* x = ri + p * kLanes;
-      LANES s[l] -= x[l] * x[l];
-    }
-    double* out = ri + i * kLanes;
-    LANES {
-      const double pv = s[l] + mu[l];
-      const bool ok = pv > 0.0 && pv <= 1.7976931348623157e308;
-      pivot[l] = (!ok && pivot[l] < 0) ? static_cast<int32_t>(i) : pivot[l];
-      const double r = std::sqrt(ok ? pv : 1.0);
-      out[l] = r;
-      dpiv[i * kLanes + l] = s[l];
-      inv_diag[i * kLanes + l] = 1.0 / r;
+      double* out = ri + j * kLanes;
+      if (j < i) {
+        const double* d = inv_diag + j * kLanes;
+        LANES out[l] = s[l] * d[l];
+      } else {
+        LANES {
+          const double pv = s[l] + mu[l];
+          const bool ok = pv > 0.0 && pv <= 1.7976931348623157e308;
+          pivot[l] = (!ok && pivot[l] < 0) ? static_cast<int32_t>(i) : pivot[l];
+          const double r = std::sqrt(ok ? pv : 1.0);
+          out[l] = r;
+          dpiv[i * kLanes + l] = s[l];
+          inv_diag[i * kLanes + l] = 1.0 / r;
+        }
+      }
     }
   }
 
-  // S_i = d_i W_ii^2 - mu sum_{j>i} W_ji^2: columns i and i + 1 of W = L^-1 together by
-  // forward substitution (they share the loads of each row of L and double the independent
-  // chains, as above): W_ji = -(sum_{i<=p<j} L_jp W_pi) / L_jj.
-  for (int64_t i = 0; i < k; i += 2) {
-    const bool pair = i + 1 < k;
-    double norm0[kLanes], norm1[kLanes];
+  // S_i = d_i W_ii^2 - mu sum_{j>i} W_ji^2: column i of W = L^-1 by forward substitution.
+  for (int64_t i = 0; i < k; ++i) {
+    double norm2[kLanes];  // sum over the entries below the diagonal
     LANES {
-      w0[i * kLanes + l] = inv_diag[i * kLanes + l];
-      norm0[l] = 0.0;
-      norm1[l] = 0.0;
+      w[i * kLanes + l] = inv_diag[i * kLanes + l];
+      norm2[l] = 0.0;
     }
-    if (pair) {
-      const double* x = row(i + 1) + i * kLanes;  // L(i + 1, i)
-      const double* d = inv_diag + (i + 1) * kLanes;
-      LANES {
-        const double v = -x[l] * w0[i * kLanes + l] * d[l];
-        w0[(i + 1) * kLanes + l] = v;
-        norm0[l] += v * v;
-        w1[(i + 1) * kLanes + l] = d[l];
-      }
-    }
-    for (int64_t j = i + (pair ? 2 : 1); j < k; ++j) {
+    for (int64_t j = i + 1; j < k; ++j) {
       const double* rj = row(j);
-      double s0[kLanes], s1[kLanes];
-      const double* x = rj + i * kLanes;
-      LANES {
-        s0[l] = -x[l] * w0[i * kLanes + l];
-        s1[l] = 0.0;
-      }
-      if (pair) {
-        for (int64_t p = i + 1; p < j; ++p) {
-          const double* y = rj + p * kLanes;
-          const double* u0 = w0 + p * kLanes;
-          const double* u1 = w1 + p * kLanes;
-          LANES {
-            s0[l] -= y[l] * u0[l];
-            s1[l] -= y[l] * u1[l];
-          }
-        }
+      double s[kLanes] = {};
+      for (int64_t p = i; p < j; ++p) {
+        const double* lj = rj + p * kLanes;
+        const double* wp = w + p * kLanes;
+        LANES s[l] -= lj[l] * wp[l];
       }
       const double* d = inv_diag + j * kLanes;
       LANES {
-        const double v0 = s0[l] * d[l];
-        const double v1 = s1[l] * d[l];
-        w0[j * kLanes + l] = v0;
-        w1[j * kLanes + l] = v1;
-        norm0[l] += v0 * v0;
-        norm1[l] += v1 * v1;
+        const double v = s[l] * d[l];
+        w[j * kLanes + l] = v;
+        norm2[l] += v * v;
       }
     }
     // Exact arithmetic keeps S in [0, 1); clamp the last-ulp excursions.
-    {
-      const double* r = inv_diag + i * kLanes;
-      const double* d = dpiv + i * kLanes;
-      LANES S[i * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * norm0[l], 0.0), 1.0);
-    }
-    if (pair) {
-      const double* r = inv_diag + (i + 1) * kLanes;
-      const double* d = dpiv + (i + 1) * kLanes;
-      LANES S[(i + 1) * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * norm1[l], 0.0), 1.0);
-    }
+    const double* r = inv_diag + i * kLanes;
+    const double* d = dpiv + i * kLanes;
+    LANES S[i * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * norm2[l], 0.0), 1.0);
   }
 }
 
 #undef LANES
 
-// Loads matrices b0 .. b0+kLanes-1 (a group) through the staging buffer stage [k, k, kLanes]
-// into the packed lower triangles a, keeping the symmetric part, and measures per lane
-// max|K|, max|K - K^T| and finiteness. Lane l reads base + off[l]; every offset points at a
-// real matrix (the caller repeats the last one to pad a short group). The copy is one lane at
-// a time (contiguous reads); the checks then run across lanes, as vector instructions.
+// Loads matrices b0 .. b0+kLanes-1 (a group) into the packed lower triangles a, keeping the
+// symmetric part, and measures per lane max|K|, max|K - K^T| and finiteness. Lane l reads
+// base + off[l]; every offset points at a real matrix (the caller repeats the last one to pad
+// a short group). Each (i, j) pair is read straight from the 16 matrices (K[i, j] and
+// K[j, i]) and checked across lanes; a staging copy of the full matrices (k * k * kLanes
+// doubles, then read back transposed) cost more than the solve itself at k <= 16.
 template <typename scalar_t>
 inline void load_group_impl(const scalar_t* __restrict base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                            double* __restrict stage, double* __restrict a, double* __restrict maxabs,
-                            double* __restrict maxasym, double* __restrict bad) {
-  for (int l = 0; l < kLanes; ++l) {
-    const scalar_t* src = base + off[l];
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < k; ++j) stage[(i * k + j) * kLanes + l] = static_cast<double>(src[i * sr + j * sc]);
-  }
+                            double* __restrict a, double* __restrict maxabs, double* __restrict maxasym,
+                            double* __restrict bad) {
+  const scalar_t* src[kLanes];
+  for (int l = 0; l < kLanes; ++l) src[l] = base + off[l];
   for (int l = 0; l < kLanes; ++l) maxabs[l] = maxasym[l] = bad[l] = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      const double* lower = stage + (i * k + j) * kLanes;
-      const double* upper = stage + (j * k + i) * kLanes;
+      const int64_t lower = i * sr + j * sc, upper = j * sr + i * sc;
       double* dst = a + (tri(i) + j) * kLanes;
       for (int l = 0; l < kLanes; ++l) {
-        const double x = lower[l], y = upper[l];
+        const double x = static_cast<double>(src[l][lower]), y = static_cast<double>(src[l][upper]);
         // x - x is 0 for finite x and NaN for NaN/Inf; accumulating it keeps the loop branch-free.
         bad[l] += (x - x) + (y - y);
         maxabs[l] = max_d(maxabs[l], max_d(std::fabs(x), std::fabs(y)));
@@ -255,12 +185,26 @@ inline void load_group_impl(const scalar_t* __restrict base, const int64_t* off,
 }
 
 CHAMELEON_CLONES void load_group(const double* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* stage, double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, stage, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
 }
 CHAMELEON_CLONES void load_group(const float* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* stage, double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, stage, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
+}
+
+// Asks for the next group's matrices while this group is solved: reading K from memory
+// otherwise stalls the start of every group (at batch 4096, k = 16, K is 8 MB, beyond L2).
+// Only for matrices whose k * k elements are dense in memory (any order), the usual case.
+template <typename scalar_t>
+inline void prefetch_group(const scalar_t* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k) {
+  const int64_t span = (k - 1) * (sr + sc) + 1;  // elements from a matrix's first to its last
+  if (sr < 0 || sc < 0 || span != k * k) return;
+  const int64_t bytes = span * static_cast<int64_t>(sizeof(scalar_t));
+  for (int l = 0; l < kLanes; ++l) {
+    const char* p = reinterpret_cast<const char*>(base + off[l]);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+  }
 }
 
 // A lane whose input is rejected (or that pads the last group) solves the identity instead.
@@ -295,14 +239,18 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     const int64_t sb = Kf.stride(0), sr = Kf.stride(1), sc = Kf.stride(2);
     const int64_t grain = std::max<int64_t>(1, 2048 / (k * k * k + 1));
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> stage(k * k * kLanes), a(tri(k) * kLanes), scratch(5 * k * kLanes), S(k * kLanes);
+      std::vector<double> a(tri(k) * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
       int32_t pivot[kLanes];
-      int64_t off[kLanes];
+      int64_t off[kLanes], next_off[kLanes];
       double maxabs[kLanes], maxasym[kLanes], bad[kLanes], mu[kLanes];
       for (int64_t g = begin; g < end; ++g) {
         const int64_t b0 = g * kLanes;
         for (int l = 0; l < kLanes; ++l) off[l] = std::min(b0 + l, batch - 1) * sb;
-        load_group(base, off, sr, sc, k, stage.data(), a.data(), maxabs, maxasym, bad);
+        load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad);
+        if (g + 1 < end) {
+          for (int l = 0; l < kLanes; ++l) next_off[l] = std::min(b0 + kLanes + l, batch - 1) * sb;
+          prefetch_group(base, next_off, sr, sc, k);
+        }
         for (int l = 0; l < kLanes; ++l) {
           const int64_t b = std::min(b0 + l, batch - 1);
           int32_t s = lane_mu(lam, lamp, b, k, scale_by_k, &mu[l]);
