@@ -101,12 +101,12 @@ run_tests() {  # run_tests WANT LABEL -k-EXPRESSION
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | tail -n 15 | tee -a "$SUMMARY"
 }
 : > "$OUT/tests.log"
-run_tests 110 "kernels" "not compile and not opcheck and not gradcheck"
+run_tests 100 "kernels" "not compile and not opcheck and not gradcheck"
 
 step "report: pooling share of copy bandwidth, krls vs torch.linalg"
 QFLAG=()
 [ $QUICK -eq 1 ] && QFLAG=(--quick)
-bounded "$(budget 90)" $PY benchmarks/gpu_report.py --out "$OUT" "${QFLAG[@]}" > "$OUT/report.log" 2>&1
+bounded "$(budget 75)" $PY benchmarks/gpu_report.py --out "$OUT" "${QFLAG[@]}" > "$OUT/report.log" 2>&1
 rc=$?
 [ $rc -eq 0 ] || status=1
 note "report: $(rc_word $rc)"
@@ -127,7 +127,7 @@ else
     echo "### $tool" >> "$OUT/sanitizer.log"
     # PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor its own allocation, so memcheck sees an
     # access past a tensor's end even where the caching allocator's block would cover it.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 bounded "$(budget 45)" "$SAN" --tool "$tool" --error-exitcode 9 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 bounded "$(budget 40)" "$SAN" --tool "$tool" --error-exitcode 9 \
       --print-limit 30 $PY benchmarks/gpu_sanitize.py >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     case $rc in
