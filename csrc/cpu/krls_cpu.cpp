@@ -48,10 +48,12 @@ inline int64_t tri(int64_t i) { return i * (i + 1) / 2; }
 
 // The solve for one group. a: packed lower triangles [k (k + 1) / 2, kLanes] (symmetric,
 // checked input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane,
-// the first failing Cholesky pivot (-1 if none) into pivot.
+// the first failing Cholesky pivot (-1 if none) into pivot. next (or nullptr): the next
+// group's kLanes input matrices, next_bytes each, prefetched a slice per Cholesky row (see
+// krls_fused_cpu).
 CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k,
                                  const double* __restrict mu, bool center, double* __restrict S,
-                                 int32_t* __restrict pivot) {
+                                 int32_t* __restrict pivot, const char* const* next, int64_t next_bytes) {
   double* rowmean = scratch;                // [k, L]
   double* inv_diag = scratch + k * kLanes;  // [k, L]: 1 / L_jj
   double* w = scratch + 2 * k * kLanes;     // [k, L]: a column of L^-1
@@ -97,6 +99,11 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
   // loads of row i, measured slower: the extra accumulators did not stay in registers.)
   for (int64_t i = 0; i < k; ++i) {
     double* ri = row(i);
+    if (next != nullptr) {  // row i's share of the next group's input, into L2
+      const int64_t lo = next_bytes * i / k / 64 * 64, hi = next_bytes * (i + 1) / k;
+      for (int l = 0; l < kLanes; ++l)
+        for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(next[l] + o, 0, 2);
+    }
     for (int64_t j = 0; j <= i; ++j) {
       const double* rj = row(j);
       double s[kLanes];
@@ -193,20 +200,6 @@ CHAMELEON_CLONES void load_group(const float* base, const int64_t* off, int64_t 
   load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
 }
 
-// Asks for the next group's matrices while this group is solved: reading K from memory
-// otherwise stalls the start of every group (at batch 4096, k = 16, K is 8 MB, beyond L2).
-// Only for matrices whose k * k elements are dense in memory (any order), the usual case.
-template <typename scalar_t>
-inline void prefetch_group(const scalar_t* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k) {
-  const int64_t span = (k - 1) * (sr + sc) + 1;  // elements from a matrix's first to its last
-  if (sr < 0 || sc < 0 || span != k * k) return;
-  const int64_t bytes = span * static_cast<int64_t>(sizeof(scalar_t));
-  for (int l = 0; l < kLanes; ++l) {
-    const char* p = reinterpret_cast<const char*>(base + off[l]);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
-  }
-}
-
 // A lane whose input is rejected (or that pads the last group) solves the identity instead.
 void identity_lane(int64_t k, double* a, int l) {
   for (int64_t i = 0; i < k; ++i)
@@ -238,19 +231,25 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t sb = Kf.stride(0), sr = Kf.stride(1), sc = Kf.stride(2);
     const int64_t grain = std::max<int64_t>(1, 2048 / (k * k * k + 1));
+    // Reading K from memory would otherwise stall the start of every group (at batch 4096,
+    // k = 16, K is 8 MB, beyond the cache one core gets): the next group's matrices are
+    // prefetched while this one is solved, spread over its Cholesky rows (one burst of k * k
+    // * kLanes lines measured slower: it fills the miss queues). Only for matrices whose
+    // k * k elements are dense in memory (any order), the usual case.
+    const bool dense = sr >= 0 && sc >= 0 && (k - 1) * (sr + sc) + 1 == k * k;
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> a(tri(k) * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
       int32_t pivot[kLanes];
-      int64_t off[kLanes], next_off[kLanes];
+      int64_t off[kLanes];
+      const char* next[kLanes];
       double maxabs[kLanes], maxasym[kLanes], bad[kLanes], mu[kLanes];
       for (int64_t g = begin; g < end; ++g) {
         const int64_t b0 = g * kLanes;
         for (int l = 0; l < kLanes; ++l) off[l] = std::min(b0 + l, batch - 1) * sb;
         load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad);
-        if (g + 1 < end) {
-          for (int l = 0; l < kLanes; ++l) next_off[l] = std::min(b0 + kLanes + l, batch - 1) * sb;
-          prefetch_group(base, next_off, sr, sc, k);
-        }
+        const bool prefetch = dense && g + 1 < end;
+        for (int l = 0; prefetch && l < kLanes; ++l)
+          next[l] = reinterpret_cast<const char*>(base + std::min(b0 + kLanes + l, batch - 1) * sb);
         for (int l = 0; l < kLanes; ++l) {
           const int64_t b = std::min(b0 + l, batch - 1);
           int32_t s = lane_mu(lam, lamp, b, k, scale_by_k, &mu[l]);
@@ -262,7 +261,8 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
             mu[l] = 1.0;
           }
         }
-        krls_group(a.data(), scratch.data(), k, mu, center, S.data(), pivot);
+        krls_group(a.data(), scratch.data(), k, mu, center, S.data(), pivot, prefetch ? next : nullptr,
+                   k * k * static_cast<int64_t>(sizeof(scalar_t)));
         for (int l = 0; l < kLanes && b0 + l < batch; ++l) {
           const int64_t b = b0 + l;
           if (st[b] == kKrlsOk && pivot[l] >= 0) {
