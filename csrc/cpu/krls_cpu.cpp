@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../krls.h"
@@ -24,7 +25,8 @@
 namespace chameleon {
 namespace {
 
-// Largest k for the fused kernel (its group buffer is k (k + 1) / 2 * kLanes doubles per thread);
+// Largest k for the fused kernel (its group buffer is k (k + 1) / 2 * kLanes doubles per thread,
+// plus k * k * kLanes for float32 input);
 // the batch-dependent crossover is in krls_cpu, picked with benchmarks/bench_krls.py.
 constexpr int64_t kFusedMaxK = 512;
 // Matrices per group: four AVX2 registers of doubles, enough independent work to hide the
@@ -171,16 +173,32 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
 template <typename scalar_t>
 inline void load_group_impl(const scalar_t* __restrict base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
                             double* __restrict a, double* __restrict maxabs, double* __restrict maxasym,
-                            double* __restrict bad) {
-  const scalar_t* src[kLanes];
-  for (int l = 0; l < kLanes; ++l) src[l] = base + off[l];
+                            double* __restrict bad, double* __restrict stage) {
+  // float32 input: each lane's matrix is first converted to float64 row by row (the
+  // conversion vectorises along a row; converting each element as it is gathered measured
+  // about 10% slower), then read as below from that copy.
+  const double* src[kLanes];
+  int64_t r = sr, c = sc;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int l = 0; l < kLanes; ++l) src[l] = base + off[l];
+  } else {
+    for (int l = 0; l < kLanes; ++l) {
+      const scalar_t* m = base + off[l];
+      double* out = stage + l * k * k;
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) out[i * k + j] = static_cast<double>(m[i * sr + j * sc]);
+      src[l] = out;
+    }
+    r = k;
+    c = 1;
+  }
   for (int l = 0; l < kLanes; ++l) maxabs[l] = maxasym[l] = bad[l] = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      const int64_t lower = i * sr + j * sc, upper = j * sr + i * sc;
+      const int64_t lower = i * r + j * c, upper = j * r + i * c;
       double* dst = a + (tri(i) + j) * kLanes;
       for (int l = 0; l < kLanes; ++l) {
-        const double x = static_cast<double>(src[l][lower]), y = static_cast<double>(src[l][upper]);
+        const double x = src[l][lower], y = src[l][upper];
         // x - x is 0 for finite x and NaN for NaN/Inf; accumulating it keeps the loop branch-free.
         bad[l] += (x - x) + (y - y);
         maxabs[l] = max_d(maxabs[l], max_d(std::fabs(x), std::fabs(y)));
@@ -192,12 +210,12 @@ inline void load_group_impl(const scalar_t* __restrict base, const int64_t* off,
 }
 
 CHAMELEON_CLONES void load_group(const double* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad, double* stage) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad, stage);
 }
 CHAMELEON_CLONES void load_group(const float* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad, double* stage) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad, stage);
 }
 
 // A lane whose input is rejected (or that pads the last group) solves the identity instead.
@@ -239,6 +257,7 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     const bool dense = sr >= 0 && sc >= 0 && (k - 1) * (sr + sc) + 1 == k * k;
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> a(tri(k) * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
+      std::vector<double> stage(std::is_same_v<scalar_t, double> ? 0 : k * k * kLanes);  // float32 input only
       int32_t pivot[kLanes];
       int64_t off[kLanes];
       const char* next[kLanes];
@@ -246,7 +265,7 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
       for (int64_t g = begin; g < end; ++g) {
         const int64_t b0 = g * kLanes;
         for (int l = 0; l < kLanes; ++l) off[l] = std::min(b0 + l, batch - 1) * sb;
-        load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad);
+        load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad, stage.data());
         const bool prefetch = dense && g + 1 < end;
         for (int l = 0; prefetch && l < kLanes; ++l)
           next[l] = reinterpret_cast<const char*>(base + std::min(b0 + kLanes + l, batch - 1) * sb);
