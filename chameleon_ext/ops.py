@@ -8,6 +8,7 @@ shapes and dtypes.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -77,29 +78,89 @@ def domain_mean_pool(
     return torch.ops.chameleon.domain_mean_pool.default(hidden, mask, domain_ids, int(num_domains))
 
 
-def _check_pool_devices(op: str, hidden: Tensor, mask: Optional[Tensor], domain_ids: Optional[Tensor] = None) -> None:
-    """The kernels' device rules, also in the fake kernels: these serve as the ops' meta
-    kernels, which the dispatcher picks when any argument is a meta tensor. Without the
-    check a CPU ``hidden`` with a meta ``mask`` would return uninitialised CPU memory."""
-    if mask is not None and mask.device != hidden.device:
-        raise ValueError(f"{op}: mask must be on hidden's device {hidden.device}, got {mask.device}")
-    if domain_ids is not None and domain_ids.device != hidden.device and domain_ids.device.type != "cpu":
-        raise ValueError(
-            f"{op}: domain_ids must be on the CPU or on hidden's device {hidden.device}, got {domain_ids.device}"
-        )
+# The fake kernels serve as the ops' meta kernels (torch.compile, FakeTensorMode, and any call
+# with a meta tensor), so they make every check the compiled kernels make on shapes, dtypes and
+# devices (csrc/checks.h), in the same order, with the same ValueError and message: an input the
+# real op refuses must not trace. Only checks that read tensor values (a domain id outside
+# [0, D), NaN in K, the value of a 0-d lam tensor) are left to the real kernels.
+_POOL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _fake_check_hidden(op: str, hidden) -> None:
+    torch._check_value(
+        hidden.dim() == 3,
+        lambda: f"{op}: hidden must be [B, T, H], got a {hidden.dim()}-d tensor of shape {_shape(hidden.shape)}",
+    )
+    torch._check_value(
+        hidden.dtype in _POOL_DTYPES,
+        lambda: f"{op}: hidden must be float32, float64, float16 or bfloat16, got {_dtype(hidden.dtype)}",
+    )
+
+
+def _fake_check_mask(op: str, hidden, mask) -> None:
+    if mask is None:
+        return
+    B, T = hidden.shape[0], hidden.shape[1]
+    torch._check_value(
+        mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] == T,
+        lambda: f"{op}: mask must be [B, T] = {_shape((B, T))}, got {_shape(mask.shape)}",
+    )
+    torch._check_value(
+        mask.dtype == torch.bool or _is_integer_dtype(mask.dtype),
+        lambda: f"{op}: mask must be bool or an integer dtype (non-zero = valid token), got {_dtype(mask.dtype)}",
+    )
+    torch._check_value(
+        mask.device == hidden.device,
+        lambda: f"{op}: mask must be on hidden's device {hidden.device}, got {mask.device}",
+    )
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# c10's names for dtypes, as the compiled kernels print them in their messages.
+_C10_NAMES = {
+    torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+    torch.float16: "Half", torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+    torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.bool: "Bool",
+}
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
 
 
 @torch.library.register_fake("chameleon::masked_mean_pool")
 def _masked_mean_pool_fake(hidden, mask):
-    torch._check(hidden.dim() == 3, lambda: f"masked_mean_pool: hidden must be [B, T, H], got {tuple(hidden.shape)}")
-    _check_pool_devices("masked_mean_pool", hidden, mask)
+    _fake_check_hidden("masked_mean_pool", hidden)
+    _fake_check_mask("masked_mean_pool", hidden, mask)
     return hidden.new_empty((hidden.shape[0], hidden.shape[2]), dtype=_pooled_dtype(hidden.dtype))
 
 
 @torch.library.register_fake("chameleon::domain_mean_pool")
 def _domain_mean_pool_fake(hidden, mask, domain_ids, num_domains):
-    torch._check(hidden.dim() == 3, lambda: f"domain_mean_pool: hidden must be [B, T, H], got {tuple(hidden.shape)}")
-    _check_pool_devices("domain_mean_pool", hidden, mask, domain_ids)
+    op = "domain_mean_pool"
+    _fake_check_hidden(op, hidden)
+    _fake_check_mask(op, hidden, mask)
+    B = hidden.shape[0]
+    torch._check_value(num_domains >= 1, lambda: f"{op}: num_domains must be >= 1, got {num_domains}")
+    torch._check_value(
+        domain_ids.dim() == 1 and domain_ids.shape[0] == B,
+        lambda: f"{op}: domain_ids must be [B] = [{B}], got {_shape(domain_ids.shape)}",
+    )
+    torch._check_value(
+        _is_integer_dtype(domain_ids.dtype), lambda: f"{op}: domain_ids must be an integer dtype, got {_dtype(domain_ids.dtype)}"
+    )
+    torch._check_value(
+        domain_ids.device == hidden.device or domain_ids.device.type == "cpu",
+        lambda: f"{op}: domain_ids must be on the CPU or on hidden's device {hidden.device}, got {domain_ids.device}",
+    )
     sums = hidden.new_empty((num_domains, hidden.shape[2]), dtype=_pooled_dtype(hidden.dtype))
     counts = hidden.new_empty((num_domains,), dtype=torch.int64)
     return sums, counts
@@ -156,16 +217,22 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------- krls
 
 
-def _lam_arg(lam) -> Tensor:
-    """``lam`` as the ops take it: a tensor as given, a number as a 0-d float64 CPU tensor
-    (read on the host, so a float costs no device copy)."""
+def _lam_number(lam) -> float:
+    """A number ``lam`` as the default overloads take it (``float lam``); checked for being
+    finite and > 0 by the kernels, with the same message as for a 0-d tensor."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"krls: lam must be a number or a tensor, got {type(lam).__name__}")
+    return float(lam)
+
+
+def _krls_overload(packet, lam):
+    """``(overload, lam)``: ``.lam_tensor`` for a tensor lam (one lambda per matrix, or a 0-d
+    tensor), the default overload with a float for a number (nothing copied anywhere)."""
     if isinstance(lam, Tensor):
         if lam.requires_grad:
             raise ValueError("krls: gradients with respect to lam are not computed; pass lam.detach()")
-        return lam
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"krls: lam must be a number or a tensor, got {type(lam).__name__}")
-    return torch.tensor(float(lam), dtype=torch.float64)
+        return packet.lam_tensor, lam
+    return packet.default, _lam_number(lam)
 
 
 def krls(K: Tensor, lam: Union[float, Tensor] = 10.0, center: bool = True, scale_by_k: bool = True) -> Tensor:
@@ -202,7 +269,8 @@ def krls(K: Tensor, lam: Union[float, Tensor] = 10.0, center: bool = True, scale
     Differentiable with respect to ``K``. Synchronises with the device to check for failed
     matrices; :func:`krls_ex` does not.
     """
-    return torch.ops.chameleon.krls.default(K, _lam_arg(lam), bool(center), bool(scale_by_k))
+    op, lam = _krls_overload(torch.ops.chameleon.krls, lam)
+    return op(K, lam, bool(center), bool(scale_by_k))
 
 
 # Status codes in krls_ex's info (KrlsStatus in csrc/krls.h).
@@ -227,31 +295,64 @@ def krls_ex(
         dtypes and a bad number ``lam`` still raise at once (they need no device data).
         Differentiable with respect to ``K`` through ``S``.
     """
-    return torch.ops.chameleon.krls_ex.default(K, _lam_arg(lam), bool(center), bool(scale_by_k))
+    op, lam = _krls_overload(torch.ops.chameleon.krls_ex, lam)
+    return op(K, lam, bool(center), bool(scale_by_k))
 
 
-def _krls_fake_check(K, lam):
-    torch._check(K.dim() >= 2, lambda: f"krls: K must be [..., k, k], got {tuple(K.shape)}")
-    torch._check(K.shape[-1] == K.shape[-2], lambda: f"krls: K must be square, got {tuple(K.shape)}")
-    torch._check(lam.dim() <= K.dim() - 2, lambda: f"krls: lam must broadcast to K's batch shape, got {tuple(lam.shape)}")
+def _krls_fake_check(op: str, K, lam) -> None:
+    """check_krls_K and check_krls_args (csrc/checks.h) on metadata; a float lam's value too."""
+    torch._check_value(K.dim() >= 2, lambda: f"{op}: K must be [..., k, k], got shape {_shape(K.shape)}")
+    k = K.shape[-1]
+    torch._check_value(K.shape[-2] == k, lambda: f"{op}: K must be square [..., k, k], got shape {_shape(K.shape)}")
+    torch._check_value(k >= 1, lambda: f"{op}: K must have k >= 1, got shape {_shape(K.shape)}")
+    torch._check_value(
+        K.dtype in (torch.float32, torch.float64), lambda: f"{op}: K must be float32 or float64, got {_dtype(K.dtype)}"
+    )
+    if not isinstance(lam, Tensor):
+        if not isinstance(lam, torch.SymFloat):  # a symbolic lam is checked when it runs
+            torch._check_value(
+                math.isfinite(lam) and lam > 0, lambda: f"{op}: lam must be a finite number > 0, got {lam:g}"
+            )
+        return
+    torch._check_value(
+        lam.dtype.is_floating_point or _is_integer_dtype(lam.dtype),
+        lambda: f"{op}: lam must be a real number or a real tensor, got dtype {_dtype(lam.dtype)}",
+    )
+    torch._check_value(
+        lam.device == K.device or lam.device.type == "cpu",
+        lambda: f"{op}: lam must be on K's device {K.device} (or on the CPU), got {lam.device}",
+    )
+    batch_shape = K.shape[:-2]
+    broadcasts = lam.dim() <= len(batch_shape) and all(
+        lam.shape[-d] == 1 or lam.shape[-d] == batch_shape[-d] for d in range(1, lam.dim() + 1)
+    )
+    torch._check_value(
+        broadcasts,
+        lambda: f"{op}: lam must be a number or a tensor broadcastable to K's batch shape "
+        f"{_shape(batch_shape)}, got shape {_shape(lam.shape)}",
+    )
 
 
-@torch.library.register_fake("chameleon::krls")
 def _krls_fake(K, lam, center=True, scale_by_k=True):
-    _krls_fake_check(K, lam)
+    _krls_fake_check("krls", K, lam)
     return K.new_empty(K.shape[:-1])
 
 
-@torch.library.register_fake("chameleon::krls_ex")
 def _krls_ex_fake(K, lam, center=True, scale_by_k=True):
-    _krls_fake_check(K, lam)
+    _krls_fake_check("krls_ex", K, lam)
     return K.new_empty(K.shape[:-1]), K.new_empty(K.shape[:-2], dtype=torch.int32)
+
+
+for _overload in ("", ".lam_tensor"):
+    torch.library.register_fake("chameleon::krls" + _overload, _krls_fake)
+    torch.library.register_fake("chameleon::krls_ex" + _overload, _krls_ex_fake)
 
 
 def _krls_setup_context(ctx, inputs, output):
     K, lam, center, scale_by_k = inputs
     ctx.center, ctx.scale_by_k = center, scale_by_k
-    ctx.save_for_backward(K, lam)
+    ctx.lam_number = None if isinstance(lam, Tensor) else lam
+    ctx.save_for_backward(K, lam if isinstance(lam, Tensor) else None)
     if isinstance(output, tuple):
         ctx.mark_non_differentiable(output[1])
 
@@ -266,8 +367,11 @@ def _krls_backward(ctx, grad, *unused_info_grad):
     K, lam = ctx.saved_tensors
     k = K.shape[-1]
     Kd = K.double()
-    mu = lam.to(device=K.device, dtype=torch.float64).expand(K.shape[:-2]) * (k if ctx.scale_by_k else 1.0)
-    mu = mu[..., None, None]
+    factor = k if ctx.scale_by_k else 1.0
+    if lam is None:
+        mu = ctx.lam_number * factor
+    else:
+        mu = (lam.to(device=K.device, dtype=torch.float64).expand(K.shape[:-2]) * factor)[..., None, None]
     Ks = 0.5 * (Kd + Kd.mT)
     Kc = _center(Ks) if ctx.center else Ks
     eye = torch.eye(k, dtype=Kd.dtype, device=Kd.device)
@@ -278,5 +382,8 @@ def _krls_backward(ctx, grad, *unused_info_grad):
     return G.to(K.dtype), None, None, None
 
 
-torch.library.register_autograd("chameleon::krls", _krls_backward, setup_context=_krls_setup_context)
-torch.library.register_autograd("chameleon::krls_ex", _krls_backward, setup_context=_krls_setup_context)
+for _overload in ("", ".lam_tensor"):
+    for _op in ("krls", "krls_ex"):
+        torch.library.register_autograd(
+            f"chameleon::{_op}{_overload}", _krls_backward, setup_context=_krls_setup_context
+        )

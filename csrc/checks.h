@@ -77,7 +77,8 @@ inline at::Tensor normalized_domain_ids(const at::Tensor& hidden, const at::Tens
 
 // ---------------------------------------------------------------- krls
 
-inline void check_krls_args(const at::Tensor& K, const at::Tensor& lam, const char* op) {
+// K's checks, the same for both overloads (lam a number, lam a tensor).
+inline void check_krls_K(const at::Tensor& K, const char* op) {
   TORCH_CHECK_VALUE(K.dim() >= 2, op, ": K must be [..., k, k], got shape ", shape_str(K.sizes()));
   const int64_t k = K.size(-1);
   TORCH_CHECK_VALUE(K.size(-2) == k, op, ": K must be square [..., k, k], got shape ",
@@ -85,6 +86,10 @@ inline void check_krls_args(const at::Tensor& K, const at::Tensor& lam, const ch
   TORCH_CHECK_VALUE(k >= 1, op, ": K must have k >= 1, got shape ", shape_str(K.sizes()));
   TORCH_CHECK_VALUE(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, op,
                     ": K must be float32 or float64, got ", K.scalar_type());
+}
+
+inline void check_krls_args(const at::Tensor& K, const at::Tensor& lam, const char* op) {
+  check_krls_K(K, op);
   TORCH_CHECK_VALUE(at::isFloatingType(lam.scalar_type()) ||
                         at::isIntegralType(lam.scalar_type(), /*includeBool=*/false),
                     op, ": lam must be a real number or a real tensor, got dtype ", lam.scalar_type());

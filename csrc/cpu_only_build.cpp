@@ -24,8 +24,10 @@ std::tuple<at::Tensor, at::Tensor> domain_mean_pool_nocuda(const at::Tensor&,
                                                            const at::Tensor&, int64_t) {
   no_cuda("domain_mean_pool");
 }
-at::Tensor krls_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) { no_cuda("krls"); }
-std::tuple<at::Tensor, at::Tensor> krls_ex_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) {
+at::Tensor krls_nocuda(const at::Tensor&, double, bool, bool) { no_cuda("krls"); }
+at::Tensor krls_lam_tensor_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) { no_cuda("krls"); }
+std::tuple<at::Tensor, at::Tensor> krls_ex_nocuda(const at::Tensor&, double, bool, bool) { no_cuda("krls_ex"); }
+std::tuple<at::Tensor, at::Tensor> krls_ex_lam_tensor_nocuda(const at::Tensor&, const at::Tensor&, bool, bool) {
   no_cuda("krls_ex");
 }
 
@@ -35,7 +37,9 @@ TORCH_LIBRARY_IMPL(chameleon, CUDA, m) {
   m.impl("masked_mean_pool", &masked_mean_pool_nocuda);
   m.impl("domain_mean_pool", &domain_mean_pool_nocuda);
   m.impl("krls", &krls_nocuda);
+  m.impl("krls.lam_tensor", &krls_lam_tensor_nocuda);
   m.impl("krls_ex", &krls_ex_nocuda);
+  m.impl("krls_ex.lam_tensor", &krls_ex_lam_tensor_nocuda);
 }
 
 }  // namespace chameleon

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 
 #include <cfloat>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -51,7 +52,15 @@ struct KrlsLam {
   const double* ptr() const { return per_matrix.defined() ? per_matrix.const_data_ptr<double>() : nullptr; }
 };
 
-// Checked by check_krls_args first. A host scalar is validated here (a bad one raises at
+// The float overloads' lam (krls(Tensor K, float lam, ...)): validated at once.
+inline KrlsLam krls_lam(double lam, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam > 0, op, ": lam must be a finite number > 0, got ", lam);
+  KrlsLam out;
+  out.scalar = lam;
+  return out;
+}
+
+// The tensor overloads' lam (krls.lam_tensor), checked by check_krls_args first. A host scalar is validated here (a bad one raises at
 // once); per-matrix values are validated by the kernels (kKrlsBadLam), so nothing syncs.
 inline KrlsLam krls_lam(const at::Tensor& K, const at::Tensor& lam, const char* op) {
   KrlsLam out;

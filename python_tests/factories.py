@@ -10,7 +10,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine"))]
+# The CUDA leg carries the `gpu` marker: the GPU check selects GPU tests with `-m gpu`.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine")])]
 
 # The reference implementation's golden vectors, kept in the repository (a missing file fails
 # the tests that read it; nothing is skipped).

@@ -11,6 +11,20 @@ from chameleon_ext import reference
 
 from .factories import DEVICES, make_kernels
 
+# The fused kernels' size limits (kFusedMaxK in csrc/cpu/krls_cpu.cpp and csrc/cuda/krls_cuda.cu):
+# forcing CHAMELEON_KRLS_PATH=fused above them is an error, so tests force it only below.
+FUSED_MAX_K = {"cpu": 512, "cuda": 64}
+
+
+def exactly_indefinite_kernel(k, dtype=torch.float64, device="cpu"):
+    """``-v v^T`` with ``v = e_0 - e_1``: symmetric, finite, already centred (its rows sum to
+    exactly 0) and indefinite by a whole unit (first pivot exactly -1), so with a tiny lam the
+    factorisation fails at pivot 0 on every device and rounding (a rank-deficient PSD kernel
+    with lam = 1e-300 fails or not depending on the last bit of the centring)."""
+    v = torch.zeros(k, dtype=torch.float64)
+    v[0], v[1] = 1.0, -1.0
+    return (-torch.outer(v, v)).to(dtype=dtype, device=device)
+
 KS = [1, 2, 3, 7, 16, 33, 64, 65, 129, 200]
 
 
@@ -177,13 +191,48 @@ def test_krls_gradient_matches_reference_autograd(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [7, 130])
 def test_opcheck_krls(device, k):
+    """Both overloads of both ops: the default one takes lam as a float (what the wrapper
+    passes for a number), .lam_tensor a 0-d or per-matrix tensor."""
     K = make_kernels(3, k, device=device).requires_grad_()
-    scalar = torch.tensor(0.5, dtype=torch.float64)  # what the wrapper passes for a float
+    scalar = torch.tensor(0.5, dtype=torch.float64)
     per_matrix = torch.tensor([0.5, 2.0, 30.0], dtype=torch.float64, device=device)
-    for op in (torch.ops.chameleon.krls.default, torch.ops.chameleon.krls_ex.default):
-        torch.library.opcheck(op, (K, scalar, True, True))
-        torch.library.opcheck(op, (K, per_matrix, True, True))
-        torch.library.opcheck(op, (K.detach().float(), scalar * 4, False, False))
+    for packet in (torch.ops.chameleon.krls, torch.ops.chameleon.krls_ex):
+        torch.library.opcheck(packet.default, (K, 0.5, True, True))
+        torch.library.opcheck(packet.default, (K.detach().float(), 2.0, False, False))
+        torch.library.opcheck(packet.lam_tensor, (K, scalar, True, True))
+        torch.library.opcheck(packet.lam_tensor, (K, per_matrix, True, True))
+        torch.library.opcheck(packet.lam_tensor, (K.detach().float(), scalar * 4, False, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_take_lam_as_a_python_float(device):
+    """torch.ops.chameleon.krls(K, 10.0) works as a drop-in op (overload resolution picks the
+    float overload; a tensor lam picks .lam_tensor), with the same numbers as the wrapper."""
+    K = make_kernels(3, 6, device=device)
+    expected = reference.krls(K, 10.0)
+    torch.testing.assert_close(torch.ops.chameleon.krls(K, 10.0), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.ops.chameleon.krls(K, 10), expected, rtol=1e-10, atol=1e-12)
+    S, info = torch.ops.chameleon.krls_ex(K, 10.0, True, True)
+    torch.testing.assert_close(S, expected, rtol=1e-10, atol=1e-12)
+    assert info.tolist() == [0, 0, 0]
+    lam = torch.tensor([10.0, 10.0, 10.0], dtype=torch.float64, device=device)
+    torch.testing.assert_close(torch.ops.chameleon.krls(K, lam), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.ops.chameleon.krls.lam_tensor(K, lam), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chameleon_ext.krls(K, 10.0), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"krls: lam must be a finite number > 0, got -1"):
+        torch.ops.chameleon.krls(K, -1.0)
+    with pytest.raises(ValueError, match=r"krls_ex: lam must be a finite number > 0, got nan"):
+        chameleon_ext.krls_ex(K, float("nan"))
+
+
+def test_float_lam_gradient_matches_lam_tensor():
+    X = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, dtype=torch.float64)
+    (chameleon_ext.krls(X @ X.mT, 0.3) * g).sum().backward()
+    by_float = X.grad.clone()
+    X.grad = None
+    (chameleon_ext.krls(X @ X.mT, torch.tensor(0.3, dtype=torch.float64)) * g).sum().backward()
+    torch.testing.assert_close(by_float, X.grad, rtol=1e-13, atol=1e-15)
 
 
 def test_krls_under_torch_compile_fullgraph():
@@ -223,12 +272,17 @@ def test_fused_and_library_paths_agree(device, batch, k, monkeypatch):
     """CHAMELEON_KRLS_PATH forces either implementation; both match the oracle."""
     K = make_kernels(batch, k, device=device)
     expected = reference.krls(K, 0.9)
-    for path in ("fused", "library", "auto"):
+    paths = ["fused", "library", "auto"] if k <= FUSED_MAX_K[device] else ["library", "auto"]
+    for path in paths:
         monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
         torch.testing.assert_close(chameleon_ext.krls(K, 0.9), expected, rtol=1e-10, atol=1e-12, msg=path)
+    if k > FUSED_MAX_K[device]:
+        monkeypatch.setenv("CHAMELEON_KRLS_PATH", "fused")
+        with pytest.raises(ValueError, match=rf"handles k <= {FUSED_MAX_K[device]}, got k = {k}"):
+            chameleon_ext.krls(K, 0.9)
     bad = K.clone()
     bad[batch - 1, 0, 0] = float("nan")
-    for path in ("fused", "library"):
+    for path in paths[:-1]:
         monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
         with pytest.raises(ValueError, match=rf"batch index {batch - 1}\) holds NaN"):
             chameleon_ext.krls(bad, 0.9)
@@ -319,11 +373,14 @@ def test_krls_gradcheck_with_lam_tensor(device):
 @pytest.mark.parametrize("path", ["fused", "library"])
 @pytest.mark.parametrize("k", [6, 70])
 def test_krls_ex_reports_per_matrix_status_without_raising(device, path, k, monkeypatch):
+    if path == "fused" and k > FUSED_MAX_K[device]:
+        k = FUSED_MAX_K[device]  # the largest size the fused kernel takes on this device
     monkeypatch.setenv("CHAMELEON_KRLS_PATH", path)
     K = make_kernels(6, k, device=device)
     K[1, 2, 2] = float("nan")
     K[2, 0, 1] += 1.0
     K[3] = -1e6 * torch.eye(k, dtype=K.dtype, device=device)
+    K[5] = exactly_indefinite_kernel(k, device=device)
     lam = torch.tensor([0.5, 0.5, 0.5, 0.5, -1.0, 1e-300], dtype=torch.float64, device=device)
     S, info = chameleon_ext.krls_ex(K, lam)
     assert info.dtype == torch.int32 and info.shape == (6,) and info.device == K.device
@@ -347,8 +404,11 @@ def test_krls_ex_empty_and_unbatched(device):
     assert S.shape == (5,) and info.shape == () and info.item() == 0
 
 
-def test_tiny_lam_blames_lam_not_k():
-    K = make_kernels(2, 5)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [5, 40, 100])  # registers / shared memory on CUDA, library path
+def test_tiny_lam_blames_lam_not_k(device, k):
+    # the indefinite matrix first: the centred PSD kernel after it is singular to rounding
+    K = torch.stack([exactly_indefinite_kernel(k, device=device), make_kernels(1, k, device=device)[0]])
     with pytest.raises(ValueError, match=r"lam = 1e-300 is too small for K\[0\] \(batch index 0\)"):
         chameleon_ext.krls(K, 1e-300)
 

@@ -295,6 +295,7 @@ def test_bad_domain_id_writes_nothing_and_raises():
         chameleon_ext.domain_mean_pool(hidden, None, torch.tensor([0, 1, 10**9]), 2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine")
 def test_mask_on_other_device_is_rejected():
     hidden = make_hidden(2, 4, 3, torch.float32, "cuda")
@@ -302,7 +303,9 @@ def test_mask_on_other_device_is_rejected():
         chameleon_ext.masked_mean_pool(hidden, torch.ones(2, 4, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("op", ["masked_mean_pool", "domain_mean_pool", "krls", "krls_ex"])
+@pytest.mark.parametrize(
+    "op", ["masked_mean_pool", "domain_mean_pool", "krls", "krls.lam_tensor", "krls_ex", "krls_ex.lam_tensor"]
+)
 def test_every_op_has_a_cuda_kernel_registered(op):
     # CUDA builds register the kernels; CPU-only builds register stubs that raise "built without
     # CUDA kernels" (csrc/cpu_only_build.cpp). Either way a CUDA tensor never falls through to a
@@ -403,7 +406,10 @@ def test_fuzz_pooling_against_reference(device, B, T, H, offset, p, D, dtype, se
 
 # --------------------------------------------------------------------------- CUDA only
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine")
+
+def cuda_only(test):
+    """Needs a GPU: skipped without one, and marked `gpu` (the GPU check runs `-m gpu`)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine")(test))
 
 
 def _strided_view(dtype, size, stride, offset, device="cuda", seed=0):
@@ -536,6 +542,7 @@ def test_cuda_non_default_stream():
     assert torch.equal(counts, ref_counts)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs a second CUDA device")
 def test_cuda_second_device():
     with torch.cuda.device(0):

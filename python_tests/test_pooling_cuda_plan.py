@@ -51,6 +51,11 @@ def make_geom(size, stride, offset, V):
     return g
 
 
+def red_index(lane, v):
+    """Where row_item keeps value v of lane `lane` in its shared buffer s_red[warp][32 * V]."""
+    return v * 32 + lane
+
+
 def _emulate(storage, elem, offset, size, stride, mask, acc):
     """row_means_kernel (+ combine_splits_kernel) over a view of `storage` (1-D NumPy array
     of the input's values), elements of `elem` bytes, accumulating chunks in `acc`.
@@ -114,9 +119,17 @@ def _emulate(storage, elem, offset, size, stride, mask, acc):
                 total = t
             totals.append(total)
             n += count
+        # through the block's shared buffer, as the kernel does (every lane writes W values)
+        s_red = np.full((K_WARPS, 32 * V), np.nan)
+        slots = red_index(lanes[:, None], np.arange(W)[None, :])  # [32, W]
+        assert slots.max() < 32 * V and len(np.unique(slots)) == slots.size
+        for w in range(K_WARPS):
+            full = np.zeros((32, W))
+            full[active] = totals[w]
+            s_red[w, slots] = full
         s = np.zeros(cols.shape)
         for w in range(K_WARPS):
-            s = s + totals[w]
+            s = s + s_red[w, slots[active]]
         c = cols
         writes[split, b, c.ravel()] += 1
         if g["n_splits"] == 1:
@@ -264,3 +277,28 @@ def test_domain_segments_plan_matches_reference(B, D):
     ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, D)
     np.testing.assert_allclose(sums, ref_sums.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(counts, ref_counts.numpy())
+
+
+def _max_bank_conflict(double_indices):
+    """Largest number of distinct 8-byte words one warp access touches in one shared-memory
+    bank pair (32 banks of 4 bytes; a 64-bit access by 32 lanes is served in two halves of 16
+    lanes, each conflict-free when its 16 words fall in 16 different bank pairs)."""
+    worst = 1
+    for half in (double_indices[:16], double_indices[16:]):
+        words = np.unique(half)
+        worst = max(worst, int(np.bincount(words % 16).max()))
+    return worst
+
+
+@pytest.mark.parametrize("V", [1, 2, 4, 8])
+def test_reduction_buffer_layout_is_one_to_one_and_conflict_free(V):
+    lanes = np.arange(32)
+    for W in sorted({1, V}):  # the edge strip (W = 1) and the vector body (W = V)
+        slots = red_index(lanes[:, None], np.arange(W)[None, :])
+        assert slots.min() >= 0 and slots.max() < 32 * V
+        assert len(np.unique(slots)) == slots.size
+        for v in range(W):  # one store (and one load) instruction per v, all 32 lanes
+            assert _max_bank_conflict(slots[:, v]) == 1
+    # the lane-major layout it replaced: 16-way conflicts at W = 8
+    if V == 8:
+        assert _max_bank_conflict(lanes * 8) == 8 and _max_bank_conflict(lanes * 8 + 1) == 8

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../krls.h"
@@ -24,7 +25,8 @@
 namespace chameleon {
 namespace {
 
-// Largest k for the fused kernel (its group buffer is k * k * kLanes doubles per thread);
+// Largest k for the fused kernel (its group buffer is k (k + 1) / 2 * kLanes doubles per thread,
+// plus k * k * kLanes for float32 input);
 // the batch-dependent crossover is in krls_cpu, picked with benchmarks/bench_krls.py.
 constexpr int64_t kFusedMaxK = 512;
 // Matrices per group: four AVX2 registers of doubles, enough independent work to hide the
@@ -40,30 +42,39 @@ inline double max_d(double a, double b) { return a > b ? a : b; }
 inline double min_d(double a, double b) { return a < b ? a : b; }
 
 
-// The solve for one group. a: [k, k, kLanes] (lower triangle used; symmetric, checked
-// input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane, the
-// first failing Cholesky pivot (-1 if none) into pivot.
+// Offset of element (i, j), j <= i, in the packed lower triangle (row-major, rows of
+// i + 1 elements). Packing halves the working set of a group against a full k x k buffer:
+// at k = 16 the group's matrices (17 KB) and scratch (8 KB) fit a 32 KB L1 together, which
+// the full layout (32 KB for the matrices alone) did not.
+inline int64_t tri(int64_t i) { return i * (i + 1) / 2; }
+
+// The solve for one group. a: packed lower triangles [k (k + 1) / 2, kLanes] (symmetric,
+// checked input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane,
+// the first failing Cholesky pivot (-1 if none) into pivot. next (or nullptr): the next
+// group's kLanes input matrices, next_bytes each, prefetched a slice per Cholesky row (see
+// krls_fused_cpu).
 CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k,
                                  const double* __restrict mu, bool center, double* __restrict S,
-                                 int32_t* __restrict pivot) {
+                                 int32_t* __restrict pivot, const char* const* next, int64_t next_bytes) {
   double* rowmean = scratch;                // [k, L]
   double* inv_diag = scratch + k * kLanes;  // [k, L]: 1 / L_jj
   double* w = scratch + 2 * k * kLanes;     // [k, L]: a column of L^-1
   double* dpiv = scratch + 3 * k * kLanes;  // [k, L]: d_j, the pivots of Kc (L_jj^2 - mu, exactly)
-  auto A = [&](int64_t i, int64_t j) { return a + (i * k + j) * kLanes; };
+  auto row = [&](int64_t i) { return a + tri(i) * kLanes; };
   LANES pivot[l] = -1;
 
   if (center) {
     for (int64_t i = 0; i < k; ++i) LANES rowmean[i * kLanes + l] = 0.0;
     for (int64_t i = 0; i < k; ++i) {
+      const double* r = row(i);
       for (int64_t j = 0; j < i; ++j) {
-        const double* x = A(i, j);
+        const double* x = r + j * kLanes;
         LANES {
           rowmean[i * kLanes + l] += x[l];
           rowmean[j * kLanes + l] += x[l];
         }
       }
-      const double* x = A(i, i);
+      const double* x = r + i * kLanes;
       LANES rowmean[i * kLanes + l] += x[l];
     }
     double grand[kLanes] = {};
@@ -73,38 +84,47 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
         grand[l] += rowmean[i * kLanes + l];
       }
     LANES grand[l] *= inv_k;
-    for (int64_t i = 0; i < k; ++i)
+    for (int64_t i = 0; i < k; ++i) {
+      double* r = row(i);
       for (int64_t j = 0; j <= i; ++j) {
-        double* x = A(i, j);
+        double* x = r + j * kLanes;
         LANES x[l] += grand[l] - rowmean[i * kLanes + l] - rowmean[j * kLanes + l];
       }
+    }
   }
 
   // Cholesky-Banachiewicz of Kc + mu I, row by row, in place. mu is added only when a pivot
   // is taken, so the diagonal's running value is d_j, the pivot of Kc itself, kept exactly
   // for the scores. Each step is a short dot product; with kLanes matrices side by side it is
   // kLanes/4 independent vector chains. A lane that fails gets a unit pivot so the group
-  // carries on; the caller discards its result.
+  // carries on; the caller discards its result. (Taking two entries per pass, to share the
+  // loads of row i, measured slower: the extra accumulators did not stay in registers.)
   for (int64_t i = 0; i < k; ++i) {
+    double* ri = row(i);
+    if (next != nullptr) {  // row i's share of the next group's input, into L2
+      const int64_t lo = next_bytes * i / k / 64 * 64, hi = next_bytes * (i + 1) / k;
+      for (int l = 0; l < kLanes; ++l)
+        for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(next[l] + o, 0, 2);
+    }
     for (int64_t j = 0; j <= i; ++j) {
+      const double* rj = row(j);
       double s[kLanes];
-      const double* x = A(i, j);
-      LANES s[l] = x[l];
+      LANES s[l] = ri[j * kLanes + l];
       for (int64_t p = 0; p < j; ++p) {
-        const double* li = A(i, p);
-        const double* lj = A(j, p);
-        LANES s[l] -= li[l] * lj[l];
+        const double* x = ri + p * kLanes;
+        const double* y = rj + p * kLanes;
+        LANES s[l] -= x[l] * y[l];
       }
-      double* out = A(i, j);
+      double* out = ri + j * kLanes;
       if (j < i) {
         const double* d = inv_diag + j * kLanes;
         LANES out[l] = s[l] * d[l];
       } else {
         LANES {
-          const double p = s[l] + mu[l];
-          const bool ok = p > 0.0 && p <= 1.7976931348623157e308;
+          const double pv = s[l] + mu[l];
+          const bool ok = pv > 0.0 && pv <= 1.7976931348623157e308;
           pivot[l] = (!ok && pivot[l] < 0) ? static_cast<int32_t>(i) : pivot[l];
-          const double r = std::sqrt(ok ? p : 1.0);
+          const double r = std::sqrt(ok ? pv : 1.0);
           out[l] = r;
           dpiv[i * kLanes + l] = s[l];
           inv_diag[i * kLanes + l] = 1.0 / r;
@@ -121,9 +141,10 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
       norm2[l] = 0.0;
     }
     for (int64_t j = i + 1; j < k; ++j) {
+      const double* rj = row(j);
       double s[kLanes] = {};
       for (int64_t p = i; p < j; ++p) {
-        const double* lj = A(j, p);
+        const double* lj = rj + p * kLanes;
         const double* wp = w + p * kLanes;
         LANES s[l] -= lj[l] * wp[l];
       }
@@ -143,50 +164,64 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
 
 #undef LANES
 
-// Loads matrices b0 .. b0+kLanes-1 (a group) into the interleaved buffer a [k, k, kLanes]
-// and measures per lane max|K|, max|K - K^T| and finiteness, keeping the symmetric part in
-// the lower triangle. Lane l reads base + off[l]; every offset points at a real matrix (the
-// caller repeats the last one to pad a short group). The copy is one lane at a time
-// (contiguous reads); the checks then run across lanes, as vector instructions.
+// Loads matrices b0 .. b0+kLanes-1 (a group) into the packed lower triangles a, keeping the
+// symmetric part, and measures per lane max|K|, max|K - K^T| and finiteness. Lane l reads
+// base + off[l]; every offset points at a real matrix (the caller repeats the last one to pad
+// a short group). Each (i, j) pair is read straight from the 16 matrices (K[i, j] and
+// K[j, i]) and checked across lanes; a staging copy of the full matrices (k * k * kLanes
+// doubles, then read back transposed) cost more than the solve itself at k <= 16.
 template <typename scalar_t>
 inline void load_group_impl(const scalar_t* __restrict base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
                             double* __restrict a, double* __restrict maxabs, double* __restrict maxasym,
-                            double* __restrict bad) {
-  for (int l = 0; l < kLanes; ++l) {
-    const scalar_t* src = base + off[l];
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < k; ++j) a[(i * k + j) * kLanes + l] = static_cast<double>(src[i * sr + j * sc]);
+                            double* __restrict bad, double* __restrict stage) {
+  // float32 input: each lane's matrix is first converted to float64 row by row (the
+  // conversion vectorises along a row; converting each element as it is gathered measured
+  // about 10% slower), then read as below from that copy.
+  const double* src[kLanes];
+  int64_t r = sr, c = sc;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int l = 0; l < kLanes; ++l) src[l] = base + off[l];
+  } else {
+    for (int l = 0; l < kLanes; ++l) {
+      const scalar_t* m = base + off[l];
+      double* out = stage + l * k * k;
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) out[i * k + j] = static_cast<double>(m[i * sr + j * sc]);
+      src[l] = out;
+    }
+    r = k;
+    c = 1;
   }
   for (int l = 0; l < kLanes; ++l) maxabs[l] = maxasym[l] = bad[l] = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      double* lower = a + (i * k + j) * kLanes;
-      const double* upper = a + (j * k + i) * kLanes;
+      const int64_t lower = i * r + j * c, upper = j * r + i * c;
+      double* dst = a + (tri(i) + j) * kLanes;
       for (int l = 0; l < kLanes; ++l) {
-        const double x = lower[l], y = upper[l];
+        const double x = src[l][lower], y = src[l][upper];
         // x - x is 0 for finite x and NaN for NaN/Inf; accumulating it keeps the loop branch-free.
         bad[l] += (x - x) + (y - y);
         maxabs[l] = max_d(maxabs[l], max_d(std::fabs(x), std::fabs(y)));
         maxasym[l] = max_d(maxasym[l], std::fabs(x - y));
-        lower[l] = 0.5 * (x + y);
+        dst[l] = 0.5 * (x + y);
       }
     }
   }
 }
 
 CHAMELEON_CLONES void load_group(const double* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad, double* stage) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad, stage);
 }
 CHAMELEON_CLONES void load_group(const float* base, const int64_t* off, int64_t sr, int64_t sc, int64_t k,
-                                 double* a, double* maxabs, double* maxasym, double* bad) {
-  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad);
+                                 double* a, double* maxabs, double* maxasym, double* bad, double* stage) {
+  load_group_impl(base, off, sr, sc, k, a, maxabs, maxasym, bad, stage);
 }
 
 // A lane whose input is rejected (or that pads the last group) solves the identity instead.
 void identity_lane(int64_t k, double* a, int l) {
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j <= i; ++j) a[(i * k + j) * kLanes + l] = (i == j) ? 1.0 : 0.0;
+    for (int64_t j = 0; j <= i; ++j) a[(tri(i) + j) * kLanes + l] = (i == j) ? 1.0 : 0.0;
 }
 
 // One matrix's lam checked and turned into mu; a bad lam gives status kKrlsBadLam.
@@ -214,15 +249,26 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t sb = Kf.stride(0), sr = Kf.stride(1), sc = Kf.stride(2);
     const int64_t grain = std::max<int64_t>(1, 2048 / (k * k * k + 1));
+    // Reading K from memory would otherwise stall the start of every group (at batch 4096,
+    // k = 16, K is 8 MB, beyond the cache one core gets): the next group's matrices are
+    // prefetched while this one is solved, spread over its Cholesky rows (one burst of k * k
+    // * kLanes lines measured slower: it fills the miss queues). Only for matrices whose
+    // k * k elements are dense in memory (any order), the usual case.
+    const bool dense = sr >= 0 && sc >= 0 && (k - 1) * (sr + sc) + 1 == k * k;
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> a(k * k * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
+      std::vector<double> a(tri(k) * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
+      std::vector<double> stage(std::is_same_v<scalar_t, double> ? 0 : k * k * kLanes);  // float32 input only
       int32_t pivot[kLanes];
       int64_t off[kLanes];
+      const char* next[kLanes];
       double maxabs[kLanes], maxasym[kLanes], bad[kLanes], mu[kLanes];
       for (int64_t g = begin; g < end; ++g) {
         const int64_t b0 = g * kLanes;
         for (int l = 0; l < kLanes; ++l) off[l] = std::min(b0 + l, batch - 1) * sb;
-        load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad);
+        load_group(base, off, sr, sc, k, a.data(), maxabs, maxasym, bad, stage.data());
+        const bool prefetch = dense && g + 1 < end;
+        for (int l = 0; prefetch && l < kLanes; ++l)
+          next[l] = reinterpret_cast<const char*>(base + std::min(b0 + kLanes + l, batch - 1) * sb);
         for (int l = 0; l < kLanes; ++l) {
           const int64_t b = std::min(b0 + l, batch - 1);
           int32_t s = lane_mu(lam, lamp, b, k, scale_by_k, &mu[l]);
@@ -234,7 +280,8 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
             mu[l] = 1.0;
           }
         }
-        krls_group(a.data(), scratch.data(), k, mu, center, S.data(), pivot);
+        krls_group(a.data(), scratch.data(), k, mu, center, S.data(), pivot, prefetch ? next : nullptr,
+                   k * k * static_cast<int64_t>(sizeof(scalar_t)));
         for (int l = 0; l < kLanes && b0 + l < batch; ++l) {
           const int64_t b = b0 + l;
           if (st[b] == kKrlsOk && pivot[l] >= 0) {
@@ -327,14 +374,25 @@ KrlsResult krls_cpu_result(const at::Tensor& K, const KrlsLam& lam, bool center,
   return library_cpu(K, lam, center, scale_by_k);
 }
 
-at::Tensor krls_cpu(const at::Tensor& K, const at::Tensor& lam, bool center, bool scale_by_k) {
+at::Tensor krls_cpu(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
+  check_krls_K(K, "krls");
+  const KrlsLam l = krls_lam(lam, "krls");
+  return krls_checked_scores(krls_cpu_result(K, l, center, scale_by_k), l, K, scale_by_k, "krls");
+}
+
+at::Tensor krls_lam_tensor_cpu(const at::Tensor& K, const at::Tensor& lam, bool center, bool scale_by_k) {
   check_krls_args(K, lam, "krls");
   const KrlsLam l = krls_lam(K, lam, "krls");
   return krls_checked_scores(krls_cpu_result(K, l, center, scale_by_k), l, K, scale_by_k, "krls");
 }
 
-std::tuple<at::Tensor, at::Tensor> krls_ex_cpu(const at::Tensor& K, const at::Tensor& lam, bool center,
-                                               bool scale_by_k) {
+std::tuple<at::Tensor, at::Tensor> krls_ex_cpu(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
+  check_krls_K(K, "krls_ex");
+  return krls_ex_outputs(krls_cpu_result(K, krls_lam(lam, "krls_ex"), center, scale_by_k), K);
+}
+
+std::tuple<at::Tensor, at::Tensor> krls_ex_lam_tensor_cpu(const at::Tensor& K, const at::Tensor& lam, bool center,
+                                                          bool scale_by_k) {
   check_krls_args(K, lam, "krls_ex");
   return krls_ex_outputs(krls_cpu_result(K, krls_lam(K, lam, "krls_ex"), center, scale_by_k), K);
 }
@@ -343,7 +401,9 @@ std::tuple<at::Tensor, at::Tensor> krls_ex_cpu(const at::Tensor& K, const at::Te
 
 TORCH_LIBRARY_IMPL(chameleon, CPU, m) {
   m.impl("krls", &krls_cpu);
+  m.impl("krls.lam_tensor", &krls_lam_tensor_cpu);
   m.impl("krls_ex", &krls_ex_cpu);
+  m.impl("krls_ex.lam_tensor", &krls_ex_lam_tensor_cpu);
 }
 
 }  // namespace chameleon

@@ -371,15 +371,28 @@ KrlsResult krls_cuda_result(const at::Tensor& K, const KrlsLam& lam, bool center
   return {out, status, detail};
 }
 
-at::Tensor krls_cuda(const at::Tensor& K, const at::Tensor& lam, bool center, bool scale_by_k) {
+at::Tensor krls_cuda(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
+  check_krls_K(K, "krls");
+  const c10::cuda::CUDAGuard guard(K.device());
+  const KrlsLam l = krls_lam(lam, "krls");
+  return krls_checked_scores(krls_cuda_result(K, l, center, scale_by_k), l, K, scale_by_k, "krls");
+}
+
+at::Tensor krls_lam_tensor_cuda(const at::Tensor& K, const at::Tensor& lam, bool center, bool scale_by_k) {
   check_krls_args(K, lam, "krls");
   const c10::cuda::CUDAGuard guard(K.device());
   const KrlsLam l = krls_lam(K, lam, "krls");
   return krls_checked_scores(krls_cuda_result(K, l, center, scale_by_k), l, K, scale_by_k, "krls");
 }
 
-std::tuple<at::Tensor, at::Tensor> krls_ex_cuda(const at::Tensor& K, const at::Tensor& lam, bool center,
-                                                bool scale_by_k) {
+std::tuple<at::Tensor, at::Tensor> krls_ex_cuda(const at::Tensor& K, double lam, bool center, bool scale_by_k) {
+  check_krls_K(K, "krls_ex");
+  const c10::cuda::CUDAGuard guard(K.device());
+  return krls_ex_outputs(krls_cuda_result(K, krls_lam(lam, "krls_ex"), center, scale_by_k), K);
+}
+
+std::tuple<at::Tensor, at::Tensor> krls_ex_lam_tensor_cuda(const at::Tensor& K, const at::Tensor& lam, bool center,
+                                                           bool scale_by_k) {
   check_krls_args(K, lam, "krls_ex");
   const c10::cuda::CUDAGuard guard(K.device());
   return krls_ex_outputs(krls_cuda_result(K, krls_lam(K, lam, "krls_ex"), center, scale_by_k), K);
@@ -389,7 +402,9 @@ std::tuple<at::Tensor, at::Tensor> krls_ex_cuda(const at::Tensor& K, const at::T
 
 TORCH_LIBRARY_IMPL(chameleon, CUDA, m) {
   m.impl("krls", &krls_cuda);
+  m.impl("krls.lam_tensor", &krls_lam_tensor_cuda);
   m.impl("krls_ex", &krls_ex_cuda);
+  m.impl("krls_ex.lam_tensor", &krls_ex_lam_tensor_cuda);
 }
 
 }  // namespace chameleon

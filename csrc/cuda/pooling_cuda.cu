@@ -148,8 +148,12 @@ __device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, co
   int64_t count = 0;
   warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
 
+  // Value v of each lane at [v * 32 + lane]: the 32 lanes store (and warp 0 later reads) 32
+  // consecutive doubles, which is free of shared-memory bank conflicts; the lane-major layout
+  // [lane * W + v] put lanes W doubles apart: for W = 8, 8-way conflicts in each half warp
+  // (16 shared-memory wavefronts per access instead of 2).
 #pragma unroll
-  for (int v = 0; v < W; ++v) s_red[warp][lane * W + v] = total[v];
+  for (int v = 0; v < W; ++v) s_red[warp][v * 32 + lane] = total[v];
   if (lane == 0) s_cnt[warp] = count;
   __syncthreads();
   if (warp == 0) {
@@ -161,7 +165,7 @@ __device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, co
       for (int v = 0; v < W; ++v) {
         double s = 0.0;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += s_red[w][lane * W + v];
+        for (int w = 0; w < kWarps; ++w) s += s_red[w][v * 32 + lane];
         if (g.n_splits == 1)
           means[b * g.H + h + v] = n > 0 ? static_cast<acc_t>(s / static_cast<double>(n)) : acc_t(0);
         else

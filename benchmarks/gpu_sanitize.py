@@ -1,0 +1,159 @@
+"""A small workload that runs every CUDA kernel instantiation of chameleon_ext once, for
+compute-sanitizer (memcheck, racecheck, synccheck; benchmarks/gpu_check.sh runs it with
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 so an out-of-bounds access inside one of the caching
+allocator's blocks is still caught). Every result is also checked against the float64
+oracles of chameleon_ext.reference, so a wrong answer fails the run (exit 1) even where the
+sanitizer sees nothing.
+
+What it touches, and why each case is there (csrc/cuda/krls_cuda.cu, pooling_cuda.cu):
+  krls, fp32 and fp64: the register kernel at each width (KMAX 8, 16, 32, with k below and
+  at each width), the shared-memory kernel at 4, 3, 2 and 1 warps per block (k = 33, 40, 48,
+  64), a batch that leaves the last block partial, a transposed (non-contiguous) K, lam per
+  matrix on the device, center/scale_by_k off, rejected matrices (NaN, asymmetric), and the
+  library path (k = 65).
+  pooling, bf16 / fp16 / fp32 / fp64: every vector width (16-byte loads down to scalar, by the
+  row stride), a misaligned start (head) and a ragged end (tail), a row long enough to be
+  split along T (with the combine kernel), mask None, and domain pooling including a batch
+  above 4096 rows (at::sort's other path) with an empty domain.
+
+    python benchmarks/gpu_sanitize.py            # on the GPU
+    python benchmarks/gpu_sanitize.py --quick    # the same workload on the CPU (a dry run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import chameleon_ext  # noqa: E402
+from chameleon_ext import reference  # noqa: E402
+
+FAILURES: list[str] = []
+CHECKS = [0]
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    CHECKS[0] += 1
+    if not ok:
+        FAILURES.append(name)
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}".rstrip(), flush=True)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> tuple[bool, str]:
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    if got.shape != want.shape:
+        return False, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs() - rtol * want.abs()
+    worst = float(err.max()) if err.numel() else -1.0
+    return bool(torch.isfinite(got).all() and worst <= atol), f"(max excess {worst:.2e})"
+
+
+def kernels(batch: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, k, 2 * k, generator=g, dtype=torch.float64)
+    return X @ X.mT
+
+
+def krls_cases(device: str) -> None:
+    # k -> the instantiation it selects on CUDA
+    ks = {3: "registers KMAX=8", 8: "registers KMAX=8 full", 13: "registers KMAX=16", 16: "registers KMAX=16 full",
+          17: "registers KMAX=32", 32: "registers KMAX=32 full", 33: "shared 4 warps/block",
+          40: "shared 3 warps/block", 48: "shared 2 warps/block", 64: "shared 1 warp/block", 65: "library"}
+    for dtype in (torch.float64, torch.float32):
+        rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-5, 1e-7)
+        for k, what in ks.items():
+            K = kernels(37, k, seed=k)  # 37: the last block is partial for every kernel
+            want = reference.krls(K, 0.7)
+            S, info = chameleon_ext.krls_ex(K.to(dtype).to(device), 0.7)
+            ok, detail = close(S, want, rtol, atol)
+            check(f"krls k={k} {str(dtype)[6:]} ({what})", ok and int(info.abs().sum()) == 0, detail)
+        for k in (13, 40):  # a transposed view: strided loads in both kernels
+            K = kernels(5, k, seed=100 + k)
+            Kt = K.to(dtype).to(device).transpose(-1, -2)
+            ok, detail = close(chameleon_ext.krls(Kt, 0.3, center=False, scale_by_k=False),
+                               reference.krls(K.transpose(-1, -2), 0.3, center=False, scale_by_k=False), rtol, atol)
+            check(f"krls transposed k={k} {str(dtype)[6:]} center=False", ok, detail)
+    # per-matrix lam on the device, and rejected matrices (status codes, NaN rows)
+    for k in (6, 20, 40):
+        K = kernels(4, k, seed=200 + k)
+        lam = torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
+        want = torch.stack([reference.krls(K[i], float(lam[i])) for i in range(4)])
+        ok, detail = close(chameleon_ext.krls(K.to(device), lam.to(device)), want, 1e-9, 1e-12)
+        check(f"krls lam per matrix k={k}", ok, detail)
+        bad = K.clone()
+        bad[1, 0, 0] = float("nan")
+        bad[2, 0, 1] += 1.0
+        S, info = chameleon_ext.krls_ex(bad.to(device), lam.to(device))
+        check(f"krls rejected matrices k={k}", info.cpu().tolist() == [0, 1, 2, 0] and bool(torch.isnan(S[1:3]).all()))
+
+
+def strided(storage: torch.Tensor, size, stride, offset) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)
+
+
+# (B, T, H), strides, element offset: which geometry of the row-means kernel each one makes
+POOL_VIEWS = [
+    ((3, 40, 300), (40 * 304, 304, 1), 0, "widest vectors, ragged tail"),
+    ((2, 30, 77), (30 * 88, 88, 1), 3, "misaligned head and tail"),
+    ((2, 20, 50), (20 * 50, 50, 1), 0, "row stride 50: 2-wide vectors"),
+    ((2, 20, 51), (20 * 51, 51, 1), 0, "odd row stride: scalar loads"),
+    ((2, 33, 3), (33 * 4, 4, 1), 1, "H < vector width"),
+    ((1, 3000, 40), (3000 * 40, 40, 1), 0, "T split + combine"),
+    ((2, 700, 6), (700 * 6, 6, 1), 2, "T split, misaligned"),
+]
+
+
+def pooling_cases(device: str) -> None:
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        tol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-4)
+        for size, stride, offset, what in POOL_VIEWS:
+            B, T, H = size
+            need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H
+            g = torch.Generator().manual_seed(B * 1000 + T)
+            storage = torch.randn(need, generator=g).to(dtype)
+            hidden_cpu = strided(storage, size, stride, offset)
+            hidden = strided(storage.to(device), size, stride, offset)
+            mask = torch.rand(B, T, generator=g) < 0.6
+            mask[0, : T // 2] = False
+            for m in (mask, None):
+                want = reference.masked_mean_pool(hidden_cpu.double(), m)
+                ok, detail = close(chameleon_ext.masked_mean_pool(hidden, None if m is None else m.to(device)), want, *tol)
+                check(f"masked_mean_pool {str(dtype)[6:]} {list(size)} {what}{' mask=None' if m is None else ''}", ok, detail)
+            ids = torch.arange(B) % 3
+            sums, counts = chameleon_ext.domain_mean_pool(hidden, mask.to(device), ids.to(device), 3)
+            ref_sums, ref_counts = reference.domain_mean_pool(hidden_cpu.double(), mask, ids, 3)
+            ok, detail = close(sums, ref_sums, *tol)
+            check(f"domain_mean_pool {str(dtype)[6:]} {list(size)} {what}", ok and torch.equal(counts.cpu(), ref_counts), detail)
+    # many rows per domain (several segment chunks), B > 4096, one domain empty
+    g = torch.Generator().manual_seed(5)
+    B, T, H, D = 5000, 3, 40, 5
+    hidden = torch.randn(B, T, H, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    ids = torch.randint(0, D - 1, (B,), generator=g)
+    sums, counts = chameleon_ext.domain_mean_pool(hidden.to(device), mask.to(device), ids.to(device), D)
+    ref_sums, ref_counts = reference.domain_mean_pool(hidden.double(), mask, ids, D)
+    ok, detail = close(sums, ref_sums, 1e-4, 1e-4)
+    check(f"domain_mean_pool B={B} D={D} (sort path, empty domain)", ok and torch.equal(counts.cpu(), ref_counts), detail)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="run on the CPU (a dry run of the workload)")
+    args = ap.parse_args()
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    print(f"device: {device}; torch {torch.__version__}; build {chameleon_ext.build_info()}", flush=True)
+    krls_cases(device)
+    pooling_cases(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"checks: {CHECKS[0]}, failures: {len(FAILURES)}" + (f" ({', '.join(FAILURES)})" if FAILURES else ""))
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
