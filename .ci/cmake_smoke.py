@@ -19,7 +19,7 @@ X = torch.randn(8, 3, dtype=torch.float64, generator=g)
 Hm = torch.eye(8, dtype=torch.float64) - 1 / 8
 Kc = Hm @ (X @ X.T) @ Hm
 S = torch.linalg.solve(Kc + 8 * torch.eye(8, dtype=torch.float64), Kc).diagonal()
-lam = torch.tensor(1.0, dtype=torch.float64)  # the op takes lam as a tensor (the wrapper converts floats)
+lam = torch.tensor(1.0, dtype=torch.float64)  # the krls.lam_tensor overload (a float lam takes the default overload)
 torch.testing.assert_close(ops.krls(X @ X.T, lam), S)
 S_ex, info = ops.krls_ex(X @ X.T, lam)
 torch.testing.assert_close(S_ex, S)

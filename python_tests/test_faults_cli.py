@@ -135,7 +135,7 @@ def test_importing_the_package_registers_the_ops():
     proc = _subprocess("""
 import torch, chameleon_ext
 K = torch.eye(3, dtype=torch.float64)
-# the op takes lam as a tensor (one lambda per matrix, or a 0-d tensor); floats go through chameleon_ext.krls
+# a tensor lam takes the krls.lam_tensor overload (one lambda per matrix, or a 0-d tensor); a float the default one
 print(torch.ops.chameleon.krls(K, torch.tensor(1.0, dtype=torch.float64), False, True).tolist())
 """)
     assert proc.returncode == 0, proc.stderr
