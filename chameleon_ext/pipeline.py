@@ -296,11 +296,13 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
 
 
 def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """``{domain: weight}`` from a weights.json, checked against ``domains`` when given."""
-    from .exports import load_weights
+    """``{domain: weight}`` from a weights.json, checked against ``domains`` when given: the
+    weights a trainer follows, i.e. the budget's achievable weights when the file has a token
+    budget (the requested ones would over-read a capped domain)."""
+    from .exports import load_weights, trainer_weights
 
     doc = load_weights(path)
-    weights = {d: float(doc["weights"][d]) for d in doc["domains"]}
+    weights = trainer_weights(doc)
     if domains is not None and set(weights) != set(domains):
         extra, missing = sorted(set(weights) - set(domains)), sorted(set(domains) - set(weights))
         raise ChameleonUserError(

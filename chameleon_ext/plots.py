@@ -296,3 +296,8 @@ def plot_perplexity(
     fig.legend(title="run", fontsize="small", loc="outside right upper")
     ax.set_title(title or "Validation perplexity per domain")
     return _save_png(fig, path)
+
+
+# Public names for the figure plumbing, for the plotting code of other modules.
+new_figure = _new_figure
+save_png = _save_png
