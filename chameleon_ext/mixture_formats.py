@@ -16,6 +16,8 @@ from .formats.trainers import (
     mosaic_streams_yaml,
     nanotron_dataset,
     nanotron_dataset_yaml,
+    olmo_mixing_specs,
+    olmo_mixing_specs_yaml,
     olmo_source_mixture,
     olmo_source_mixture_yaml,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "nemo_paths",
     "olmo_source_mixture",
     "olmo_source_mixture_yaml",
+    "olmo_mixing_specs",
+    "olmo_mixing_specs_yaml",
     "nanotron_dataset",
     "nanotron_dataset_yaml",
     "mosaic_streams",

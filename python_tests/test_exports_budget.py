@@ -80,6 +80,7 @@ def parse_every_file(out):
     nemo = json.loads(read("nemo"))
     got["nemo"] = dict(zip(nemo[1::2], map(float, nemo[0::2])))
     got["olmo-core"] = {s["source_name"]: s["target_ratio"] for s in yaml.safe_load(read("olmo-core"))["sources"]}
+    got["olmo-core-mixing"] = {s["label"]: s["ratio"] for s in yaml.safe_load(read("olmo-core-mixing"))["specs"]}
     nano = yaml.safe_load(read("nanotron"))["dataset"]
     got["nanotron"] = dict(zip(nano["dataset_folder"], nano["dataset_weights"]))
     got["mosaic"] = {d: s["proportion"] for d, s in yaml.safe_load(read("mosaic"))["streams"].items()}
@@ -93,7 +94,8 @@ def check_all(out, expected, tol):
     got = parse_every_file(out)
     assert set(got) == set(FILES) | {"torchtitan-main"}
     for fmt, weights in got.items():
-        want = {d: w for d, w in expected.items() if w > 0 or fmt != "torchtitan-main"}
+        positive_only = fmt in ("torchtitan-main", "olmo-core-mixing")  # they refuse weights <= 0
+        want = {d: w for d, w in expected.items() if w > 0 or not positive_only}
         assert list(weights) == list(want), fmt
         for d in want:
             assert weights[d] == pytest.approx(want[d], rel=tol, abs=tol), (fmt, d)
@@ -180,3 +182,22 @@ def test_several_prefixes_per_domain_split_megatron_weights_by_tokens(tmp_path):
     with pytest.raises(ChameleonUserError, match=r"cannot be read"):
         write_exports(weights_doc(HAND_WEIGHTS), tmp_path / "o3", formats=["megatron"],
                       prefixes={"web": ["/nonexistent/a", "/nonexistent/b"]})
+
+
+@pytest.mark.parametrize("max_epochs, factor", [(2.0, 2.0), (1.0, 1.0), (0.5, 1.0)])
+def test_olmo_mixing_specs_carry_ratio_and_repetition_factor(tmp_path, max_epochs, factor):
+    weights = {"web": 0.5, "news": 0.3, "code": 0.2, "empty": 0.0}
+    counts = {"web": 1000, "news": 100, "code": 1000, "empty": 10}
+    plan = plan_token_budget(weights, counts, token_budget=int(600 * max_epochs), max_epochs=max_epochs)
+    write_exports(weights_doc(weights, plan), tmp_path, formats=["olmo-core-mixing", "olmo-core"])
+    doc = yaml.safe_load((tmp_path / "olmo_mixing_specs.yaml").read_text())
+    assert doc["left_out"] == ["empty"]  # OLMo-core's specs refuse a ratio <= 0
+    expected = reference_achievable(weights, counts, int(600 * max_epochs), max_epochs)
+    assert [s["label"] for s in doc["specs"]] == ["web", "news", "code"]
+    for s in doc["specs"]:
+        assert s["ratio"] == pytest.approx(expected[s["label"]], rel=1e-12)
+        assert s["max_repetition_factor"] == factor and s["paths"] == [s["label"]]
+    sources = yaml.safe_load((tmp_path / "olmo_source_mixture.yaml").read_text())["sources"]
+    assert [s["source_name"] for s in sources] == list(weights)  # SourceMixtureConfig takes 0
+    if max_epochs < 1:  # OLMo-core needs max_repetition_ratio >= 1: the cap is the fraction
+        assert all(s["max_repetition_ratio"] == 1.0 and s["max_source_fraction"] == 0.5 for s in sources)

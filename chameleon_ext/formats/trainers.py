@@ -16,6 +16,8 @@ from .weights_json import budget_field, budget_weights
 __all__ = [
     "olmo_source_mixture",
     "olmo_source_mixture_yaml",
+    "olmo_mixing_specs",
+    "olmo_mixing_specs_yaml",
     "nanotron_dataset",
     "nanotron_dataset_yaml",
     "mosaic_streams",
@@ -67,6 +69,36 @@ def olmo_source_mixture_yaml(weights: Mapping[str, float], prefixes: Prefixes = 
     if budget is not None:
         lines.append(f"requested_tokens: {int(budget_field(budget, 'token_budget'))}")
     return dump_yaml(doc, lines)
+
+
+def olmo_mixing_specs(weights: Mapping[str, float], prefixes: Prefixes = None, budget=None,
+                      max_epochs: Optional[float] = None) -> dict:
+    """OLMo-core's composable mixing API (``olmo_core.data.composable``): per source the
+    ``ratio``, ``max_repetition_factor`` and ``label`` of a ``MixingTokenSourceSpecConfig`` /
+    ``MixingInstanceSourceSpecConfig`` / ``MixingDocumentSourceSpecConfig``, and the ``paths``
+    its ``source`` config (the user's, e.g. a ``NumpyDocumentSourceConfig``) reads:
+    ``{"specs": [{label, ratio, max_repetition_factor, paths}, ...], "left_out": [...]}``.
+
+    These specs refuse a ratio <= 0, so zero-weight domains are listed under ``left_out``.
+    ``max_repetition_factor`` (>= 1: 2.0 lets each item be seen twice) is the cap as in
+    :func:`olmo_source_mixture`; a cap r < 1 has no fraction here and is written as 1.0, which
+    the achievable ratios already respect (they ask at most r of a domain)."""
+    sources = olmo_source_mixture(weights, prefixes, budget, max_epochs)["sources"]
+    specs = [{"label": s["source_name"], "ratio": s["target_ratio"],
+              "max_repetition_factor": s.get("max_repetition_ratio", 1.0), "paths": s["paths"]}
+             for s in sources if s["target_ratio"] > 0]
+    return {"specs": specs, "left_out": [s["source_name"] for s in sources if not s["target_ratio"] > 0]}
+
+
+def olmo_mixing_specs_yaml(weights: Mapping[str, float], prefixes: Prefixes = None, budget=None) -> str:
+    """:func:`olmo_mixing_specs` as YAML, with how to build the specs in a comment."""
+    lines = ["OLMo-core composable mixing specs from chameleon_ext (olmo_core.data.composable):",
+             "MixingTokenSourceConfig(source_specs=[MixingTokenSourceSpecConfig(source=<a source config over",
+             "s['paths']>, ratio=s['ratio'], max_repetition_factor=s['max_repetition_factor'], label=s['label'])",
+             "for s in specs]); MixingInstanceSourceConfig / MixingDocumentSourceConfig take the same fields."]
+    if budget is not None:
+        lines.append(f"num_tokens: {int(budget_field(budget, 'token_budget'))}")
+    return dump_yaml(olmo_mixing_specs(weights, prefixes, budget), lines)
 
 
 # -- nanotron --------------------------------------------------------------------------------

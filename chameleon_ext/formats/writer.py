@@ -9,6 +9,7 @@ format name             file                                  read by (versions:
 ``megatron-per-split``  megatron_per_split_data_args.json     Megatron-LM ``--per-split-data-args-path``
 ``nemo``                nemo_paths.json                       NeMo 2 ``PreTrainingDataModule(paths=...)``
 ``olmo-core``           olmo_source_mixture.yaml              OLMo-core ``SourceMixtureList.from_yaml``
+``olmo-core-mixing``    olmo_mixing_specs.yaml                OLMo-core ``Mixing*SourceSpecConfig``
 ``nanotron``            nanotron_dataset.yaml                 nanotron ``NanosetDatasetsArgs``
 ``mosaic``              mosaic_streams.yaml                   Mosaic ``StreamingDataset(streams=...)``
 ``torchtitan``          torchtitan_mixture.json               TorchTitan ``WeightedDataset`` / ``HFDataSource``
@@ -34,7 +35,7 @@ from .megatron import SplitPrefixes, megatron_blend, megatron_per_split_args, ne
 from .mixture_yaml import mixture_yaml
 from .paths import Prefixes
 from .torchtitan import torchtitan_mixture_json
-from .trainers import mosaic_streams_yaml, nanotron_dataset_yaml, olmo_source_mixture_yaml
+from .trainers import mosaic_streams_yaml, nanotron_dataset_yaml, olmo_mixing_specs_yaml, olmo_source_mixture_yaml
 from .weights_json import budget_weights, load_weights
 
 __all__ = ["EXPORT_FILES", "MIXTURE_FORMATS", "export_formats", "render_exports", "write_exports",
@@ -51,6 +52,7 @@ MIXTURE_FORMATS = {
     "megatron-per-split": "megatron_per_split_data_args.json",
     "nemo": "nemo_paths.json",
     "olmo-core": "olmo_source_mixture.yaml",
+    "olmo-core-mixing": "olmo_mixing_specs.yaml",
     "nanotron": "nanotron_dataset.yaml",
     "mosaic": "mosaic_streams.yaml",
     "torchtitan": "torchtitan_mixture.json",
@@ -108,6 +110,8 @@ def _builder(fmt: str, doc: dict, prefixes: Prefixes, split_prefixes, budget) ->
         return lambda: json.dumps(nemo_paths(weights, prefixes, splits, budget), indent=2) + "\n"
     if fmt == "olmo-core":
         return lambda: olmo_source_mixture_yaml(weights, prefixes, budget)
+    if fmt == "olmo-core-mixing":
+        return lambda: olmo_mixing_specs_yaml(weights, prefixes, budget)
     if fmt == "nanotron":
         return lambda: nanotron_dataset_yaml(weights, prefixes, budget)
     if fmt == "mosaic":
