@@ -27,6 +27,9 @@ def close(got: dict, want: dict, what: str, normalise: bool = False):
     return worst
 
 
-def report(consumer: str, version: str, formats, ok: bool, detail: str):
+def report(consumer: str, version: str, formats, ok, detail: str):
+    """``ok``: True (pass), False (FAIL) or a string such as "skipped" (the consumer cannot run
+    here, for the reason in ``detail``)."""
+    result = ok if isinstance(ok, str) else "pass" if ok else "FAIL"
     print(json.dumps({"consumer": consumer, "version": version, "formats": formats,
-                      "result": "pass" if ok else "FAIL", "detail": detail}))
+                      "result": result, "detail": detail}))

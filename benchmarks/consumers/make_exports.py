@@ -31,7 +31,8 @@ budget = int(0.6 * sum(counts.values()))  # a cap of 1 epoch binds for the heavi
 plan = plan_token_budget(doc["weights"], counts, budget, max_epochs=1.0)
 budget_doc = dict(doc, budget=plan.as_dict())
 prefixes = {d: os.path.join(work, "data", d) for d in doc["domains"]}
-expected = {"origin": origin, "domains": doc["domains"], "prefixes": prefixes, "capped": plan.capped_domains}
+expected = {"origin": origin, "domains": doc["domains"], "prefixes": prefixes, "capped": plan.capped_domains,
+            "token_counts": counts, "token_budget": budget}
 for name, d in (("plain", doc), ("budget", budget_doc)):
     write_exports(d, os.path.join(work, name), prefixes=prefixes)
     expected[name] = trainer_weights(load_weights(d))
