@@ -260,7 +260,9 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
         doc["budget"] = budget
     io.check_writable_folder(out_dir, "weights output folder")
     begin_set(out_dir)
-    paths = {"weights": io.write_json(os.path.join(out_dir, "weights.json"), doc, "weights file")}
+    from .formats.weights_json import write_weights_json
+
+    paths = {"weights": write_weights_json(os.path.join(out_dir, "weights.json"), doc)}
     emb_path = os.path.join(out_dir, "domain_embeddings.pt")
     emb.save(emb_path)
     paths["embeddings"] = emb_path

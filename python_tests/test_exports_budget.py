@@ -201,3 +201,29 @@ def test_olmo_mixing_specs_carry_ratio_and_repetition_factor(tmp_path, max_epoch
     assert [s["source_name"] for s in sources] == list(weights)  # SourceMixtureConfig takes 0
     if max_epochs < 1:  # OLMo-core needs max_repetition_ratio >= 1: the cap is the fraction
         assert all(s["max_repetition_ratio"] == 1.0 and s["max_source_fraction"] == 0.5 for s in sources)
+
+
+def test_cli_train_samples_with_the_achievable_weights(tmp_path, capsys, monkeypatch):
+    """``chameleon train --weights weights.json`` hands the trainer the budget's achievable
+    weights (the trainer itself is replaced: only what reaches it is checked)."""
+    import chameleon_ext.trainer as trainer
+
+    from .factories import run_cli, write_text_domains
+
+    data = write_text_domains(tmp_path / "data", names=("alpha", "digits", "dna"))
+    weights = {"alpha": 0.5, "digits": 0.3, "dna": 0.2}
+    counts = {"alpha": 1000, "digits": 100, "dna": 1000}
+    plan = plan_token_budget(weights, counts, token_budget=600, max_epochs=1)
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps(weights_doc(weights, plan)))
+    seen = {}
+
+    def fake_train(model, dataset, mixture, cfg, **kwargs):
+        seen["weights"] = mixture
+        return {"complete": True, "notices": ["done"]}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    code, _, err = run_cli(["train", "--data", data, "--weights", path, "--out", tmp_path / "run", "--steps", 1,
+                            "--preset", "tiny", "--block-size", 32, "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, err
+    assert seen["weights"] == pytest.approx({"alpha": 25 / 42, "digits": 1 / 6, "dna": 10 / 42}, rel=1e-12)

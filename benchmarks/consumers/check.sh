@@ -10,6 +10,9 @@
 # CHAMELEON_PYTHON  the Python with chameleon_ext's dependencies (default .venv/bin/python)
 # INSTALL_TIMEOUT   seconds per venv install (default 600); a consumer that does not install in
 #                   time is reported as skipped, with its log
+# TORCHTITAN_SRC    a checkout of TorchTitan main (its Grain data stack is not on PyPI); unset:
+#                   that row is skipped
+# NANOTRON_SRC      a checkout of nanotron to check instead of its 0.4 wheel (which fails on import)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE=$ROOT/benchmarks/consumers
