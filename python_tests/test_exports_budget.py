@@ -227,3 +227,19 @@ def test_cli_train_samples_with_the_achievable_weights(tmp_path, capsys, monkeyp
                             "--preset", "tiny", "--block-size", 32, "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     assert seen["weights"] == pytest.approx({"alpha": 25 / 42, "digits": 1 / 6, "dna": 10 / 42}, rel=1e-12)
+
+
+def test_cli_export_keeps_every_repeated_prefix(tmp_path, capsys):
+    from .factories import run_cli
+
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps(weights_doc(HAND_WEIGHTS)))
+    code, _, err = run_cli(["export", "--weights", path, "--out", tmp_path / "out", "--format", "olmo-core",
+                            "--prefix", "web=/d/web/a*.npy", "--prefix", "web=/d/web/b*.npy", "--prefix", "news=/d/n"],
+                           capsys)
+    assert code == 0, err
+    sources = yaml.safe_load((tmp_path / "out" / "olmo_source_mixture.yaml").read_text())["sources"]
+    assert [s["paths"] for s in sources] == [["/d/web/a*.npy", "/d/web/b*.npy"], ["/d/n"], ["code"]]
+    code, _, err = run_cli(["export", "--weights", path, "--out", tmp_path / "o2", "--prefix", "web=/a",
+                            "--prefix", "web=/a"], capsys)
+    assert code == 2 and "--prefix: web=/a is given twice" in err
