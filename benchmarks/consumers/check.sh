@@ -11,7 +11,7 @@
 # INSTALL_TIMEOUT   seconds per venv install (default 600); a consumer that does not install in
 #                   time is reported as skipped, with its log
 # TORCHTITAN_SRC    a checkout of TorchTitan main (its Grain data stack is not on PyPI); unset:
-#                   that row is skipped
+#                   that row is skipped (TORCHTITAN_REV: its commit, for the table)
 # NANOTRON_SRC      a checkout of nanotron to check instead of its 0.4 wheel (which fails on import)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -43,7 +43,7 @@ while read -r name reqs; do
     rm -rf "$venv"
     "$BASE_PY" -m venv "$venv"
     if ! timeout "$LIMIT" nice "$venv/bin/pip" install -q $reqs > "$CACHE/$name.log" 2>&1; then
-      results+=("{\"consumer\": \"$name\", \"version\": \"$reqs\", \"result\": \"skipped\", \"detail\": \"install failed or took over ${LIMIT}s: see $CACHE/$name.log\"}")
+      results+=("{\"consumer\": \"$name\", \"version\": \"$reqs\", \"result\": \"skipped\", \"detail\": \"install failed or took over ${LIMIT}s (see $CACHE/$name.log)${REASON[$name]:+; ${REASON[$name]}}\"}")
       continue
     fi
     touch "$venv/.ok-$stamp"

@@ -49,7 +49,7 @@ try:
         if off > 1e-3:
             raise AssertionError(f"{run}: Grain's mix drew {dict(zip(names, drawn))}, off by {off:.2g}")
         notes.append(f"{run} drawn within {off:.1e} over {n} elements")
-    report("torchtitan main", "source tree", "torchtitan (datasets)", True,
+    report("torchtitan main", os.environ.get("TORCHTITAN_REV", "source tree"), "torchtitan (datasets)", True,
            f"WeightedDataset weights max diff {worst:.1e}; DatasetMixConfig.build: {'; '.join(notes)}")
 except Exception as exc:  # noqa: BLE001
-    report("torchtitan main", "source tree", "torchtitan", False, f"{type(exc).__name__}: {str(exc)[:200]}")
+    report("torchtitan main", os.environ.get("TORCHTITAN_REV", "source tree"), "torchtitan", False, f"{type(exc).__name__}: {str(exc)[:200]}")
