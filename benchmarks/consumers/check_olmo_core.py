@@ -48,6 +48,36 @@ def build_mixture(work, exp, seq=64, batch=8):
     return f"budget mixture built, shares within {off:.1e} (instance rounding {limit:.1e}); requested weights refused"
 
 
+def mixing_sizes(work, exp):
+    """The composable API: MixingTokenSourceSpecConfig per exported spec, and the tokens
+    MixingTokenSource takes from each (its calculate_sample_sizes, on the planned sizes)."""
+    from olmo_core.data.composable import MixingTokenSourceSpecConfig, NumpyDocumentSourceConfig
+    from olmo_core.data.composable.utils import calculate_sample_sizes
+    from olmo_core.data.tokenizer import TokenizerConfig
+    from olmo_core.exceptions import OLMoConfigurationError
+
+    def sizes(run):
+        specs = yaml.safe_load(open(os.path.join(work, run, "olmo_mixing_specs.yaml")))["specs"]
+        configs = [MixingTokenSourceSpecConfig(
+            source=NumpyDocumentSourceConfig(source_paths=s["paths"], tokenizer=TokenizerConfig.dolma2()),
+            ratio=s["ratio"], max_repetition_factor=s["max_repetition_factor"], label=s["label"]) for s in specs]
+        got = calculate_sample_sizes([exp["token_counts"][c.label] for c in configs], [c.ratio for c in configs],
+                                     [c.max_repetition_factor for c in configs], target_size=exp["token_budget"],
+                                     labels=[c.label for c in configs])
+        return {c.label: int(n) for c, n in zip(configs, got)}
+
+    try:
+        sizes("plain")
+        raise AssertionError("the requested weights were sampled, though they need more than the 1-epoch cap")
+    except OLMoConfigurationError:
+        pass
+    got = sizes("budget")
+    off = max(abs(got[d] - w * exp["token_budget"]) for d, w in exp["budget"].items())
+    if off > len(got):  # whole tokens per source
+        raise AssertionError(f"MixingTokenSource would take {got} tokens, off by {off:.1f}")
+    return f"MixingTokenSource sizes within {off:.1f} tokens of the budget's targets; requested weights refused"
+
+
 try:
     worst = 0.0
     for run in ("plain", "budget"):
@@ -66,7 +96,8 @@ try:
         mix.validate()
         worst = max(worst, close({s.source_name: s.target_ratio for s in mix.sources}, w, f"stage {start}"))
     built = build_mixture(work, exp)
-    report("ai2-olmo-core", version("ai2-olmo-core"), "olmo-core, olmo_core_stages", True,
-           f"SourceMixtureList.from_yaml + validate: max diff {worst:.1e}; SourceMixtureDatasetConfig.build: {built}")
+    mixing = mixing_sizes(work, exp)
+    report("ai2-olmo-core", version("ai2-olmo-core"), "olmo-core, olmo-core-mixing, olmo_core_stages", True,
+           f"SourceMixtureList.from_yaml + validate: max diff {worst:.1e}; SourceMixtureDatasetConfig.build: {built}; composable API: {mixing}")
 except Exception as exc:  # noqa: BLE001
     report("ai2-olmo-core", version("ai2-olmo-core"), "olmo-core", False, f"{type(exc).__name__}: {exc}")
