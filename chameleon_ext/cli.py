@@ -946,7 +946,7 @@ def _add_export(p):
 
     p.add_argument("--weights", default=None, help="weights.json (or give --schedule)")
     p.add_argument("--schedule", default=None,
-                   help="schedule.json: per-stage exports (nanotron data_stages, Megatron per stage, OLMo-core, YAML, "
+                   help="schedule.json: per-stage exports (nanotron data_stages, Megatron per stage, OLMo-core, Levanter, YAML, "
                         "HF per stage) and a plot of the weights over training")
     p.add_argument("--out", default="runs/exports", help="output folder")
     p.add_argument("--format", action="append", metavar="NAME",
