@@ -15,7 +15,7 @@ STAMP_EXT   := build/.ext-stamp
 
 export MAX_JOBS ?= 2
 
-.PHONY: setup install run test bench cmake-check wheel-check clean
+.PHONY: setup install run test bench cmake-check wheel-check consumers-check clean
 
 setup: $(STAMP_EXT)
 
@@ -49,6 +49,11 @@ cmake-check: setup
 
 wheel-check: setup
 	bash .ci/wheel_check.sh $(PY) "$(TORCH_SPEC)"
+
+# Before each release (too slow for CI's budget on a cold cache): every export loaded by each
+# trainer's own code, one venv per consumer under ~/.cache/chameleon_ext/consumers.
+consumers-check: setup
+	CHAMELEON_PYTHON=$(PY) bash benchmarks/consumers/check.sh
 
 clean:
 	rm -rf build dist *.egg-info chameleon_ext/_C*.so cmake-build out

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
 
 from .errors import ChameleonUserError
-from .exports import _check_weight_values
+from .formats.weights_json import check_weight_values
 
 __all__ = [
     "TokenCount",
@@ -289,7 +289,7 @@ def plan_token_budget(weights: Mapping[str, float],
         ChameleonUserError: bad input, a weighted domain with no tokens and no cap, or a budget
             that cannot be filled under the cap (the message names the numbers).
     """
-    weights = _check_weight_values(weights, "plan_token_budget")
+    weights = check_weight_values(weights, "plan_token_budget")
     if math.fsum(weights.values()) <= 0:
         raise ChameleonUserError("plan_token_budget: all weights are zero")
     domains = list(weights)
@@ -366,7 +366,7 @@ def token_share_report(target_weights: Mapping[str, float], tokens_seen: Mapping
     """Compare the tokens a run drew from each domain (counted in tokens, not windows) with the
     mixture it was asked to follow. Domains absent from ``tokens_seen`` drew 0 tokens; a domain
     the mixture does not name is an error (the counts come from another mixture)."""
-    weights = _check_weight_values(target_weights, "token_share_report")
+    weights = check_weight_values(target_weights, "token_share_report")
     total_weight = math.fsum(weights.values())
     if total_weight <= 0:
         raise ChameleonUserError("token_share_report: all target weights are zero")

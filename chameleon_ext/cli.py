@@ -635,12 +635,20 @@ def cmd_eval(args) -> int:
 
 
 def _prefix_map(items, option: str, domains: List[str], source: str) -> dict:
-    prefixes = {}
+    """``{domain: path}``, or ``{domain: [paths]}`` for a domain given several times (every
+    path is kept: OLMo-core and the Megatron formats take several per domain)."""
+    prefixes: dict = {}
     for item in items or []:
         if "=" not in item:
             raise ChameleonUserError(f"{option}: expected DOMAIN=PATH, got {item!r}")
         d, p = item.split("=", 1)
-        prefixes[d] = p
+        if d in prefixes:
+            given = prefixes[d] if isinstance(prefixes[d], list) else [prefixes[d]]
+            if p in given:
+                raise ChameleonUserError(f"{option}: {d}={p} is given twice")
+            prefixes[d] = given + [p]
+        else:
+            prefixes[d] = p
     unknown = sorted(set(prefixes) - set(domains))
     if unknown:
         raise ChameleonUserError(f"{option}: {unknown} are not domains of {source} ({domains})")
@@ -672,7 +680,8 @@ def cmd_export(args) -> int:
 
 def _export_schedule(args, formats) -> int:
     """``chameleon export --schedule``: the per-stage exports of a mixture schedule and its plot."""
-    from .schedule import load_schedule, write_schedule_exports
+    from .formats.schedules import write_schedule_exports
+    from .schedule import load_schedule
 
     given = [opt for opt, v in (("--valid-prefix", args.valid_prefix), ("--test-prefix", args.test_prefix)) if v]
     if given:
@@ -1101,17 +1110,20 @@ def _add_eval(p):
 
 def _add_export(p):
     from .exports import export_formats
-    from .schedule import schedule_export_formats
+    from .formats.schedules import schedule_export_formats
 
     p.add_argument("--weights", default=None, help="weights.json (or give --schedule)")
     p.add_argument("--schedule", default=None,
-                   help="schedule.json: per-stage exports (nanotron data_stages, Megatron per stage, OLMo-core, YAML, "
+                   help="schedule.json: per-stage exports (nanotron data_stages, Megatron per stage, OLMo-core, Levanter, YAML, "
                         "HF per stage) and a plot of the weights over training")
     p.add_argument("--out", default="runs/exports", help="output folder")
     p.add_argument("--format", action="append", metavar="NAME",
                    help=f"export only these (repeatable or comma-separated; default: all of {', '.join(export_formats())} "
                         f"for --weights, all of {', '.join(schedule_export_formats())} for --schedule)")
-    p.add_argument("--prefix", action="append", help="DOMAIN=PATH data prefix of a domain's training data (repeatable)")
+    p.add_argument("--prefix", action="append",
+                   help="DOMAIN=PATH data prefix of a domain's training data (repeatable; a domain given several "
+                        "times keeps every path: OLMo-core lists them, the Megatron formats split the domain's "
+                        "weight over them by their tokens)")
     p.add_argument("--valid-prefix", action="append", default=None,
                    help="DOMAIN=PATH validation data prefix (Megatron per-split and NeMo exports)")
     p.add_argument("--test-prefix", action="append", default=None,

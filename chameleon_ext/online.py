@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from .errors import ChameleonUserError
-from .exports import _check_domains, _check_weight_values
+from .formats.weights_json import check_domains, check_weight_values
 from .weights import DEFAULT_LAMBDA, MODES
 
 __all__ = ["OnlineChameleon", "OnlineUpdate", "ONLINE_FORMAT", "MIN_COUNT", "floor_weights"]
@@ -145,7 +145,7 @@ class OnlineChameleon:
                  group: Optional[Any] = None):
         if isinstance(domains, str):
             raise ChameleonUserError(f"domains must be a list of names, got the string {domains!r}")
-        self.domains = _check_domains(list(domains), "OnlineChameleon")
+        self.domains = check_domains(list(domains), "OnlineChameleon")
         k = self.k = len(self.domains)
         self.every = _integer("every", every, 1)
         self.warmup = _integer("warmup", warmup, 0)
@@ -180,7 +180,7 @@ class OnlineChameleon:
         if weights is None:
             return torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
         if isinstance(weights, Mapping):
-            values = _check_weight_values(weights, source)
+            values = check_weight_values(weights, source)
             unknown = [n for n in values if n not in self.domains]
             missing = [d for d in self.domains if d not in values]
             if unknown or missing:
@@ -196,7 +196,7 @@ class OnlineChameleon:
             values = list(weights)
             if len(values) != self.k:
                 raise ChameleonUserError(f"{source}: got {len(values)} values for {self.k} domains {self.domains}")
-            values = list(_check_weight_values(dict(zip(self.domains, values)), source).values())
+            values = list(check_weight_values(dict(zip(self.domains, values)), source).values())
         w = torch.tensor(values, dtype=torch.float64)
         total = math.fsum(values)
         if not total > 0:

@@ -324,7 +324,9 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
         doc["budget"] = budget
     io.check_writable_folder(out_dir, "weights output folder")
     begin_set(out_dir)
-    paths = {"weights": io.write_json(os.path.join(out_dir, "weights.json"), doc, "weights file")}
+    from .formats.weights_json import write_weights_json
+
+    paths = {"weights": write_weights_json(os.path.join(out_dir, "weights.json"), doc)}
     emb_path = os.path.join(out_dir, "domain_embeddings.pt")
     emb.save(emb_path)
     paths["embeddings"] = emb_path
@@ -361,11 +363,13 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
 
 
 def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """``{domain: weight}`` from a weights.json, checked against ``domains`` when given."""
-    from .exports import load_weights
+    """``{domain: weight}`` from a weights.json, checked against ``domains`` when given: the
+    weights a trainer follows, i.e. the budget's achievable weights when the file has a token
+    budget (the requested ones would over-read a capped domain)."""
+    from .exports import load_weights, trainer_weights
 
     doc = load_weights(path)
-    weights = {d: float(doc["weights"][d]) for d in doc["domains"]}
+    weights = trainer_weights(doc)
     if domains is not None and set(weights) != set(domains):
         extra, missing = sorted(set(weights) - set(domains)), sorted(set(domains) - set(weights))
         raise ChameleonUserError(

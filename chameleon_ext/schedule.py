@@ -30,25 +30,21 @@ entry starting at N) continues the schedule with the entries whose ``start_step 
 them died before its next checkpoint) and the resumed run appends them again, the same
 entries, since the replay is exact.
 
-Exports (:func:`write_schedule_exports`): nanotron ``data_stages`` (YAML), Megatron-LM (one
-``--data-path`` blend per stage with its iteration range; JSON and text), OLMo-core (per-stage
-``sources``, YAML), a generic YAML, Hugging Face ``interleave_datasets`` probabilities per stage
-(JSON), and a plot of the weights over training.
+Exports of a schedule for other trainers: :mod:`chameleon_ext.formats.schedules`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import io
 from .errors import ChameleonUserError
-from .exports import _check_domains, _check_weight_values, hf_interleave_probabilities, megatron_blend
+from .formats.weights_json import check_domains, check_weight_values
 
 __all__ = [
     "SCHEDULE_FORMAT",
@@ -59,38 +55,12 @@ __all__ = [
     "load_schedule",
     "write_schedule",
     "ScheduleWriter",
-    "nanotron_data_stages",
-    "nanotron_data_stages_yaml",
-    "megatron_stages",
-    "megatron_stages_text",
-    "olmo_core_stages_yaml",
-    "schedule_yaml",
-    "hf_interleave_stages",
-    "plot_schedule",
-    "write_schedule_exports",
-    "schedule_export_formats",
-    "SCHEDULE_EXPORT_FILES",
     "check_schedule_domains",
+    "as_schedule",
 ]
 
 SCHEDULE_FORMAT = "chameleon_ext.schedule/1"
 SUM_TOLERANCE = 1e-9
-
-# kind -> file written by write_schedule_exports
-SCHEDULE_EXPORT_FILES = {
-    "nanotron": "nanotron_data_stages.yaml",
-    "megatron": "megatron_stages.json",
-    "megatron_text": "megatron_stages.txt",
-    "olmo-core": "olmo_core_stages.yaml",
-    "yaml": "schedule.yaml",
-    "hf_interleave": "hf_interleave_stages.json",
-    "plot": "schedule.png",
-}
-
-# export format name (``chameleon export --schedule --format``) -> the kinds it writes
-_SCHEDULE_FORMATS = {"nanotron": ("nanotron",), "megatron": ("megatron", "megatron_text"),
-                     "olmo-core": ("olmo-core",), "yaml": ("yaml",), "hf_interleave": ("hf_interleave",),
-                     "plot": ("plot",)}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -181,7 +151,7 @@ def check_entry_weights(weights, domains: Sequence[str], where: str) -> Dict[str
         if len(weights) != len(domains):
             raise ChameleonUserError(f"{where}: got {len(weights)} weights for {len(domains)} domains")
         weights = dict(zip(domains, weights))
-    values = _check_weight_values(weights, where)
+    values = check_weight_values(weights, where)
     missing = [d for d in domains if d not in values]
     extra = [n for n in values if n not in set(domains)]
     if missing or extra:
@@ -206,7 +176,7 @@ def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Sched
     for key in ("domains", "entries"):
         if key not in doc:
             raise ChameleonUserError(f"{source}: missing required key {key!r}")
-    domains = _check_domains(doc["domains"], source)
+    domains = check_domains(doc["domains"], source)
     budget = _int_field(doc.get("token_budget"), "token_budget", source, 1, allow_none=True)
     per_step = _int_field(doc.get("tokens_per_step"), "tokens_per_step", source, 1, allow_none=True)
     raw = doc["entries"]
@@ -275,7 +245,7 @@ class ScheduleWriter:
         the same domains; a missing one is an error (the checkpoint and the schedule belong
         together)."""
         where = os.fspath(path)
-        domains = _check_domains(list(domains), where)
+        domains = check_domains(list(domains), where)
         if resume_step is not None:
             resume_step = _int_field(resume_step, "resume_step", where)
             old = load_schedule(where)
@@ -307,184 +277,13 @@ class ScheduleWriter:
         return io.write_json(self.path, self.schedule.as_dict(), "schedule file")
 
 
-# --------------------------------------------------------------------------------------------
-# Exports
-# --------------------------------------------------------------------------------------------
-
-
-def _as_schedule(schedule) -> Schedule:
+def as_schedule(schedule) -> Schedule:
+    """A :class:`Schedule` from a Schedule, a path to a schedule.json or a schedule dict."""
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, (str, os.PathLike)):
         return load_schedule(schedule)
     return validate_schedule(schedule)
-
-
-def nanotron_data_stages(schedule, prefixes=None) -> List[dict]:
-    """nanotron's ``data_stages``: one stage per entry, ``start_training_step`` 1-based (nanotron
-    counts steps from 1, so an entry starting after N completed steps starts at N + 1), the
-    dataset block as :func:`chameleon_ext.mixture_formats.nanotron_dataset` writes it."""
-    from .mixture_formats import nanotron_dataset
-
-    s = _as_schedule(schedule)
-    return [{"name": f"stage_{i}", "start_training_step": e.start_step + 1,
-             "data": {"dataset": nanotron_dataset(e.weights, prefixes)}} for i, e in enumerate(s.entries)]
-
-
-def nanotron_data_stages_yaml(schedule, prefixes=None) -> str:
-    from .mixture_formats import _dump_yaml, _header
-
-    doc = {"data_stages": nanotron_data_stages(schedule, prefixes)}
-    return _dump_yaml(doc, _header(["nanotron data stages from a chameleon_ext schedule: paste as data_stages",
-                                    "(add num_loading_workers / seed under each stage's data as your config needs)"]))
-
-
-def megatron_stages(schedule, prefixes=None) -> dict:
-    """Megatron-LM: per stage, the ``--data-path`` blend and the iterations it covers,
-    ``[start_iteration, end_iteration)`` counted as completed steps (``end_iteration`` null
-    for an open-ended last stage). Megatron takes one blend per run: run stage by stage,
-    resuming from the previous stage's checkpoint with ``--train-iters end_iteration``."""
-    s = _as_schedule(schedule)
-    return {"format": SCHEDULE_FORMAT, "domains": list(s.domains),
-            "stages": [{"start_iteration": st["start_step"], "end_iteration": st["end_step"],
-                        "start_token": st["start_token"], "data_path": megatron_blend(st["weights"], prefixes)}
-                       for st in s.stages()]}
-
-
-def megatron_stages_text(schedule, prefixes=None) -> str:
-    """:func:`megatron_stages` as text: a comment line with the iteration range, then the
-    ``--data-path`` arguments of that stage."""
-    lines = []
-    for st in megatron_stages(schedule, prefixes)["stages"]:
-        end = "end" if st["end_iteration"] is None else st["end_iteration"]
-        lines.append(f"# iterations [{st['start_iteration']}, {end})")
-        lines.append(f"--data-path {st['data_path']}")
-    return "\n".join(lines) + "\n"
-
-
-def olmo_core_stages_yaml(schedule, prefixes=None) -> str:
-    """OLMo-core: per stage, the step range and the ``sources`` of a ``SourceMixtureList``
-    (:func:`chameleon_ext.mixture_formats.olmo_source_mixture`)."""
-    from .mixture_formats import _dump_yaml, _header, olmo_source_mixture
-
-    s = _as_schedule(schedule)
-    stages = [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
-               **olmo_source_mixture(st["weights"], prefixes)} for st in s.stages()]
-    header = _header(["OLMo-core source mixtures per stage, from a chameleon_ext schedule"])
-    return _dump_yaml({"stages": stages}, header)
-
-
-def schedule_yaml(schedule) -> str:
-    """A generic YAML: the domains, the budget and per stage ``mixture: [{name, weight}]``
-    (the per-stage form of :func:`chameleon_ext.exports.mixture_yaml`)."""
-    from .mixture_formats import _dump_yaml, _header
-
-    s = _as_schedule(schedule)
-    doc = {"format": SCHEDULE_FORMAT, "domains": list(s.domains), "token_budget": s.token_budget,
-           "tokens_per_step": s.tokens_per_step,
-           "stages": [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
-                       "mixture": [{"name": d, "weight": w} for d, w in st["weights"].items()]}
-                      for st in s.stages()]}
-    return _dump_yaml(doc, _header(["mixture schedule from chameleon_ext"]))
-
-
-def hf_interleave_stages(schedule) -> dict:
-    """Hugging Face: per stage, the ``probabilities=`` of ``datasets.interleave_datasets``
-    (datasets in ``domains`` order; each list sums to 1), with its step range."""
-    s = _as_schedule(schedule)
-    return {"domains": list(s.domains),
-            "stages": [{"start_step": st["start_step"], "end_step": st["end_step"], "start_token": st["start_token"],
-                        "probabilities": hf_interleave_probabilities(st["weights"], s.domains)}
-                       for st in s.stages()]}
-
-
-def plot_schedule(schedule, path: PathLike, title: Optional[str] = None) -> Optional[str]:
-    """Stacked areas of the weights over training steps (piecewise constant), saved as PNG.
-    Returns ``path``, or None (with a warning) when matplotlib is missing."""
-    from .plots import _new_figure, _save_png
-
-    s = _as_schedule(schedule)
-    path = os.fspath(path)
-    stages = s.stages()
-    last = stages[-1]["end_step"]
-    if last is None:  # open-ended: show the last stage as long as the mean stage, at least 1 step
-        span = stages[-1]["start_step"] / max(1, len(stages) - 1) if len(stages) > 1 else 1
-        last = stages[-1]["start_step"] + max(1, int(span))
-    xs: List[float] = []
-    ys: List[List[float]] = [[] for _ in s.domains]
-    for i, st in enumerate(stages):
-        end = st["end_step"] if st["end_step"] is not None else last
-        for x in (st["start_step"], end):  # two points per stage: a flat step
-            xs.append(x)
-            for j, d in enumerate(s.domains):
-                ys[j].append(st["weights"][d])
-    fig = _new_figure((8.0, 4.5), "plot_schedule", path)
-    if fig is None:
-        return None
-    ax = fig.subplots()
-    ax.stackplot(xs, ys, labels=s.domains)
-    ax.set_xlim(0, last)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mixture weight (stacked)")
-    if len(s.domains) <= 20:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    ax.set_title(title or f"mixture schedule ({len(stages)} stage{'s' if len(stages) != 1 else ''})")
-    return _save_png(fig, path)
-
-
-def schedule_export_formats() -> List[str]:
-    """The format names :func:`write_schedule_exports` takes (``megatron`` writes both the
-    JSON and the text file)."""
-    return list(_SCHEDULE_FORMATS)
-
-
-def write_schedule_exports(schedule, out_dir: PathLike, prefixes=None,
-                           on_skip: Optional[Callable[[str], None]] = None,
-                           formats: Optional[Sequence[str]] = None) -> Dict[str, str]:
-    """Write every export of a schedule (path, dict or :class:`Schedule`) into ``out_dir``, or
-    only those of ``formats`` (names of :func:`schedule_export_formats`); returns
-    ``{kind: path}`` with the kinds of :data:`SCHEDULE_EXPORT_FILES`.
-
-    All texts are built before the first file is written. An export whose format cannot hold
-    the domains (a Megatron prefix with whitespace, two domains sharing a path) is an error; with
-    ``on_skip`` it is skipped with one line saying why, and the others are written. The plot is
-    skipped (with a warning) when matplotlib is missing.
-    """
-    s = _as_schedule(schedule)
-    known = schedule_export_formats()
-    selected = known if formats is None else list(dict.fromkeys([formats] if isinstance(formats, str) else formats))
-    unknown = [f for f in selected if f not in known]
-    if unknown or not selected:
-        raise ChameleonUserError(f"unknown schedule export format(s) {unknown or selected}; expected some of {known}")
-    kinds = {k for f in selected for k in _SCHEDULE_FORMATS[f]}
-    builders = {
-        "nanotron": lambda: nanotron_data_stages_yaml(s, prefixes),
-        "megatron": lambda: json.dumps(megatron_stages(s, prefixes), indent=2) + "\n",
-        "megatron_text": lambda: megatron_stages_text(s, prefixes),
-        "olmo-core": lambda: olmo_core_stages_yaml(s, prefixes),
-        "yaml": lambda: schedule_yaml(s),
-        "hf_interleave": lambda: json.dumps(hf_interleave_stages(s), indent=2) + "\n",
-    }
-    texts = {}
-    for kind, build in builders.items():
-        if kind not in kinds:
-            continue
-        try:
-            texts[kind] = build()
-        except ChameleonUserError as exc:
-            if on_skip is None:
-                raise
-            on_skip(f"skipped the {kind} export ({SCHEDULE_EXPORT_FILES[kind]}): {exc}")
-    out = io.check_writable_folder(os.fspath(out_dir), "export folder")
-    paths = {}
-    for kind, text in texts.items():
-        paths[kind] = io.write_text(os.path.join(out, SCHEDULE_EXPORT_FILES[kind]), text, f"{kind} export")
-    if "plot" in kinds:
-        png = plot_schedule(s, os.path.join(out, SCHEDULE_EXPORT_FILES["plot"]))
-        if png is not None:
-            paths["plot"] = png
-    return paths
 
 
 def check_schedule_domains(schedule: Schedule, domains: Sequence[str], source: str) -> None:

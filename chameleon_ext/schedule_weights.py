@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from .callbacks import Callback
 from .errors import ChameleonUserError
-from .schedule import PathLike, _as_schedule, check_schedule_domains, validate_schedule, write_schedule
+from .schedule import PathLike, as_schedule, check_schedule_domains, validate_schedule, write_schedule
 
 __all__ = ["ScheduleWeights"]
 
@@ -31,7 +31,7 @@ class ScheduleWeights(Callback):
     name = "schedule_weights"
 
     def __init__(self, schedule, copy_path: Optional[PathLike] = None, source: str = "schedule"):
-        self.schedule = _as_schedule(schedule)
+        self.schedule = as_schedule(schedule)
         self.copy_path = None if copy_path is None else os.fspath(copy_path)
         self.source = source
         self._restored: Optional[dict] = None  # the schedule the checkpoint followed

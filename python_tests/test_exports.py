@@ -201,7 +201,7 @@ def test_megatron_blend_refuses_whitespace_in_prefix(prefix):
 
 
 def test_megatron_blend_errors():
-    with pytest.raises(ChameleonUserError, match="share the prefix '/data/x'"):
+    with pytest.raises(ChameleonUserError, match="share the path '/data/x'"):
         E.megatron_blend({"web": 0.5, "code": 0.5}, {"web": "/data/x", "code": "/data/x"})
     with pytest.raises(ChameleonUserError, match="non-empty string"):
         E.megatron_blend({"web": 1.0}, {"web": ""})

@@ -24,7 +24,8 @@ from chameleon_ext.mixture_formats import (
     nemo_paths,
     olmo_source_mixture_yaml,
     render_mixture_formats,
-    torchtitan_mixture_snippet,
+    torchtitan_mixture,
+    torchtitan_mixture_json,
     write_mixture_formats,
 )
 
@@ -282,35 +283,22 @@ def test_mosaic_streams():
 # -- TorchTitan ------------------------------------------------------------------------------
 
 
-@dataclass
-class WeightedDataset:  # stand-in for the user's TorchTitan data-mix classes
-    name: str
-    path: str
-    weight: float
+def test_torchtitan_json_gives_both_versions_their_arguments():
+    doc = json.loads(torchtitan_mixture_json(W, P))
+    assert doc["format"] == "chameleon_ext.torchtitan/1" and doc["weights"] == "requested"
+    # torchtitan 0.3.0: HFDataSource(dataset=..., dataset_path=..., weight=...) keyword arguments
+    assert doc["sources"] == [{"dataset": d, "dataset_path": P[d], "weight": W[d]} for d in W]
+    # main since 2026-08-19: WeightedDataset(dataset=<config for path>, weight=...)
+    assert doc["datasets"] == [{"name": d, "path": P[d], "weight": W[d]} for d in W]
+    assert doc["left_out"] == []
 
 
-@dataclass
-class DatasetMixConfig:
-    datasets: List[WeightedDataset] = field(default_factory=list)
-
-
-def run_snippet(text):
-    code = compile(text, "torchtitan_mixture.py", "exec")
-    scope = {"DatasetMixConfig": DatasetMixConfig, "WeightedDataset": WeightedDataset}
-    exec(code, scope)
-    return scope["CHAMELEON_MIXTURE"]
-
-
-def test_torchtitan_snippet_compiles_into_the_objects():
-    mix = run_snippet(torchtitan_mixture_snippet(W, P))
-    assert isinstance(mix, DatasetMixConfig)
-    assert mix.datasets == [WeightedDataset(d, P[d], W[d]) for d in W]
-
-
-def test_torchtitan_snippet_holds_any_name():
-    weights = {"it's \"quoted\"\nnew line": 0.5, "\\back": 0.5}
-    mix = run_snippet(torchtitan_mixture_snippet(weights))
-    assert [(d.name, d.path, d.weight) for d in mix.datasets] == [(n, n, 0.5) for n in weights]
+def test_torchtitan_main_leaves_out_zero_weights_and_holds_any_name():
+    weights = {"it's \"quoted\"\nnew line": 0.5, "\\back": 0.5, "none": 0.0}
+    doc = json.loads(torchtitan_mixture_json(weights))
+    assert [s["dataset"] for s in doc["sources"]] == list(weights)  # 0.3.0 accepts weight 0
+    assert [(d["name"], d["path"], d["weight"]) for d in doc["datasets"]] == [(n, n, 0.5) for n in list(weights)[:2]]
+    assert doc["left_out"] == ["none"]  # main refuses weights <= 0
 
 
 # -- budget info and files -------------------------------------------------------------------
@@ -327,12 +315,13 @@ def test_every_format_follows_the_budgets_achievable_weights():
     assert [s["target_ratio"] for s in yaml.safe_load(texts["olmo-core"])["sources"]] == list(ach.values())
     assert yaml.safe_load(texts["nanotron"])["dataset"]["dataset_weights"] == list(ach.values())
     assert [s["proportion"] for s in yaml.safe_load(texts["mosaic"])["streams"].values()] == list(ach.values())
-    assert [d.weight for d in run_snippet(texts["torchtitan"]).datasets] == list(ach.values())
+    assert [d["weight"] for d in json.loads(texts["torchtitan"])["datasets"]] == list(ach.values())
+    assert [d["weight"] for d in json.loads(texts["torchtitan"])["sources"]] == list(ach.values())
 
 
 def test_budget_for_other_domains_is_refused():
     plan = plan_token_budget({"x": 1.0}, {"x": 10}, token_budget=5)
-    with pytest.raises(ChameleonUserError, match="budget achievable_weights name domains"):
+    with pytest.raises(ChameleonUserError, match="budget achievable_weights do not match"):
         render_mixture_formats(weights_doc(), "nanotron", budget=plan)
 
 

@@ -161,7 +161,7 @@ def test_export_schedule_writes_every_format_parsed_back(online_run, tmp_path, c
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == sorted([
         "nanotron_data_stages.yaml", "megatron_stages.json", "megatron_stages.txt", "olmo_core_stages.yaml",
-        "schedule.yaml", "hf_interleave_stages.json", "schedule.png"])
+        "schedule.yaml", "hf_interleave_stages.json", "schedule.png", "levanter_train_weights.yaml"])
     starts, ends = [0, 4, 7, 10], [4, 7, 10, STEPS]
     expected = [e.weights for e in schedule.entries]
     paths = {"alpha": "alpha", "digits": "digits", "dna": "/data/dna_text_document", "zeta": "zeta"}
@@ -178,8 +178,9 @@ def test_export_schedule_writes_every_format_parsed_back(online_run, tmp_path, c
         assert parse_megatron_blend(stage["data_path"]) == pytest.approx({paths[d]: v for d, v in w.items()},
                                                                          rel=0, abs=1e-15)
     text = (tmp_path / "megatron_stages.txt").read_text().splitlines()
-    assert text[0] == "# iterations [0, 4)" and text[6] == f"# iterations [10, {STEPS})"
-    assert parse_megatron_blend(text[7].removeprefix("--data-path ")) == parse_megatron_blend(mega[3]["data_path"])
+    assert f"--train-iters {STEPS} --lr-decay-iters {STEPS} --phase-transition-iterations 4,7,10" in text[1]
+    assert text[2] == "# iterations [0, 4)" and text[8] == f"# iterations [10, {STEPS})"
+    assert parse_megatron_blend(text[9].removeprefix("--data-path ")) == parse_megatron_blend(mega[3]["data_path"])
 
     olmo = yaml.safe_load((tmp_path / "olmo_core_stages.yaml").read_text())["stages"]
     assert [(s["start_step"], s["end_step"]) for s in olmo] == list(zip(starts, ends))

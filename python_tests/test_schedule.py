@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from chameleon_ext import schedule as sch
+from chameleon_ext.formats import schedules as sx
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.exports import parse_megatron_blend
 
@@ -160,7 +161,7 @@ def test_writer_failure_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_nanotron_data_stages():
     s = sch.validate_schedule(_doc())
-    doc = yaml.safe_load(sch.nanotron_data_stages_yaml(s, prefixes={"web": "/data/web"}))
+    doc = yaml.safe_load(sx.nanotron_data_stages_yaml(s, prefixes={"web": "/data/web"}))
     stages = doc["data_stages"]
     assert [st["start_training_step"] for st in stages] == [1, 4, 7]  # nanotron counts from 1
     for st, w in zip(stages, (W0, W1, W2)):
@@ -171,29 +172,34 @@ def test_nanotron_data_stages():
 
 def test_megatron_stages():
     s = sch.validate_schedule(_doc())
-    out = sch.megatron_stages(s, prefixes={"math": "/data/math_text_document"})
+    out = sx.megatron_stages(s, prefixes={"math": "/data/math_text_document"})
     ranges = [(st["start_iteration"], st["end_iteration"]) for st in out["stages"]]
     assert ranges == [(0, 3), (3, 6), (6, 10)]
     for st, w in zip(out["stages"], (W0, W1, W2)):
         assert parse_megatron_blend(st["data_path"]) == {"web": w["web"], "code": w["code"],
                                                          "/data/math_text_document": w["math"]}
-    text = sch.megatron_stages_text(sch.validate_schedule(_doc(token_budget=None)))
-    lines = text.splitlines()
+    # Every stage's launch keeps the whole run's iterations and names the stage changes, so the
+    # learning-rate schedule spans the run and a resumed stage passes Megatron's scheduler check.
+    assert out["train_iters"] == 10 and out["phase_transition_iterations"] == [3, 6]
+    text = sx.megatron_stages_text(s)
+    assert "--train-iters 10 --lr-decay-iters 10 --phase-transition-iterations 3,6" in text.splitlines()[1]
+    text = sx.megatron_stages_text(sch.validate_schedule(_doc(token_budget=None)))
+    lines = [line for line in text.splitlines() if not line.startswith("# Megatron") and "every launch" not in line]
     assert lines[0] == "# iterations [0, 3)" and lines[4] == "# iterations [6, end)"
     assert parse_megatron_blend(lines[5].removeprefix("--data-path ")) == W2
     bad = _doc(domains=["web site", "code", "math"])
     for e in bad["entries"]:
         e["weights"]["web site"] = e["weights"].pop("web")
     with pytest.raises(ChameleonUserError, match="contains whitespace"):
-        sch.megatron_stages(bad)
+        sx.megatron_stages(bad)
 
 
 def test_olmo_core_and_generic_yaml():
     s = sch.validate_schedule(_doc())
-    olmo = yaml.safe_load(sch.olmo_core_stages_yaml(s))
+    olmo = yaml.safe_load(sx.olmo_core_stages_yaml(s))
     for st, w in zip(olmo["stages"], (W0, W1, W2)):
         assert {src["source_name"]: src["target_ratio"] for src in st["sources"]} == w
-    generic = yaml.safe_load(sch.schedule_yaml(s))
+    generic = yaml.safe_load(sx.schedule_yaml(s))
     assert generic["domains"] == DOMAINS and generic["token_budget"] == 10 * TPS
     assert [(st["start_step"], st["end_step"], st["start_token"]) for st in generic["stages"]] == \
         [(0, 3, 0), (3, 6, 3 * TPS), (6, 10, 6 * TPS)]
@@ -205,7 +211,7 @@ def test_hf_interleave_stages_sum_to_one():
     w = {"web": 0.1, "code": 0.2, "math": 0.7}  # 0.1 + 0.2 + 0.7 != 1.0 in floats
     doc = _doc()
     doc["entries"][1]["weights"] = w
-    out = sch.hf_interleave_stages(sch.validate_schedule(doc))
+    out = sx.hf_interleave_stages(sch.validate_schedule(doc))
     assert out["domains"] == DOMAINS
     for st in out["stages"]:
         assert sum(st["probabilities"]) == 1.0
@@ -216,8 +222,8 @@ def test_hf_interleave_stages_sum_to_one():
 def test_write_schedule_exports(tmp_path):
     path = tmp_path / "schedule.json"
     sch.write_schedule(path, _doc())
-    paths = sch.write_schedule_exports(path, tmp_path / "exports")
-    assert set(paths) == set(sch.SCHEDULE_EXPORT_FILES)
+    paths = sx.write_schedule_exports(path, tmp_path / "exports")
+    assert set(paths) == set(sx.SCHEDULE_EXPORT_FILES)
     assert json.loads(open(paths["hf_interleave"]).read())["stages"][2]["probabilities"] == [0.1, 0.1, 0.8]
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a domain Megatron cannot hold: an error, or skipped with on_skip
@@ -225,9 +231,9 @@ def test_write_schedule_exports(tmp_path):
     for e in bad["entries"]:
         e["weights"]["web site"] = e["weights"].pop("web")
     with pytest.raises(ChameleonUserError, match="whitespace"):
-        sch.write_schedule_exports(bad, tmp_path / "bad")
+        sx.write_schedule_exports(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # nothing written before the error
     skipped = []
-    paths = sch.write_schedule_exports(bad, tmp_path / "bad", on_skip=skipped.append)
+    paths = sx.write_schedule_exports(bad, tmp_path / "bad", on_skip=skipped.append)
     assert "megatron" not in paths and "nanotron" in paths
     assert len(skipped) == 2 and all("whitespace" in line for line in skipped)

@@ -18,8 +18,3 @@ from .weights import plot_affinity, plot_weights
 
 __all__ = ["plot_weights", "plot_affinity", "plot_weight_intervals", "plot_bootstrap", "plot_sweep",
            "plot_perplexity", "plot_comparison", "plot_schedule", "new_figure", "save_png"]
-
-# Until the merge: compare.py and schedule.py still import these two private names (they draw
-# their own figures); the lead deletes the aliases once they call plot_comparison / plot_schedule.
-_new_figure = new_figure
-_save_png = save_png

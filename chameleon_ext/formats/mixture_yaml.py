@@ -1,0 +1,86 @@
+"""A plain YAML mixture (``mixture: [{name, weight}, ...]``) for config-driven trainers."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional
+
+import yaml
+
+from ..errors import ChameleonUserError
+from .text import dump_yaml
+from .weights_json import check_weight_values
+
+__all__ = ["META_KEYS", "mixture_yaml", "parse_mixture_yaml"]
+
+# Metadata copied from a weights file into the ``chameleon:`` block of mixture.yaml.
+META_KEYS = ("mode", "lambda", "temperature", "normalize")
+
+
+def _mixture_doc(weights: Mapping[str, float], meta: Optional[Mapping]) -> dict:
+    weights = check_weight_values(weights, "mixture_yaml")
+    doc: dict = {"mixture": [{"name": d, "weight": w} for d, w in weights.items()]}
+    if meta:
+        chameleon = {key: meta[key] for key in META_KEYS if key in meta}
+        for key, value in chameleon.items():
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ChameleonUserError(f"mixture_yaml: meta[{key!r}] must be a scalar, got {type(value).__name__}")
+        budget = meta.get("budget")
+        if isinstance(budget, Mapping):
+            # The weights above are then the budget's achievable ones: say under which budget.
+            chameleon["token_budget"] = budget.get("token_budget")
+            chameleon["max_epochs"] = budget.get("max_epochs")
+        if chameleon:
+            doc["chameleon"] = chameleon
+    return doc
+
+
+def mixture_yaml(weights: Mapping[str, float], meta: Optional[Mapping] = None) -> str:
+    """A YAML mixture, domains in the order of ``weights``::
+
+        mixture:
+          - name: web
+            weight: 0.31
+          ...
+        chameleon:
+          mode: pretrain
+          lambda: 10.0
+          temperature: 5.0
+
+    ``meta`` may be a whole weights.json dict: only ``mode``, ``lambda``, ``temperature`` and
+    ``normalize`` are copied under ``chameleon:``.
+    """
+    doc = _mixture_doc(weights, meta)
+
+    return dump_yaml(doc)
+
+
+def parse_mixture_yaml(text: str) -> Dict[str, float]:
+    """Inverse of :func:`mixture_yaml`: YAML text -> ``{name: weight}`` in file order."""
+    if not isinstance(text, str):
+        raise ChameleonUserError(f"mixture YAML must be a string, got {type(text).__name__}")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ChameleonUserError(f"mixture YAML is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(doc, dict) or "mixture" not in doc:
+        raise ChameleonUserError("mixture YAML has no top-level 'mixture' list")
+    entries = doc["mixture"]
+    if not isinstance(entries, list) or not entries:
+        raise ChameleonUserError("mixture YAML: 'mixture' must be a non-empty list of {name, weight} entries")
+    out: Dict[str, float] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "weight" not in entry:
+            raise ChameleonUserError(f"mixture YAML: entry {i} must have 'name' and 'weight', got {entry!r}")
+        name, raw = str(entry["name"]), entry["weight"]
+        try:
+            # A weight may come back as a string ('1e-05' is not a float in YAML 1.1).
+            weight = float(raw) if not isinstance(raw, bool) else math.nan
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ChameleonUserError(f"mixture YAML: weight of {name!r} must be a finite number >= 0, got {raw!r}")
+        if name in out:
+            raise ChameleonUserError(f"mixture YAML: domain {name!r} appears more than once")
+        out[name] = weight
+    return out
