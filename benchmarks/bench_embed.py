@@ -312,7 +312,7 @@ def bench_weights_from_embeddings(benchmark, provider, weights_case):
     benchmark.extra_info.update(provider=provider, k=k, d=d)
     if provider == "ext":
         def run():
-            return weights_from_embeddings(X, "pretrain").weights.numpy()
+            return weights_from_embeddings(X, "pretrain", rule="paper").weights.numpy()  # the reference is the paper's rule
     else:
         def run():
             return reference_weights_numpy(Xn, "pretrain")
