@@ -39,7 +39,8 @@ def require_ops() -> None:
 
 
 _OP_NAMES = ("masked_mean_pool", "domain_mean_pool", "krls", "krls_ex")
-_WEIGHT_NAMES = ("DomainWeights", "DEFAULT_LAMBDA", "DEFAULT_TEMPERATURE", "linear_affinity", "centered_affinity",
+_WEIGHT_NAMES = ("DomainWeights", "DEFAULT_LAMBDA", "DEFAULT_TEMPERATURE", "DEFAULT_RULE", "RULE_DEFAULTS",
+                 "select_lambda", "linear_affinity", "centered_affinity",
                  "weights_from_embeddings", "weights_from_affinity", "weights_from_scores",
                  "chameleon_weights", "domain_weights", "domain_weights_from_affinity")
 
@@ -48,13 +49,16 @@ if _OPS_ERROR is None:
     from .ops import domain_mean_pool, krls, krls_ex, masked_mean_pool  # noqa: E402
     from .weights import (  # noqa: E402
         DEFAULT_LAMBDA,
+        DEFAULT_RULE,
         DEFAULT_TEMPERATURE,
+        RULE_DEFAULTS,
         DomainWeights,
         centered_affinity,
         chameleon_weights,
         domain_weights,
         domain_weights_from_affinity,
         linear_affinity,
+        select_lambda,
         weights_from_affinity,
         weights_from_embeddings,
         weights_from_scores,
@@ -90,6 +94,9 @@ __all__ = [
     "DomainWeights",
     "DEFAULT_LAMBDA",
     "DEFAULT_TEMPERATURE",
+    "DEFAULT_RULE",
+    "RULE_DEFAULTS",
+    "select_lambda",
     "linear_affinity",
     "centered_affinity",
     # deprecated aliases of weights_from_embeddings / weights_from_affinity

@@ -282,7 +282,8 @@ def cmd_weights(args) -> int:
         if args.bootstrap > 0 and emb.windows is None:
             _say(f"note: no {WINDOW_EMBEDDINGS_NAME} beside {args.embeddings}: no bootstrap intervals "
                  "(diagnostics only); it is written by `chameleon weights` from --data/--proxy")
-        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize)
+        result = weights_for_domains(emb, args.mode, args.lam, args.temperature, not args.no_normalize, args.rule,
+                                     args.share, args.smoothing)
         paths = {}
         if distributed.info().is_main:
             assess_weights(result, emb, args.bootstrap, seed)
@@ -301,16 +302,42 @@ def cmd_weights(args) -> int:
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
             cache_dir=args.embed_cache, plots=not args.no_plots, progress=not args.quiet, proxy=proxy, notice=_say,
-            token_budget=args.token_budget, max_epochs=args.max_epochs, bootstrap=args.bootstrap, bootstrap_seed=seed)
+            token_budget=args.token_budget, max_epochs=args.max_epochs, bootstrap=args.bootstrap, bootstrap_seed=seed,
+            rule=args.rule, share=args.share, smoothing=args.smoothing)
         if args.mode == "transfer":
             _say(f"transfer: embedded {emb.computed or 'no'} domain(s) with the frozen proxy; "
                  f"the rest came from the cache")
+    _say(_rule_line(result))
     for d, w, s in zip(result.domains, result.weights.tolist(), result.leverage.tolist()):
         _say(f"{d:<20} weight {w:.6f}   leverage {s:.6f}")
     _say_assessment(result)
     if paths:
         _say(f"wrote {paths['weights']}")
+    _check_collapse(args, dict(zip(result.domains, result.weights.tolist())), args.token_budget or _train_tokens(),
+                    _result_fix(result), "mixture")
     return 0
+
+
+def _rule_line(result) -> str:
+    lam = (f"lambda {result.lam:.4g} (auto: effective dimension {result.effective_dimension:.3f} = "
+           f"{result.share:g} of k - 1)" if result.lambda_method == "auto" else f"lambda {result.lam:g}")
+    return (f"rule {result.rule} ({result.mode}), {lam}, temperature {result.temperature:.4g}, "
+            f"smoothing {result.smoothing:g}")
+
+
+def _train_tokens() -> int:
+    """Tokens of a `chameleon train` run with its defaults (the budget a weights file is shown against)."""
+    from .pipeline import DEFAULT_BLOCK_SIZE
+    from .trainer import TrainConfig
+
+    c = TrainConfig()
+    return c.steps * c.batch_size * c.grad_accum * DEFAULT_BLOCK_SIZE
+
+
+def _result_fix(result) -> str:
+    from .uncertainty import collapse_fix
+
+    return collapse_fix(result)
 
 
 def _bootstrap_seed(args) -> int:
@@ -352,8 +379,11 @@ def cmd_sweep(args) -> int:
         cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
     sweep = sweep_weights(emb.embeddings, args.lam, args.temperature, mode=args.mode,
-                          normalize=not args.no_normalize, domains=emb.domains)
+                          normalize=not args.no_normalize, domains=emb.domains, rule=args.rule,
+                          smoothing=args.smoothing)
     _say(format_sweep_table(sweep))
+    for line in _sweep_collapses(sweep):
+        _say(line)
     if distributed.info().is_main:
         path = write_json(os.path.join(args.out, "sweep.json"), sweep.to_dict(), "sweep file")
         _say(f"wrote {path}")
@@ -367,6 +397,61 @@ def cmd_sweep(args) -> int:
                 if png:
                     _say(f"wrote {png} (T = {T:g})")
     return 0
+
+
+def _sweep_collapses(sweep) -> List[str]:
+    """One line per swept (lambda, T) whose mixture collapsed, and the default rule's result."""
+    from .uncertainty import COLLAPSED_WEIGHT
+
+    hits = []
+    for i, lam in enumerate(sweep.lambdas):
+        for j, T in enumerate(sweep.temperatures):
+            w = sweep.weights[i, j]
+            top = int(w.argmax())
+            if len(w) > 1 and float(w[top]) > COLLAPSED_WEIGHT:
+                hits.append(f"lambda {lam:g}, T {T:g}: {sweep.domains[top]!r} {float(w[top]):.4f}")
+    if not hits:
+        return []
+    return [f"WARNING: {len(hits)} of {len(sweep.lambdas) * len(sweep.temperatures)} swept settings give a collapsed "
+            f"mixture (one domain > {COLLAPSED_WEIGHT}): " + "; ".join(hits),
+            "  fix: `chameleon weights` with the default rule (no --rule paper) bounds every weight; see its output"]
+
+
+def _check_collapse(args, weights: dict, tokens: Optional[int], fix: Optional[str], what: str) -> None:
+    """Print a collapsed mixture's warning (collapse_lines); with --strict, stop with exit 2."""
+    from .uncertainty import COLLAPSED_WEIGHT, collapse_lines
+
+    lines = collapse_lines(weights, tokens, fix, what)
+    for line in lines:
+        _say(line)
+    if lines and getattr(args, "strict", False):
+        top = max(weights, key=weights.get)
+        raise ChameleonUserError(f"--strict: the {what} is collapsed ({top!r} {weights[top]:.4f} > "
+                                 f"{COLLAPSED_WEIGHT}); not training on it")
+
+
+def _file_collapse_fix(path: str) -> str:
+    """Advice for a collapsed weights.json that is tried here: the default rule on the domain
+    embeddings beside it (or, without them, on the file's leverage scores)."""
+    from .embed import load_domain_embeddings
+    from .exports import load_weights
+    from .weights import DEFAULT_RULE, weights_from_embeddings, weights_from_scores
+
+    doc = load_weights(path)
+    direction = "finetune" if doc.get("mode") == "finetune" else "pretrain"
+    emb_path = os.path.join(os.path.dirname(os.path.abspath(path)), "domain_embeddings.pt")
+    try:
+        emb = load_domain_embeddings(emb_path)
+        w = weights_from_embeddings(emb.embeddings, direction, rule=DEFAULT_RULE).weights
+        return (f"`chameleon weights --embeddings {emb_path}` (the default {DEFAULT_RULE} rule) gives at most "
+                f"{float(w.max()):.3f} on the same embeddings")
+    except Exception:  # no usable embeddings beside the file: the file's own scores
+        lev = doc.get("leverage")
+        if isinstance(lev, dict) and set(lev) == set(doc["domains"]):
+            w = weights_from_scores([lev[d] for d in doc["domains"]], direction, rule=DEFAULT_RULE)
+            return (f"recompute with `chameleon weights` (the default {DEFAULT_RULE} rule): on this file's leverage "
+                    f"scores it gives at most {float(w.max()):.3f}")
+        return f"recompute with `chameleon weights` (the default {DEFAULT_RULE} rule, which smooths toward uniform)"
 
 
 def cmd_train(args) -> int:
@@ -383,6 +468,10 @@ def cmd_train(args) -> int:
     else:
         ds = _dataset(args)
     weights = args.weights if args.weights in ("uniform", ONLINE) else read_weights(args.weights, ds.domains)
+    if isinstance(weights, dict):
+        per_step = args.batch_size * args.grad_accum * (args.block_size or 0)
+        _check_collapse(args, weights, per_step * args.steps or None, _file_collapse_fix(args.weights),
+                        f"mixture of {args.weights}")
     if not args.init_from:
         block = args.block_size
         model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, block), seed=args.seed)
@@ -594,7 +683,8 @@ def cmd_run(args) -> int:
 
     _init_distributed(args)
     t0 = time.perf_counter()
-    check_weight_options(args.mode, args.lam, args.temperature)  # fail before training, not after
+    check_weight_options(args.mode, args.lam, args.temperature, args.rule, args.share,
+                         args.smoothing)  # fail before training, not after
     embed_config = _embed_config(args, args.block_size)
     ds = _dataset(args)
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)
@@ -610,10 +700,14 @@ def cmd_run(args) -> int:
         ds, proxy, os.path.join(out, "weights"), mode=args.mode, lam=args.lam, temperature=args.temperature,
         normalize=not args.no_normalize, embed_config=embed_config, device=args.device,
         cache_dir=args.embed_cache, plots=not args.no_plots, notice=_say, bootstrap=args.bootstrap,
-        bootstrap_seed=_bootstrap_seed(args))
+        bootstrap_seed=_bootstrap_seed(args), rule=args.rule, share=args.share, smoothing=args.smoothing)
+    _say("      " + _rule_line(result))
     for d, w in zip(result.domains, result.weights.tolist()):
         _say(f"      {d:<16} {w:.4f}")
     _say_assessment(result, indent="      ")
+    _check_collapse(args, dict(zip(result.domains, result.weights.tolist())),
+                    args.steps * args.batch_size * args.grad_accum * args.block_size, _result_fix(result),
+                    "chameleon mixture")
     _say(f"[4/4] base models on the same token budget ({args.steps} steps each): uniform vs chameleon")
     chameleon = dict(zip(result.domains, result.weights.tolist()))
     table = compare_mixtures(ds, {"uniform": "uniform", "chameleon": chameleon}, os.path.join(out, "base"),
@@ -655,7 +749,7 @@ def cmd_compare(args) -> int:
         test_fraction=args.test_fraction, val_fraction=args.val_fraction, device=args.device,
         scenario="new_domains" if new else ("finetune" if finetune else "pretrain"), new_domains=new,
         finetune_domains=_name_list(args.finetune_domains), finetune_from=args.finetune_from,
-        finetune_data=args.finetune_data, finetune_steps=args.finetune_steps, quiet=args.quiet)
+        finetune_data=args.finetune_data, finetune_steps=args.finetune_steps, quiet=args.quiet, strict=args.strict)
     # --finetune-data replaces --data: the finetuning domains are the whole dataset then
     path = args.finetune_data or (builtin_dataset_path() if args.data == BUILTIN else args.data)
     ds = load_dataset(path, tokenizer=args.tokenizer or "byte", cache_dir=args.cache_dir,
@@ -772,19 +866,64 @@ def _add_embed(p):
     g.add_argument("--embed-cache", default=None, help="embedding cache folder (default: <cache-dir>/embeddings)")
 
 
+def _lambda(text: str):
+    """``--lam``: a finite number > 0 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'auto', got {text!r}")
+    return v
+
+
+_lambda.__name__ = "lambda"
+
+
+def _rule_options(g, sweep: bool = False):
+    """--rule, --smoothing (and, outside the sweep, --share): defaults from weights.RULE_DEFAULTS."""
+    from .weights import DEFAULT_RULE, DEFAULT_SHARE, RULE_DEFAULTS, RULES
+
+    temps = "; ".join(f"{r}: " + ", ".join(f"{t:g} {m}" for m, t in d["temperature"].items())
+                      for r, d in RULE_DEFAULTS.items())
+    g.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+                   help="how leverage becomes weights (docs/method.md, Rules): power (w ~ S^(-1/T), scale-free "
+                        "lambda, smoothing toward uniform), paper (the paper's method exactly: lambda 10, "
+                        "softmax(1/(T S)) / softmax(S/T)), calibrated (paper softmax, largest/smallest weight capped)")
+    g.add_argument("--smoothing", type=float, default=None,
+                   help="mix c of the uniform mixture into the weights, (1 - c) w + c/k (default: the rule's, "
+                        + ", ".join(f"{r} {d['smoothing']:g}" for r, d in RULE_DEFAULTS.items()) + ")")
+    if not sweep:
+        g.add_argument("--share", type=float, default=None,
+                       help=f"--lam auto: effective dimension sum(S) as this share of k - 1 (default {DEFAULT_SHARE:g})")
+    return temps
+
+
 def _add_weights(p):
     from .pipeline import MODES
-    from .weights import DEFAULT_LAMBDA, DEFAULT_TEMPERATURE
 
-    temps = ", ".join(f"{t:g} {m}" for m, t in DEFAULT_TEMPERATURE.items())
     g = p.add_argument_group("weights")
     g.add_argument("--mode", default=MODES[0], choices=list(MODES),
                    help="pretrain: inverse leverage; finetune: leverage; transfer: new domains, frozen proxy, "
                         "pretrain rule")
-    g.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="ridge lambda (mu = lambda * k)")
-    g.add_argument("--temperature", type=float, default=None, help=f"softmax temperature (default {temps})")
-    g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the softmax")
+    temps = _rule_options(g)
+    g.add_argument("--lam", type=_lambda, default=None,
+                   help="ridge lambda (mu = lambda * k), or 'auto': chosen so the effective dimension is --share "
+                        "of k - 1, whatever the proxy's scale (default: the rule's; paper 10, otherwise auto)")
+    g.add_argument("--temperature", type=float, default=None, help=f"the rule's temperature (default {temps})")
+    g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the rule")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG pictures")
+    _add_strict(g)
+
+
+def _add_strict(g):
+    from .mixture import COLLAPSE_THRESHOLD
+
+    g.add_argument("--strict", action="store_true",
+                   help=f"exit with status 2 instead of training on a collapsed mixture (one domain above "
+                        f"{COLLAPSE_THRESHOLD}); `weights` writes its files, then exits 2")
 
 
 def _add_bootstrap(p):
@@ -874,8 +1013,10 @@ def _add_sweep_command(p):
     g.add_argument("--lam", type=_positive_floats, default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
                    help="comma-separated ridge lambdas, all in one batched leverage call")
     g.add_argument("--temperature", type=_positive_floats, default=None,
-                   help="comma-separated softmax temperatures (default: the mode's, as in `chameleon weights`)")
-    g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the softmax")
+                   help="comma-separated temperatures of the rule (default: the rule's for the mode, as in "
+                        "`chameleon weights`)")
+    _rule_options(g, sweep=True)
+    g.add_argument("--no-normalize", action="store_true", help="skip S / sum(S) before the rule")
     g.add_argument("--no-plots", action="store_true", help="do not draw sweep.png")
     p.add_argument("--proxy", default=None, help=PROXY_HELP)
     p.add_argument("--embeddings", default=None, help="use a domain_embeddings.pt instead of --data/--proxy")
@@ -894,6 +1035,7 @@ def _add_train(p):
                         "online run wrote); only with --weights uniform")
     p.add_argument("--init-from", default=None, help="start from this model.pt/ckpt.pt (finetuning)")
     p.add_argument("--out", default="runs/train", help="output folder")
+    _add_strict(p)
     _add_online(p)
     p.set_defaults(func=cmd_train)
 
@@ -970,6 +1112,7 @@ def _add_compare(p):
     p.add_argument("--seeds", type=int, default=library.seeds, help="base runs per mixture (seeds --seed, --seed+1, ...)")
     p.add_argument("--out", default="runs/compare", help="output folder (a rerun skips finished units)")
     p.add_argument("--no-plots", action="store_true", help="do not draw compare.png")
+    _add_strict(p)
     g = p.add_argument_group("budget (defaults: about 15 minutes for everything on the built-in data, 2 CPU cores)")
     g.add_argument("--preset", default=library.preset, choices=GPTConfig.preset_names(), help="model size")
     g.add_argument("--block-size", type=int, default=library.block_size, help="sequence length")

@@ -63,7 +63,9 @@ from .progress import Progress
 
 __all__ = ["CompareConfig", "DatasetView", "DoReMiLoss", "run_compare", "METHODS", "SCENARIOS"]
 
-METHODS = ("uniform", "natural", "chameleon", "doremi", "regmix", "online")
+METHODS = ("uniform", "natural", "chameleon", "chameleon-paper", "doremi", "regmix", "online")
+# Chameleon's two variants: the library's default rule, and the paper's method exactly (rule="paper").
+CHAMELEON_RULES = {"chameleon": None, "chameleon-paper": "paper"}
 SCENARIOS = ("pretrain", "new_domains", "finetune")
 RECORD_FORMAT = "chameleon_ext.compare_unit/1"
 OUTPUT_STEM = {"pretrain": "compare", "new_domains": "compare-new-domains", "finetune": "compare-finetune"}
@@ -130,6 +132,7 @@ class CompareConfig:
     finetune_steps: int = 40
     ckpt_every: int = 20
     quiet: bool = False
+    strict: bool = False  # stop (ChameleonUserError) before training on a collapsed mixture
 
     def __post_init__(self):
         def positive(name, minimum=1):
@@ -421,9 +424,11 @@ class _Compare:
 
             return {"weights": natural_weights(dataset_token_counts(view, "train")), "entries": [],
                     "info": {"rule": "token shares of the training split"}}
-        key = f"mixture-{name}-{_digest([view.domains, tag])}"
-        if name == "chameleon":
-            return self._unit(key, f"chameleon mixture ({k} domains)", lambda: self._chameleon(view, key))
+        # Chameleon's key holds its rule: a record made under another default is never reused.
+        rule = [_rule_of(name)] if name in CHAMELEON_RULES else []
+        key = f"mixture-{name}-{_digest([view.domains, tag] + rule)}"
+        if name in CHAMELEON_RULES:
+            return self._unit(key, f"{name} mixture ({k} domains)", lambda: self._chameleon(view, key, name))
         if name == "doremi":
             return self._unit(key, f"doremi mixture ({k} domains)", lambda: self._doremi(view, key))
         if name == "regmix":
@@ -446,12 +451,12 @@ class _Compare:
         return EmbedConfig(n_windows=self.cfg.embed_windows, window=self.cfg.block_size, seed=self.cfg.seed)
 
     def _chameleon_weights(self, view, proxy, proxy_path, out_dir, mode, embedded: Sequence[str], method):
+        from .weights import DEFAULT_RULE
         from .pipeline import compute_weights
-        from .weights import DEFAULT_LAMBDA
 
         t0 = time.perf_counter()
-        lam = DEFAULT_LAMBDA if self.cfg.mode_lam is None else self.cfg.mode_lam
-        result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=lam,
+        rule = CHAMELEON_RULES.get(method) or DEFAULT_RULE
+        result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=self.cfg.mode_lam, rule=rule,
                                          embed_config=self._embed_config(), device=self.cfg.device,
                                          cache_dir=os.path.join(self.out, "embeddings"), plots=False,
                                          proxy=proxy)
@@ -460,13 +465,13 @@ class _Compare:
                        non_embedding_parameters(proxy), tokens, time.perf_counter() - t0)
         return dict(zip(result.domains, result.weights.tolist())), entry
 
-    def _chameleon(self, view, key):
+    def _chameleon(self, view, key, method: str = "chameleon"):
         folder = os.path.join(self.out, "mixtures", key)
-        proxy, path, e1 = self._proxy(view, os.path.join(folder, "proxy"), "chameleon")
+        proxy, path, e1 = self._proxy(view, os.path.join(folder, "proxy"), method)
         weights, e2 = self._chameleon_weights(view, proxy, path, os.path.join(folder, "weights"),
-                                              "pretrain", view.domains, "chameleon")
+                                              "pretrain", view.domains, method)
         return {"weights": weights, "entries": [e1, e2], "steps_planned": self.cfg.proxy_steps,
-                "info": {"proxy": path, "mode": "pretrain"}}
+                "info": {"proxy": path, "mode": "pretrain", "rule": _rule_of(method)}}
 
     def _doremi(self, view, key):
         from .baselines.doremi import DoReMiObjective, DoReMiWeights
@@ -675,7 +680,7 @@ def run_compare(dataset, cfg: CompareConfig, out: str, say=print, plots: bool = 
 
 
 def _plan_steps(cfg: CompareConfig, mixtures: Sequence[str], extra: int = 0) -> int:
-    per = {"chameleon": cfg.proxy_steps, "doremi": 2 * cfg.proxy_steps,
+    per = {"chameleon": cfg.proxy_steps, "chameleon-paper": cfg.proxy_steps, "doremi": 2 * cfg.proxy_steps,
            "regmix": cfg.regmix_proxies * cfg.regmix_steps}
     return sum(per.get(m, 0) for m in mixtures) + extra + len(mixtures) * cfg.seeds * cfg.steps
 
@@ -698,7 +703,7 @@ def _pretrain(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         raise ChameleonUserError("--new-domains: at least one domain must stay old")
     old = [d for d in ds.domains if d not in new]
     full = DatasetView(ds)
-    extra = cfg.proxy_steps if new and "chameleon" in cfg.mixtures else 0
+    extra = cfg.proxy_steps * sum(m in CHAMELEON_RULES for m in cfg.mixtures) if new else 0
     total = _plan_steps(cfg, cfg.mixtures, extra)
     _say_budget(cfg, say, total, cfg.scenario)
     c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.quiet, plain_every=0.05)
@@ -707,12 +712,13 @@ def _pretrain(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         mixtures, absorb = {}, {}
         for name in cfg.mixtures:
             label = name if name in METHODS else _file_label(name)
-            if new and name == "chameleon":
-                mixtures[label], absorb[label] = _chameleon_transfer(c, ds, old, new)
+            if new and name in CHAMELEON_RULES:
+                mixtures[label], absorb[label] = _chameleon_transfer(c, ds, old, new, name)
             else:
                 mixtures[label] = c.build_mixture(name, full)
                 if new:  # every other method simply rebuilds on all domains
                     absorb[label] = _ledger([_as_method(e, label) for e in mixtures[label]["entries"]])
+        collapsed = _check_collapsed(mixtures, cfg, cfg.tokens_per_run, say)
         say(f"[2/2] base runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.steps} steps each")
         runs = {label: {s: c.base_run(label, m["weights"], s, ds, cfg.steps) for s in cfg.seed_list}
                 for label, m in mixtures.items()}
@@ -726,6 +732,7 @@ def _pretrain(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     title = ("Pretraining: test perplexity by mixture" if not new else
              f"New domains ({', '.join(new)}): test perplexity by mixture")
     md = _header(cfg, title, ds.domains, cfg.tokens_per_run) + format_comparison_table(stats, ledger)
+    md += _collapsed_note(collapsed)
     if new:
         md += ("\nExtra compute each method spent to absorb the new domains (Chameleon: embedding "
                "them with its frozen proxy, the other domains' embeddings from the cache; DoReMi "
@@ -748,6 +755,7 @@ def _pretrain(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
                             for s, r in by.items()} for label, by in runs.items()},
            "stats": stats.as_dict(), "compute": ledger.to_dict(),
            "absorb_new_domains": {k: v.to_dict() for k, v in absorb.items()} if new else None,
+           "collapsed": collapsed,
            "table": md}
     paths = _write_outputs(out, OUTPUT_STEM[cfg.scenario], doc, md, stats, ledger, title, plots)
     say("\n" + md)
@@ -766,13 +774,48 @@ def _as_method(entry: dict, method: str) -> dict:
     return {**entry, "method": method}
 
 
-def _chameleon_transfer(c: _Compare, ds, old: List[str], new: List[str]):
+def _rule_of(method: str) -> str:
+    from .weights import DEFAULT_RULE
+
+    return CHAMELEON_RULES.get(method) or DEFAULT_RULE
+
+
+def _check_collapsed(mixtures: dict, cfg: CompareConfig, tokens: int, say) -> dict:
+    """``{label: {"domain", "weight"}}`` of the mixtures with one domain above the collapse
+    threshold, each announced with its tokens per domain; ``cfg.strict`` stops here instead."""
+    from .uncertainty import COLLAPSED_WEIGHT, collapse_lines
+    from .weights import DEFAULT_RULE
+
+    out = {}
+    for label, m in mixtures.items():
+        fix = (f"the chameleon mixture (the default {DEFAULT_RULE} rule) in this table" if label == "chameleon-paper"
+               else None)
+        lines = collapse_lines(m["weights"], tokens, fix, f"mixture {label!r}")
+        if lines:
+            top = max(m["weights"], key=m["weights"].get)
+            out[label] = {"domain": top, "weight": float(m["weights"][top])}
+            for line in lines:
+                say(line)
+    if out and cfg.strict:
+        raise ChameleonUserError(f"--strict: collapsed mixture(s) {sorted(out)} (one domain > {COLLAPSED_WEIGHT}); "
+                                 "not training on them")
+    return out
+
+
+def _collapsed_note(collapsed: dict) -> str:
+    if not collapsed:
+        return ""
+    items = "; ".join(f"**{label}** ({v['domain']} {v['weight']:.4f})" for label, v in collapsed.items())
+    return f"\nCOLLAPSED mixtures (one domain above 0.9 of the data): {items}.\n"
+
+
+def _chameleon_transfer(c: _Compare, ds, old: List[str], new: List[str], method: str = "chameleon"):
     """Chameleon in the new-domains scenario: the proxy trained and the embeddings computed on
     the old domains only; then the new domains embedded with the frozen proxy (transfer mode),
     the old ones read from the embedding cache. Returns (mixture, ledger of the extra cost)."""
     old_view = DatasetView(ds, old)
-    base = c.build_mixture("chameleon", old_view)  # what existed before the new domains came
-    key = f"mixture-chameleon-transfer-{_digest([old, new])}"
+    base = c.build_mixture(method, old_view)  # what existed before the new domains came
+    key = f"mixture-{method}-transfer-{_digest([old, new, _rule_of(method)])}"
 
     def build():
         from .pipeline import load_proxy
@@ -780,16 +823,16 @@ def _chameleon_transfer(c: _Compare, ds, old: List[str], new: List[str]):
         path = base["info"]["proxy"]
         proxy = load_proxy(path, device="cpu")
         weights, entry = c._chameleon_weights(DatasetView(ds), proxy, path, os.path.join(
-            c.out, "mixtures", key, "weights"), "transfer", new, "chameleon")
+            c.out, "mixtures", key, "weights"), "transfer", new, method)
         return {"weights": weights, "entries": [entry], "info": {"proxy": path, "mode": "transfer",
-                                                                  "new_domains": new}}
+                                                                  "new_domains": new, "rule": _rule_of(method)}}
 
-    rec = c._unit(key, f"chameleon transfer to {', '.join(new)}", build)
+    rec = c._unit(key, f"{method} transfer to {', '.join(new)}", build)
     mixture = {"weights": rec["weights"], "entries": base["entries"] + rec["entries"], "info": rec["info"]}
     return mixture, _ledger(rec["entries"])
 
 
-FINETUNE_METHODS = ("uniform", "natural", "chameleon", "doremi")
+FINETUNE_METHODS = ("uniform", "natural", "chameleon", "chameleon-paper", "doremi")
 
 
 def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, command) -> dict:
@@ -811,7 +854,7 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     mixes = [m for m in cfg.mixtures if m not in skipped]
     if "uniform" not in mixes:
         mixes.insert(0, "uniform")
-    if len(fdoms) == 2 and "chameleon" in mixes:
+    if len(fdoms) == 2 and any(m in CHAMELEON_RULES for m in mixes):
         say("note: with 2 finetuning domains both always have the same leverage, so Chameleon's "
             "finetuning weights are uniform; use 3 or more domains to tell them apart")
     fview = DatasetView(ds, fdoms)
@@ -837,14 +880,16 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
         mixtures = {}
         for name in mixes:
             label = name if name in METHODS else _file_label(name)
-            if name == "chameleon":
-                mixtures[label] = c._unit(f"finetune-chameleon-{_digest([start, fdoms])}", "chameleon finetuning weights",
-                                          lambda: _chameleon_finetune(c, fview, start))
+            if name in CHAMELEON_RULES:
+                mixtures[label] = c._unit(f"finetune-{name}-{_digest([start, fdoms, _rule_of(name)])}",
+                                          f"{name} finetuning weights",
+                                          lambda: _chameleon_finetune(c, fview, start, name))
             elif name == "doremi":
                 mixtures[label] = c._unit(f"finetune-doremi-{_digest([start, fdoms, cfg.finetune_steps])}", "doremi finetuning weights",
                                           lambda: _doremi_finetune(c, fview, start))
             else:
                 mixtures[label] = c.build_mixture(name, fview)
+        collapsed = _check_collapsed(mixtures, cfg, cfg.finetune_steps * cfg.batch_size * cfg.block_size, say)
         say(f"[2/2] finetuning runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.finetune_steps} steps each")
         runs = {label: {s: c.base_run(label, m["weights"], s, scored, cfg.finetune_steps, init_from=start, tag="finetune")
                         for s in cfg.seed_list} for label, m in mixtures.items()}
@@ -869,6 +914,7 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     title = f"Finetuning on {', '.join(fdoms)}: test perplexity by finetuning mixture"
     md = (_header(cfg, title, fdoms, cfg.finetune_steps * cfg.batch_size * cfg.block_size)
           + f"Every run continues the same start model ({start}).\n\n" + format_comparison_table(stats, ledger))
+    md += _collapsed_note(collapsed)
     md += "\nFinetuning domains improved over uniform (paired, same seeds):\n\n"
     md += "| mixture | mean lower | 95% interval below 0 | 95% interval above 0 (worse) |\n|---|---:|---:|---:|\n"
     for label, imp in improved.items():
@@ -888,7 +934,7 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
            "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
                                                        "data_seed", "init_seed", "evaluation", "steps")}
                             for s, r in by.items()} for label, by in runs.items()},
-           "improved": improved, "not_in_scenario": skipped,
+           "improved": improved, "not_in_scenario": skipped, "collapsed": collapsed,
            "stats": stats.as_dict(), "compute": ledger.to_dict(), "table": md}
     paths = _write_outputs(out, OUTPUT_STEM["finetune"], doc, md, stats, ledger, title, plots)
     say("\n" + md)
@@ -896,16 +942,17 @@ def _finetune(c: _Compare, ds, cfg: CompareConfig, out: str, say, plots: bool, c
     return doc
 
 
-def _chameleon_finetune(c: _Compare, fview, start: str) -> dict:
+def _chameleon_finetune(c: _Compare, fview, start: str, method: str = "chameleon") -> dict:
     """Chameleon's finetuning weights: the finetuning domains embedded with the start model
     itself as the frozen proxy (no proxy training), leverage-proportional (``mode="finetune"``)."""
     from .model import load_model
 
     model = load_model(start)
-    key = f"finetune-chameleon-{_digest([start, fview.domains])}"
+    key = f"finetune-{method}-{_digest([start, fview.domains, _rule_of(method)])}"
     weights, entry = c._chameleon_weights(fview, model, start, os.path.join(c.out, "mixtures", key, "weights"),
-                                          "finetune", fview.domains, "chameleon")
-    return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune"}}
+                                          "finetune", fview.domains, method)
+    return {"weights": weights, "entries": [entry], "info": {"proxy": start, "mode": "finetune",
+                                                             "rule": _rule_of(method)}}
 
 
 def _doremi_finetune(c: _Compare, fview, start: str) -> dict:

@@ -309,8 +309,10 @@ class OnlineChameleon:
         leverage = torch.full((self.k,), math.nan, dtype=torch.float64)
         n_seen = int(seen.sum())
         if n_seen >= 2:
+            # The online method keeps the paper's rule with its own lambda and temperature
+            # (its floor bounds every weight from below; see docs/online.md).
             dw = weights_from_embeddings(embeddings[seen], mode=self.mode, lam=self.lam,
-                                         temperature=self.temperature)
+                                         temperature=self.temperature, rule="paper")
             # The unseen domains keep their previous share; the seen ones split the rest.
             if n_seen == self.k:
                 method = dw.weights.clone()  # exactly the method's weights (no second rounding)

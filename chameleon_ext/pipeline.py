@@ -22,7 +22,8 @@ from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
 from .trainer import TrainConfig, evaluate, train
-from .weights import DEFAULT_LAMBDA, DomainWeights, weights_from_embeddings as _weights_from_embeddings
+from .mixture import AUTO_LAMBDA, PIPELINE_MODES, RULES
+from .weights import DEFAULT_RULE, DomainWeights, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
     "MODES",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
-MODES = ("pretrain", "finetune", "transfer")
+MODES = PIPELINE_MODES
 # The model every command creates unless told otherwise: the small preset at 128 tokens (what
 # the README's runs and `chameleon run` use; TrainConfig holds the optimiser's defaults).
 DEFAULT_PRESET = "small"
@@ -160,30 +161,46 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
     return proxy, tok
 
 
-def check_weight_options(mode: str, lam: float, temperature: Optional[float]) -> None:
-    """Raise ChameleonUserError for a bad mode, lambda or temperature (before any work is done)."""
+def check_weight_options(mode: str, lam=None, temperature: Optional[float] = None, rule: str = DEFAULT_RULE,
+                         share: Optional[float] = None, smoothing: Optional[float] = None) -> None:
+    """Raise ChameleonUserError for a bad mode, rule, lambda, temperature, share or smoothing
+    (before any work is done). ``None`` stands for the rule's default."""
+    from .weights import rule_settings
+
     if mode not in MODES:
         raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
-    checks = [("lambda (--lam)", lam)] + ([] if temperature is None else [("temperature (--temperature)", temperature)])
+    if rule not in RULES:
+        raise ChameleonUserError(f"rule (--rule): expected one of {RULES}, got {rule!r}")
+    checks = ([] if lam is None or lam == AUTO_LAMBDA else [("lambda (--lam)", lam)]) + (
+        [] if temperature is None else [("temperature (--temperature)", temperature)])
     for name, value in checks:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         if not ok:
-            raise ChameleonUserError(f"{name}: expected a finite number > 0, got {value!r}")
+            raise ChameleonUserError(f"{name}: expected a finite number > 0" + (" or 'auto'" if "lam" in name else "")
+                                     + f", got {value!r}")
+    try:
+        rule_settings(rule, "finetune" if mode == "finetune" else "pretrain", lam, temperature, share, smoothing)
+    except ChameleonUserError as exc:  # "share: ..." -> "share (--share): ..."
+        name, _, rest = str(exc).partition(":")
+        raise ChameleonUserError(f"{name} (--{name}):{rest}") from None
 
 
-def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
-                        temperature: Optional[float] = None, normalize: bool = True) -> DomainWeights:
+def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam=None,
+                        temperature: Optional[float] = None, normalize: bool = True, rule: str = DEFAULT_RULE,
+                        share: Optional[float] = None, smoothing: Optional[float] = None) -> DomainWeights:
     """:func:`chameleon_ext.weights_from_embeddings` for a :class:`DomainEmbeddings`, with the
-    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors."""
-    check_weight_options(mode, lam, temperature)
+    pipeline's modes (``transfer`` applies the pretraining rule) and user-facing errors.
+    ``rule="paper"`` is the paper's method; ``None`` settings are the rule's defaults."""
+    check_weight_options(mode, lam, temperature, rule, share, smoothing)
     if len(set(emb.domains)) != len(emb.domains):
         raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
-    rule = "pretrain" if mode == "transfer" else mode
+    direction = "pretrain" if mode == "transfer" else mode
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
-            result = _weights_from_embeddings(emb.embeddings, rule, lam=lam, temperature=temperature,
-                                              normalize=normalize, domains=emb.domains)
+            result = _weights_from_embeddings(emb.embeddings, direction, lam=lam, temperature=temperature,
+                                              normalize=normalize, domains=emb.domains, rule=rule, share=share,
+                                              smoothing=smoothing)
         except ValueError as exc:
             raise ChameleonUserError(f"domain embeddings: {exc}") from None
     result.mode = mode
@@ -277,7 +294,8 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
     if plots:
         from .plots import plot_affinity, plot_weights
 
-        title = f"Chameleon {result.mode} weights (lambda={result.lam:g}, T={result.temperature:g})"
+        title = (f"Chameleon {result.mode} weights ({result.rule} rule, lambda={result.lam:.3g}, "
+                 f"T={result.temperature:g}, smoothing={result.smoothing:g})")
         if result.bootstrap is not None:  # the same picture with the intervals as error bars
             from .plots_uncertainty import plot_bootstrap
 
@@ -310,14 +328,18 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
     return weights
 
 
-def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
+def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrain", lam=None,
                     temperature: Optional[float] = None, normalize: bool = True,
                     embed_config: Optional[EmbedConfig] = None, device=None, cache_dir: Optional[str] = None,
                     plots: bool = True, progress: bool = False, group=None, proxy=None,
                     notice: Optional[Callable[[str], None]] = None, token_budget: Optional[int] = None,
                     max_epochs: Optional[float] = None, bootstrap: Optional[int] = None,
-                    bootstrap_seed: Optional[int] = None):
+                    bootstrap_seed: Optional[int] = None, rule: str = DEFAULT_RULE, share: Optional[float] = None,
+                    smoothing: Optional[float] = None):
     """Embed the domains with the proxy (cached), compute the weights, write the files.
+
+    ``rule``, ``lam``, ``temperature``, ``share``, ``smoothing``: as in
+    :func:`chameleon_ext.weights_from_embeddings` (``rule="paper"``: the paper's method).
 
     ``bootstrap``: resamples of the windows for the intervals (default
     :data:`chameleon_ext.uncertainty.DEFAULT_RESAMPLES`; 0: none), seeded with
@@ -332,7 +354,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
     """
     from .uncertainty import DEFAULT_RESAMPLES
 
-    check_weight_options(mode, lam, temperature)
+    check_weight_options(mode, lam, temperature, rule, share, smoothing)
     bootstrap = check_resamples(DEFAULT_RESAMPLES if bootstrap is None else bootstrap)
     if proxy is None:
         proxy = load_proxy(proxy_path, device="cpu")
@@ -340,7 +362,7 @@ def compute_weights(dataset, proxy_path: str, out_dir: str, mode: str = "pretrai
         cache_dir = os.path.join(getattr(dataset, "cache_dir", None) or out_dir, "embeddings")
     emb = embed_domains(proxy, dataset, embed_config, device=device, cache_dir=cache_dir, group=group,
                         progress=progress, windows=bootstrap > 0)
-    result = weights_for_domains(emb, mode, lam, temperature, normalize)
+    result = weights_for_domains(emb, mode, lam, temperature, normalize, rule, share, smoothing)
     budget = plan_budget(dataset, result, token_budget, max_epochs) if token_budget is not None else None
     paths = {}
     if distributed.info(group).is_main:

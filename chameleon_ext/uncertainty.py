@@ -59,6 +59,7 @@ import hashlib
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -67,12 +68,14 @@ from torch import Tensor
 
 from .errors import ChameleonUserError
 from .ops import krls
+from .mixture import AUTO_LAMBDA, COLLAPSE_THRESHOLD, MODES
 from .weights import (
-    DEFAULT_LAMBDA,
-    DEFAULT_TEMPERATURE,
-    MODES,
+    DEFAULT_RULE,
+    RULE_DEFAULTS,
     DomainWeights,
     linear_affinity,
+    rule_settings,
+    select_lambda,
     weights_from_embeddings,
     weights_from_scores,
 )
@@ -92,6 +95,8 @@ __all__ = [
     "sweep_weights",
     "sweep_weights_from_affinity",
     "diagnose",
+    "collapse_fix",
+    "collapse_lines",
     "suggest_lambda",
     "format_bootstrap_table",
     "format_sweep_table",
@@ -109,7 +114,7 @@ WINDOWS_TOLERANCE = 0.10  # "enough windows": interval width within 10% of the w
 WINDOWS_WIDTH_FLOOR = 1e-6  # widths below this are all "no spread" (float32 sums leave ~1e-9)
 
 # Warning thresholds (diagnose)
-COLLAPSED_WEIGHT = 0.9  # one domain above this weight: the mixture has collapsed
+COLLAPSED_WEIGHT = COLLAPSE_THRESHOLD  # one domain above this weight: the mixture has collapsed
 ONE_HOT_EFFECTIVE_DOMAINS = 1.5  # exp(entropy of the weights) below this: near one-hot
 NEAR_DUPLICATE_COSINE = 0.99  # cosine of two centred domain embeddings above this
 DOMINANT_NORM_RATIO = 3.0  # a domain's embedding norm this many times the others' median
@@ -232,9 +237,10 @@ def _check_positive(name: str, value) -> float:
     return float(value)
 
 
-def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tuple[Tensor, Tensor]:
-    """Normalised scores and weights ``[N, k]`` from raw leverage ``[N, k]``, with the plain
-    path's special cases: one domain -> weight 1; zero total leverage -> uniform."""
+def _scores_and_weights(raw: Tensor, settings: dict, normalize: bool, prior="uniform") -> Tuple[Tensor, Tensor]:
+    """Normalised scores and weights ``[N, k]`` from raw leverage ``[N, k]`` by the rule in
+    ``settings`` (:func:`~chameleon_ext.weights.rule_settings`), with the plain path's special
+    cases: one domain -> weight 1; zero total leverage -> uniform."""
     k = raw.shape[-1]
     total = raw.sum(-1, keepdim=True)
     degenerate = total <= 0.0
@@ -245,7 +251,8 @@ def _scores_and_weights(raw: Tensor, rule: str, T: float, normalize: bool) -> Tu
         S = torch.where(degenerate, uniform, raw / torch.where(degenerate, torch.ones_like(total), total))
     else:
         S = raw
-    weights = weights_from_scores(S, rule, T)  # row by row, bit for bit the plain path's
+    weights = weights_from_scores(S, settings["mode"], settings["temperature"], settings["rule"], settings["smoothing"],
+                                  prior, settings["ratio"])  # row by row, bit for bit the plain path's
     # Every domain at the same point: nothing distinguishes them (the plain path warns).
     return S, torch.where(degenerate, uniform, weights)
 
@@ -377,10 +384,18 @@ class BootstrapResult:
     rank: Tensor  # [k] 1-based rank of each domain in the point estimate (largest weight = 1)
     rank_stability: Tensor  # [k] fraction of resamples in which the domain keeps that rank
     windows: Optional[WindowSufficiency] = None
+    lambda_samples: Optional[Tensor] = None  # [B] the scale-free lambda of each resample (lam="auto")
 
     @property
     def weight_interval_width(self) -> Tensor:
         return self.weights_high - self.weights_low
+
+    def _lambda_interval(self) -> Optional[dict]:
+        """The chosen lambda's interval over the resamples (None for a fixed lambda)."""
+        if self.lambda_samples is None:
+            return None
+        lo, hi = _percentiles(self.lambda_samples.unsqueeze(1), self.level)
+        return {"point": float(self.point.lam), "low": float(lo), "high": float(hi)}
 
     def to_dict(self) -> dict:
         """The ``bootstrap`` entry of weights.json (the window analysis goes under
@@ -413,6 +428,7 @@ class BootstrapResult:
             "effective_dimension": {
                 "point": float(self.point.leverage_raw.sum()), "low": float(eff_lo), "high": float(eff_hi),
             },
+            "lambda_interval": self._lambda_interval(),
             "rank": {n: int(r) for n, r in zip(self.domains, self.rank.tolist())},
             "rank_stability": per_domain(self.rank_stability),
         }
@@ -432,6 +448,9 @@ def bootstrap_weights(
     point: Optional[DomainWeights] = None,
     window_fractions: Sequence[float] = WINDOW_FRACTIONS,
     draw_counts: Optional[Sequence[Tensor]] = None,
+    rule: Optional[str] = None,
+    share: Optional[float] = None,
+    smoothing: Optional[float] = None,
 ) -> BootstrapResult:
     """Bootstrap intervals of the Chameleon weights over each domain's windows.
 
@@ -440,9 +459,9 @@ def bootstrap_weights(
             padded ``[k, n_max, d]`` with ``counts`` ``[k]``. float64 windows are summed in
             float64, others in float32 (see :func:`_resampled_embeddings`).
         resamples: B >= 1. seed: the generator's seed. level: interval coverage (0.95).
-        mode, lam, temperature, normalize, domains: as in
-            :mod:`chameleon_ext.weights`' plain path (defaults: pretrain, 10, the
-            mode's temperature, True); or give ``point`` instead, the plain result whose
+        mode, lam, temperature, normalize, domains, rule, share, smoothing: as in
+            :mod:`chameleon_ext.weights`' plain path (defaults: pretrain, the default rule
+            with its defaults, True); or give ``point`` instead, the plain result whose
             settings (and domain names) the bootstrap then uses and whose weights it reports
             as the point estimate. Without ``point`` the point estimate is computed from the
             windows' mean.
@@ -459,23 +478,28 @@ def bootstrap_weights(
     n = [int(w.shape[0]) for w in windows]
     level = _check_level(level)
     resamples = _check_int("resamples", resamples, 1)
+    prior = "uniform"
     if point is not None:
-        given = {"mode": mode, "lam": lam, "temperature": temperature, "normalize": normalize, "domains": domains}
+        given = {"mode": mode, "lam": lam, "temperature": temperature, "normalize": normalize, "domains": domains,
+                 "rule": rule, "share": share, "smoothing": smoothing}
         clash = [name for name, v in given.items() if v is not None]
         if clash:
             raise ChameleonUserError(f"give either point or {', '.join(clash)}: point already fixes them")
         if len(point.weights) != k:
             raise ChameleonUserError(f"point has {len(point.weights)} domains, window_embeddings has {k}")
-        mode, lam, T, normalize = point.mode, point.lam, point.temperature, point.normalize
-        rule = _softmax_rule(mode)
+        given = point.settings
+        mode, normalize = point.mode, point.normalize
+        prior = point.prior if point.prior is not None else "uniform"
         names = _check_names(point.domains or None, k, "domains")
     else:
         mode = mode or "pretrain"
-        rule = _softmax_rule(mode)
-        lam = _check_positive("lam", DEFAULT_LAMBDA if lam is None else lam)
-        T = DEFAULT_TEMPERATURE[rule] if temperature is None else _check_positive("temperature", temperature)
+        given = {"lam": lam, "temperature": temperature, "share": share, "smoothing": smoothing, "ratio": None}
         normalize = True if normalize is None else bool(normalize)
         names = _check_names(domains, k, "domains of window_embeddings")
+        rule = DEFAULT_RULE if rule is None else rule
+    settings = rule_settings(given.get("rule", rule), _softmax_rule(mode), given["lam"], given["temperature"],
+                             given["share"], given["smoothing"], given["ratio"])
+    auto = settings["lam"] == AUTO_LAMBDA
     fractions = sorted({float(f) for f in window_fractions})
     if any(not 0.0 < f < 1.0 for f in fractions):
         raise ChameleonUserError(f"window_fractions must lie in (0, 1), got {list(window_fractions)}")
@@ -516,13 +540,18 @@ def bootstrap_weights(
         torch.matmul(X, X.mT, out=affinity[j * resamples : (j + 1) * resamples])
         sub_windows.append(m)
     del X
-    raw_all = krls(affinity, lam, center=True, scale_by_k=True)  # [(1 + F) * B, k]
-    S_all, w_all = _scores_and_weights(raw_all, rule, T, normalize)
+    # The scale-free lambda is chosen again on every resample (its interval is reported).
+    lam_all = select_lambda(affinity, settings["share"])[0] if auto else settings["lam"]
+    raw_all = krls(affinity, lam_all, center=True, scale_by_k=True)  # [(1 + F) * B, k]
+    S_all, w_all = _scores_and_weights(raw_all, settings, normalize, prior)
 
     if point is None:
-        point = weights_from_embeddings(mean_embeddings.cpu(), rule, lam, T, normalize, names)
+        point = weights_from_embeddings(mean_embeddings.cpu(), settings["mode"], settings["lam"],
+                                        given["temperature"], normalize, names, rule=settings["rule"],
+                                        share=settings["share"], smoothing=settings["smoothing"])
         point.mode = mode
     raw, S, w = raw_all[:resamples].cpu(), S_all[:resamples].cpu(), w_all[:resamples].cpu()
+    lambda_samples = lam_all[:resamples].cpu() if auto else None
     w_lo, w_hi = _percentiles(w, level)
     s_lo, s_hi = _percentiles(S, level)
     rank = _ranks(point.weights.to(torch.float64))
@@ -545,7 +574,7 @@ def bootstrap_weights(
         )
     return BootstrapResult(
         names, point, resamples, seed_used, level, n, w, S, raw.sum(-1),
-        w_lo, w_hi, _std(w), s_lo, s_hi, _std(S), rank, stability, sufficiency,
+        w_lo, w_hi, _std(w), s_lo, s_hi, _std(S), rank, stability, sufficiency, lambda_samples,
     )
 
 
@@ -612,6 +641,8 @@ class SweepResult:
     leverage: Tensor  # [L, k] normalised, S / sum(S) (== leverage_raw if normalize=False)
     weights: Tensor  # [L, T, k]
     effective_dimension: Tensor  # [L] sum of leverage_raw
+    rule: str = "paper"
+    smoothing: float = 0.0
 
     @property
     def effective_dimension_share(self) -> Optional[Tensor]:
@@ -642,6 +673,8 @@ class SweepResult:
                 })
         return {
             "mode": self.mode,
+            "rule": self.rule,
+            "smoothing": self.smoothing,
             "normalize": self.normalize,
             "domains": list(self.domains),
             "lambdas": list(self.lambdas),
@@ -674,13 +707,17 @@ def sweep_weights_from_affinity(
     normalize: bool = True,
     domains: Optional[Sequence[str]] = None,
     center: bool = True,
+    rule: str = DEFAULT_RULE,
+    smoothing: Optional[float] = None,
 ) -> SweepResult:
     """Weights for every (lambda, temperature) from an affinity ``[k, k]`` (as in
-    :func:`~chameleon_ext.weights.weights_from_affinity`); default temperatures: the
-    mode's. Each entry equals ``weights_from_affinity`` at that pair."""
-    rule = _softmax_rule(mode)
+    :func:`~chameleon_ext.weights.weights_from_affinity`, with ``rule`` and ``smoothing``);
+    default temperatures: the rule's for the mode. Each entry equals ``weights_from_affinity``
+    at that pair."""
+    direction = _softmax_rule(mode)
     lams = _check_values("lambdas", lambdas)
-    temps = _check_values("temperatures", [DEFAULT_TEMPERATURE[rule]] if temperatures is None else temperatures)
+    base = rule_settings(rule, direction, smoothing=smoothing)
+    temps = _check_values("temperatures", [base["temperature"]] if temperatures is None else temperatures)
     A = torch.as_tensor(affinity).to(torch.float64)
     if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] < 1:
         raise ChameleonUserError(f"affinity must be a square [k, k] matrix, got shape {tuple(A.shape)}")
@@ -691,8 +728,9 @@ def sweep_weights_from_affinity(
     L, nT = len(lams), len(temps)
     weights = torch.empty(L, nT, k, dtype=torch.float64, device=raw.device)
     for j, T in enumerate(temps):  # temperatures only change the softmax: no krls call
-        S, weights[:, j] = _scores_and_weights(raw, rule, T, normalize)
-    return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1))
+        S, weights[:, j] = _scores_and_weights(raw, {**base, "temperature": T}, normalize)
+    return SweepResult(names, mode, bool(normalize), lams, temps, raw, S, weights, raw.sum(-1), base["rule"],
+                       base["smoothing"])
 
 
 def sweep_weights(
@@ -702,6 +740,8 @@ def sweep_weights(
     mode: str = "pretrain",
     normalize: bool = True,
     domains: Optional[Sequence[str]] = None,
+    rule: str = DEFAULT_RULE,
+    smoothing: Optional[float] = None,
 ) -> SweepResult:
     """Weights for every (lambda, temperature) from domain embeddings ``[k, d]``; each entry
     equals the plain path's weights (``weights_from_embeddings``) at that pair.
@@ -714,7 +754,8 @@ def sweep_weights(
         A = linear_affinity(embeddings)
     except ValueError as e:
         raise ChameleonUserError(str(e)) from None
-    return sweep_weights_from_affinity(A, lambdas, temperatures, mode, normalize, domains, center=True)
+    return sweep_weights_from_affinity(A, lambdas, temperatures, mode, normalize, domains, center=True, rule=rule,
+                                       smoothing=smoothing)
 
 
 def format_sweep_table(sweep: SweepResult, digits: int = 4) -> str:
@@ -789,6 +830,59 @@ def suggest_lambda(affinity: Tensor, share: float = SUGGESTED_SHARE, center: boo
     return float(f"{lam:.2g}")
 
 
+def collapse_fix(point: DomainWeights) -> str:
+    """Advice for a collapsed result that is tried here on the same scores: the weights the
+    default rule (or, when that is already in use, a larger smoothing) gives on ``point``'s
+    centred affinity, and the command-line options that give them."""
+    from .weights import weights_from_affinity
+
+    k = len(point.weights)
+    direction = _softmax_rule(point.mode)
+    default = RULE_DEFAULTS[DEFAULT_RULE]
+    own = RULE_DEFAULTS[point.rule]
+    dropped = ([f"--rule {point.rule}"] if point.rule != DEFAULT_RULE else []) + (
+        [f"--smoothing {point.smoothing:g}"] if point.smoothing < default["smoothing"]
+        and point.smoothing != own["smoothing"] or point.rule == DEFAULT_RULE and point.smoothing < default["smoothing"]
+        else [])
+    if dropped:  # and whatever was set beyond the rule's own defaults
+        if point.rule != "calibrated" and point.temperature != own["temperature"][direction]:
+            dropped.append(f"--temperature {point.temperature:g}")
+        if point.lambda_method != "auto" and point.lam != own["lam"]:
+            dropped.append(f"--lam {point.lam:g}")
+        kwargs, options = {}, f"the default rule and settings (drop {', '.join(dropped)})"
+    else:
+        c = min(0.5, max(2 * point.smoothing, 0.2))
+        kwargs, options = {"smoothing": c}, f"--smoothing {c:g}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = weights_from_affinity(point.affinity, direction, center=False, rule=DEFAULT_RULE, **kwargs)
+    c = fixed.smoothing
+    cap = 1.0 - c * (1.0 - 1.0 / k)
+    return (f"{options} gives at most {float(fixed.weights.max()):.3f} on these scores (rule {fixed.rule}, "
+            f"lambda {fixed.lam:.3g} from the effective-dimension share {fixed.share:g}, smoothing {c:g}: no domain "
+            f"can exceed {cap:.3f})")
+
+
+def collapse_lines(weights: Dict[str, float], tokens: Optional[int] = None, fix: Optional[str] = None,
+                   what: str = "mixture") -> List[str]:
+    """Terminal lines for a collapsed mixture (one weight above :data:`COLLAPSED_WEIGHT`), or
+    ``[]``: the domain and its share, each domain's tokens over a run of ``tokens`` tokens, and
+    ``fix`` (advice that was tried, e.g. :func:`collapse_fix`)."""
+    if len(weights) < 2:
+        return []
+    top = max(weights, key=weights.get)
+    if weights[top] <= COLLAPSED_WEIGHT:
+        return []
+    lines = [f"WARNING: collapsed {what}: {top!r} takes {weights[top]:.4f} of the data (> {COLLAPSED_WEIGHT}); "
+             "the other domains are barely trained on"]
+    if tokens:
+        per = ", ".join(f"{d} {int(round(w * tokens)):,}" for d, w in weights.items())
+        lines.append(f"  tokens per domain over this run's {tokens:,} tokens: {per}")
+    if fix:
+        lines.append(f"  fix: {fix}")
+    return lines
+
+
 def diagnose(
     point: DomainWeights,
     embeddings: Optional[Tensor] = None,
@@ -819,15 +913,14 @@ def diagnose(
         warns.append(_warning(
             "collapsed_mixture",
             f"domain {names[top]!r} has weight {float(w[top]):.3f} (> {COLLAPSED_WEIGHT}): the mixture has collapsed "
-            f"onto it; a larger temperature (now {point.temperature:g}) flattens the weights; "
-            "`chameleon sweep` shows the effect",
+            f"onto it; {collapse_fix(point)}",
             [names[top]],
         ))
     elif k > 1 and effective_domains < ONE_HOT_EFFECTIVE_DOMAINS:
         warns.append(_warning(
             "collapsed_mixture",
-            f"the weights are near one-hot (effective number of domains {effective_domains:.2f} of {k}): the "
-            f"temperature {point.temperature:g} is too small for these scores; try a larger one (`chameleon sweep`)",
+            f"the weights are near one-hot (effective number of domains {effective_domains:.2f} of {k}); "
+            f"{collapse_fix(point)}",
             [names[top]],
         ))
 
@@ -894,9 +987,9 @@ def diagnose(
             warns.append(_warning(
                 "lambda_too_large" if too_large else "lambda_too_small",
                 f"lambda = {point.lam:g} is so {'large' if too_large else 'small'} that all leverage scores sit near "
-                f"{where} (effective dimension {eff:.3g}, {100 * share:.1f}% of k - 1 = {k - 1}); try lambda ~ "
-                f"{suggested:g} (effective dimension about half of k - 1); `chameleon sweep` shows the weights "
-                "across lambdas",
+                f"{where} (effective dimension {eff:.3g}, {100 * share:.1f}% of k - 1 = {k - 1}); --lam auto "
+                f"chooses lambda from the spectrum (lambda ~ {suggested:g} puts the effective dimension at half of "
+                "k - 1); `chameleon sweep` shows the weights across lambdas",
                 list(names),
             ))
     return Diagnostics(eff, share, warns, suggested, bootstrap.windows if bootstrap is not None else None)

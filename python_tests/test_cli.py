@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import chameleon_ext
+from chameleon_ext import weights as W
 from chameleon_ext.cli import main
 from chameleon_ext.exports import parse_megatron_blend, parse_mixture_yaml
 from chameleon_ext.model import GPT, GPTConfig, load_model, save_model
@@ -75,7 +76,13 @@ def test_weights_pretrain_writes_every_file(weights_dir, proxy):
     doc = _read_json(weights_dir / "weights.json")
     assert doc["method"] == "chameleon" and doc["version"] == chameleon_ext.__version__
     assert doc["format"] == "chameleon_ext.weights/2"
-    assert doc["mode"] == "pretrain" and doc["lambda"] == 10.0 and doc["temperature"] == 5.0
+    # the library's default rule: lambda chosen from the spectrum (recorded with its effective dimension)
+    default = W.RULE_DEFAULTS[W.DEFAULT_RULE]
+    assert doc["mode"] == "pretrain" and doc["rule"] == W.DEFAULT_RULE
+    assert doc["temperature"] == default["temperature"]["pretrain"] and doc["smoothing"] == default["smoothing"]
+    sel = doc["lambda_selection"]
+    assert sel["method"] == "auto" and sel["share"] == W.DEFAULT_SHARE and doc["lambda"] > 0
+    assert sel["effective_dimension_share"] == pytest.approx(W.DEFAULT_SHARE, abs=1e-9)
     assert doc["normalize"] is True and "normalization" not in doc and "krls" not in doc
     assert doc["domains"] == DOMAINS
     w = doc["weights"]
@@ -97,7 +104,7 @@ def test_weights_pretrain_writes_every_file(weights_dir, proxy):
     emb = torch.load(weights_dir / "domain_embeddings.pt", weights_only=True)
     assert emb["domains"] == DOMAINS
     assert emb["embeddings"].dim() == 2 and emb["embeddings"].shape[0] == 3
-    again = chameleon_ext.weights_from_embeddings(emb["embeddings"], "pretrain", lam=10.0)
+    again = chameleon_ext.weights_from_embeddings(emb["embeddings"], "pretrain")  # the library's defaults
     np.testing.assert_allclose(again.weights.numpy(), [w[d] for d in DOMAINS], rtol=0, atol=1e-12)
 
     # the exports parse back to the same weights
@@ -152,7 +159,7 @@ def test_weights_finetune_uses_the_cache(work, weights_dir, proxy, capsys):
     _ok(["weights", "--data", work / "data", "--proxy", proxy, "--mode", "finetune", "--out", out_dir,
          *EMBED, *COMMON], capsys)
     doc = _read_json(out_dir / "weights.json")
-    assert doc["mode"] == "finetune" and doc["temperature"] == 0.2
+    assert doc["mode"] == "finetune" and doc["temperature"] == W.RULE_DEFAULTS[W.DEFAULT_RULE]["temperature"]["finetune"]
     assert doc["embedding"]["embedded_now"] == []  # embedded by the pretrain run already
     assert doc["leverage"] == _read_json(weights_dir / "weights.json")["leverage"]
     order = sorted(DOMAINS, key=lambda d: doc["leverage"][d])  # finetuning: higher leverage, higher weight
@@ -167,7 +174,7 @@ def test_weights_transfer_embeds_only_the_new_domain(work, weights_dir, proxy, t
                *EMBED, *COMMON], capsys)
     assert "zeta" in out
     doc = _read_json(tmp_path / "w" / "weights.json")
-    assert doc["mode"] == "transfer" and doc["temperature"] == 5.0
+    assert doc["mode"] == "transfer" and doc["temperature"] == W.RULE_DEFAULTS[W.DEFAULT_RULE]["temperature"]["pretrain"]
     assert doc["domains"] == DOMAINS + ["zeta"]
     assert doc["embedding"]["embedded_now"] == ["zeta"]
     assert math.isclose(math.fsum(doc["weights"].values()), 1.0, abs_tol=1e-12)
@@ -382,7 +389,7 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
     if command in ("run", "weights", "embed"):
         assert "--n-windows" in out and "--window" in out and "--layer" in out
     if command in ("run", "weights"):
-        assert "(default: pretrain)" in out and "(default: 10.0)" in out
+        assert "(default: pretrain)" in out and f"(default: {W.DEFAULT_RULE})" in out
 
 
 # --------------------------------------------------------------------------- defaults
@@ -393,7 +400,7 @@ def test_parser_defaults_and_choices_are_the_library_s():
     from chameleon_ext.embed import POOLINGS, EmbedConfig
     from chameleon_ext.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET, MODES
     from chameleon_ext.trainer import TrainConfig
-    from chameleon_ext.weights import DEFAULT_LAMBDA
+    from chameleon_ext.weights import DEFAULT_RULE
 
     lib = TrainConfig()
     assert lib.min_lr == lib.lr / 10 and TrainConfig(lr=1e-3).min_lr == 1e-3 / 10  # lr / 10 lives here
@@ -407,8 +414,9 @@ def test_parser_defaults_and_choices_are_the_library_s():
     assert parser.parse_args(["eval", "--model", "m.pt"]).eval_windows == lib.eval_windows
     emb = EmbedConfig()
     w = parser.parse_args(["weights"])
-    assert (w.lam, w.mode, w.pooling, w.embed_batch_size, w.layer) == (
-        DEFAULT_LAMBDA, MODES[0], emb.pooling, emb.batch_size, emb.layer)
+    # lam None: the rule's default (weights.RULE_DEFAULTS), resolved by the library
+    assert (w.lam, w.rule, w.share, w.smoothing, w.mode, w.pooling, w.embed_batch_size, w.layer) == (
+        None, DEFAULT_RULE, None, None, MODES[0], emb.pooling, emb.batch_size, emb.layer)
     sub = next(a for a in parser._actions if a.dest == "command").choices
     choices = {a.dest: a.choices for a in sub["weights"]._actions if a.choices}
     assert choices["mode"] == list(MODES) and choices["pooling"] == list(POOLINGS)

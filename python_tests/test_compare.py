@@ -231,7 +231,11 @@ def compared(ds, tmp_path_factory):
 
 def test_compare_wiring(compared, ds):
     doc, lines, out, _ = compared
-    assert set(doc["mixtures"]) == {"uniform", "natural", "chameleon", "doremi", "regmix", "online"}
+    assert set(doc["mixtures"]) == {"uniform", "natural", "chameleon", "chameleon-paper", "doremi", "regmix", "online"}
+    # the two Chameleon variants: the library's default rule and the paper's method exactly
+    assert doc["mixtures"]["chameleon"]["info"]["rule"] == "power"
+    assert doc["mixtures"]["chameleon-paper"]["info"]["rule"] == "paper"
+    assert isinstance(doc["collapsed"], dict) and max(doc["mixtures"]["chameleon"]["weights"].values()) <= 0.9
     for name, m in doc["mixtures"].items():
         w = m["weights"]
         assert list(w) == ds.domains and abs(sum(w.values()) - 1) < 1e-9 and min(w.values()) >= 0, name
@@ -248,13 +252,14 @@ def test_compare_wiring(compared, ds):
         assert iv["high"] - iv["mean"] == pytest.approx(half, rel=1e-6)
     # the ledger: 6 N D for each base run, every method's proxies counted
     base = [e for e in doc["compute"]["entries"] if e["method"] == "base"]
-    assert len(base) == 12 and all(e["tokens"] == 3 * 4 * 16 for e in base)
+    assert len(base) == 14 and all(e["tokens"] == 3 * 4 * 16 for e in base)
     n = base[0]["n_params"]
-    assert doc["compute"]["summary"]["base"]["flops"] == pytest.approx(12 * 6 * n * 192)
+    assert doc["compute"]["summary"]["base"]["flops"] == pytest.approx(14 * 6 * n * 192)
     methods = doc["compute"]["summary"]
     assert methods["doremi"]["flops"] == pytest.approx(6 * n * 2 * 2 * 64 + 2 * n * 2 * 64)
     assert methods["regmix"]["flops"] == pytest.approx(3 * (6 * n * 2 * 64 + 2 * n * 3 * 2 * 16))
     assert methods["chameleon"]["flops"] == pytest.approx(6 * n * 2 * 64 + 2 * n * 3 * 4 * 16)
+    assert methods["chameleon-paper"]["flops"] == pytest.approx(6 * n * 2 * 64 + 2 * n * 3 * 4 * 16)
     for f in ("compare.json", "compare.md"):
         assert os.path.exists(out / f)
 
@@ -308,14 +313,14 @@ def test_rerun_skips_every_finished_unit(compared, ds):
     doc, _, out, _ = compared
     stamps = {p: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
     doc2, lines = _run(ds, out)
-    assert sum("skipped" in line for line in lines) == 3 + 12  # 3 built mixtures, 12 base runs
+    assert sum("skipped" in line for line in lines) == 4 + 14  # 4 built mixtures, 14 base runs
     assert {p: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == stamps
     assert doc2["stats"] == doc["stats"]
     # a lost record: only that unit runs again (from its finished checkpoint), same result
     lost = next((out / "records").glob("base-natural-*seed1.json"))
     lost.unlink()
     doc3, lines = _run(ds, out)
-    assert sum("skipped" in line for line in lines) == 3 + 11
+    assert sum("skipped" in line for line in lines) == 4 + 13
     assert doc3["runs"]["natural"]["1"]["test"] == doc["runs"]["natural"]["1"]["test"]
 
 

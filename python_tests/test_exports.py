@@ -33,7 +33,8 @@ def weights_doc(k=7, seed=0, mode="pretrain") -> dict:
     g = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k = 1 warns that its weight is 1.0
-        result = weights_from_embeddings(torch.randn(k, 16, generator=g, dtype=torch.float64), mode=mode, domains=names)
+        result = weights_from_embeddings(torch.randn(k, 16, generator=g, dtype=torch.float64), mode=mode, domains=names,
+                                         rule="paper")
     return {"format": E.WEIGHTS_FORMAT, "method": "chameleon", "version": "0.1.0", **result.as_dict(),
             "proxy": {}, "embedding": {}}
 

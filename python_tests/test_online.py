@@ -102,11 +102,11 @@ def test_update_equals_weight_function_on_ema_embeddings():
     assert [u.step for u in updates] == [3, 6]
     # against the independent reference EMA: embeddings, the project's weights, the floor
     S_ref, C_ref = _reference_ema(batches, 0.8)
-    raw = weights_from_embeddings(S_ref / C_ref.unsqueeze(1)).weights
+    raw = weights_from_embeddings(S_ref / C_ref.unsqueeze(1), rule="paper").weights
     expected = (1 - K * floor) * raw + floor
     torch.testing.assert_close(updates[-1].weights, expected, rtol=1e-5, atol=1e-7)
     # and exactly the project's function on the object's own EMA embeddings
-    own = weights_from_embeddings(updates[-1].embeddings)
+    own = weights_from_embeddings(updates[-1].embeddings, rule="paper")
     assert torch.equal(updates[-1].method_weights, own.weights)
     assert torch.equal(updates[-1].leverage, own.leverage)
     assert torch.equal(online.weights, updates[-1].weights)
@@ -119,7 +119,7 @@ def test_finetune_mode_and_options_reach_the_weight_function():
     online = OnlineChameleon(DOMAINS, every=4, warmup=4, decay=0.9, floor=0.0, mode="finetune",
                              lam=3.0, temperature=0.5)
     (u,) = _run(online, batches)
-    expected = weights_from_embeddings(u.embeddings, mode="finetune", lam=3.0, temperature=0.5).weights
+    expected = weights_from_embeddings(u.embeddings, mode="finetune", lam=3.0, temperature=0.5, rule="paper").weights
     assert torch.equal(u.weights, expected / expected.sum())
 
 
@@ -168,7 +168,7 @@ def test_unseen_domain_keeps_its_previous_weight():
     (u,) = _run(online, batches)
     assert u.seen.tolist() == [True, True, True, False]
     assert float(u.method_weights[3]) == pytest.approx(0.4, abs=1e-15)
-    among_seen = weights_from_embeddings(u.embeddings[:3]).weights
+    among_seen = weights_from_embeddings(u.embeddings[:3], rule="paper").weights
     torch.testing.assert_close(u.method_weights[:3], 0.6 * among_seen, rtol=1e-14, atol=0)
     assert torch.isnan(u.leverage[3])
     record = json.loads(json.dumps(u.as_dict(DOMAINS), allow_nan=False))  # metrics.jsonl-ready

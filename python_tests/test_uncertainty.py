@@ -6,6 +6,7 @@ sweep against a loop of scalar ``krls`` calls and the plain weights path."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -18,7 +19,8 @@ import chameleon_ext
 from chameleon_ext import io, uncertainty as U, weights as W
 from chameleon_ext.errors import ChameleonUserError
 
-plain_weights = W.weights_from_embeddings  # the plain path every bootstrap entry must match
+# the plain path every bootstrap entry must match (these tests check the paper rule against the NumPy oracle)
+plain_weights = functools.partial(W.weights_from_embeddings, rule="paper")
 
 NAMES = ["arxiv", "book", "c4", "cc", "github", "stackexchange", "wikipedia"]
 
@@ -91,7 +93,7 @@ def test_bootstrap_matches_numpy_loop(mode):
     lam, T, level = 0.5, (3.0 if mode == "pretrain" else 0.4), 0.9
     res = U.bootstrap_weights(
         windows, resamples=B, level=level, mode=mode, lam=lam, temperature=T,
-        draw_counts=counts_from_indices(indices, n), window_fractions=(),
+        draw_counts=counts_from_indices(indices, n), window_fractions=(), rule="paper"
     )
     ref = np_bootstrap(windows, indices, lam, mode, T, level)
     tol = dict(rtol=0, atol=1e-10)
@@ -131,7 +133,7 @@ def test_identity_resample_reproduces_plain_weights_exactly():
     X = torch.randn(7, 32, generator=g, dtype=torch.float64) + 2.0
     for mode, T in [("pretrain", None), ("finetune", None), ("pretrain", 0.7)]:
         res = U.bootstrap_weights([x.unsqueeze(0) for x in X], resamples=1, mode=mode, temperature=T,
-                                  draw_counts=[torch.ones(1, 1)] * 7, window_fractions=(), domains=NAMES)
+                                  draw_counts=[torch.ones(1, 1)] * 7, window_fractions=(), domains=NAMES, rule="paper")
         plain = plain_weights(X, mode, temperature=T, domains=NAMES)
         assert torch.equal(res.weight_samples[0], plain.weights)
         assert torch.equal(res.leverage_samples[0], plain.leverage)
@@ -144,7 +146,7 @@ def test_identity_resample_reproduces_plain_weights_exactly():
 def test_identity_resample_of_many_windows_is_the_plain_path():
     windows, _ = synthetic_windows(k=7, n=64, d=24, seed=2, dtype=torch.float64)
     ones = [torch.ones(1, 64, dtype=torch.float64)] * 7
-    res = U.bootstrap_weights(windows, resamples=1, draw_counts=ones, window_fractions=())
+    res = U.bootstrap_weights(windows, resamples=1, draw_counts=ones, window_fractions=(), rule="paper")
     # The plain path on the same float64 embeddings (the windows' mean as C @ W / n).
     X = torch.stack([(ones[i] @ windows[i].double() / 64)[0] for i in range(7)])
     assert torch.equal(res.weight_samples[0], plain_weights(X).weights)
@@ -159,23 +161,23 @@ def test_float32_windows_agree_with_float64_sums():
     of every resample stay within a tiny fraction of the interval width of float64 sums."""
     windows, _ = synthetic_windows(k=7, n=512, d=64, spread=3.0, separation=0.3, seed=12)
     windows = [w + 40.0 for w in windows]  # a large common part, as hidden states have
-    w32 = U.bootstrap_weights(windows, resamples=100, seed=4, window_fractions=())
-    w64 = U.bootstrap_weights([w.double() for w in windows], resamples=100, seed=4, window_fractions=())
+    w32 = U.bootstrap_weights(windows, resamples=100, seed=4, window_fractions=(), rule="paper")
+    w64 = U.bootstrap_weights([w.double() for w in windows], resamples=100, seed=4, window_fractions=(), rule="paper")
     width = float(w64.weight_interval_width.min())
     assert width > 0
     assert float((w32.weight_samples - w64.weight_samples).abs().max()) < 1e-4 * width
     assert torch.equal(w32.point.weights, w64.point.weights)  # the point uses float64 means either way
     # bfloat16 windows (a bf16 cache) are summed as their exact float32 values.
     bf16 = [w.bfloat16() for w in windows]
-    a = U.bootstrap_weights(bf16, resamples=20, seed=4, window_fractions=())
-    b = U.bootstrap_weights([w.float() for w in bf16], resamples=20, seed=4, window_fractions=())
+    a = U.bootstrap_weights(bf16, resamples=20, seed=4, window_fractions=(), rule="paper")
+    b = U.bootstrap_weights([w.float() for w in bf16], resamples=20, seed=4, window_fractions=(), rule="paper")
     assert torch.equal(a.weight_samples, b.weight_samples)
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_intervals_contain_the_point_estimate(mode):
     windows, _ = synthetic_windows(k=6, n=200, d=16, spread=2.0, seed=4)
-    res = U.bootstrap_weights(windows, resamples=300, mode=mode, lam=1.0, seed=0, window_fractions=())
+    res = U.bootstrap_weights(windows, resamples=300, mode=mode, lam=1.0, seed=0, window_fractions=(), rule="paper")
     for point, lo, hi in [
         (res.point.weights, res.weights_low, res.weights_high),
         (res.point.leverage, res.leverage_low, res.leverage_high),
@@ -190,7 +192,7 @@ def test_intervals_shrink_like_one_over_sqrt_n():
     widths = {}
     for n in (100, 400, 1600):
         windows, _ = synthetic_windows(k=5, n=n, d=8, spread=3.0, seed=5)
-        res = U.bootstrap_weights(windows, resamples=400, lam=1.0, seed=1, window_fractions=())
+        res = U.bootstrap_weights(windows, resamples=400, lam=1.0, seed=1, window_fractions=(), rule="paper")
         widths[n] = float(res.weight_interval_width.mean())
     # Known spread: the resampled means' std is spread / sqrt(n), so each 4x of n halves it.
     for small, large in [(100, 400), (400, 1600)]:
@@ -199,7 +201,7 @@ def test_intervals_shrink_like_one_over_sqrt_n():
 
 def test_window_sufficiency_in_the_same_call():
     windows, _ = synthetic_windows(k=5, n=400, d=8, spread=3.0, seed=6)
-    res = U.bootstrap_weights(windows, resamples=400, lam=1.0, seed=2)
+    res = U.bootstrap_weights(windows, resamples=400, lam=1.0, seed=2, rule="paper")
     win = res.windows
     assert win.fractions == [0.25, 0.5, 1.0]
     assert win.windows == [[100] * 5, [200] * 5, [400] * 5]
@@ -209,9 +211,9 @@ def test_window_sufficiency_in_the_same_call():
     assert win.width[2] == pytest.approx(float(res.weight_interval_width.mean()), abs=1e-15)
     # Windows without spread: every subset gives the same weights, width 0 -> n/4 is enough.
     flat = [w[:1].expand(64, -1).clone() for w in windows]
-    res = U.bootstrap_weights(flat, resamples=20, lam=1.0, seed=2)
+    res = U.bootstrap_weights(flat, resamples=20, lam=1.0, seed=2, rule="paper")
     assert max(res.windows.width) < 1e-8 and res.windows.enough_fraction == 0.25  # float32 rounding only
-    res64 = U.bootstrap_weights([w.double() for w in flat], resamples=20, lam=1.0, seed=2)
+    res64 = U.bootstrap_weights([w.double() for w in flat], resamples=20, lam=1.0, seed=2, rule="paper")
     assert res64.windows.width == [0.0, 0.0, 0.0] and res64.windows.enough_fraction == 0.25
     d = res.windows.to_dict()
     assert d["enough_windows"] == {str(i): 16 for i in range(5)} and d["still_shrinking"] is False
@@ -219,9 +221,9 @@ def test_window_sufficiency_in_the_same_call():
 
 def test_same_seed_same_intervals_other_seed_others():
     windows, _ = synthetic_windows(k=4, n=100, d=8, seed=7)
-    a = U.bootstrap_weights(windows, resamples=50, seed=11)
-    b = U.bootstrap_weights(windows, resamples=np.int64(50), seed=11)  # any integer type
-    c = U.bootstrap_weights(windows, resamples=50, seed=12)
+    a = U.bootstrap_weights(windows, resamples=50, seed=11, rule="paper")
+    b = U.bootstrap_weights(windows, resamples=np.int64(50), seed=11, rule="paper")  # any integer type
+    c = U.bootstrap_weights(windows, resamples=50, seed=12, rule="paper")
     for field in ("weight_samples", "leverage_samples", "weights_low", "weights_high", "weights_std", "rank_stability"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert a.windows.width == b.windows.width
@@ -235,8 +237,8 @@ def test_padded_input_equals_list_input():
     padded = torch.zeros(3, 30, 6)
     for i, w in enumerate(windows):
         padded[i, : len(w)] = w
-    a = U.bootstrap_weights(windows, resamples=40, seed=3)
-    b = U.bootstrap_weights(padded, counts=torch.tensor([30, 17, 30]), resamples=40, seed=3)
+    a = U.bootstrap_weights(windows, resamples=40, seed=3, rule="paper")
+    b = U.bootstrap_weights(padded, counts=torch.tensor([30, 17, 30]), resamples=40, seed=3, rule="paper")
     assert torch.equal(a.weight_samples, b.weight_samples) and b.n_windows == [30, 17, 30]
 
 
@@ -245,7 +247,7 @@ def test_point_result_fixes_the_settings():
     point = plain_weights(centres, "finetune", lam=2.0, temperature=0.5, domains=NAMES[:4])
     res = U.bootstrap_weights(windows, resamples=30, point=point)
     assert res.point is point and res.domains == NAMES[:4]
-    own = U.bootstrap_weights(windows, resamples=30, mode="finetune", lam=2.0, temperature=0.5)
+    own = U.bootstrap_weights(windows, resamples=30, mode="finetune", lam=2.0, temperature=0.5, rule="paper")
     assert torch.equal(res.weight_samples, own.weight_samples)
     with pytest.raises(ChameleonUserError, match="give either point or lam"):
         U.bootstrap_weights(windows, resamples=30, point=point, lam=1.0)
@@ -256,8 +258,8 @@ def test_degenerate_domains_follow_the_plain_path():
     w = torch.ones(10, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = U.bootstrap_weights([w, w.clone(), w.clone()], resamples=5, window_fractions=())
-        one = U.bootstrap_weights([w], resamples=5, window_fractions=())
+        res = U.bootstrap_weights([w, w.clone(), w.clone()], resamples=5, window_fractions=(), rule="paper")
+        one = U.bootstrap_weights([w], resamples=5, window_fractions=(), rule="paper")
     assert torch.equal(res.weight_samples, torch.full((5, 3), 1 / 3, dtype=torch.float64))
     assert torch.equal(res.point.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
     assert torch.equal(one.weight_samples, torch.ones(5, 1, dtype=torch.float64))
@@ -265,7 +267,7 @@ def test_degenerate_domains_follow_the_plain_path():
 
 def test_bootstrap_result_dict_and_table():
     windows, _ = synthetic_windows(k=7, n=64, d=8, seed=10)
-    res = U.bootstrap_weights(windows, resamples=100, seed=5, domains=NAMES)
+    res = U.bootstrap_weights(windows, resamples=100, seed=5, domains=NAMES, rule="paper")
     d = json.loads(json.dumps(res.to_dict()))
     assert d["resamples"] == 100 and d["seed"] == 5 and d["level"] == 0.95 and d["lambda"] == 10.0
     assert set(d["weights"]) == {"point", "low", "high", "std"} and list(d["weights"]["low"]) == NAMES
@@ -282,7 +284,7 @@ def test_bootstrap_result_dict_and_table():
     [
         (dict(resamples=0), "resamples must be an integer >= 1"),
         (dict(level=1.0), "level must be a number in"),
-        (dict(lam=-1.0), "lam must be"),
+        (dict(lam=-1.0), "lambda: expected a finite number > 0"),
         (dict(window_fractions=(0.5, 1.0)), "window_fractions"),
         (dict(domains=["a"]), "domains must name the 2"),
         (dict(draw_counts=[torch.ones(3, 4)] * 2), "draw_counts must be"),
@@ -291,7 +293,7 @@ def test_bootstrap_result_dict_and_table():
 def test_bootstrap_bad_arguments(kwargs, match):
     windows = [torch.randn(4, 3), torch.randn(4, 3)]
     with pytest.raises(ValueError, match=match):
-        U.bootstrap_weights(windows, **kwargs)
+        U.bootstrap_weights(windows, **kwargs, rule="paper")
 
 
 @pytest.mark.parametrize(
@@ -309,12 +311,12 @@ def test_bootstrap_bad_arguments(kwargs, match):
 )
 def test_bootstrap_bad_windows(windows, match):
     with pytest.raises(ChameleonUserError, match=match):
-        U.bootstrap_weights(windows, resamples=2)
+        U.bootstrap_weights(windows, resamples=2, rule="paper")
 
 
 def test_padded_counts_out_of_range():
     with pytest.raises(ChameleonUserError, match="counts must give k = 2"):
-        U.bootstrap_weights(torch.randn(2, 5, 3), counts=[5, 6], resamples=2)
+        U.bootstrap_weights(torch.randn(2, 5, 3), counts=[5, 6], resamples=2, rule="paper")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def _check_sweep_against_loops(sweep, X, mode):
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_sweep_equals_loop_of_scalar_calls(mode):
     X = torch.randn(7, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode=mode, domains=NAMES)
+    sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode=mode, domains=NAMES, rule="paper")
     assert sweep.weights.shape == (5, 3, 7)
     _check_sweep_against_loops(sweep, X, mode)
     assert torch.equal(sweep.weights_at(10.0, 1.0), sweep.weights[3, 1])
@@ -357,14 +359,14 @@ def test_sweep_is_one_krls_call_with_a_tensor_lambda(monkeypatch):
 
     monkeypatch.setattr(U, "krls", counting_krls)
     X = torch.randn(6, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode="pretrain")
+    sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode="pretrain", rule="paper")
     assert calls == [((5, 6, 6), (5,))]
     _check_sweep_against_loops(sweep, X, "pretrain")
 
 
 def test_sweep_dict_and_effective_dimension():
     X = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    sweep = U.sweep_weights(X, [0.01, 100.0], [1.0, 2.0], mode="finetune", domains=NAMES[:4])
+    sweep = U.sweep_weights(X, [0.01, 100.0], [1.0, 2.0], mode="finetune", domains=NAMES[:4], rule="paper")
     d = json.loads(json.dumps(sweep.to_dict()))
     assert d["lambdas"] == [0.01, 100.0] and d["temperatures"] == [1.0, 2.0] and len(d["results"]) == 4
     expected = {"lambda": 0.01, "temperature": 2.0, "weights": dict(zip(NAMES[:4], sweep.weights[0, 1].tolist()))}
@@ -375,23 +377,23 @@ def test_sweep_dict_and_effective_dimension():
     table = U.format_sweep_table(sweep)
     assert len(table.splitlines()) == 5 and "sum(S)" in table
     # Default temperature: the mode's.
-    assert U.sweep_weights(X, [1.0]).temperatures == [5.0]
+    assert U.sweep_weights(X, [1.0], rule="paper").temperatures == [5.0]
 
 
 def test_sweep_bad_arguments():
     X = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ChameleonUserError, match="lambdas must be a non-empty list"):
-        U.sweep_weights(X, [])
+        U.sweep_weights(X, [], rule="paper")
     with pytest.raises(ChameleonUserError, match="lambdas"):
-        U.sweep_weights(X, [1.0, -2.0])
+        U.sweep_weights(X, [1.0, -2.0], rule="paper")
     with pytest.raises(ChameleonUserError, match="temperatures"):
-        U.sweep_weights(X, [1.0], [0.0])
+        U.sweep_weights(X, [1.0], [0.0], rule="paper")
     with pytest.raises(ChameleonUserError, match="square"):
-        U.sweep_weights_from_affinity(torch.ones(2, 3), [1.0])
+        U.sweep_weights_from_affinity(torch.ones(2, 3), [1.0], rule="paper")
     with pytest.raises(ChameleonUserError, match="embeddings must be"):
-        U.sweep_weights(torch.ones(3), [1.0])
+        U.sweep_weights(torch.ones(3), [1.0], rule="paper")
     with pytest.raises(ChameleonUserError, match="was not swept"):
-        U.sweep_weights(X, [1.0]).weights_at(2.0, 5.0)
+        U.sweep_weights(X, [1.0], rule="paper").weights_at(2.0, 5.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +491,7 @@ def test_unstable_ranking_is_reported():
     centre = torch.randn(8, generator=g, dtype=torch.float64)
     windows = [centre + torch.randn(50, 8, generator=g, dtype=torch.float64) for _ in range(4)]
     windows.append(centre + 20.0 + torch.randn(50, 8, generator=g, dtype=torch.float64))
-    res = U.bootstrap_weights(windows, resamples=200, lam=1.0, seed=0, domains=NAMES[:5])
+    res = U.bootstrap_weights(windows, resamples=200, lam=1.0, seed=0, domains=NAMES[:5], rule="paper")
     diag = U.diagnose(res.point, bootstrap=res)
     unstable = [w for w in diag.warnings if w["code"] == "unstable_ranking"]
     assert unstable and NAMES[4] not in unstable[0]["domains"] and "more windows" in unstable[0]["message"]
@@ -549,10 +551,10 @@ def test_plots_write_pngs(tmp_path):
     from .test_plots import check_png
 
     windows, centres = synthetic_windows(k=7, n=64, d=8, seed=11)
-    res = U.bootstrap_weights(windows, resamples=50, domains=NAMES)
+    res = U.bootstrap_weights(windows, resamples=50, domains=NAMES, rule="paper")
     check_png(P.plot_bootstrap(res, tmp_path / "weights.png"))
     check_png(P.plot_bootstrap(json.loads(json.dumps(res.to_dict())), tmp_path / "from_dict.png"))
-    sweep = U.sweep_weights(centres, LAMBDAS, TEMPS, domains=NAMES)
+    sweep = U.sweep_weights(centres, LAMBDAS, TEMPS, domains=NAMES, rule="paper")
     check_png(P.plot_sweep(sweep, tmp_path / "sweep.png"))
     check_png(P.plot_sweep(json.loads(json.dumps(sweep.to_dict())), tmp_path / "sweep_T5.png", temperature=5.0))
     with pytest.raises(ChameleonUserError, match="was not swept"):
@@ -568,11 +570,11 @@ def test_transfer_mode_uses_the_pretraining_rule():
     point = plain_weights(centres, "pretrain", lam=1.0)
     point.mode = "transfer"  # as pipeline.weights_from_embeddings labels it
     res = U.bootstrap_weights(windows, resamples=20, seed=1, point=point)
-    pre = U.bootstrap_weights(windows, resamples=20, seed=1, mode="pretrain", lam=1.0)
+    pre = U.bootstrap_weights(windows, resamples=20, seed=1, mode="pretrain", lam=1.0, rule="paper")
     assert torch.equal(res.weight_samples, pre.weight_samples) and res.to_dict()["mode"] == "transfer"
-    own = U.bootstrap_weights(windows, resamples=20, seed=1, mode="transfer", lam=1.0)
+    own = U.bootstrap_weights(windows, resamples=20, seed=1, mode="transfer", lam=1.0, rule="paper")
     assert torch.equal(own.weight_samples, pre.weight_samples) and own.point.mode == "transfer"
-    sweep = U.sweep_weights(centres, [1.0], mode="transfer")
+    sweep = U.sweep_weights(centres, [1.0], mode="transfer", rule="paper")
     assert sweep.temperatures == [5.0] and torch.equal(sweep.weights[0, 0], point.weights)
     with pytest.raises(ValueError, match="mode must be"):
-        U.sweep_weights(centres, [1.0], mode="mixing")
+        U.sweep_weights(centres, [1.0], mode="mixing", rule="paper")

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from chameleon_ext import io, uncertainty as U
+from chameleon_ext import io, uncertainty as U, weights as W
 from chameleon_ext.cli import main
 from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains, load_domain_embeddings, window_starts
@@ -117,8 +117,9 @@ def test_weights_json_matches_the_library_on_the_cached_windows(work, first_run)
     windows = _cached_windows(str(work / "cache"))
     assert sorted(windows) == sorted(doc["domains"])
     emb = torch.load(work / "w1" / "domain_embeddings.pt", weights_only=False)
-    point = weights_from_embeddings(emb["embeddings"], "pretrain", lam=doc["lambda"], temperature=doc["temperature"],
-                                    domains=emb["domains"])
+    # the command's defaults are the library's: the default rule, lambda chosen from the spectrum
+    point = weights_from_embeddings(emb["embeddings"], "pretrain", domains=emb["domains"])
+    assert doc["lambda"] == point.lam and doc["rule"] == point.rule and doc["lambda_selection"]["method"] == "auto"
     for d in doc["domains"]:  # the point estimate in weights.json is the plain path's
         assert doc["weights"][d] == pytest.approx(float(point.weights[emb["domains"].index(d)]), abs=1e-15)
     boot = U.bootstrap_weights([windows[d] for d in emb["domains"]], resamples=B, seed=0, point=point)
@@ -252,7 +253,7 @@ def test_sweep_from_data_and_proxy_uses_the_cache(work, first_run, capsys):
     _ok(["sweep", "--data", work / "data", "--proxy", work / "proxy" / "model.pt", "--embed-cache", work / "cache",
          *EMBED, "--out", work / "s2", "--no-plots", *COMMON], capsys)
     doc = _json(work / "s2" / "sweep.json")
-    assert doc["lambdas"] == [float(x) for x in U.DEFAULT_SWEEP_LAMBDAS] and doc["temperatures"] == [5.0]
+    assert doc["lambdas"] == [float(x) for x in U.DEFAULT_SWEEP_LAMBDAS] and doc["temperatures"] == [W.RULE_DEFAULTS[W.DEFAULT_RULE]["temperature"]["pretrain"]]
     emb = load_domain_embeddings(str(work / "w1" / "domain_embeddings.pt"))
     plain = weights_from_embeddings(emb.embeddings, lam=10.0, domains=emb.domains)
     at10 = next(r for r in doc["results"] if r["lambda"] == 10.0)

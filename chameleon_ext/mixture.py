@@ -1,0 +1,208 @@
+"""The mixture vocabulary and its checks, in one place.
+
+A *mixture* is a list of k domain names and a weight vector over them. Everything that
+accepts or produces one (the weight maths, the pipeline, the exports, the baselines, the
+command line) checks its inputs with the functions here, so one kind of bad input gets one
+message wherever it comes in. Every check raises :class:`~chameleon_ext.errors.ChameleonUserError`
+(a ``ValueError``) naming the argument and what was expected. Pure Python: importing this
+module loads neither torch nor the compiled ops.
+
+Vocabulary
+    MODES
+        ``"pretrain"`` (shared structure up-weighted: the weight falls with the leverage) and
+        ``"finetune"`` (distinctive domains up-weighted: the weight rises with the leverage).
+        The pipeline adds ``"transfer"`` (new domains, frozen proxy, the pretraining rule).
+    RULES
+        How leverage scores S~ (normalised to sum 1) become weights (docs/method.md, "Rules"):
+
+        * ``"paper"``: the paper's softmax, pretrain softmax(1 / ((S~ + 1e-12) T)), finetune
+          softmax(S~ / T), with the paper's constants lambda = 10, T = 5 / 0.2, no smoothing.
+          ``rule="paper"`` with nothing else set is the faithful method (golden vectors).
+        * ``"power"``: w ∝ S~^(-1/T) (pretrain), S~^(1/T) (finetune): the ratio of two
+          weights is the ratio of their leverages to the power 1/T, so a finite leverage ratio
+          can never turn into a one-hot mixture.
+        * ``"calibrated"``: the paper's softmax with the temperature set so the largest /
+          smallest weight ratio is a target (``ratio``) whenever the fixed temperature would
+          exceed it.
+    Lambda
+        A number (the absolute ridge; mu = lambda k, as the paper) or ``"auto"``: lambda chosen
+        from the centred kernel's spectrum so the effective dimension sum(S) is ``share`` of
+        k - 1 (scale-free: multiplying the embeddings by any factor gives the same weights).
+    Smoothing
+        ``c`` in [0, 1): the weights become (1 - c) w + c prior (prior uniform or given), so no
+        domain can take more than 1 - c (1 - prior_min).
+
+Tolerance
+    A weight vector is valid when every entry is a finite number >= 0 and the entries sum to 1
+    within :data:`WEIGHT_SUM_TOLERANCE` (absolute), the tolerance weights.json readers use.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from typing import List, Mapping, Optional, Sequence, Union
+
+from .errors import ChameleonUserError
+
+__all__ = [
+    "MODES",
+    "PIPELINE_MODES",
+    "RULES",
+    "PRIORS",
+    "AUTO_LAMBDA",
+    "WEIGHT_SUM_TOLERANCE",
+    "COLLAPSE_THRESHOLD",
+    "check_domain_names",
+    "check_weights",
+    "check_weight_map",
+    "check_mode",
+    "check_rule",
+    "check_lambda",
+    "check_positive",
+    "check_temperature",
+    "check_share",
+    "check_smoothing",
+    "check_prior",
+    "rule_of_mode",
+]
+
+MODES = ("pretrain", "finetune")
+PIPELINE_MODES = MODES + ("transfer",)  # transfer: new domains with the frozen proxy, pretraining rule
+RULES = ("paper", "power", "calibrated")
+PRIORS = ("uniform", "natural")
+AUTO_LAMBDA = "auto"
+WEIGHT_SUM_TOLERANCE = 1e-6
+# A mixture with one weight above this has collapsed: the commands say so, and --strict stops.
+COLLAPSE_THRESHOLD = 0.9
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float; it must be a finite real number > 0 (bool refused)."""
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ChameleonUserError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_domain_names(domains, k: Optional[int] = None, what: str = "domains") -> List[str]:
+    """A list of ``k`` (if given) distinct non-empty strings. A bare string is refused:
+    ``list("web")`` would silently invent the domains 'w', 'e', 'b'."""
+    if isinstance(domains, (str, bytes)):
+        raise ChameleonUserError(f"{what}: expected a list of domain names, got the string {domains!r}")
+    if isinstance(domains, Mapping) or not isinstance(domains, Sequence):
+        raise ChameleonUserError(f"{what}: expected a list of domain names, got {type(domains).__name__}")
+    names = list(domains)
+    if not names:
+        raise ChameleonUserError(f"{what}: expected at least one domain name, got an empty list")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ChameleonUserError(f"{what}: names must be non-empty strings, got {name!r}")
+    if k is not None and len(names) != k:
+        raise ChameleonUserError(f"{what}: expected {k} names, got {len(names)}")
+    duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
+    if duplicates:
+        raise ChameleonUserError(f"{what}: names must be unique, got {duplicates} more than once")
+    return names
+
+
+def check_weights(weights, k: Optional[int] = None, what: str = "weights") -> List[float]:
+    """A weight vector as a list of floats: ``k`` (if given) finite numbers >= 0 (bool
+    refused) summing to 1 within :data:`WEIGHT_SUM_TOLERANCE`. Accepts any sequence or a
+    1-d tensor/array (anything with ``tolist``)."""
+    if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):
+        weights = weights.tolist()
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
+        raise ChameleonUserError(f"{what}: expected a vector of numbers, got {type(weights).__name__}")
+    values = list(weights)
+    if not values:
+        raise ChameleonUserError(f"{what}: expected at least one weight, got an empty vector")
+    if k is not None and len(values) != k:
+        raise ChameleonUserError(f"{what}: expected {k} weights, got {len(values)}")
+    for i, v in enumerate(values):
+        if not _is_real(v) or not math.isfinite(float(v)) or float(v) < 0:
+            raise ChameleonUserError(f"{what}: entry {i} must be a finite number >= 0, got {v!r}")
+    total = math.fsum(float(v) for v in values)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise ChameleonUserError(f"{what}: must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), got sum {total!r}")
+    return [float(v) for v in values]
+
+
+def check_weight_map(weights: Mapping[str, float], domains: Optional[Sequence[str]] = None,
+                     what: str = "weights") -> dict:
+    """``{domain: weight}`` checked as :func:`check_weights`, with names checked as
+    :func:`check_domain_names`; with ``domains``, exactly those keys (returned in that order)."""
+    if not isinstance(weights, Mapping):
+        raise ChameleonUserError(f"{what}: expected a mapping domain -> weight, got {type(weights).__name__}")
+    names = check_domain_names(list(weights), what=f"{what} (domain names)")
+    if domains is not None:
+        order = check_domain_names(domains)
+        extra, missing = sorted(set(names) - set(order)), sorted(set(order) - set(names))
+        if extra or missing:
+            raise ChameleonUserError(f"{what}: domains only in the weights {extra}, missing from the weights {missing}")
+        names = order
+    values = check_weights([weights[n] for n in names], what=what)
+    return dict(zip(names, values))
+
+
+def check_mode(mode, allowed: Sequence[str] = MODES) -> str:
+    """One of ``allowed`` (default :data:`MODES`)."""
+    if not isinstance(mode, str) or mode not in allowed:
+        raise ChameleonUserError(f"mode: expected one of {tuple(allowed)}, got {mode!r}")
+    return mode
+
+
+def rule_of_mode(mode: str) -> str:
+    """The weight direction of a pipeline mode: ``transfer`` uses the pretraining one."""
+    return "pretrain" if check_mode(mode, PIPELINE_MODES) == "transfer" else mode
+
+
+def check_rule(rule) -> str:
+    """One of :data:`RULES`."""
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ChameleonUserError(f"rule: expected one of {RULES}, got {rule!r}")
+    return rule
+
+
+def check_lambda(lam) -> Union[float, str]:
+    """A finite number > 0 (the absolute ridge) or ``"auto"`` (scale-free, chosen from the
+    spectrum)."""
+    if isinstance(lam, str):
+        if lam == AUTO_LAMBDA:
+            return lam
+        raise ChameleonUserError(f"lambda: expected a finite number > 0 or {AUTO_LAMBDA!r}, got {lam!r}")
+    if not _is_real(lam) or not math.isfinite(float(lam)) or float(lam) <= 0:
+        raise ChameleonUserError(f"lambda: expected a finite number > 0 or {AUTO_LAMBDA!r}, got {lam!r}")
+    return float(lam)
+
+
+def check_temperature(value) -> float:
+    return check_positive("temperature", value)
+
+
+def check_share(value) -> float:
+    """The effective-dimension share of the scale-free lambda: a number in (0, 1)."""
+    if not _is_real(value) or not 0.0 < float(value) < 1.0:
+        raise ChameleonUserError(f"share: expected a number in (0, 1) (effective dimension / (k - 1)), got {value!r}")
+    return float(value)
+
+
+def check_smoothing(value) -> float:
+    """The smoothing toward the prior: a number in [0, 1)."""
+    if not _is_real(value) or not 0.0 <= float(value) < 1.0:
+        raise ChameleonUserError(f"smoothing: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_prior(prior, k: int) -> List[float]:
+    """The smoothing prior as k floats: ``"uniform"``, or a weight vector (e.g. the natural
+    token shares) checked as :func:`check_weights`."""
+    if isinstance(prior, str):
+        if prior == "uniform":
+            return [1.0 / k] * k
+        raise ChameleonUserError(f"prior: expected 'uniform' or a weight vector of {k} numbers, got {prior!r}")
+    return check_weights(prior, k, what="prior")
