@@ -28,6 +28,15 @@ def _load_builder():
 bc = _load_builder()
 
 
+def _load_tables():
+    spec = importlib.util.spec_from_file_location(
+        "real_text_tables", ROOT / "benchmarks" / "real_text" / "tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _words(rng, n_lines, width=60):
     vocab = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "kappa"]
     lines = []
@@ -220,3 +229,29 @@ def test_unknown_domain_and_missing_text_are_refused(tmp_path):
         bc.build(tmp_path / "y", empty, domains=["fortunes"])
     assert not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".y.")]   # temp folder removed
+
+
+def test_summary_table_hand_case(tmp_path):
+    """The evidence summary: interval half-widths, the signed difference, the largest weight
+    and the collapse mark, on a hand-written compare.json."""
+    tables = _load_tables()
+
+    def iv(mean, low, high):
+        return {"mean": mean, "low": low, "high": high}
+
+    doc = {"stats": {"mixtures": {
+        "uniform": {"perplexity": {"average": iv(10.0, 9.0, 11.0)}, "difference_to_baseline": None},
+        "chameleon-paper": {"perplexity": {"average": iv(17.5, 14.0, 21.0)},
+                            "difference_to_baseline": {"average": iv(7.5, 4.5, 10.5)}}}},
+        "mixtures": {"uniform": {"weights": {"a": 0.5, "b": 0.5}},
+                     "chameleon-paper": {"weights": {"a": 0.0625, "b": 0.9375}}},
+        "collapsed": {"chameleon-paper": {"domain": "b", "weight": 0.9375}},
+        "seeds": [0, 1, 2], "tokens_per_run": 1000, "command": "chameleon compare x"}
+    (tmp_path / "compare.json").write_text(json.dumps(doc))
+    docs = tables.load_docs([str(tmp_path)])
+    assert [lab for lab, _ in docs] == ["pretrain"]
+    md = tables.summary_table(docs)
+    assert "| uniform | 10.00 ± 1.00 | — | a 0.500 |" in md
+    assert "| chameleon-paper | 17.50 ± 3.50 | +7.50 ± 3.00 | b 0.938 **COLLAPSED** |" in md
+    assert "1,000 tokens per run" in md and "`chameleon compare x`" in md
+    assert tables.main([str(tmp_path / "missing")]) == 2
