@@ -5,7 +5,6 @@ No apt-get here: the tree holds a dpkg status file, dpkg file lists and the file
 import gzip
 import importlib.util
 import json
-import os
 import stat
 import sys
 from pathlib import Path
