@@ -2,7 +2,8 @@
 (docs/method.md, "Rules"). Reads the embeddings benchmarks/study_embeddings.py wrote.
 
     python -m benchmarks.study_embeddings --corpus builtin --corpus realtext=/work/evidence/corpus --out runs/study
-    python -m benchmarks.mixture_rules_study --study runs/study --out runs/study/report.md [--validate]
+    python -m benchmarks.mixture_rules_study --study runs/study --out runs/study/report.md [--validate] \
+        [--validate-finetune] [--corpus realtext=/work/evidence/corpus]
 
 For every corpus x proxy setting x candidate rule it reports
   * the largest weight (the collapse test: the default must stay <= 0.9 everywhere);
@@ -12,15 +13,17 @@ For every corpus x proxy setting x candidate rule it reports
     reward a duplicated domain, because each copy explains the other);
   * sensitivity curves: the largest weight against each rule's parameter;
   * with ``--validate``: average VALIDATION perplexity of small base models trained on each
-    candidate mixture (the test split is never read; ``chameleon compare`` reports test).
+    candidate mixture (the test split is never read; ``chameleon compare`` reports test);
+  * with ``--validate-finetune``: the finetuning rules the same way (a start model trained on
+    the other domains, then finetuning runs from it on each candidate mixture).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import math
 import os
+import re
 import time
 
 import torch
@@ -37,6 +40,9 @@ CANDIDATES = {
     "power T=2": {"rule": "power", "temperature": 2.0, "smoothing": 0.0},
     "power T=1 + smoothing 0.2": {"rule": "power", "temperature": 1.0, "smoothing": 0.2},
     "power T=2 + smoothing 0.2": {"rule": "power", "temperature": 2.0, "smoothing": 0.2},
+    # the same toward the natural mixture (token shares of the training split) instead of uniform
+    "power T=2 + smoothing 0.2 to natural": {"rule": "power", "temperature": 2.0, "smoothing": 0.2,
+                                              "prior": "natural"},
 }
 SENSITIVITY = {
     "power: T": ("temperature", [0.25, 0.5, 1.0, 2.0, 4.0], {"rule": "power", "smoothing": 0.0}),
@@ -61,16 +67,36 @@ def weights(X, mode="pretrain", **kw):
     return weights_from_embeddings(X, mode=mode, **kw).weights
 
 
+def resolve(kw, rec, split=None):
+    """``kw`` with ``prior="natural"`` replaced by the corpus's token shares (after splitting
+    domain ``split`` into two halves, each half has half its tokens)."""
+    if kw.get("prior") != "natural":
+        return kw
+    p = list(rec["natural"])
+    if split is not None:
+        half = p.pop(split) / 2.0
+        p += [half, half]
+    return {**kw, "prior": p}
+
+
+def natural_shares(spec: str, domains, tokens_dir: str):
+    from benchmarks.study_embeddings import load_corpus
+
+    _, ds = load_corpus(spec, tokens_dir)
+    counts = [ds.n_tokens(d, "train") for d in domains]
+    return [c / sum(counts) for c in counts]
+
+
 def split_growth(rec, kw, mode="pretrain"):
     """Per domain j: (pair's total weight after splitting j into its even/odd windows) / (j's weight)."""
     W = [w.double() for w in rec["windows"]]
     X = torch.stack([w.mean(0) for w in W])
-    base = weights(X, mode, **kw)
+    base = weights(X, mode, **resolve(kw, rec))
     growth = []
     for j in range(len(W)):
         halves = torch.stack([W[j][0::2].mean(0), W[j][1::2].mean(0)])
         Xs = torch.cat([X[:j], X[j + 1:], halves])
-        ws = weights(Xs, mode, **kw)
+        ws = weights(Xs, mode, **resolve(kw, rec, split=j))
         growth.append(float(ws[-2:].sum() / base[j]))
     return growth
 
@@ -79,7 +105,7 @@ def fmt_w(w):
     return " ".join(f"{v:.3f}" for v in w.tolist())
 
 
-def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=None):
+def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=None, work="runs/study/validate"):
     """Average validation perplexity of a tiny base model per candidate mixture (compare's default
     budget: tiny preset, 64-token blocks, batch 16), mixtures from the tiny-40 proxy."""
     from benchmarks.study_embeddings import load_corpus
@@ -103,7 +129,7 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
         X = torch.stack([w.double().mean(0) for w in rec["windows"]])
         mixes = {"uniform": "uniform"}
         for label in candidates:
-            mixes[label] = dict(zip(rec["domains"], weights(X, **CANDIDATES[label]).tolist()))
+            mixes[label] = dict(zip(rec["domains"], weights(X, **resolve(CANDIDATES[label], rec)).tolist()))
         for label, mix in mixes.items():
             if f"{corpus}|{label}" in done:
                 ppl = done[f"{corpus}|{label}"]
@@ -111,7 +137,7 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
                 continue
             ppl = []
             for seed in seeds:
-                out = f"/tmp/i17_validate/{corpus}/{abs(hash(label)) % 10**8}/{seed}"
+                out = os.path.join(work, corpus, re.sub(r"[^A-Za-z0-9]+", "-", label), str(seed))
                 cfg = TrainConfig(steps=steps, batch_size=16, block_size=64, lr=3e-3, warmup_steps=10, eval_every=0,
                                   ckpt_every=steps, seed=seed, device="cpu", out_dir=out, quiet=True, log_every=steps)
                 model = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=seed)
@@ -127,23 +153,90 @@ def validate(corpora, records, candidates, seeds=(0, 1), steps=60, cache_path=No
     return rows
 
 
+FINETUNE_DOMAINS = {"builtin": ["math", "code", "web"], "realtext": ["python", "c_headers", "manpages"]}
+FINETUNE_CANDIDATES = {
+    "paper": {"rule": "paper"},
+    "calibrated ratio 10": {"rule": "calibrated"},
+    "power T=1 + smoothing 0.2 (default)": {"rule": "power", "temperature": 1.0, "smoothing": 0.2},
+    "power T=0.5 + smoothing 0.2": {"rule": "power", "temperature": 0.5, "smoothing": 0.2},
+}
+
+
+def validate_finetune(corpora, work, seeds=(0, 1), start_steps=60, steps=40):
+    """The finetuning rules on VALIDATION data: a tiny start model trained on the other domains
+    (uniform), the finetuning domains embedded with it as the frozen proxy (as `compare` does),
+    then `steps` finetuning steps per mixture and seed; mean validation perplexity over the
+    finetuning domains."""
+    from benchmarks.study_embeddings import load_corpus
+    from chameleon_ext.compare import DatasetView
+    from chameleon_ext.embed import EmbedConfig, embed_domains
+    from chameleon_ext.evaluation import evaluate
+    from chameleon_ext.model import GPT, GPTConfig
+    from chameleon_ext.trainer import TrainConfig, train
+
+    def cfg(out, n, seed):
+        return TrainConfig(steps=n, batch_size=16, block_size=64, lr=3e-3, warmup_steps=min(10, n - 1), eval_every=0,
+                           ckpt_every=n, seed=seed, device="cpu", out_dir=out, quiet=True, log_every=n)
+
+    rows = {}
+    for corpus, spec in corpora.items():
+        fdoms = FINETUNE_DOMAINS.get(corpus)
+        if not fdoms:
+            continue
+        spec = spec if spec == "builtin" else f"{corpus}={spec}"
+        _, ds = load_corpus(spec, os.path.join(work, "..", corpus, "tokens"))
+        pre = DatasetView(ds, [d for d in ds.domains if d not in fdoms])
+        fview = DatasetView(ds, fdoms)
+        folder = os.path.join(work, "finetune", corpus)
+        start = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=0)
+        train(start, pre, "uniform", cfg(os.path.join(folder, "start"), start_steps, 0), resume=False)
+        start_path = os.path.join(folder, "start", "model.pt")
+        emb = embed_domains(start, fview, EmbedConfig(n_windows=128, window=64, seed=0), device="cpu")
+        mixes = {"uniform": "uniform"}
+        for label, kw in FINETUNE_CANDIDATES.items():
+            mixes[label] = dict(zip(emb.domains, weights(emb.embeddings, "finetune", **kw).tolist()))
+        for label, mix in mixes.items():
+            ppl = []
+            for seed in seeds:
+                out = os.path.join(folder, re.sub(r"[^A-Za-z0-9]+", "-", label), str(seed))
+                model = GPT(GPTConfig.preset("tiny", ds.vocab_size, 64), seed=seed)
+                train(model, fview, mix, cfg(out, steps, seed), resume=False, init_from=start_path)
+                ev = evaluate(model, fview, 32, 64, seed=0, device="cpu", split="val")
+                ppl.append(ev["average"]["mean_ppl"])
+            top = max(mix.values()) if isinstance(mix, dict) else 1.0 / len(fdoms)
+            rows[(corpus, label)] = (sum(ppl) / len(ppl), ppl, top)
+            print(f"finetune {corpus} {label}: {rows[(corpus, label)][0]:.3f} {ppl} max weight {top:.3f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="runs/study")
     p.add_argument("--out", default=None, help="write the report (markdown) here too")
     p.add_argument("--validate", action="store_true")
+    p.add_argument("--validate-finetune", action="store_true",
+                   help="also the finetuning rules on validation data (start model + finetuning runs)")
     p.add_argument("--corpus", action="append", default=[], help="NAME=FOLDER of a corpus to validate on")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     records = load_all(args.study)
+    specs = {"builtin": "builtin", **{c.split("=", 1)[0]: c for c in args.corpus}}
+    shares = {}
     for key, rec in records.items():
         rec["_path"] = os.path.join(args.study, key[0], key[1], "embeddings.pt")
+        if key[0] in specs:
+            if key[0] not in shares:
+                shares[key[0]] = natural_shares(specs[key[0]], rec["domains"], os.path.join(args.study, key[0], "tokens"))
+            rec["natural"] = shares[key[0]]
     lines = ["# Mixture rules study", ""]
 
     def say(line=""):
         print(line, flush=True)
         lines.append(line)
 
+    for corpus, p in shares.items():
+        say(f"natural token shares of {corpus}: " + ", ".join(f"{v:.3f}" for v in p))
+    say("")
     say("## Largest weight (pretraining) and split-domain growth per corpus x proxy")
     say("")
     say("growth = pair total / original weight when one domain is split into two near-identical halves "
@@ -155,7 +248,9 @@ def main(argv=None) -> int:
     for (corpus, setting), rec in records.items():
         X = torch.stack([w.double().mean(0) for w in rec["windows"]])
         for label, kw in CANDIDATES.items():
-            w = weights(X, **kw)
+            if kw.get("prior") == "natural" and "natural" not in rec:
+                continue
+            w = weights(X, **resolve(kw, rec))
             g = split_growth(rec, kw)
             worst[label] = max(worst.get(label, 0.0), float(w.max()))
             say(f"| {corpus} | {setting} | {label} | {float(w.max()):.3f} | {fmt_w(w)} | {max(g):.2f} | "
@@ -191,7 +286,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.validate:
         corpora = {"builtin": "builtin", **dict(c.split("=", 1) for c in args.corpus)}
-        rows = validate(corpora, records, list(CANDIDATES), cache_path=os.path.join(args.study, "validation.json"))
+        rows = validate(corpora, records, list(CANDIDATES), cache_path=os.path.join(args.study, "validation.json"),
+                        work=os.path.join(args.study, "validate"))
         say("## Validation perplexity (tiny base model, 60 steps, 2 seeds; mixtures from the tiny-40 proxy)")
         say("")
         say("| corpus | mixture | mean val ppl | per seed |")
@@ -199,6 +295,17 @@ def main(argv=None) -> int:
         for (corpus, label), (mean, per) in rows.items():
             say(f"| {corpus} | {label} | {mean:.3f} | {', '.join(f'{v:.3f}' for v in per)} |")
         say(f"\n(validation took {time.perf_counter() - t0:.0f} s)")
+    if args.validate_finetune:
+        corpora = {"builtin": "builtin", **dict(c.split("=", 1) for c in args.corpus)}
+        rows = validate_finetune(corpora, os.path.join(args.study, "validate"))
+        say("## Finetuning rules on validation data (tiny start model 60 steps on the other domains, "
+            "40 finetuning steps, 2 seeds)")
+        say("")
+        say("| corpus | finetuning domains | mixture | mean val ppl | per seed | max weight |")
+        say("|---|---|---|---:|---|---:|")
+        for (corpus, label), (mean, per, top) in rows.items():
+            say(f"| {corpus} | {', '.join(FINETUNE_DOMAINS[corpus])} | {label} | {mean:.3f} | "
+                f"{', '.join(f'{v:.3f}' for v in per)} | {top:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

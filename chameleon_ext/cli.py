@@ -445,7 +445,7 @@ def _file_collapse_fix(path: str) -> str:
         w = weights_from_embeddings(emb.embeddings, direction, rule=DEFAULT_RULE).weights
         return (f"`chameleon weights --embeddings {emb_path}` (the default {DEFAULT_RULE} rule) gives at most "
                 f"{float(w.max()):.3f} on the same embeddings")
-    except Exception:  # no usable embeddings beside the file: the file's own scores
+    except (ChameleonUserError, OSError, ValueError):  # no usable embeddings beside it: the file's own scores
         lev = doc.get("leverage")
         if isinstance(lev, dict) and set(lev) == set(doc["domains"]):
             w = weights_from_scores([lev[d] for d in doc["domains"]], direction, rule=DEFAULT_RULE)

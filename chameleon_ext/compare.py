@@ -787,9 +787,12 @@ def _check_collapsed(mixtures: dict, cfg: CompareConfig, tokens: int, say) -> di
     from .weights import DEFAULT_RULE
 
     out = {}
+    default = mixtures.get("chameleon")
     for label, m in mixtures.items():
-        fix = (f"the chameleon mixture (the default {DEFAULT_RULE} rule) in this table" if label == "chameleon-paper"
-               else None)
+        fix = None
+        if label == "chameleon-paper" and default is not None:  # the default rule on the same proxy's data
+            fix = (f"the chameleon mixture in this table (the default {DEFAULT_RULE} rule) puts at most "
+                   f"{max(default['weights'].values()):.3f} on one domain")
         lines = collapse_lines(m["weights"], tokens, fix, f"mixture {label!r}")
         if lines:
             top = max(m["weights"], key=m["weights"].get)

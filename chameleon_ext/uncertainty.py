@@ -71,6 +71,7 @@ from .ops import krls
 from .mixture import AUTO_LAMBDA, COLLAPSE_THRESHOLD, MODES
 from .weights import (
     DEFAULT_RULE,
+    DEFAULT_SHARE,
     RULE_DEFAULTS,
     DomainWeights,
     linear_affinity,
@@ -838,17 +839,21 @@ def collapse_fix(point: DomainWeights) -> str:
 
     k = len(point.weights)
     direction = _softmax_rule(point.mode)
-    default = RULE_DEFAULTS[DEFAULT_RULE]
     own = RULE_DEFAULTS[point.rule]
-    dropped = ([f"--rule {point.rule}"] if point.rule != DEFAULT_RULE else []) + (
-        [f"--smoothing {point.smoothing:g}"] if point.smoothing < default["smoothing"]
-        and point.smoothing != own["smoothing"] or point.rule == DEFAULT_RULE and point.smoothing < default["smoothing"]
-        else [])
-    if dropped:  # and whatever was set beyond the rule's own defaults
-        if point.rule != "calibrated" and point.temperature != own["temperature"][direction]:
-            dropped.append(f"--temperature {point.temperature:g}")
-        if point.lambda_method != "auto" and point.lam != own["lam"]:
-            dropped.append(f"--lam {point.lam:g}")
+    # The options that made this result differ from the default: the rule, and whatever was
+    # set beyond that rule's own defaults.
+    dropped = [f"--rule {point.rule}"] if point.rule != DEFAULT_RULE else []
+    if point.smoothing != own["smoothing"]:
+        dropped.append(f"--smoothing {point.smoothing:g}")
+    if point.rule != "calibrated" and point.temperature != own["temperature"][direction]:
+        dropped.append(f"--temperature {point.temperature:g}")
+    if point.lambda_method != "auto" and point.lam != own["lam"]:
+        dropped.append(f"--lam {point.lam:g}")
+    if point.lambda_method == "auto" and point.share != DEFAULT_SHARE:
+        dropped.append(f"--share {point.share:g}")
+    if not point.normalize:
+        dropped.append("--no-normalize")
+    if dropped:
         kwargs, options = {}, f"the default rule and settings (drop {', '.join(dropped)})"
     else:
         c = min(0.5, max(2 * point.smoothing, 0.2))

@@ -64,7 +64,7 @@ __all__ = [
     "domain_weights_from_affinity",
 ]
 
-# The paper's constants: rule="paper" uses them (and so does any rule given lam=DEFAULT_LAMBDA).
+# The paper's constants: rule="paper"'s defaults (kept under these names for older callers).
 DEFAULT_LAMBDA = 10.0
 DEFAULT_TEMPERATURE = {"pretrain": 5.0, "finetune": 0.2}
 # The scale-free lambda's target: effective dimension sum(S) = DEFAULT_SHARE * (k - 1).
@@ -102,6 +102,7 @@ class DomainWeights:
     share: Optional[float] = None  # the target share of k - 1 when lambda_method == "auto"
     ratio: Optional[float] = None  # the calibrated rule's largest / smallest weight target
     prior: Optional[List[float]] = None  # the smoothing prior; None: uniform
+    rule_temperature: Optional[float] = None  # the rule's temperature setting (calibrated: before calibration)
     # How far to trust the weights (chameleon_ext.uncertainty), set by the pipeline on rank 0:
     # the BootstrapResult (None without per-window means or with 0 resamples) and Diagnostics.
     bootstrap: Optional[object] = field(default=None, repr=False, compare=False)
@@ -113,9 +114,11 @@ class DomainWeights:
 
     @property
     def settings(self) -> dict:
-        """What a bootstrap needs to redo these weights on a resample (:func:`weights_from_affinity`'s keywords)."""
+        """What a bootstrap needs to redo these weights on a resample (:func:`weights_from_affinity`'s
+        keywords; the calibrated rule's setting, not the temperature it calibrated to)."""
+        T = self.temperature if self.rule_temperature is None else self.rule_temperature
         return {"mode": self.mode, "rule": self.rule, "lam": AUTO_LAMBDA if self.lambda_method == "auto" else self.lam,
-                "temperature": self.temperature if self.rule != "calibrated" else None, "share": self.share,
+                "temperature": T, "share": self.share,
                 "smoothing": self.smoothing, "ratio": self.ratio, "normalize": self.normalize}
 
     # Names of releases before 0.3 (the fields were called like the op).
@@ -339,7 +342,7 @@ def weights_from_affinity(
     raw = krls(A, lam, center=center, scale_by_k=True)
     total = float(raw.sum())
     extra = dict(rule=s["rule"], smoothing=s["smoothing"], lambda_method="auto" if auto else "fixed",
-                 share=s["share"] if auto else None, ratio=s["ratio"],
+                 share=s["share"] if auto else None, ratio=s["ratio"], rule_temperature=s["temperature"],
                  prior=None if isinstance(prior, str) else prior_vec)
     T = s["temperature"]
     if k == 1:

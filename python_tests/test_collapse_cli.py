@@ -121,6 +121,12 @@ def test_compare_marks_collapsed_mixtures_and_strict_stops():
     assert collapsed == {"chameleon-paper": {"domain": "alpha", "weight": 0.97}}
     assert any("collapsed mixture 'chameleon-paper'" in line for line in said)
     assert any("alpha 970, digits 10" in line for line in said)
+    assert not any("fix:" in line for line in said)  # no default-rule mixture to point at
+    said.clear()
+    compare._check_collapsed({**mixtures, "chameleon": {"weights": {d: 0.25 for d in DOMAINS}}}, cfg, 1000,
+                             said.append)
+    assert any("fix: the chameleon mixture in this table (the default power rule) puts at most 0.250" in line
+               for line in said)
     assert "COLLAPSED mixtures" in compare._collapsed_note(collapsed) and "chameleon-paper" in compare._collapsed_note(
         collapsed)
     assert compare._collapsed_note({}) == ""
@@ -141,3 +147,42 @@ def test_collapse_lines_only_above_the_threshold():
     lines = U.collapse_lines({"a": 0.95, "b": 0.05}, 100, "do X")
     assert lines[0].startswith("WARNING: collapsed mixture: 'a' takes 0.9500")
     assert lines[1] == "  tokens per domain over this run's 100 tokens: a 95, b 5" and lines[2] == "  fix: do X"
+
+
+def test_run_strict_stops_before_the_base_models(tmp_path, capsys):
+    # A power rule this sharp (T = 0.01, no smoothing) puts everything on the lowest-leverage domain.
+    data = write_text_domains(tmp_path / "data", names=TEXT_DOMAINS)
+    argv = ["run", "--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--block-size", 16, "--batch-size", 2,
+            "--proxy-steps", 2, "--steps", 1, "--warmup", 0, "--n-windows", 4, "--window", 16, "--bootstrap", 0,
+            "--no-plots", "--device", "cpu", "--quiet", "--smoothing", "0", "--temperature", "0.01", "--strict"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and "--strict: the chameleon mixture is collapsed" in err
+    assert "WARNING: collapsed chameleon mixture" in out and f"over this run's {1 * 2 * 16:,} tokens" in out
+    assert "fix: the default rule and settings (drop --smoothing 0, --temperature 0.01) gives at most" in out
+    assert not os.path.exists(tmp_path / "r" / "base")  # no base model was trained on it
+
+
+def test_collapse_fix_names_every_option_it_drops_and_its_result_is_the_default(emb_path):
+    X = torch.load(emb_path)["embeddings"]
+    point = W.weights_from_embeddings(X, rule="paper", lam=3.0, normalize=False, domains=DOMAINS)
+    fix = U.collapse_fix(point)
+    assert fix.startswith("the default rule and settings (drop --rule paper, --lam 3, --no-normalize) gives at most ")
+    assert f"at most {float(W.weights_from_embeddings(X).weights.max()):.3f}" in fix
+    share = W.weights_from_embeddings(X, share=0.9, smoothing=0.0, temperature=0.05)
+    assert "(drop --smoothing 0, --temperature 0.05, --share 0.9)" in U.collapse_fix(share)
+
+
+def test_train_advice_without_embeddings_uses_the_file_s_leverage(emb_path, tmp_path, capsys):
+    import shutil
+
+    data = write_text_domains(tmp_path / "data", names=TEXT_DOMAINS)
+    assert run_cli(_weights(emb_path, tmp_path / "w", "--rule", "paper"), capsys)[0] == 0
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "w" / "weights.json", tmp_path / "alone" / "weights.json")
+    doc = json.loads((tmp_path / "alone" / "weights.json").read_text())
+    code, out, err = run_cli(["train", "--data", data, "--weights", tmp_path / "alone" / "weights.json", "--preset",
+                              "tiny", "--block-size", 16, "--steps", 1, "--out", tmp_path / "t", "--strict",
+                              "--device", "cpu", "--quiet"], capsys)
+    assert code == 2
+    w = W.weights_from_scores([doc["leverage"][d] for d in DOMAINS], "pretrain")
+    assert f"on this file's leverage scores it gives at most {float(w.max()):.3f}" in out and float(w.max()) < 0.9

@@ -353,6 +353,11 @@ def test_new_domains_scenario(compared, ds, monkeypatch):
     absorb = doc["absorb_new_domains"]
     cham = absorb["chameleon"]["entries"]
     assert len(cham) == 1 and cham[0]["kind"] == "forward" and cham[0]["tokens"] == 1 * 4 * 16
+    # the paper's variant is transferred the same way, with its own rule
+    paper = absorb["chameleon-paper"]["entries"]
+    assert len(paper) == 1 and paper[0]["kind"] == "forward" and paper[0]["tokens"] == 1 * 4 * 16
+    assert doc["mixtures"]["chameleon-paper"]["info"]["rule"] == "paper"
+    assert doc["mixtures"]["chameleon"]["info"]["rule"] == "power"
     assert absorb["doremi"]["summary"]["doremi"]["flops"] == doc["compute"]["summary"]["doremi"]["flops"]
     assert absorb["uniform"]["entries"] == []
     # Chameleon's proxy saw only the old domains
@@ -408,8 +413,10 @@ def test_cli_compare_ckpt_every(text_root, tmp_path, monkeypatch, capsys):
 def test_finetune_scenario(compared, ds, text_root):
     _, _, out, _ = compared
     doc, lines = _run(ds, out, scenario="finetune", finetune_domains=["digits", "dna"], finetune_steps=2,
-                      mixtures=["uniform", "chameleon", "doremi", "regmix"])
-    assert doc["not_in_scenario"] == ["regmix"] and set(doc["runs"]) == {"uniform", "chameleon", "doremi"}
+                      mixtures=["uniform", "chameleon", "chameleon-paper", "doremi", "regmix"])
+    assert doc["not_in_scenario"] == ["regmix"]
+    assert set(doc["runs"]) == {"uniform", "chameleon", "chameleon-paper", "doremi"}
+    assert doc["mixtures"]["chameleon-paper"]["info"] == {**doc["mixtures"]["chameleon"]["info"], "rule": "paper"}
     assert doc["pretrain_domains"] == ["alpha"] and doc["domains"] == ["digits", "dna"]
     for mix in doc["mixtures"].values():
         assert list(mix["weights"]) == ["digits", "dna"]

@@ -290,3 +290,79 @@ def test_calibrated_temperature_is_recorded():
     assert res.temperature >= 5.0 and res.ratio == 10.0
     assert float(res.weights.max() / res.weights.min()) <= 10.0 + 1e-9
     assert W.weights_from_scores(S, rule="calibrated").shape == (6,)
+
+
+# --------------------------------------------------------------------------------------------
+# The scale-free lambda under the bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_chooses_lambda_again_on_every_resample():
+    from chameleon_ext import uncertainty as U
+
+    g = torch.Generator().manual_seed(21)
+    centres = torch.randn(5, 6, generator=g, dtype=torch.float64) * 3.0
+    windows = [c + torch.randn(12, 6, generator=g, dtype=torch.float64) for c in centres]
+    point = W.weights_from_embeddings(torch.stack([w.mean(0) for w in windows]))
+    counts = [torch.randint(0, 3, (8, 12), generator=g).double() for _ in windows]
+    for c in counts:
+        c[:, 0] += 1.0  # at least one window per resample
+    res = U.bootstrap_weights(windows, resamples=8, point=point, draw_counts=counts, window_fractions=())
+    assert res.lambda_samples is not None and res.lambda_samples.shape == (8,)
+    for b in range(8):
+        X = torch.stack([(c[b] @ w) / c[b].sum() for c, w in zip(counts, windows)])
+        own = W.weights_from_embeddings(X)  # the plain path on that resample: its own lambda
+        assert abs(float(res.lambda_samples[b]) / own.lam - 1.0) < 1e-9
+        torch.testing.assert_close(res.weight_samples[b], own.weights, rtol=0, atol=1e-12)
+        assert abs(float(res.effective_dimension_samples[b]) - W.DEFAULT_SHARE * 4) < 1e-9
+    interval = res.to_dict()["lambda_interval"]
+    assert interval["point"] == point.lam and interval["low"] <= interval["high"]
+    assert interval["low"] >= float(res.lambda_samples.min()) - 1e-12
+    assert interval["high"] <= float(res.lambda_samples.max()) + 1e-12
+    fixed = U.bootstrap_weights(windows, resamples=8, point=W.weights_from_embeddings(
+        torch.stack([w.mean(0) for w in windows]), rule="paper"), draw_counts=counts, window_fractions=())
+    assert fixed.lambda_samples is None and fixed.to_dict()["lambda_interval"] is None
+
+
+@pytest.mark.parametrize("rule", list(mixture.RULES))
+def test_degenerate_inputs_under_every_rule(rule):
+    with pytest.warns(UserWarning, match="only one domain"):
+        res = W.weights_from_embeddings(torch.randn(1, 8, dtype=torch.float64), rule=rule)
+    assert res.weights.tolist() == [1.0]
+    for mode in mixture.MODES:  # every domain at one point: nothing tells them apart
+        with pytest.warns(UserWarning, match="identical embeddings"):
+            res = W.weights_from_embeddings(torch.full((3, 4), 7.0, dtype=torch.float64), mode, rule=rule)
+        torch.testing.assert_close(res.weights, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_the_default_never_collapses(mode):
+    """The default's cap holds for any input: random embeddings of k = 2..12 domains at scales
+    1e-6..1e6, with one domain on (or near) the others' centroid, and exact duplicates."""
+    g = torch.Generator().manual_seed(99)
+    c = W.RULE_DEFAULTS[W.DEFAULT_RULE]["smoothing"]
+    for k in range(2, 13):
+        for scale in (1e-6, 1.0, 1e6):
+            for case in range(3):
+                X = torch.randn(k, 5, generator=g, dtype=torch.float64)
+                if case == 1:
+                    X[0] = X[1:].mean(0)  # on the centroid: zero leverage
+                if case == 2 and k > 2:
+                    X[1] = X[0]  # an exact duplicate
+                w = W.weights_from_embeddings(X * scale, mode).weights
+                cap = 0.5 if k == 2 else 1.0 - c * (1.0 - 1.0 / k)
+                assert float(w.max()) <= cap + 1e-12 and float(w.max()) <= mixture.COLLAPSE_THRESHOLD
+
+
+def test_bootstrap_of_the_calibrated_rule_keeps_its_settings():
+    from chameleon_ext import uncertainty as U
+
+    g = torch.Generator().manual_seed(4)
+    windows = [c + 0.3 * torch.randn(10, 6, generator=g, dtype=torch.float64)
+               for c in torch.randn(5, 6, generator=g, dtype=torch.float64)]
+    X = torch.stack([w.mean(0) for w in windows])
+    point = W.weights_from_embeddings(X, rule="calibrated", temperature=3.0, ratio=1e3)  # not binding: T matters
+    ones = [torch.ones(1, 10, dtype=torch.float64)] * 5  # the identity resample
+    res = U.bootstrap_weights(windows, resamples=1, point=point, draw_counts=ones, window_fractions=())
+    torch.testing.assert_close(res.weight_samples[0], point.weights, rtol=0, atol=1e-12)
+    assert point.settings["temperature"] == 3.0 and point.settings["ratio"] == 1e3 and point.temperature == 3.0

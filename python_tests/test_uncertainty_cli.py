@@ -125,6 +125,9 @@ def test_weights_json_matches_the_library_on_the_cached_windows(work, first_run)
     boot = U.bootstrap_weights([windows[d] for d in emb["domains"]], resamples=B, seed=0, point=point)
     expected = json.loads(json.dumps(boot.to_dict()))
     assert doc["bootstrap"] == expected
+    # the scale-free lambda is chosen again per resample: its interval is recorded
+    lam_iv = doc["bootstrap"]["lambda_interval"]
+    assert lam_iv["point"] == doc["lambda"] and 0 < lam_iv["low"] <= lam_iv["high"]
     assert doc["bootstrap"]["resamples"] == B and doc["bootstrap"]["seed"] == 0
     assert doc["bootstrap"]["n_windows"] == {d: N_WINDOWS for d in doc["domains"]}
     assert doc["diagnostics"] == json.loads(json.dumps(U.diagnose(point, emb["embeddings"], boot).to_dict()))
