@@ -783,7 +783,8 @@ def cmd_compare(args) -> int:
         test_fraction=args.test_fraction, val_fraction=args.val_fraction, device=args.device,
         scenario="new_domains" if new else ("finetune" if finetune else "pretrain"), new_domains=new,
         finetune_domains=_name_list(args.finetune_domains), finetune_from=args.finetune_from,
-        finetune_data=args.finetune_data, finetune_steps=args.finetune_steps, quiet=args.quiet, strict=args.strict)
+        finetune_data=args.finetune_data, finetune_steps=args.finetune_steps, quiet=args.quiet, strict=args.strict,
+        ckpt_every=args.ckpt_every)
     # --finetune-data replaces --data: the finetuning domains are the whole dataset then
     path = args.finetune_data or (builtin_dataset_path() if args.data == BUILTIN else args.data)
     ds = load_dataset(path, tokenizer=args.tokenizer or "byte", cache_dir=args.cache_dir,
@@ -1167,6 +1168,10 @@ def _add_compare(p):
     g.add_argument("--embed-windows", type=int, default=library.embed_windows, help="Chameleon embedding windows per domain")
     g.add_argument("--test-fraction", type=float, default=library.test_fraction,
                    help="held-out test share of each domain without test.bin (interleaved blocks, like validation)")
+    g.add_argument("--ckpt-every", type=int, default=library.ckpt_every,
+                   help="checkpoint every N steps of each training run (0: only at its end); an interrupted "
+                        "run resumes from its last checkpoint. Large models on a GPU: a checkpoint can cost "
+                        "more than the steps between two")
     s = p.add_argument_group("scenarios")
     s.add_argument("--new-domains", default=None,
                    help="comma-separated domains the proxies do not see (Chameleon: transfer mode; DoReMi, RegMix: retrain)")

@@ -395,6 +395,22 @@ def test_cli_compare(text_root, tmp_path):
     assert main(["compare", "--data", text_root, "--mixtures", "uniform,bogus", "--out", str(out)]) == 2
 
 
+def test_cli_compare_ckpt_every(text_root, tmp_path, monkeypatch, capsys):
+    """--ckpt-every reaches every training run's config (0: a checkpoint only at the end);
+    a negative value is refused with exit 2."""
+    import chameleon_ext.compare as compare_mod
+    from chameleon_ext.cli import main
+
+    seen = []
+    monkeypatch.setattr(compare_mod, "run_compare", lambda ds, cfg, out, **kw: seen.append(cfg) or {})
+    base = ["compare", "--data", text_root, "--mixtures", "uniform", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(base) == 0 and seen[-1].ckpt_every == CompareConfig().ckpt_every == 20
+    assert main(base + ["--ckpt-every", "0"]) == 0 and seen[-1].ckpt_every == 0
+    assert main(base + ["--ckpt-every", "-1"]) == 2
+    assert "--ckpt-every: expected a non-negative integer, got -1" in capsys.readouterr().err
+    assert len(seen) == 2
+
+
 def test_finetune_scenario(compared, ds, text_root):
     _, _, out, _ = compared
     doc, lines = _run(ds, out, scenario="finetune", finetune_domains=["digits", "dna"], finetune_steps=2,
