@@ -4,12 +4,14 @@ text, the per-split JSON and each schedule stage; then its dataset builder
 IndexedDatasetBuilder) draws N samples, and each domain's count must be within Megatron's
 rounding of its weight (its blending index keeps every count within 1 of w_i N for the N
 samples it draws).
-A capped budget must reach it achievable."""
+A capped budget must reach it achievable. The schedule's exported launch arguments must carry
+megatron-core's OptimizerParamScheduler through each stage change (megatron_resume.py)."""
 
 import json
 import os
 
 from common import close, load, report
+from megatron_resume import check_stage_resume
 
 from megatron.core.datasets.utils import get_blend_from_list, normalize
 from importlib.metadata import version
@@ -76,8 +78,9 @@ try:
         worst = max(worst, close(through_megatron(st["data_path"].split()), w, f"stage {start}", normalise=True))
     assert stages["phase_transition_iterations"] == [s for s, _ in exp["schedule"][1:]]
     counts_off = builder_counts(work, exp)
+    resume = check_stage_resume(os.path.join(work, "schedule"), work)
     report("megatron-core", version("megatron-core"), "megatron, megatron-per-split, nemo, megatron_stages",
            True, f"get_blend_from_list + normalize: max diff {worst:.1e}; BlendedMegatronDatasetBuilder: "
-                 f"{counts_off}")
+                 f"{counts_off}; {resume}")
 except Exception as exc:  # noqa: BLE001 - one line per consumer
     report("megatron-core", version("megatron-core"), "megatron", False, f"{type(exc).__name__}: {exc}")
