@@ -237,3 +237,88 @@ def test_write_schedule_exports(tmp_path):
     paths = sx.write_schedule_exports(bad, tmp_path / "bad", on_skip=skipped.append)
     assert "megatron" not in paths and "nanotron" in paths
     assert len(skipped) == 2 and all("whitespace" in line for line in skipped)
+
+
+def _megatron_launches(text):
+    """Per stage of megatron_stages.txt, the launch arguments a user copies: the flags given
+    before the first stage (the "every launch" line) plus the flags of that stage's own lines,
+    as ``(start, end, {flag: [value, ...]})`` (a flag given twice keeps both values)."""
+    def flags(line):
+        tokens = line[line.index("--"):].split() if "--" in line else []
+        out, key = [], None
+        for t in tokens:
+            if t.startswith("--"):
+                key = t
+                out.append([t, []])
+            elif key is not None:
+                out[-1][1].append(t)
+        return [(k, " ".join(v)) for k, v in out]
+
+    shared, stages = [], []
+    for line in text.splitlines():
+        if line.startswith("# iterations ["):
+            start, end = line.removeprefix("# iterations [").rstrip(")").split(", ")
+            stages.append((int(start), None if end == "end" else int(end), []))
+        elif stages:
+            stages[-1][2].extend(flags(line))
+        else:
+            shared.extend(flags(line))
+    launches = []
+    for start, end, own in stages:
+        merged = {}
+        for k, v in shared + own:
+            merged.setdefault(k, []).append(v)
+        launches.append((start, end, merged))
+    return launches
+
+
+def _check_megatron_launches(text, full_run):
+    """Every stage's launch gives --train-iters and --lr-decay-iters once each, both the whole
+    run's iterations (a per-stage value decays the learning rate fully in every stage, and the
+    resumed launch then fails Megatron's scheduler check), and --phase-transition-iterations =
+    the starts of the stages after the first."""
+    launches = _megatron_launches(text)
+    assert len(launches) >= 2, "no stages in the text"
+    starts = [start for start, _, _ in launches]
+    for start, end, args in launches:
+        assert args.get("--train-iters") == [str(full_run)], (start, args.get("--train-iters"))
+        assert args.get("--lr-decay-iters") == [str(full_run)], (start, args.get("--lr-decay-iters"))
+        assert args.get("--phase-transition-iterations") == [",".join(map(str, starts[1:]))], start
+        assert len(args.get("--data-path", [])) == 1, start
+    assert [end for _, end, _ in launches][:-1] == starts[1:] and launches[-1][1] == full_run
+
+
+@pytest.mark.parametrize("budget_steps,starts", [(10, [0, 3, 6]), (11, [0, 3, 6]), (100_000, [0, 1, 99_999])])
+def test_megatron_stage_launches_share_the_whole_run(tmp_path, budget_steps, starts):
+    entries = [{"start_step": s, "start_token": s * TPS, "weights": dict(w)} for s, w in zip(starts, (W0, W1, W2))]
+    doc = _doc(token_budget=budget_steps * TPS - (TPS // 2 if budget_steps == 11 else 0), entries=entries)
+    # A token budget ending inside a step counts that partial step as the run's last iteration.
+    sx.write_schedule_exports(doc, tmp_path, formats=["megatron"])
+    _check_megatron_launches((tmp_path / "megatron_stages.txt").read_text(), budget_steps)
+    js = json.loads((tmp_path / "megatron_stages.json").read_text())
+    assert js["train_iters"] == budget_steps and js["phase_transition_iterations"] == starts[1:]
+    assert [st["start_iteration"] for st in js["stages"]] == starts
+    assert all(set(st) == {"start_iteration", "end_iteration", "start_token", "data_path"} for st in js["stages"])
+
+
+def _per_stage_train_iters(text):
+    """``text`` with ``--train-iters <stage end>`` added to each stage's launch: the old advice."""
+    out, end = [], None
+    for line in text.splitlines():
+        if line.startswith("# iterations ["):
+            end = line.rstrip(")").split(", ")[1]
+        out.append(line.replace("--data-path", f"--train-iters {end} --data-path") if line.startswith("--data-path") else line)
+    return "\n".join(out) + "\n"
+
+
+def test_megatron_stage_launch_check_rejects_per_stage_train_iters():
+    # The checker above must fail on the advice that broke resumed runs: --train-iters per stage.
+    text = sx.megatron_stages_text(sch.validate_schedule(_doc()))
+    _check_megatron_launches(text, 10)
+    with pytest.raises(AssertionError):  # beside the shared arguments
+        _check_megatron_launches(_per_stage_train_iters(text), 10)
+    old = "\n".join(line for line in text.splitlines() if "every launch" not in line)
+    with pytest.raises(AssertionError):  # instead of them (the old export)
+        _check_megatron_launches(_per_stage_train_iters(old), 10)
+    with pytest.raises(AssertionError):  # no stage changes named
+        _check_megatron_launches(text.replace(" --phase-transition-iterations 3,6", ""), 10)
