@@ -321,7 +321,7 @@ def test_every_format_follows_the_budgets_achievable_weights():
 
 def test_budget_for_other_domains_is_refused():
     plan = plan_token_budget({"x": 1.0}, {"x": 10}, token_budget=5)
-    with pytest.raises(ChameleonUserError, match="budget achievable_weights do not match"):
+    with pytest.raises(ChameleonUserError, match="budget achievable_weights: the domains do not match"):
         render_mixture_formats(weights_doc(), "nanotron", budget=plan)
 
 
@@ -354,5 +354,5 @@ def test_unknown_format_and_bad_weights():
         render_mixture_formats(weights_doc(), ["megatron-lm"])
     with pytest.raises(ChameleonUserError, match="must sum to 1"):
         render_mixture_formats(weights_doc({"a": 0.5, "b": 0.2}))
-    with pytest.raises(ChameleonUserError, match="weight of domain 'a' is not finite"):
+    with pytest.raises(ChameleonUserError, match="weight of domain 'a' must be a finite number >= 0"):
         nanotron_dataset({"a": math.nan})

@@ -286,7 +286,7 @@ def test_bootstrap_result_dict_and_table():
         (dict(level=1.0), "level must be a number in"),
         (dict(lam=-1.0), "lambda: expected a finite number > 0"),
         (dict(window_fractions=(0.5, 1.0)), "window_fractions"),
-        (dict(domains=["a"]), "domains must name the 2"),
+        (dict(domains=["a"]), "domains of window_embeddings: expected 2 names, got 1"),
         (dict(draw_counts=[torch.ones(3, 4)] * 2), "draw_counts must be"),
     ],
 )
@@ -576,5 +576,5 @@ def test_transfer_mode_uses_the_pretraining_rule():
     assert torch.equal(own.weight_samples, pre.weight_samples) and own.point.mode == "transfer"
     sweep = U.sweep_weights(centres, [1.0], mode="transfer", rule="paper")
     assert sweep.temperatures == [5.0] and torch.equal(sweep.weights[0, 0], point.weights)
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(ValueError, match="mode: expected one of"):
         U.sweep_weights(centres, [1.0], mode="mixing", rule="paper")
