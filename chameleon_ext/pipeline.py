@@ -250,14 +250,6 @@ def _leverage_errors():
         raise ChameleonUserError(f"domain embeddings: {exc}") from None
 
 
-def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
-    """Deprecated name of :func:`weights_for_domains` (the library's
-    :func:`chameleon_ext.weights_from_embeddings` takes a tensor)."""
-    warnings.warn("chameleon_ext.pipeline.weights_from_embeddings is now weights_for_domains",
-                  DeprecationWarning, stacklevel=2)
-    return weights_for_domains(*args, **kwargs)
-
-
 def check_resamples(resamples) -> int:
     """Raise ChameleonUserError unless ``resamples`` (``--bootstrap``) is an integer >= 0."""
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 0:

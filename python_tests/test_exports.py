@@ -64,18 +64,20 @@ def test_load_weights_from_file_and_dict(tmp_path):
     assert E.load_weights(doc)["weights"] == doc["weights"]
 
 
-def test_load_weights_reads_format_1_files(tmp_path):
-    # A weights.json of release 0.1: no "format", scores named like the op, two normalize keys.
+def test_load_weights_refuses_files_of_earlier_formats(tmp_path):
+    # A weights.json of an earlier development version: no "format", scores named like the op.
+    # 0.1.0 reads only its own format (CHANGELOG.md, "Removed"): an error naming the file.
     new = weights_doc()
     old = {k: v for k, v in new.items() if k not in ("format", "leverage", "leverage_raw")}
     old.update(krls=new["leverage"], krls_raw=new["leverage_raw"], normalization="S / sum(S)")
-    loaded = E.load_weights(write_json(tmp_path / "weights.json", old))
-    assert loaded["format"] == E.WEIGHTS_FORMAT == "chameleon_ext.weights/2"
-    assert loaded["leverage"] == new["leverage"] and loaded["leverage_raw"] == new["leverage_raw"]
-    assert "krls" not in loaded and "normalization" not in loaded and loaded["normalize"] is True
-    assert loaded["weights"] == new["weights"]
-    # and the exports of an old file are those of the new one
-    assert E.write_exports(str(tmp_path / "weights.json"), tmp_path / "a") == E.write_exports(new, tmp_path / "a")
+    path = write_json(tmp_path / "weights.json", old)
+    with pytest.raises(ChameleonUserError, match=r"weights.json: unknown weights format None \(this version reads "
+                                                 r"'chameleon_ext.weights/2'\)"):
+        E.load_weights(path)
+    with pytest.raises(ChameleonUserError, match="unknown weights format None"):
+        E.write_exports(str(path), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert not hasattr(E, "upgrade_weights_doc")
 
 
 def test_load_weights_rejects_an_unknown_format(tmp_path):

@@ -568,7 +568,7 @@ def test_plots_write_pngs(tmp_path):
 def test_transfer_mode_uses_the_pretraining_rule():
     windows, centres = synthetic_windows(k=4, n=40, d=8, seed=13)
     point = plain_weights(centres, "pretrain", lam=1.0)
-    point.mode = "transfer"  # as pipeline.weights_from_embeddings labels it
+    point.mode = "transfer"  # as pipeline.weights_for_domains labels it
     res = U.bootstrap_weights(windows, resamples=20, seed=1, point=point)
     pre = U.bootstrap_weights(windows, resamples=20, seed=1, mode="pretrain", lam=1.0, rule="paper")
     assert torch.equal(res.weight_samples, pre.weight_samples) and res.to_dict()["mode"] == "transfer"

@@ -5,8 +5,8 @@ A ``weights.json`` holds the per-domain mixture weights alpha (format
 to the softmax) and ``leverage_raw`` (the kernel ridge leverage scores), each ``{domain:
 float}``; ``mode``, ``lambda``, ``temperature``, ``normalize`` (bool); ``proxy`` and
 ``embedding`` (provenance); optionally ``budget``, a token-budget plan
-(:meth:`chameleon_ext.budget.BudgetPlan.as_dict`). Format 1 files (no ``format`` key;
-``krls``, ``krls_raw`` and ``normalization`` instead) are read and upgraded.
+(:meth:`chameleon_ext.budget.BudgetPlan.as_dict`). Only this format is read: a file with
+another ``format`` (or none) is an error naming the file.
 
 With a ``budget`` block the weights a trainer can follow are the plan's *achievable* weights
 (what the repetition cap leaves), not the requested ``weights``: :func:`trainer_weights` is the
@@ -27,7 +27,6 @@ __all__ = [
     "WEIGHTS_FORMAT",
     "SUM_TOLERANCE",
     "BUDGET_TOLERANCE",
-    "upgrade_weights_doc",
     "load_weights",
     "write_weights_json",
     "budget_weights",
@@ -36,8 +35,6 @@ __all__ = [
 ]
 
 WEIGHTS_FORMAT = "chameleon_ext.weights/2"
-# Format 1 field -> format 2 field (the scores were named like the op that computes them).
-_FORMAT1_RENAMES = {"krls": "leverage", "krls_raw": "leverage_raw"}
 
 SUM_TOLERANCE = WEIGHT_SUM_TOLERANCE  # the one tolerance (chameleon_ext.mixture)
 # A budget block must have been planned for the document's own weights (to rounding).
@@ -46,31 +43,13 @@ REQUIRED_KEYS = ("domains", "weights")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def upgrade_weights_doc(doc: dict, source: str) -> dict:
-    """A weights document in the current format: format 1 (no ``format`` key) is renamed
-    field by field; an unknown format is an error naming the file."""
-    fmt = doc.get("format")
-    if fmt == WEIGHTS_FORMAT:
-        return doc
-    if fmt is not None:
-        raise ChameleonUserError(f"{source}: unknown weights format {fmt!r} (this version reads {WEIGHTS_FORMAT!r})")
-    doc = dict(doc)
-    for old, new in _FORMAT1_RENAMES.items():
-        if old in doc and new not in doc:
-            doc[new] = doc.pop(old)
-    doc.pop("normalization", None)  # said the same as the boolean 'normalize'
-    doc["format"] = WEIGHTS_FORMAT
-    return doc
-
-
 def load_weights(path_or_dict: Union[PathLike, Mapping]) -> dict:
     """Read and validate a ``weights.json`` (a path) or an already-loaded weights dict.
 
     Checks that ``domains`` and ``weights`` are present, that ``weights`` has exactly the
     ``domains`` as keys, that every weight is a finite number >= 0 and that they sum to 1
     within :data:`SUM_TOLERANCE` (1e-9), and that a ``budget`` block was planned for these weights
-    (:func:`budget_weights`). Returns a copy of the document in the current format (format 1 files are
-    upgraded) whose ``weights`` are floats ordered as ``domains`` (the contract's order; a
+    (:func:`budget_weights`). Returns a copy of the document whose ``weights`` are floats ordered as ``domains`` (the contract's order; a
     hand-edited file with shuffled keys is accepted). A file inside an output set with a
     manifest is checked against it (:mod:`chameleon_ext.manifest`).
     Every problem raises :class:`ChameleonUserError` naming the file and what is wrong.
@@ -87,7 +66,9 @@ def load_weights(path_or_dict: Union[PathLike, Mapping]) -> dict:
         raise ChameleonUserError(
             f"load_weights expects a path to weights.json or a dict, got {type(path_or_dict).__name__}"
         )
-    doc = upgrade_weights_doc(doc, source)
+    fmt = doc.get("format")
+    if fmt != WEIGHTS_FORMAT:
+        raise ChameleonUserError(f"{source}: unknown weights format {fmt!r} (this version reads {WEIGHTS_FORMAT!r})")
     missing = [key for key in REQUIRED_KEYS if key not in doc]
     if missing:
         raise ChameleonUserError(f"{source}: missing required key(s) {missing}")
