@@ -14,6 +14,7 @@ import yaml
 
 from chameleon_ext.budget import plan_token_budget
 from chameleon_ext.errors import ChameleonUserError
+from chameleon_ext.exports import WEIGHTS_FORMAT
 from chameleon_ext.mixture_formats import (
     MIXTURE_FORMATS,
     megatron_per_split_args,
@@ -36,7 +37,7 @@ P = {"web": "/data/web/web_text_document", "code": "/data/code/code_text_documen
 
 
 def weights_doc(weights=W, **extra):
-    return {"mode": "pretrain", "domains": list(weights), "weights": dict(weights), **extra}
+    return {"format": WEIGHTS_FORMAT, "mode": "pretrain", "domains": list(weights), "weights": dict(weights), **extra}
 
 
 # -- independent readers, written from each consumer's documentation -------------------------
