@@ -359,12 +359,8 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
 
     doc = load_weights(path)
     weights = trainer_weights(doc)
-    if domains is not None and set(weights) != set(domains):
-        extra, missing = sorted(set(weights) - set(domains)), sorted(set(domains) - set(weights))
-        raise ChameleonUserError(
-            f"weights file {path!r} does not match the data: "
-            f"domains only in the weights {extra}, domains only in the data {missing}"
-        )
+    if domains is not None:  # unknown: only in the weights; missing: only in the data
+        mixture.check_same_domains(list(domains), list(weights), f"weights file {path!r} and the data")
     return weights
 
 
