@@ -27,8 +27,7 @@ from ._version import __version__
 _OP_NAMES = ("masked_mean_pool", "domain_mean_pool", "krls", "krls_ex")
 _WEIGHT_NAMES = ("DomainWeights", "DEFAULT_LAMBDA", "DEFAULT_TEMPERATURE", "DEFAULT_RULE", "RULE_DEFAULTS",
                  "select_lambda", "linear_affinity", "centered_affinity",
-                 "weights_from_embeddings", "weights_from_affinity", "weights_from_scores",
-                 "chameleon_weights", "domain_weights", "domain_weights_from_affinity")
+                 "weights_from_embeddings", "weights_from_affinity", "weights_from_scores")
 _ops_state = {"loaded": False, "error": None}
 
 
@@ -107,8 +106,4 @@ __all__ = [
     "select_lambda",
     "linear_affinity",
     "centered_affinity",
-    # deprecated aliases of weights_from_embeddings / weights_from_affinity
-    "domain_weights",
-    "domain_weights_from_affinity",
-    "chameleon_weights",
 ]

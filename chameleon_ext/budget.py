@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
 
 from .errors import ChameleonUserError
-from .formats.weights_json import check_weight_values
+from .mixture import check_weight_map
 
 __all__ = [
     "TokenCount",
@@ -289,9 +289,7 @@ def plan_token_budget(weights: Mapping[str, float],
         ChameleonUserError: bad input, a weighted domain with no tokens and no cap, or a budget
             that cannot be filled under the cap (the message names the numbers).
     """
-    weights = check_weight_values(weights, "plan_token_budget")
-    if math.fsum(weights.values()) <= 0:
-        raise ChameleonUserError("plan_token_budget: all weights are zero")
+    weights = check_weight_map(weights, what="plan_token_budget", relative=True)
     domains = list(weights)
     counts = _check_counts(token_counts, domains)
     token_budget = _check_int("token_budget", token_budget, 1)
@@ -366,10 +364,8 @@ def token_share_report(target_weights: Mapping[str, float], tokens_seen: Mapping
     """Compare the tokens a run drew from each domain (counted in tokens, not windows) with the
     mixture it was asked to follow. Domains absent from ``tokens_seen`` drew 0 tokens; a domain
     the mixture does not name is an error (the counts come from another mixture)."""
-    weights = check_weight_values(target_weights, "token_share_report")
+    weights = check_weight_map(target_weights, what="token_share_report", relative=True)
     total_weight = math.fsum(weights.values())
-    if total_weight <= 0:
-        raise ChameleonUserError("token_share_report: all target weights are zero")
     if not isinstance(tokens_seen, Mapping):
         raise ChameleonUserError(f"tokens_seen must map domain -> tokens, got {type(tokens_seen).__name__}")
     extra = [d for d in tokens_seen if d not in weights]

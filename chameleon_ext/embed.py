@@ -43,6 +43,7 @@ import torch
 
 from . import distributed, io
 from .errors import ChameleonUserError
+from .mixture import check_domain_names
 from .data.dataset import SPLIT_LAYOUT
 from .data.tokenizer import check_same_tokenizer, tokenizer_record
 from .ops import domain_mean_pool, masked_mean_pool
@@ -151,12 +152,8 @@ def load_domain_embeddings(path: str, windows: bool = False) -> DomainEmbeddings
         )
     check_member(path, "embeddings file")
     domains, emb = obj["domains"], obj["embeddings"]
-    if not isinstance(domains, (list, tuple)) or not all(isinstance(d, str) and d for d in domains):
-        raise ChameleonUserError(f"embeddings file {path!r}: 'domains' must be a list of domain names, "
-                                 f"got {domains!r:.80}")
-    if len(set(domains)) != len(domains):
-        dup = sorted({d for d in domains if domains.count(d) > 1})
-        raise ChameleonUserError(f"embeddings file {path!r}: domain names {dup} appear more than once")
+    if domains or not isinstance(domains, (list, tuple)):  # none at all: the shape check below says k >= 1
+        domains = check_domain_names(domains, what=f"embeddings file {path!r}: 'domains'")
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(domains):
         shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
         raise ChameleonUserError(

@@ -18,7 +18,6 @@ from .formats.weights_json import (
     budget_weights,
     load_weights,
     trainer_weights,
-    upgrade_weights_doc,
     write_weights_json,
 )
 from .formats.writer import EXPORT_FILES, FILES, MIXTURE_FORMATS, export_formats, render_exports, write_exports
@@ -27,7 +26,6 @@ __all__ = [
     "load_weights",
     "trainer_weights",
     "budget_weights",
-    "upgrade_weights_doc",
     "write_weights_json",
     "megatron_blend",
     "parse_megatron_blend",

@@ -32,9 +32,24 @@ Vocabulary
         ``c`` in [0, 1): the weights become (1 - c) w + c prior (prior uniform or given), so no
         domain can take more than 1 - c (1 - prior_min).
 
+Weight vectors
+    Every entry is a finite real number >= 0 (``True`` is refused, not read as 1.0; NaN, Inf
+    and negatives are refused), with the same message wherever the vector comes in. Two kinds:
+
+    * a *mixture* (weights.json, a schedule entry, a smoothing prior, a budget's achievable
+      weights) sums to 1 within :data:`WEIGHT_SUM_TOLERANCE`;
+    * *relative* weights (``relative=True``: what the sampler, the trainer exports, the token
+      budget and online Chameleon take from a caller, e.g. ``[1, 1, 2, 0]``) need only a
+      positive sum; the consumer normalises them, so a sum off 1 is a scale, not an error.
+
 Tolerance
-    A weight vector is valid when every entry is a finite number >= 0 and the entries sum to 1
-    within :data:`WEIGHT_SUM_TOLERANCE` (absolute), the tolerance weights.json readers use.
+    :data:`WEIGHT_SUM_TOLERANCE` = 1e-9, absolute on a sum of 1 (so also relative). Every
+    mixture this package writes comes from float64 maths and is stored with Python's shortest
+    round-trip repr, so its sum is 1 to a few ulps (~1e-16 per entry); 1e-9 leaves room for
+    any k up to millions while catching an edited file whose entries no longer add up (a
+    weight changed by 1e-7 is an error, not silently renormalised). A hand-written file should
+    give exact decimals (0.25, 0.75) or, if it cannot (thirds), be passed as relative weights
+    to the API that takes them; the error message gives the sum found.
 """
 
 from __future__ import annotations
@@ -57,6 +72,8 @@ __all__ = [
     "check_domain_names",
     "check_weights",
     "check_weight_map",
+    "check_same_domains",
+    "check_weights_for",
     "check_mode",
     "check_rule",
     "check_lambda",
@@ -73,7 +90,7 @@ PIPELINE_MODES = MODES + ("transfer",)  # transfer: new domains with the frozen 
 RULES = ("paper", "power", "calibrated")
 PRIORS = ("uniform", "natural")
 AUTO_LAMBDA = "auto"
-WEIGHT_SUM_TOLERANCE = 1e-6
+WEIGHT_SUM_TOLERANCE = 1e-9
 # A mixture with one weight above this has collapsed: the commands say so, and --strict stops.
 COLLAPSE_THRESHOLD = 0.9
 
@@ -110,10 +127,28 @@ def check_domain_names(domains, k: Optional[int] = None, what: str = "domains") 
     return names
 
 
-def check_weights(weights, k: Optional[int] = None, what: str = "weights") -> List[float]:
+def _weight_vector(values: list, labels: Sequence[str], what: str, relative: bool) -> List[float]:
+    """The one check of a weight vector's entries and sum (see the module doc)."""
+    for label, v in zip(labels, values):
+        if not _is_real(v) or not math.isfinite(float(v)) or float(v) < 0:
+            raise ChameleonUserError(f"{what}: {label} must be a finite number >= 0, got {v!r}")
+    floats = [float(v) for v in values]
+    total = math.fsum(floats)
+    if relative:
+        if not total > 0:
+            raise ChameleonUserError(f"{what}: all weights are 0; at least one must be > 0")
+        if not math.isfinite(total):
+            raise ChameleonUserError(f"{what}: the weights' sum overflows ({total!r})")
+    elif abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise ChameleonUserError(f"{what}: must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), got sum {total!r}")
+    return floats
+
+
+def check_weights(weights, k: Optional[int] = None, what: str = "weights", relative: bool = False) -> List[float]:
     """A weight vector as a list of floats: ``k`` (if given) finite numbers >= 0 (bool
-    refused) summing to 1 within :data:`WEIGHT_SUM_TOLERANCE`. Accepts any sequence or a
-    1-d tensor/array (anything with ``tolist``)."""
+    refused) summing to 1 within :data:`WEIGHT_SUM_TOLERANCE`, or with ``relative`` any
+    positive sum (returned as given, not normalised). Accepts any sequence or a 1-d
+    tensor/array (anything with ``tolist``)."""
     if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):
         weights = weights.tolist()
     if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
@@ -123,30 +158,53 @@ def check_weights(weights, k: Optional[int] = None, what: str = "weights") -> Li
         raise ChameleonUserError(f"{what}: expected at least one weight, got an empty vector")
     if k is not None and len(values) != k:
         raise ChameleonUserError(f"{what}: expected {k} weights, got {len(values)}")
-    for i, v in enumerate(values):
-        if not _is_real(v) or not math.isfinite(float(v)) or float(v) < 0:
-            raise ChameleonUserError(f"{what}: entry {i} must be a finite number >= 0, got {v!r}")
-    total = math.fsum(float(v) for v in values)
-    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
-        raise ChameleonUserError(f"{what}: must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), got sum {total!r}")
-    return [float(v) for v in values]
+    return _weight_vector(values, [f"entry {i}" for i in range(len(values))], what, relative)
+
+
+def check_same_domains(domains: Sequence[str], names: Sequence[str], what: str = "weights") -> None:
+    """``names`` (the domains something gives values for) must be exactly ``domains``, in any
+    order: one message for every unknown or missing domain."""
+    extra = [n for n in names if n not in set(domains)]
+    missing = [d for d in domains if d not in set(names)]
+    if extra or missing:
+        found = "; ".join(f"{label} {names}" for label, names in (("unknown", extra), ("missing", missing)) if names)
+        raise ChameleonUserError(f"{what}: the domains do not match ({found}; expected {list(domains)})")
 
 
 def check_weight_map(weights: Mapping[str, float], domains: Optional[Sequence[str]] = None,
-                     what: str = "weights") -> dict:
+                     what: str = "weights", relative: bool = False) -> dict:
     """``{domain: weight}`` checked as :func:`check_weights`, with names checked as
     :func:`check_domain_names`; with ``domains``, exactly those keys (returned in that order)."""
     if not isinstance(weights, Mapping):
         raise ChameleonUserError(f"{what}: expected a mapping domain -> weight, got {type(weights).__name__}")
+    if isinstance(weights.get("weights"), Mapping):
+        raise ChameleonUserError(f"{what}: got a whole weights.json document; pass its 'weights' entry (not the whole file)")
     names = check_domain_names(list(weights), what=f"{what} (domain names)")
     if domains is not None:
         order = check_domain_names(domains)
-        extra, missing = sorted(set(names) - set(order)), sorted(set(order) - set(names))
-        if extra or missing:
-            raise ChameleonUserError(f"{what}: domains only in the weights {extra}, missing from the weights {missing}")
+        check_same_domains(order, names, what)
         names = order
-    values = check_weights([weights[n] for n in names], what=what)
+    values = _weight_vector([weights[n] for n in names], [f"weight of domain {n!r}" for n in names], what, relative)
     return dict(zip(names, values))
+
+
+def check_weights_for(weights, domains: Sequence[str], what: str = "weights", relative: bool = False) -> dict:
+    """Weights for the known ``domains``: a ``{domain: weight}`` mapping naming each exactly
+    once, or ``len(domains)`` numbers in their order (a list, tensor or array); returned as
+    ``{domain: float}`` in ``domains`` order, checked as :func:`check_weight_map`."""
+    domains = check_domain_names(domains)
+    if isinstance(weights, Mapping):
+        return check_weight_map(weights, domains, what, relative)
+    if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):
+        weights = weights.tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ChameleonUserError(f"{what}: expected a mapping domain -> weight or {len(domains)} numbers, "
+                                 f"got {type(weights).__name__}")
+    if len(weights) != len(domains):
+        raise ChameleonUserError(f"{what}: expected {len(domains)} weights (one per domain {list(domains)}), "
+                                 f"got {len(weights)}")
+    values = _weight_vector(list(weights), [f"weight of domain {n!r}" for n in domains], what, relative)
+    return dict(zip(domains, values))
 
 
 def check_mode(mode, allowed: Sequence[str] = MODES) -> str:

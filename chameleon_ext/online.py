@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from .errors import ChameleonUserError
-from .formats.weights_json import check_domains, check_weight_values
+from .mixture import check_domain_names, check_mode, check_positive, check_temperature, check_weights_for
 from .weights import DEFAULT_LAMBDA, MODES
 
 __all__ = ["OnlineChameleon", "OnlineUpdate", "ONLINE_FORMAT", "MIN_COUNT", "floor_weights"]
@@ -143,9 +143,7 @@ class OnlineChameleon:
                  floor: float = 0.01, mode: str = "pretrain", lam: float = DEFAULT_LAMBDA,
                  temperature: Optional[float] = None, initial_weights: WeightsLike = None,
                  group: Optional[Any] = None):
-        if isinstance(domains, str):
-            raise ChameleonUserError(f"domains must be a list of names, got the string {domains!r}")
-        self.domains = check_domains(list(domains), "OnlineChameleon")
+        self.domains = check_domain_names(domains, what="OnlineChameleon: domains")
         k = self.k = len(self.domains)
         self.every = _integer("every", every, 1)
         self.warmup = _integer("warmup", warmup, 0)
@@ -154,12 +152,9 @@ class OnlineChameleon:
         if self.floor * k >= 1.0:
             raise ChameleonUserError(
                 f"floor must be < 1/k = {1.0 / k:.6g} for k = {k} domains (floor * k < 1), got {floor!r}")
-        if mode not in MODES:
-            raise ChameleonUserError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        self.mode = mode
-        self.lam = _number("lam", lam, 0.0, math.inf, low_open=True)
-        self.temperature = None if temperature is None else _number(
-            "temperature", temperature, 0.0, math.inf, low_open=True)
+        self.mode = check_mode(mode, MODES)
+        self.lam = check_positive("lam", lam)
+        self.temperature = None if temperature is None else check_temperature(temperature)
         self.group = group
         self.initial_weights = self._check_initial(initial_weights)
         self.weights = self.initial_weights.clone()  # [k] float64: what the sampler uses now
@@ -179,28 +174,9 @@ class OnlineChameleon:
         source = "initial_weights"
         if weights is None:
             return torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
-        if isinstance(weights, Mapping):
-            values = check_weight_values(weights, source)
-            unknown = [n for n in values if n not in self.domains]
-            missing = [d for d in self.domains if d not in values]
-            if unknown or missing:
-                raise ChameleonUserError(
-                    f"{source}: domains do not match (missing {missing}, unknown {unknown}); "
-                    f"expected {self.domains}")
-            values = [values[d] for d in self.domains]
-        else:
-            if isinstance(weights, Tensor):
-                weights = weights.tolist()
-            if isinstance(weights, str):
-                raise ChameleonUserError(f"{source}: expected k numbers or a mapping, got the string {weights!r}")
-            values = list(weights)
-            if len(values) != self.k:
-                raise ChameleonUserError(f"{source}: got {len(values)} values for {self.k} domains {self.domains}")
-            values = list(check_weight_values(dict(zip(self.domains, values)), source).values())
+        values = list(check_weights_for(weights, self.domains, source, relative=True).values())
         w = torch.tensor(values, dtype=torch.float64)
         total = math.fsum(values)
-        if not total > 0:
-            raise ChameleonUserError(f"{source}: all weights are 0; at least one must be > 0")
         return w if total == 1.0 else w / total  # weights that sum to 1 are kept bit for bit
 
     # -- per step ------------------------------------------------------------------------------

@@ -11,19 +11,18 @@ The command line (``chameleon``) is a thin layer over these functions:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from . import distributed, io
+from . import distributed, io, mixture
 from ._version import __version__
 from .embed import DomainEmbeddings, EmbedConfig, cache_reuse_line, embed_domains
 from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
 from .trainer import TrainConfig, evaluate, train
-from .mixture import AUTO_LAMBDA, PIPELINE_MODES, RULES
+from .mixture import PIPELINE_MODES
 from .weights import DEFAULT_RULE, DomainWeights, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
@@ -166,28 +165,26 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
     return proxy, tok
 
 
+# The command-line option of each mixture setting, added to the mixture module's messages.
+_OPTION_OF = {"mode": "--mode", "rule": "--rule", "lambda": "--lam", "temperature": "--temperature",
+              "share": "--share", "smoothing": "--smoothing"}
+
+
 def check_weight_options(mode: str, lam=None, temperature: Optional[float] = None, rule: str = DEFAULT_RULE,
                          share: Optional[float] = None, smoothing: Optional[float] = None) -> None:
     """Raise ChameleonUserError for a bad mode, rule, lambda, temperature, share or smoothing
-    (before any work is done). ``None`` stands for the rule's default."""
+    (before any work is done). ``None`` stands for the rule's default. The checks are
+    :mod:`chameleon_ext.mixture`'s; the message gains the option's name ("lambda (--lam): ...")."""
     from .weights import rule_settings
 
-    if mode not in MODES:
-        raise ChameleonUserError(f"mode: expected one of {MODES}, got {mode!r}")
-    if rule not in RULES:
-        raise ChameleonUserError(f"rule (--rule): expected one of {RULES}, got {rule!r}")
-    checks = ([] if lam is None or lam == AUTO_LAMBDA else [("lambda (--lam)", lam)]) + (
-        [] if temperature is None else [("temperature (--temperature)", temperature)])
-    for name, value in checks:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-        if not ok:
-            raise ChameleonUserError(f"{name}: expected a finite number > 0" + (" or 'auto'" if "lam" in name else "")
-                                     + f", got {value!r}")
     try:
-        rule_settings(rule, "finetune" if mode == "finetune" else "pretrain", lam, temperature, share, smoothing)
-    except ChameleonUserError as exc:  # "share: ..." -> "share (--share): ..."
+        direction = mixture.rule_of_mode(mode)
+        rule_settings(mixture.check_rule(rule), direction, lam, temperature, share, smoothing)
+    except ChameleonUserError as exc:
         name, _, rest = str(exc).partition(":")
-        raise ChameleonUserError(f"{name} (--{name}):{rest}") from None
+        if name not in _OPTION_OF:
+            raise
+        raise ChameleonUserError(f"{name} ({_OPTION_OF[name]}):{rest}") from None
 
 
 def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam=None,
@@ -251,14 +248,6 @@ def _leverage_errors():
         raise
     except ValueError as exc:
         raise ChameleonUserError(f"domain embeddings: {exc}") from None
-
-
-def weights_from_embeddings(*args, **kwargs) -> DomainWeights:
-    """Deprecated name of :func:`weights_for_domains` (the library's
-    :func:`chameleon_ext.weights_from_embeddings` takes a tensor)."""
-    warnings.warn("chameleon_ext.pipeline.weights_from_embeddings is now weights_for_domains",
-                  DeprecationWarning, stacklevel=2)
-    return weights_for_domains(*args, **kwargs)
 
 
 def check_resamples(resamples) -> int:
@@ -370,12 +359,8 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
 
     doc = load_weights(path)
     weights = trainer_weights(doc)
-    if domains is not None and set(weights) != set(domains):
-        extra, missing = sorted(set(weights) - set(domains)), sorted(set(domains) - set(weights))
-        raise ChameleonUserError(
-            f"weights file {path!r} does not match the data: "
-            f"domains only in the weights {extra}, domains only in the data {missing}"
-        )
+    if domains is not None:  # unknown: only in the weights; missing: only in the data
+        mixture.check_same_domains(list(domains), list(weights), f"weights file {path!r} and the data")
     return weights
 
 

@@ -36,7 +36,6 @@ Exports of a schedule for other trainers: :mod:`chameleon_ext.formats.schedules`
 from __future__ import annotations
 
 import bisect
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import io
 from .errors import ChameleonUserError
-from .formats.weights_json import check_domains, check_weight_values
+from .mixture import WEIGHT_SUM_TOLERANCE, check_domain_names, check_weights_for
 
 __all__ = [
     "SCHEDULE_FORMAT",
@@ -60,7 +59,7 @@ __all__ = [
 ]
 
 SCHEDULE_FORMAT = "chameleon_ext.schedule/1"
-SUM_TOLERANCE = 1e-9
+SUM_TOLERANCE = WEIGHT_SUM_TOLERANCE  # the one tolerance (chameleon_ext.mixture)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -141,25 +140,10 @@ def _int_field(value, name: str, where: str, minimum: int = 0, allow_none: bool 
 
 
 def check_entry_weights(weights, domains: Sequence[str], where: str) -> Dict[str, float]:
-    """One entry's weights: exactly ``domains``, finite, >= 0, summing to 1 within 1e-9;
-    returned as floats in ``domains`` order. Accepts a mapping or ``len(domains)`` numbers."""
-    if not isinstance(weights, Mapping):
-        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
-            raise ChameleonUserError(f"{where}: weights must map each domain to a weight, got {type(weights).__name__}")
-        if hasattr(weights, "tolist"):
-            weights = weights.tolist()
-        if len(weights) != len(domains):
-            raise ChameleonUserError(f"{where}: got {len(weights)} weights for {len(domains)} domains")
-        weights = dict(zip(domains, weights))
-    values = check_weight_values(weights, where)
-    missing = [d for d in domains if d not in values]
-    extra = [n for n in values if n not in set(domains)]
-    if missing or extra:
-        raise ChameleonUserError(f"{where}: weights do not match the domains (missing {missing}, unknown {extra})")
-    total = math.fsum(values.values())
-    if abs(total - 1.0) > SUM_TOLERANCE:
-        raise ChameleonUserError(f"{where}: weights must sum to 1 (within {SUM_TOLERANCE:g}), got {total!r}")
-    return {d: values[d] for d in domains}
+    """One entry's weights: exactly ``domains``, finite, >= 0, summing to 1 within
+    :data:`SUM_TOLERANCE`; returned as floats in ``domains`` order. Accepts a mapping or
+    ``len(domains)`` numbers (:func:`chameleon_ext.mixture.check_weights_for`)."""
+    return check_weights_for(weights, domains, f"{where}: weights")
 
 
 def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Schedule:
@@ -176,7 +160,7 @@ def validate_schedule(doc: Mapping[str, Any], source: str = "schedule") -> Sched
     for key in ("domains", "entries"):
         if key not in doc:
             raise ChameleonUserError(f"{source}: missing required key {key!r}")
-    domains = check_domains(doc["domains"], source)
+    domains = check_domain_names(doc["domains"], what=f"{source}: 'domains'")
     budget = _int_field(doc.get("token_budget"), "token_budget", source, 1, allow_none=True)
     per_step = _int_field(doc.get("tokens_per_step"), "tokens_per_step", source, 1, allow_none=True)
     raw = doc["entries"]
@@ -245,7 +229,7 @@ class ScheduleWriter:
         the same domains; a missing one is an error (the checkpoint and the schedule belong
         together)."""
         where = os.fspath(path)
-        domains = check_domains(list(domains), where)
+        domains = check_domain_names(domains, what=f"{where}: domains")
         if resume_step is not None:
             resume_step = _int_field(resume_step, "resume_step", where)
             old = load_schedule(where)

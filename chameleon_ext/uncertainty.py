@@ -68,7 +68,8 @@ from torch import Tensor
 
 from .errors import ChameleonUserError
 from .ops import krls
-from .mixture import AUTO_LAMBDA, COLLAPSE_THRESHOLD, MODES
+from . import mixture
+from .mixture import AUTO_LAMBDA, COLLAPSE_THRESHOLD
 from .weights import (
     DEFAULT_RULE,
     DEFAULT_SHARE,
@@ -211,10 +212,7 @@ def _check_level(level) -> float:
 def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[str]:
     if domains is None:
         return [str(i) for i in range(k)]
-    names = [str(n) for n in domains]
-    if len(names) != k:
-        raise ChameleonUserError(f"domains must name the {k} {what}, got {len(names)} names")
-    return names
+    return mixture.check_domain_names(domains, k, what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,22 +220,10 @@ def _check_names(domains: Optional[Sequence[str]], k: int, what: str) -> List[st
 # --------------------------------------------------------------------------------------------
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ChameleonUserError(f"mode must be one of {MODES + ('transfer',)}, got {mode!r}")
-    return mode
-
-
 def _softmax_rule(mode: str) -> str:
     """The temperature rule of a mode; 'transfer' (new or changed domains embedded with the
     frozen proxy, docs/method.md step 5) uses the pretraining rule, as the pipeline does."""
-    return "pretrain" if mode == "transfer" else _check_mode(mode)
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ChameleonUserError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return mixture.rule_of_mode(mode)
 
 
 def _scores_and_weights(raw: Tensor, settings: dict, normalize: bool, prior="uniform") -> Tuple[Tensor, Tensor]:
@@ -756,7 +742,7 @@ def _check_values(name: str, values) -> List[float]:
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
     try:
-        out = [_check_positive(name, v) for v in values]
+        out = [mixture.check_positive(name, v) for v in values]
     except (TypeError, ValueError) as e:
         raise ChameleonUserError(f"{name} must be a non-empty list of finite numbers > 0 ({e})") from None
     if not out:

@@ -22,9 +22,6 @@ One entry point and two variants, all returning float64 results:
 * :func:`weights_from_affinity` -- the same from a precomputed affinity (kernel) ``[k, k]``.
 * :func:`weights_from_scores` -- only the rule, on given normalised leverage scores (batched).
 
-``chameleon_weights``, ``domain_weights_from_affinity`` and ``domain_weights`` are the names of
-releases before 0.3; they still work and warn (:class:`DeprecationWarning`).
-
 The leverage scores come from the fused ``krls`` op.
 """
 
@@ -59,9 +56,6 @@ __all__ = [
     "weights_from_affinity",
     "weights_from_scores",
     # deprecated aliases
-    "chameleon_weights",
-    "domain_weights",
-    "domain_weights_from_affinity",
 ]
 
 # The paper's constants: rule="paper"'s defaults (kept under these names for older callers).
@@ -120,17 +114,6 @@ class DomainWeights:
         return {"mode": self.mode, "rule": self.rule, "lam": AUTO_LAMBDA if self.lambda_method == "auto" else self.lam,
                 "temperature": T, "share": self.share,
                 "smoothing": self.smoothing, "ratio": self.ratio, "normalize": self.normalize}
-
-    # Names of releases before 0.3 (the fields were called like the op).
-    @property
-    def krls(self) -> Tensor:
-        warnings.warn("DomainWeights.krls is now DomainWeights.leverage", DeprecationWarning, stacklevel=2)
-        return self.leverage
-
-    @property
-    def krls_raw(self) -> Tensor:
-        warnings.warn("DomainWeights.krls_raw is now DomainWeights.leverage_raw", DeprecationWarning, stacklevel=2)
-        return self.leverage_raw
 
     def as_dict(self) -> dict:
         """The method's part of a weights.json (format 2; see :mod:`chameleon_ext.exports`)."""
@@ -385,30 +368,3 @@ def weights_from_embeddings(
     return weights_from_affinity(linear_affinity(embeddings), mode=mode, lam=lam, temperature=temperature,
                                  normalize=normalize, domains=domains, center=True, rule=rule, share=share,
                                  smoothing=smoothing, prior=prior, ratio=ratio)
-
-
-# --------------------------------------------------------------------------- deprecated names
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"chameleon_ext.{old} is deprecated; use chameleon_ext.{new}", DeprecationWarning, stacklevel=3)
-
-
-def chameleon_weights(embeddings, mode="pretrain", lam=DEFAULT_LAMBDA, temperature=None, normalize=True,
-                      domains=None) -> DomainWeights:
-    """Deprecated name of :func:`weights_from_embeddings` with ``rule="paper"`` (what it computed then)."""
-    _deprecated("chameleon_weights", "weights_from_embeddings")
-    return weights_from_embeddings(embeddings, mode, lam, temperature, normalize, domains, rule="paper")
-
-
-def domain_weights_from_affinity(affinity, mode="pretrain", lam=DEFAULT_LAMBDA, temperature=None, normalize=True,
-                                 domains=None, center=True) -> DomainWeights:
-    """Deprecated name of :func:`weights_from_affinity` with ``rule="paper"`` (what it computed then)."""
-    _deprecated("domain_weights_from_affinity", "weights_from_affinity")
-    return weights_from_affinity(affinity, mode, lam, temperature, normalize, domains, center, rule="paper")
-
-
-def domain_weights(embeddings, mode="pretrain", lam=DEFAULT_LAMBDA, temperature=None, normalize=True) -> Tensor:
-    """Deprecated: ``weights_from_embeddings(...).weights``."""
-    _deprecated("domain_weights", "weights_from_embeddings(...).weights")
-    return weights_from_embeddings(embeddings, mode, lam, temperature, normalize, rule="paper").weights

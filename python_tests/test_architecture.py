@@ -61,7 +61,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "uncertainty": {"plumbing", "mixture", "ops", "method", "formats", "plots"},
     "online": {"plumbing", "mixture", "ops", "data", "model", "trainer", "method", "formats"},
     "compare": {"plumbing", "mixture", "ops", "data", "model", "trainer", "method", "formats", "online", "plots"},
-    "plots": {"plumbing"},
+    "plots": {"plumbing", "mixture"},
     "cli": {"plumbing", "mixture"},
 }
 

@@ -144,7 +144,7 @@ def test_counts_must_match_domains():
         plan_token_budget({"a": 0.5, "b": 0.5}, {"a": 1, "c": 1}, token_budget=10)
     with pytest.raises(ChameleonUserError, match="token count of domain 'a'"):
         plan_token_budget({"a": 1.0}, {"a": -1}, token_budget=10)
-    with pytest.raises(ChameleonUserError, match="weight of domain 'a' is negative"):
+    with pytest.raises(ChameleonUserError, match="weight of domain 'a' must be a finite number >= 0"):
         plan_token_budget({"a": -1.0}, {"a": 1}, token_budget=10)
 
 

@@ -314,7 +314,7 @@ BAD_INPUTS = {
     "small_vocab_proxy": ("weights --data {data} --proxy {small_vocab_model}", ["vocabulary mismatch", "100 ids"]),
     "small_vocab_eval": ("eval --data {data} --model {small_vocab_model}", ["vocabulary mismatch", "100 ids"]),
     "weights_domains_mismatch": ("train --data {other_data} --weights {weights} --steps 1",
-                                 ["does not match the data", "weights.json", "zeta"]),
+                                 ["and the data: the domains do not match", "weights.json", "zeta"]),
     "missing_proxy": ("weights --data {data} --proxy {missing}/model.pt", ["model path", "model.pt", "does not exist"]),
     "missing_eval_model": ("eval --data {data} --model {missing}/model.pt", ["model.pt", "does not exist"]),
     "missing_init_from": ("train --data {data} --init-from {missing}/ckpt.pt --steps 1", ["ckpt.pt"]),

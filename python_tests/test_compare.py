@@ -494,7 +494,7 @@ def test_settings_pin_regmix_only_when_it_runs(ds, tmp_path):
 
 
 def test_new_domains_given_twice_is_refused(ds, tmp_path):
-    with pytest.raises(ChameleonUserError, match=r"new_domains: \['dna'\] given more than once"):
+    with pytest.raises(ChameleonUserError, match=r"new_domains: names must be unique, got \['dna'\] more than once"):
         CompareConfig(scenario="new_domains", new_domains=["dna", "dna"])
     from chameleon_ext.cli import main
 

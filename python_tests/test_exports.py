@@ -64,18 +64,20 @@ def test_load_weights_from_file_and_dict(tmp_path):
     assert E.load_weights(doc)["weights"] == doc["weights"]
 
 
-def test_load_weights_reads_format_1_files(tmp_path):
-    # A weights.json of release 0.1: no "format", scores named like the op, two normalize keys.
+def test_load_weights_refuses_files_of_earlier_formats(tmp_path):
+    # A weights.json of an earlier development version: no "format", scores named like the op.
+    # 0.1.0 reads only its own format (CHANGELOG.md, "Removed"): an error naming the file.
     new = weights_doc()
     old = {k: v for k, v in new.items() if k not in ("format", "leverage", "leverage_raw")}
     old.update(krls=new["leverage"], krls_raw=new["leverage_raw"], normalization="S / sum(S)")
-    loaded = E.load_weights(write_json(tmp_path / "weights.json", old))
-    assert loaded["format"] == E.WEIGHTS_FORMAT == "chameleon_ext.weights/2"
-    assert loaded["leverage"] == new["leverage"] and loaded["leverage_raw"] == new["leverage_raw"]
-    assert "krls" not in loaded and "normalization" not in loaded and loaded["normalize"] is True
-    assert loaded["weights"] == new["weights"]
-    # and the exports of an old file are those of the new one
-    assert E.write_exports(str(tmp_path / "weights.json"), tmp_path / "a") == E.write_exports(new, tmp_path / "a")
+    path = write_json(tmp_path / "weights.json", old)
+    with pytest.raises(ChameleonUserError, match=r"weights.json: unknown weights format None \(this version reads "
+                                                 r"'chameleon_ext.weights/2'\)"):
+        E.load_weights(path)
+    with pytest.raises(ChameleonUserError, match="unknown weights format None"):
+        E.write_exports(str(path), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert not hasattr(E, "upgrade_weights_doc")
 
 
 def test_load_weights_rejects_an_unknown_format(tmp_path):
@@ -101,17 +103,17 @@ def _bad_docs():
     doc = weights_doc()
     w = doc["weights"]
     yield "sum", _with(doc, weights={**w, "arxiv": w["arxiv"] + 0.01}), "sum to 1"
-    yield "nan", _with(doc, weights={**w, "arxiv": math.nan}), "not finite"
-    yield "inf", _with(doc, weights={**w, "arxiv": math.inf}), "not finite"
-    yield "negative", _with(doc, weights={**w, "arxiv": -w["arxiv"], "book": w["book"] + 2 * w["arxiv"]}), "negative"
-    yield "string", _with(doc, weights={**w, "arxiv": "0.1"}), "must be a number"
-    yield "bool", _with(doc, weights={**w, "arxiv": True}), "must be a number"
+    yield "nan", _with(doc, weights={**w, "arxiv": math.nan}), "must be a finite number >= 0"
+    yield "inf", _with(doc, weights={**w, "arxiv": math.inf}), "must be a finite number >= 0"
+    yield "negative", _with(doc, weights={**w, "arxiv": -w["arxiv"], "book": w["book"] + 2 * w["arxiv"]}), "must be a finite number >= 0"
+    yield "string", _with(doc, weights={**w, "arxiv": "0.1"}), "must be a finite number >= 0"
+    yield "bool", _with(doc, weights={**w, "arxiv": True}), "must be a finite number >= 0"
     yield "missing_domain", _with(doc, domains=SLIMPAJAMA + ["pile"]), "missing ['pile']"
-    yield "extra_weight", _with(doc, domains=SLIMPAJAMA[1:]), "not in domains ['arxiv']"
+    yield "extra_weight", _with(doc, domains=SLIMPAJAMA[1:]), "unknown ['arxiv']"
     yield "duplicate_domain", _with(doc, domains=SLIMPAJAMA + ["c4"]), "more than once"
     yield "empty_domains", _with(doc, domains=[], weights={}), "empty"
-    yield "domains_not_list", _with(doc, domains="arxiv"), "must be a list"
-    yield "weights_not_mapping", _with(doc, weights=list(w.values())), "must be a mapping"
+    yield "domains_not_list", _with(doc, domains="arxiv"), "expected a list of domain names"
+    yield "weights_not_mapping", _with(doc, weights=list(w.values())), "expected a mapping domain -> weight"
     no_weights = _with(doc)
     del no_weights["weights"]
     yield "no_weights_key", no_weights, "missing required key(s) ['weights']"
@@ -205,9 +207,9 @@ def test_megatron_blend_errors():
         E.megatron_blend({"web": 0.5, "code": 0.5}, {"web": "/data/x", "code": "/data/x"})
     with pytest.raises(ChameleonUserError, match="non-empty string"):
         E.megatron_blend({"web": 1.0}, {"web": ""})
-    with pytest.raises(ChameleonUserError, match="negative"):
+    with pytest.raises(ChameleonUserError, match="must be a finite number >= 0"):
         E.megatron_blend({"web": -0.5})
-    with pytest.raises(ChameleonUserError, match="not finite"):
+    with pytest.raises(ChameleonUserError, match="must be a finite number >= 0"):
         E.megatron_blend({"web": math.nan})
     with pytest.raises(ChameleonUserError, match="empty"):
         E.megatron_blend({})
@@ -274,11 +276,11 @@ def test_hf_probabilities_renormalise_and_follow_domains_order():
 def test_hf_probabilities_errors():
     with pytest.raises(ChameleonUserError, match=r"missing \['pile'\]"):
         E.hf_interleave_probabilities({"web": 1.0}, ["web", "pile"])
-    with pytest.raises(ChameleonUserError, match=r"not in domains \['code'\]"):
+    with pytest.raises(ChameleonUserError, match=r"unknown \['code'\]"):
         E.hf_interleave_probabilities({"web": 0.5, "code": 0.5}, ["web"])
-    with pytest.raises(ChameleonUserError, match="all weights are zero"):
+    with pytest.raises(ChameleonUserError, match="all weights are 0"):
         E.hf_interleave_probabilities({"web": 0.0, "code": 0.0})
-    with pytest.raises(ChameleonUserError, match="not finite"):
+    with pytest.raises(ChameleonUserError, match="must be a finite number >= 0"):
         E.hf_interleave_probabilities({"web": math.inf})
 
 
@@ -397,7 +399,7 @@ def test_write_exports_validates_before_writing(tmp_path):
         E.write_exports(doc, out, {d: f"my {d}" for d in SLIMPAJAMA})
     assert not out.exists() or os.listdir(out) == []
     bad = _with(doc, weights={**doc["weights"], "c4": math.nan})
-    with pytest.raises(ChameleonUserError, match="not finite"):
+    with pytest.raises(ChameleonUserError, match="must be a finite number >= 0"):
         E.write_exports(bad, out)
 
 

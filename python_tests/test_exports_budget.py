@@ -159,7 +159,7 @@ def test_a_budget_planned_for_other_weights_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     doc = weights_doc(HAND_WEIGHTS, plan_token_budget(HAND_WEIGHTS, HAND_COUNTS, 600, 1))
     doc["budget"]["achievable_weights"].pop("code")
-    with pytest.raises(ChameleonUserError, match="budget achievable_weights do not match"):
+    with pytest.raises(ChameleonUserError, match="budget achievable_weights: the domains do not match"):
         trainer_weights({"weights": HAND_WEIGHTS, "budget": doc["budget"]})
 
 

@@ -238,8 +238,8 @@ def _bad_embeddings():
     X = torch.randn(3, 4, dtype=torch.float64)
     nan, inf = X.clone(), X.clone()
     nan[1, 2], inf[0, 0] = float("nan"), float("inf")
-    yield "domains_string", "abc", X, "'domains' must be a list"
-    yield "duplicate_names", ["a", "b", "a"], X, "['a'] appear more than once"
+    yield "domains_string", "abc", X, "'domains': expected a list of domain names"
+    yield "duplicate_names", ["a", "b", "a"], X, "names must be unique, got ['a'] more than once"
     yield "nan", ["a", "b", "c"], nan, "NaN or Inf in row(s) [1]"
     yield "inf", ["a", "b", "c"], inf, "NaN or Inf in row(s) [0]"
     yield "d_zero", ["a", "b", "c"], torch.zeros(3, 0, dtype=torch.float64), "k, d >= 1"

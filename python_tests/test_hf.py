@@ -27,7 +27,7 @@ from chameleon_ext.data.tokenizer import HFTokenizer, tokenizer_record  # noqa: 
 from chameleon_ext.embed import EmbedConfig, embed_domains, window_starts  # noqa: E402
 from chameleon_ext.errors import ChameleonUserError  # noqa: E402
 from chameleon_ext.model import GPT, GPTConfig, save_model  # noqa: E402
-from chameleon_ext.pipeline import load_proxy, load_proxy_and_tokenizer, weights_from_embeddings  # noqa: E402
+from chameleon_ext.pipeline import load_proxy, load_proxy_and_tokenizer, weights_for_domains  # noqa: E402
 
 from .factories import perturb_vectors_  # noqa: E402
 
@@ -253,9 +253,9 @@ def test_weights_equal_a_plain_reference_pipeline(hf_dirs, data_root, tmp_path, 
     w_pt, w_ft = reference_weights_numpy(X, "pretrain"), reference_weights_numpy(X, "finetune")
     np.testing.assert_allclose(emb.embeddings.numpy(), X, rtol=1e-5, atol=1e-6)
     # parity with the reference holds in the paper's mode (rule="paper"), not the library's default rule
-    np.testing.assert_allclose(weights_from_embeddings(emb, "pretrain", rule="paper").weights.numpy(), w_pt,
+    np.testing.assert_allclose(weights_for_domains(emb, "pretrain", rule="paper").weights.numpy(), w_pt,
                                rtol=0, atol=1e-6)
-    np.testing.assert_allclose(weights_from_embeddings(emb, "finetune", rule="paper").weights.numpy(), w_ft,
+    np.testing.assert_allclose(weights_for_domains(emb, "finetune", rule="paper").weights.numpy(), w_ft,
                                rtol=0, atol=1e-6)
     assert not np.allclose(w_ft, 1 / len(w_ft), atol=1e-3)  # the check is not vacuous: weights differ
 

@@ -113,7 +113,7 @@ def test_domain_weights_of_tiny_embeddings_match_oracle(scale):
     """Tiny embeddings lose no accuracy: a float32 path once gave 0.16078 against 0.16338 for
     the first domain at scale 1e-7, and uniform weights at 1e-5."""
     X = torch.randn(7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
-    w = chameleon_ext.domain_weights(X, "finetune")
+    w = chameleon_ext.weights_from_embeddings(X, "finetune", rule="paper").weights
     A = X @ X.T  # the affinity exactly as the method forms it
     S = oracle_krls(A.numpy(), weights_mod.DEFAULT_LAMBDA)
     Sn = [s / sum(S) for s in S]

@@ -14,6 +14,7 @@ import yaml
 
 from chameleon_ext.budget import plan_token_budget
 from chameleon_ext.errors import ChameleonUserError
+from chameleon_ext.exports import WEIGHTS_FORMAT
 from chameleon_ext.mixture_formats import (
     MIXTURE_FORMATS,
     megatron_per_split_args,
@@ -36,7 +37,7 @@ P = {"web": "/data/web/web_text_document", "code": "/data/code/code_text_documen
 
 
 def weights_doc(weights=W, **extra):
-    return {"mode": "pretrain", "domains": list(weights), "weights": dict(weights), **extra}
+    return {"format": WEIGHTS_FORMAT, "mode": "pretrain", "domains": list(weights), "weights": dict(weights), **extra}
 
 
 # -- independent readers, written from each consumer's documentation -------------------------
@@ -321,7 +322,7 @@ def test_every_format_follows_the_budgets_achievable_weights():
 
 def test_budget_for_other_domains_is_refused():
     plan = plan_token_budget({"x": 1.0}, {"x": 10}, token_budget=5)
-    with pytest.raises(ChameleonUserError, match="budget achievable_weights do not match"):
+    with pytest.raises(ChameleonUserError, match="budget achievable_weights: the domains do not match"):
         render_mixture_formats(weights_doc(), "nanotron", budget=plan)
 
 
@@ -354,5 +355,5 @@ def test_unknown_format_and_bad_weights():
         render_mixture_formats(weights_doc(), ["megatron-lm"])
     with pytest.raises(ChameleonUserError, match="must sum to 1"):
         render_mixture_formats(weights_doc({"a": 0.5, "b": 0.2}))
-    with pytest.raises(ChameleonUserError, match="weight of domain 'a' is not finite"):
+    with pytest.raises(ChameleonUserError, match="weight of domain 'a' must be a finite number >= 0"):
         nanotron_dataset({"a": math.nan})

@@ -49,7 +49,7 @@ def test_weight_vector_checks():
     with pytest.raises(ChameleonUserError, match="expected 3 weights"):
         mixture.check_weights([0.5, 0.5], 3)
     assert mixture.check_weight_map({"b": 0.5, "a": 0.5}, ["a", "b"]) == {"a": 0.5, "b": 0.5}
-    with pytest.raises(ChameleonUserError, match=r"missing from the weights \['c'\]"):
+    with pytest.raises(ChameleonUserError, match=r"the domains do not match \(missing \['c'\]"):
         mixture.check_weight_map({"a": 0.5, "b": 0.5}, ["a", "b", "c"])
 
 

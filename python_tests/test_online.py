@@ -240,12 +240,12 @@ def test_options_are_validated():
         (dict(decay=1.0), "decay must be a number in"),
         (dict(every=0), "every must be an integer >= 1"),
         (dict(warmup=-1), "warmup must be an integer >= 0"),
-        (dict(mode="pre"), "mode must be one of"),
-        (dict(lam=0), "lam must be a number"),
-        (dict(initial_weights=[1, 2]), "got 2 values for 4 domains"),
+        (dict(mode="pre"), "mode: expected one of"),
+        (dict(lam=0), "lam: expected a finite number > 0"),
+        (dict(initial_weights=[1, 2]), r"expected 4 weights \(one per domain"),
         (dict(initial_weights={"web": 1.0}), "domains do not match"),
         (dict(initial_weights=[0, 0, 0, 0]), "all weights are 0"),
-        (dict(initial_weights=[1, -1, 0, 0]), "negative"),
+        (dict(initial_weights=[1, -1, 0, 0]), "must be a finite number >= 0"),
     ]:
         with pytest.raises(ChameleonUserError, match=match):
             OnlineChameleon(DOMAINS, **kwargs)

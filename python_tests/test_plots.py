@@ -117,7 +117,7 @@ def test_plot_input_errors(tmp_path):
         plots.plot_weights(["a", "b"], {"a": 1.0}, path)
     with pytest.raises(ChameleonUserError, match=">= 0"):
         plots.plot_weights(["a", "b"], [1.5, -0.5], path)
-    with pytest.raises(ChameleonUserError, match="domains is empty"):
+    with pytest.raises(ChameleonUserError, match="domains: expected at least one domain name"):
         plots.plot_weights([], [], path)
     with pytest.raises(ChameleonUserError, match=r"\[k, k\] = \[2, 2\]"):
         plots.plot_affinity(["a", "b"], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], path)

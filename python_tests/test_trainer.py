@@ -99,13 +99,13 @@ def test_sampler_reproducible_and_state_roundtrip(dataset):
 
 
 @pytest.mark.parametrize("weights, match, name", [
-    ({"alpha": 1, "digits": 1, "dna": 1, "zeta": 1, "extra": 1}, "not in the dataset", "extra"),
-    ({"alpha": 1, "digits": 1, "dna": 1}, "no weight given", "zeta"),
-    ({"alpha": 1, "digits": -1, "dna": 1, "zeta": 1}, "finite number >= 0", "digits"),
+    ({"alpha": 1, "digits": 1, "dna": 1, "zeta": 1, "extra": 1}, "unknown \\['extra'\\]", "extra"),
+    ({"alpha": 1, "digits": 1, "dna": 1}, "missing \\['zeta'\\]", "zeta"),
+    ({"alpha": 1, "digits": -1, "dna": 1, "zeta": 1}, "weight of domain 'digits' must be a finite number >= 0", "digits"),
     ({"alpha": 1, "digits": 1, "dna": float("nan"), "zeta": 1}, "finite number >= 0", "dna"),
     ({"alpha": 1, "digits": 1, "dna": 1, "zeta": float("inf")}, "finite number >= 0", "zeta"),
-    ({"alpha": 0, "digits": 0, "dna": 0, "zeta": 0}, "all domain weights are 0", ""),
-    ([1, 2, 3], "3 values for 4 domains", ""),
+    ({"alpha": 0, "digits": 0, "dna": 0, "zeta": 0}, "all weights are 0", ""),
+    ([1, 2, 3], "expected 4 weights", ""),
     ("proportional", "uniform", ""),
 ])
 def test_weight_validation(dataset, weights, match, name):

@@ -286,7 +286,7 @@ def test_bootstrap_result_dict_and_table():
         (dict(level=1.0), "level must be a number in"),
         (dict(lam=-1.0), "lambda: expected a finite number > 0"),
         (dict(window_fractions=(0.5, 1.0)), "window_fractions"),
-        (dict(domains=["a"]), "domains must name the 2"),
+        (dict(domains=["a"]), "domains of window_embeddings: expected 2 names, got 1"),
         (dict(draw_counts=[torch.ones(3, 4)] * 2), "draw_counts must be"),
     ],
 )
@@ -568,7 +568,7 @@ def test_plots_write_pngs(tmp_path):
 def test_transfer_mode_uses_the_pretraining_rule():
     windows, centres = synthetic_windows(k=4, n=40, d=8, seed=13)
     point = plain_weights(centres, "pretrain", lam=1.0)
-    point.mode = "transfer"  # as pipeline.weights_from_embeddings labels it
+    point.mode = "transfer"  # as pipeline.weights_for_domains labels it
     res = U.bootstrap_weights(windows, resamples=20, seed=1, point=point)
     pre = U.bootstrap_weights(windows, resamples=20, seed=1, mode="pretrain", lam=1.0, rule="paper")
     assert torch.equal(res.weight_samples, pre.weight_samples) and res.to_dict()["mode"] == "transfer"
@@ -576,5 +576,5 @@ def test_transfer_mode_uses_the_pretraining_rule():
     assert torch.equal(own.weight_samples, pre.weight_samples) and own.point.mode == "transfer"
     sweep = U.sweep_weights(centres, [1.0], mode="transfer", rule="paper")
     assert sweep.temperatures == [5.0] and torch.equal(sweep.weights[0, 0], point.weights)
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(ValueError, match="mode: expected one of"):
         U.sweep_weights(centres, [1.0], mode="mixing", rule="paper")

@@ -262,21 +262,18 @@ def test_complex_and_overflowing_embeddings_are_errors():
 # --------------------------------------------------------------------------- names
 
 
-def test_old_names_still_work_and_warn():
+def test_the_names_of_earlier_development_versions_are_gone():
+    # 0.1.0 is the first release: one public name, one signature (CHANGELOG.md, "Removed").
+    import chameleon_ext.pipeline as P
+
+    for name in ("chameleon_weights", "domain_weights", "domain_weights_from_affinity"):
+        assert name not in chameleon_ext.__all__ and not hasattr(chameleon_ext, name) and not hasattr(W, name)
+    assert not hasattr(P, "weights_from_embeddings") and hasattr(P, "weights_for_domains")
     X = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    new = W.weights_from_embeddings(X, "finetune", lam=2.0, domains=list("abcd"), rule="paper")
-    with pytest.warns(DeprecationWarning, match="weights_from_embeddings"):
-        old = chameleon_ext.chameleon_weights(X, "finetune", lam=2.0, domains=list("abcd"))
-    assert torch.equal(old.weights, new.weights)
-    with pytest.warns(DeprecationWarning, match="weights_from_embeddings"):
-        assert torch.equal(chameleon_ext.domain_weights(X, "finetune", lam=2.0), new.weights)
-    with pytest.warns(DeprecationWarning, match="weights_from_affinity"):
-        via_affinity = chameleon_ext.domain_weights_from_affinity(X @ X.T, "finetune", lam=2.0)
-    torch.testing.assert_close(via_affinity.weights, new.weights, rtol=0, atol=1e-12)
-    with pytest.warns(DeprecationWarning, match="leverage"):
-        assert torch.equal(new.krls, new.leverage)
-    with pytest.warns(DeprecationWarning, match="leverage_raw"):
-        assert torch.equal(new.krls_raw, new.leverage_raw)
+    res = W.weights_from_embeddings(X, "finetune", lam=2.0, domains=list("abcd"), rule="paper")
+    assert not hasattr(res, "krls") and not hasattr(res, "krls_raw")
+    via_affinity = W.weights_from_affinity(X @ X.T, "finetune", lam=2.0, rule="paper")
+    torch.testing.assert_close(via_affinity.weights, res.weights, rtol=0, atol=1e-12)
 
 
 def test_reference_oracles_are_not_public_api():

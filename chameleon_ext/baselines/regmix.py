@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from ..errors import ChameleonUserError
+from ..mixture import WEIGHT_SUM_TOLERANCE
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -267,8 +268,8 @@ def fit_regression(mixtures, losses, regressor: str = "auto", seed: int = 0):
             f"losses: expected [M] = [{W.shape[0]}] (or [M, domains]), got shape {np.shape(losses)}")
     if W.shape[0] < 3:
         raise ChameleonUserError(f"mixtures: at least 3 mixtures are needed to fit, got {W.shape[0]}")
-    if not np.all(np.isfinite(W)) or np.any(W < 0) or not np.allclose(W.sum(1), 1.0, rtol=0, atol=1e-6):
-        raise ChameleonUserError("mixtures: every row must be finite weights >= 0 summing to 1")
+    if not np.all(np.isfinite(W)) or np.any(W < 0) or not np.allclose(W.sum(1), 1.0, rtol=0, atol=WEIGHT_SUM_TOLERANCE):
+        raise ChameleonUserError(f"mixtures: every row must be finite weights >= 0 summing to 1 (within {WEIGHT_SUM_TOLERANCE:g})")
     if not np.all(np.isfinite(y)):
         bad = int(np.flatnonzero(~np.isfinite(y))[0])
         raise ChameleonUserError(f"losses: mixture {bad} has loss {y[bad]!r}; expected a finite number")

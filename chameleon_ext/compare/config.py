@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 from ..errors import ChameleonUserError
+from ..mixture import check_domain_names
 
 METHODS = ("uniform", "natural", "chameleon", "chameleon-paper", "doremi", "regmix", "online")
 # Chameleon's two variants: the library's default rule, and the paper's method exactly (rule="paper").
@@ -108,10 +109,8 @@ class CompareConfig:
         if not (0.0 < float(self.test_fraction) < 1.0):
             raise ChameleonUserError(f"test_fraction: expected a number in (0, 1), got {self.test_fraction!r}")
         for name in ("new_domains", "finetune_domains"):
-            names = [str(d) for d in getattr(self, name)]
-            twice = sorted({d for d in names if names.count(d) > 1})
-            if twice:  # stored twice, a domain would be counted twice in every table
-                raise ChameleonUserError(f"{name}: {twice} given more than once; name each domain once")
+            if getattr(self, name):  # stored twice, a domain would be counted twice in every table
+                check_domain_names(getattr(self, name), what=name)
         if self.scenario == "new_domains" and not self.new_domains:
             raise ChameleonUserError("new_domains: the new-domains scenario needs at least one domain name")
         if self.scenario == "finetune" and not (self.finetune_domains or self.finetune_data):

@@ -16,7 +16,6 @@ run is reproducible and resumes exactly; nothing of the corpus is copied to disk
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from ..distributed import shard_range
 from ..errors import ChameleonUserError
+from ..mixture import check_domain_names, check_weights_for
 
 __all__ = ["WeightsLike", "WeightedDomainSampler", "normalize_weights"]
 
@@ -37,13 +37,14 @@ def normalize_weights(dataset, weights: WeightsLike) -> np.ndarray:
     """Validate mixture ``weights`` against the dataset; return probabilities ``[k]`` float64.
 
     ``weights`` is ``"uniform"``, a ``{domain: weight}`` mapping naming every domain exactly
-    once, or a sequence of k numbers in ``dataset.domains`` order. Weights must be finite and
-    non-negative with a positive sum; they are normalised to sum to 1.
+    once, or a sequence of k numbers in ``dataset.domains`` order: relative weights, checked as
+    every other consumer checks them (:func:`chameleon_ext.mixture.check_weights_for`: finite
+    numbers >= 0, ``True`` refused, a positive sum) and normalised to sum to 1.
 
     Raises:
         ChameleonUserError: naming the offending domain (unknown, missing, negative, NaN, ...).
     """
-    names = list(dataset.domains)
+    names = check_domain_names(dataset.domains, what="dataset domains")
     if isinstance(weights, str):
         if weights != "uniform":
             raise ChameleonUserError(
@@ -51,45 +52,8 @@ def normalize_weights(dataset, weights: WeightsLike) -> np.ndarray:
                 f"{len(names)} numbers, got {weights!r}"
             )
         return np.full(len(names), 1.0 / len(names))
-    if isinstance(weights, Mapping):
-        for key in weights:
-            if key not in names:
-                raise ChameleonUserError(
-                    f"weights: domain {key!r} is not in the dataset; its domains are {names}"
-                )
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise ChameleonUserError(
-                f"weights: no weight given for domain {missing[0]!r}; give every domain a "
-                f"weight (0 to leave it out). Domains: {names}"
-            )
-        values = [weights[n] for n in names]
-    else:
-        try:
-            values = list(weights)
-        except TypeError:
-            raise ChameleonUserError(
-                f"weights: expected a mapping or a sequence of numbers, got {type(weights).__name__}"
-            ) from None
-        if len(values) != len(names):
-            raise ChameleonUserError(
-                f"weights: got {len(values)} values for {len(names)} domains {names}"
-            )
-    out = np.empty(len(names), dtype=np.float64)
-    for i, (name, v) in enumerate(zip(names, values)):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ChameleonUserError(f"weights: domain {name!r} has non-numeric weight {v!r}") from None
-        if not math.isfinite(f) or f < 0:
-            raise ChameleonUserError(
-                f"weights: domain {name!r} has weight {v!r}; expected a finite number >= 0"
-            )
-        out[i] = f
-    total = out.sum()
-    if not total > 0:
-        raise ChameleonUserError("weights: all domain weights are 0; at least one must be > 0")
-    return out / total
+    values = np.array(list(check_weights_for(weights, names, "weights", relative=True).values()), dtype=np.float64)
+    return values / values.sum()
 
 
 class WeightedDomainSampler:

@@ -10,7 +10,7 @@ import math
 from typing import List, Mapping, Optional, Sequence
 
 from ..errors import ChameleonUserError
-from .weights_json import check_domains, check_same_domains, check_weight_values
+from ..mixture import check_domain_names, check_same_domains, check_weight_map
 
 __all__ = ["hf_interleave_probabilities"]
 
@@ -25,18 +25,14 @@ def hf_interleave_probabilities(weights: Mapping[str, float], domains: Optional[
     the last non-zero entry when the largest cannot absorb it exactly). Only when the last
     non-zero entry is smaller than the residue itself can a few ulps of 1.0 remain.
     """
-    weights = check_weight_values(weights, "hf_interleave_probabilities")
+    weights = check_weight_map(weights, what="hf_interleave_probabilities", relative=True)
     if domains is None:
         domains = list(weights)
     else:
-        domains = check_domains(list(domains), "hf_interleave_probabilities")
-        check_same_domains(domains, list(weights), "hf_interleave_probabilities", "weights keys")
+        domains = check_domain_names(domains, what="hf_interleave_probabilities: domains")
+        check_same_domains(domains, list(weights), "hf_interleave_probabilities")
     values = [weights[d] for d in domains]
     total = math.fsum(values)
-    if total <= 0.0:
-        raise ChameleonUserError("hf_interleave_probabilities: all weights are zero, nothing to sample")
-    if not math.isfinite(total):
-        raise ChameleonUserError(f"hf_interleave_probabilities: the weights' sum overflows ({total!r})")
     probs = [v / total for v in values]
     # The residue goes on the largest entry, where it changes the mixture least. When the
     # rounding of the running sum cannot be steered through that entry, the last non-zero

@@ -15,7 +15,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 from ..errors import ChameleonUserError
 from .paths import Prefixes, megatron_prefix, megatron_tokens, paths_of
 from .text import format_weight
-from .weights_json import budget_weights, check_weight_values
+from ..mixture import check_weight_map
+from .weights_json import budget_weights
 
 __all__ = ["megatron_blend", "parse_megatron_blend", "megatron_blend_list", "megatron_per_split_args", "nemo_paths"]
 
@@ -65,7 +66,7 @@ def megatron_blend(weights: Mapping[str, float], prefixes: Prefixes = None) -> s
     are two domains sharing a prefix. Weights are not renormalised (Megatron normalises the
     blend itself).
     """
-    weights = check_weight_values(weights, "megatron_blend")
+    weights = check_weight_map(weights, what="megatron_blend", relative=True)
     return " ".join(megatron_blend_list(weights, prefixes, "megatron"))
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import yaml
 
 from ..errors import ChameleonUserError
 from .text import dump_yaml
-from .weights_json import check_weight_values
+from ..mixture import check_domain_names, check_weight_map
 
 __all__ = ["META_KEYS", "mixture_yaml", "parse_mixture_yaml"]
 
@@ -18,7 +18,7 @@ META_KEYS = ("mode", "lambda", "temperature", "normalize")
 
 
 def _mixture_doc(weights: Mapping[str, float], meta: Optional[Mapping]) -> dict:
-    weights = check_weight_values(weights, "mixture_yaml")
+    weights = check_weight_map(weights, what="mixture_yaml", relative=True)
     doc: dict = {"mixture": [{"name": d, "weight": w} for d, w in weights.items()]}
     if meta:
         chameleon = {key: meta[key] for key in META_KEYS if key in meta}
@@ -68,7 +68,8 @@ def parse_mixture_yaml(text: str) -> Dict[str, float]:
     entries = doc["mixture"]
     if not isinstance(entries, list) or not entries:
         raise ChameleonUserError("mixture YAML: 'mixture' must be a non-empty list of {name, weight} entries")
-    out: Dict[str, float] = {}
+    names: List[str] = []
+    weights: List[float] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry or "weight" not in entry:
             raise ChameleonUserError(f"mixture YAML: entry {i} must have 'name' and 'weight', got {entry!r}")
@@ -80,7 +81,6 @@ def parse_mixture_yaml(text: str) -> Dict[str, float]:
             weight = math.nan
         if not math.isfinite(weight) or weight < 0:
             raise ChameleonUserError(f"mixture YAML: weight of {name!r} must be a finite number >= 0, got {raw!r}")
-        if name in out:
-            raise ChameleonUserError(f"mixture YAML: domain {name!r} appears more than once")
-        out[name] = weight
-    return out
+        names.append(name)
+        weights.append(weight)
+    return dict(zip(check_domain_names(names, what="mixture YAML: names"), weights))

@@ -18,6 +18,7 @@ from typing import List, Mapping, Sequence, Union
 
 from .. import io
 from ..errors import ChameleonUserError
+from ..mixture import check_domain_names
 
 __all__ = ["DPI", "MAX_WEIGHT_LABELS", "AVERAGE_KEY", "PathLike", "new_figure", "save_png", "clamp",
            "check_domains", "as_floats", "as_square_matrix"]
@@ -62,12 +63,9 @@ def clamp(value: float, low: float, high: float) -> float:
 
 
 def check_domains(domains: Sequence[str], fn: str) -> List[str]:
-    """The domain names as a non-empty list of strings."""
-    if isinstance(domains, str) or not isinstance(domains, Sequence):
-        raise ChameleonUserError(f"{fn}: domains must be a list of names, got {type(domains).__name__}")
-    if len(domains) == 0:
-        raise ChameleonUserError(f"{fn}: domains is empty")
-    return [str(d) for d in domains]
+    """The domain names (:func:`chameleon_ext.mixture.check_domain_names`), named after the
+    figure function ``fn`` in the message."""
+    return check_domain_names(domains, what=f"{fn}: domains")
 
 
 def as_floats(values, domains: List[str], fn: str, what: str) -> List[float]:
