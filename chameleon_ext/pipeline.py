@@ -45,7 +45,7 @@ __all__ = [
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
 MODES = PIPELINE_MODES
 # The model every command creates unless told otherwise: the small preset at 128 tokens (what
-# the README's runs and `chameleon run` use; TrainConfig holds the optimiser's defaults).
+# `make run` and `chameleon run` use (docs/cli.md, "Defaults"); TrainConfig holds the optimiser's defaults).
 DEFAULT_PRESET = "small"
 DEFAULT_BLOCK_SIZE = 128
 

@@ -28,7 +28,7 @@ class TrainConfig:
         block_size: sequence length T; default the model's ``block_size``.
         lr, min_lr: peak and final learning rate of the cosine schedule; ``min_lr=None``
             means ``lr / 10``. The defaults (lr 3e-3, warm-up 30, 32 evaluation windows) are
-            the ones the README's runs use on the small presets; see the README's "Defaults".
+            the ones the README's runs use on the small presets; see docs/cli.md, "Defaults".
         warmup_steps: linear warm-up steps from ~0 to ``lr``.
         weight_decay: AdamW decoupled weight decay, applied to matrices and embeddings only.
         beta1, beta2: AdamW betas.
