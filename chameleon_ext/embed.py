@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from . import distributed, io
+from .embed_cache import pack_window_embeddings, unpack_window_embeddings, window_cache_path
 from .errors import ChameleonUserError
 from .mixture import check_domain_names
 from .data.dataset import SPLIT_LAYOUT
@@ -124,10 +125,8 @@ class DomainEmbeddings:
 
     def save_windows(self, path: str) -> None:
         """The per-window means (``window_embeddings.pt``), one checksummed entry per domain in
-        the per-window cache format (:func:`chameleon_ext.uncertainty.pack_window_embeddings`),
+        the per-window cache format (:func:`chameleon_ext.embed_cache.pack_window_embeddings`),
         written atomically; read back with :func:`load_window_embeddings`."""
-        from .uncertainty import pack_window_embeddings
-
         if self.windows is None:
             raise ChameleonUserError("these domain embeddings carry no per-window means (embed with windows=True)")
         entries = [pack_window_embeddings(w, key=n, domain=n) for n, w in zip(self.domains, self.windows)]
@@ -178,7 +177,6 @@ def load_window_embeddings(path: str, domains: Sequence[str]) -> List[torch.Tens
     written by :meth:`DomainEmbeddings.save_windows`; any mismatch or damage is an error naming
     the file."""
     from .manifest import check_member
-    from .uncertainty import unpack_window_embeddings
 
     obj = io.read_torch(path, "window embeddings file")
     if not isinstance(obj, dict) or obj.get("format") != WINDOW_SET_FORMAT:
@@ -316,8 +314,6 @@ def _read_cache(cache_dir: Optional[str], key: str, name: str):
 def _read_window_cache(cache_dir: Optional[str], key: str, name: str, count: int, dim: int):
     """The domain's per-window means ``[count, dim]`` from the cache, or None (with a warning:
     the caller then embeds the domain again)."""
-    from .uncertainty import unpack_window_embeddings, window_cache_path
-
     if cache_dir is None:
         return None
     path = window_cache_path(cache_dir, key)
@@ -343,8 +339,6 @@ def _write_cache(cache_dir: Optional[str], key: str, name: str, total: torch.Ten
     if windows is not None:
         # Before the sum entry: a kill between the two leaves a sum without windows, which a
         # bootstrap run treats as a miss, never windows that belong to no sum.
-        from .uncertainty import pack_window_embeddings, window_cache_path
-
         io.save_torch(pack_window_embeddings(windows, key, name), window_cache_path(cache_dir, key),
                       "per-window embedding cache entry")
     total = total.detach().double().cpu()

@@ -37,7 +37,7 @@ ROOMS: Dict[str, Tuple[str, ...]] = {
     "data": ("data",),
     "model": ("model",),
     "trainer": ("trainer", "train_config", "callbacks", "evaluation", "checkpoint"),
-    "method": ("weights", "embed", "pipeline"),
+    "method": ("weights", "embed", "embed_cache", "pipeline"),
     "formats": ("formats", "exports", "mixture_formats", "schedule", "budget", "hf_export"),
     "uncertainty": ("uncertainty",),
     "online": ("online", "schedule_weights"),

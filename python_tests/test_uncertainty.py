@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import chameleon_ext
-from chameleon_ext import io, uncertainty as U, weights as W
+from chameleon_ext import embed_cache, io, uncertainty as U, weights as W
+from chameleon_ext.uncertainty import sweep as sweep_module
 from chameleon_ext.errors import ChameleonUserError
 
 # the plain path every bootstrap entry must match (these tests check the paper rule against the NumPy oracle)
@@ -351,13 +352,13 @@ def test_sweep_equals_loop_of_scalar_calls(mode):
 def test_sweep_is_one_krls_call_with_a_tensor_lambda(monkeypatch):
     """Every lambda goes through ONE krls call, lam a tensor with one lambda per matrix."""
     calls = []
-    real_krls = U.krls
+    real_krls = sweep_module.krls
 
     def counting_krls(K, lam=10.0, center=True, scale_by_k=True):
         calls.append((tuple(K.shape), tuple(lam.shape) if isinstance(lam, torch.Tensor) else None))
         return real_krls(K, lam=lam, center=center, scale_by_k=scale_by_k)
 
-    monkeypatch.setattr(U, "krls", counting_krls)
+    monkeypatch.setattr(sweep_module, "krls", counting_krls)
     X = torch.randn(6, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sweep = U.sweep_weights(X, LAMBDAS, TEMPS, mode="pretrain", rule="paper")
     assert calls == [((5, 6, 6), (5,))]
@@ -509,34 +510,34 @@ def test_unstable_ranking_is_reported():
 
 def test_window_cache_round_trip(tmp_path):
     W = torch.randn(33, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    path = U.window_cache_path(str(tmp_path), "abc123")
+    path = embed_cache.window_cache_path(str(tmp_path), "abc123")
     assert path == str(tmp_path / "abc123.windows.pt")
-    io.save_torch(U.pack_window_embeddings(W, "abc123", "arxiv"), path)
-    back = U.unpack_window_embeddings(io.read_torch(path), "abc123", "arxiv")
+    io.save_torch(embed_cache.pack_window_embeddings(W, "abc123", "arxiv"), path)
+    back = embed_cache.unpack_window_embeddings(io.read_torch(path), "abc123", "arxiv")
     assert back.dtype == torch.float32 and torch.equal(back, W.float())
-    entry = U.pack_window_embeddings(W, "abc123", "arxiv", dtype=torch.bfloat16)
+    entry = embed_cache.pack_window_embeddings(W, "abc123", "arxiv", dtype=torch.bfloat16)
     assert entry["windows"].dtype == torch.bfloat16 and entry["count"] == 33
-    assert torch.equal(U.unpack_window_embeddings(entry, "abc123"), W.bfloat16().float())
+    assert torch.equal(embed_cache.unpack_window_embeddings(entry, "abc123"), W.bfloat16().float())
 
 
 def test_window_cache_rejects_damage_and_mismatch():
-    entry = U.pack_window_embeddings(torch.ones(4, 3), "key", "c4")
+    entry = embed_cache.pack_window_embeddings(torch.ones(4, 3), "key", "c4")
     with pytest.raises(ChameleonUserError, match="has key"):
-        U.unpack_window_embeddings(entry, "other")
+        embed_cache.unpack_window_embeddings(entry, "other")
     with pytest.raises(ChameleonUserError, match="for domain 'c4'"):
-        U.unpack_window_embeddings(entry, "key", "book")
+        embed_cache.unpack_window_embeddings(entry, "key", "book")
     damaged = dict(entry, windows=entry["windows"].clone())
     damaged["windows"][2, 1] = 5.0
     with pytest.raises(ChameleonUserError, match="damaged"):
-        U.unpack_window_embeddings(damaged, "key")
+        embed_cache.unpack_window_embeddings(damaged, "key")
     with pytest.raises(ChameleonUserError, match="not a per-window"):
-        U.unpack_window_embeddings({"format": "x"}, "key")
+        embed_cache.unpack_window_embeddings({"format": "x"}, "key")
     with pytest.raises(ChameleonUserError, match="dtype must be"):
-        U.pack_window_embeddings(torch.ones(4, 3), "key", "c4", dtype=torch.float16)
+        embed_cache.pack_window_embeddings(torch.ones(4, 3), "key", "c4", dtype=torch.float16)
     with pytest.raises(ChameleonUserError, match="finite"):
-        U.pack_window_embeddings(torch.full((2, 2), math.inf), "key", "c4")
+        embed_cache.pack_window_embeddings(torch.full((2, 2), math.inf), "key", "c4")
     with pytest.raises(ChameleonUserError, match=r"\[n, d\]"):
-        U.pack_window_embeddings(torch.ones(3), "key", "c4")
+        embed_cache.pack_window_embeddings(torch.ones(3), "key", "c4")
 
 
 # --------------------------------------------------------------------------------------------

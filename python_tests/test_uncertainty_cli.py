@@ -14,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-from chameleon_ext import io, uncertainty as U, weights as W
+from chameleon_ext import embed_cache, io, uncertainty as U, weights as W
+from chameleon_ext.uncertainty import bootstrap as bootstrap_module
 from chameleon_ext.cli import main
 from chameleon_ext.data import load_dataset
 from chameleon_ext.embed import EmbedConfig, embed_domains, load_domain_embeddings, window_starts
@@ -71,7 +72,7 @@ def _cached_windows(cache_dir):
     for path in glob.glob(os.path.join(cache_dir, "*.windows.pt")):
         entry = io.read_torch(path)
         key = os.path.basename(path)[: -len(".windows.pt")]
-        out[entry["domain"]] = U.unpack_window_embeddings(entry, key, entry["domain"])
+        out[entry["domain"]] = embed_cache.unpack_window_embeddings(entry, key, entry["domain"])
     return out
 
 
@@ -313,7 +314,7 @@ def test_a_window_file_for_other_domains_is_an_error(work, first_run, capsys):
     folder = work / "mismatch"
     folder.mkdir()
     shutil.copy(work / "w1" / "domain_embeddings.pt", folder / "domain_embeddings.pt")
-    entry = U.pack_window_embeddings(torch.zeros(3, 8), key="other", domain="other")
+    entry = embed_cache.pack_window_embeddings(torch.zeros(3, 8), key="other", domain="other")
     torch.save({"format": "chameleon_ext.window_embedding_set/1", "domains": ["other"], "entries": [entry]},
                folder / "window_embeddings.pt")
     code, _, err = _run(["weights", "--embeddings", folder / "domain_embeddings.pt", "--out", work / "mm", *COMMON],
@@ -338,9 +339,9 @@ def test_bootstrap_bytes_is_what_the_bootstrap_holds():
 def test_a_bootstrap_too_large_for_memory_is_refused_before_any_allocation(monkeypatch):
     ws = [torch.randn(128, 64) for _ in range(3)]
     allocated = []
-    monkeypatch.setattr(U, "_draw_counts", lambda *a: allocated.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(bootstrap_module, "_draw_counts", lambda *a: allocated.append(a) or (_ for _ in ()).throw(AssertionError))
     free = 3 * 2**30
-    monkeypatch.setattr(U, "available_memory", lambda device="cpu": free)
+    monkeypatch.setattr(bootstrap_module, "available_memory", lambda device="cpu": free)
     with pytest.raises(U.ChameleonUserError) as info:
         U.bootstrap_weights(ws, resamples=10**9)
     text = str(info.value)
@@ -354,7 +355,7 @@ def test_a_bootstrap_too_large_for_memory_is_refused_before_any_allocation(monke
 def test_cli_bootstrap_too_large_is_one_line_before_embedding(work, capsys, monkeypatch, B):
     from chameleon_ext import pipeline
 
-    monkeypatch.setattr(U, "available_memory", lambda device="cpu": 2**34)  # 16 GiB free
+    monkeypatch.setattr(bootstrap_module, "available_memory", lambda device="cpu": 2**34)  # 16 GiB free
     monkeypatch.setattr(pipeline, "embed_domains", lambda *a, **k: pytest.fail("embedded before the check"))
     code, out, err = _run(_weights(work, "toolarge", "--bootstrap", B, cache="cache_toolarge"), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
