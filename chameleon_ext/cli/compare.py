@@ -6,7 +6,7 @@ import sys
 
 from ..errors import ChameleonUserError
 from .common import BUILTIN, name_list, say
-from .options import add_common, add_strict
+from .options import add_common, add_strict, config_option
 
 
 def cmd_compare(args) -> int:
@@ -47,34 +47,18 @@ def add_compare(p):
     from ..compare import METHODS, CompareConfig
     from ..model import GPTConfig
 
-    library = CompareConfig()
     add_common(p)
-    p.add_argument("--mixtures", default=",".join(library.mixtures),
-                   help=f"comma-separated methods ({', '.join(METHODS)}) or weights.json paths")
-    p.add_argument("--seeds", type=int, default=library.seeds, help="base runs per mixture (seeds --seed, --seed+1, ...)")
+    config_option(p, CompareConfig, "mixtures",
+                  help=f"comma-separated methods ({', '.join(METHODS)}) or weights.json paths")
+    config_option(p, CompareConfig, "seeds")
     p.add_argument("--out", default="runs/compare", help="output folder (a rerun skips finished units)")
     p.add_argument("--no-plots", action="store_true", help="do not draw compare.png")
     add_strict(p)
     g = p.add_argument_group("budget (defaults: about 15 minutes for everything on the built-in data, 2 CPU cores)")
-    g.add_argument("--preset", default=library.preset, choices=GPTConfig.preset_names(), help="model size")
-    g.add_argument("--block-size", type=int, default=library.block_size, help="sequence length")
-    g.add_argument("--batch-size", type=int, default=library.batch_size, help="sequences per step")
-    g.add_argument("--lr", type=float, default=library.lr, help="peak learning rate")
-    g.add_argument("--warmup", type=int, default=library.warmup, help="warm-up steps")
-    g.add_argument("--steps", type=int, default=library.steps, help="steps of every base run (same token budget for all)")
-    g.add_argument("--proxy-steps", type=int, default=library.proxy_steps,
-                   help="steps of the Chameleon proxy and the DoReMi reference and proxy")
-    g.add_argument("--regmix-proxies", type=int, default=library.regmix_proxies, help="RegMix proxies")
-    g.add_argument("--regmix-steps", type=int, default=library.regmix_steps, help="steps per RegMix proxy")
-    g.add_argument("--eval-windows", type=int, default=library.eval_windows,
-                   help="test windows per domain (fixed: the same for every run)")
-    g.add_argument("--embed-windows", type=int, default=library.embed_windows, help="Chameleon embedding windows per domain")
-    g.add_argument("--test-fraction", type=float, default=library.test_fraction,
-                   help="held-out test share of each domain without test.bin (interleaved blocks, like validation)")
-    g.add_argument("--ckpt-every", type=int, default=library.ckpt_every,
-                   help="checkpoint every N steps of each training run (0: only at its end); an interrupted "
-                        "run resumes from its last checkpoint. Large models on a GPU: a checkpoint can cost "
-                        "more than the steps between two")
+    config_option(g, CompareConfig, "preset", choices=GPTConfig.preset_names())
+    for name in ("block_size", "batch_size", "lr", "warmup", "steps", "proxy_steps", "regmix_proxies", "regmix_steps",
+                 "eval_windows", "embed_windows", "test_fraction", "ckpt_every"):
+        config_option(g, CompareConfig, name)
     s = p.add_argument_group("scenarios")
     s.add_argument("--new-domains", default=None,
                    help="comma-separated domains the proxies do not see (Chameleon: transfer mode; DoReMi, RegMix: retrain)")
@@ -82,5 +66,5 @@ def add_compare(p):
     s.add_argument("--finetune-data", default=None, help="dataset folder of the finetuning domains (with --finetune-from)")
     s.add_argument("--finetune-domains", default=None,
                    help="comma-separated finetuning domains of --data (the others pretrain the base model)")
-    s.add_argument("--finetune-steps", type=int, default=library.finetune_steps, help="finetuning steps per run")
+    config_option(s, CompareConfig, "finetune_steps")
     p.set_defaults(func=cmd_compare)

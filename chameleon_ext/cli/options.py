@@ -2,13 +2,15 @@
 weights, bootstrap, strict, online) and the argparse types and formatter they use.
 
 Defaults and choices come from the library (TrainConfig, EmbedConfig, weights.DEFAULT_*,
-the model presets), so the command line and the Python API cannot drift apart. Each
+the model presets), so the command line and the Python API cannot drift apart; an option
+that sets a config field is made from the dataclass by :func:`config_option`. Each
 command's options are built only when that command runs: `export` then imports nothing that
 needs the compiled ops."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import List, Optional
 
@@ -93,9 +95,8 @@ def online_defaults() -> dict:
 def add_common(p, data=True, data_default=BUILTIN):
     from ..trainer import TrainConfig
 
-    library = TrainConfig()
-    p.add_argument("--seed", type=seed_type, default=library.seed, help="seed for sampling, initialisation and data order")
-    p.add_argument("--device", default=library.device, choices=["auto", "cpu", "cuda"], help="where to compute")
+    config_option(p, TrainConfig, "seed", type=seed_type)
+    config_option(p, TrainConfig, "device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true",
                    help="no progress output, and no warnings or loading bars from transformers/torch")
     if data:
@@ -129,14 +130,10 @@ def add_embed(p):
     g.add_argument("--window", type=int, default=None,
                    help=f"tokens per window (default {library.window}, capped at the proxy's "
                         f"block size; {BUILTIN_EMBED['window']} on the built-in data)")
-    g.add_argument("--layer", type=int, default=library.layer,
-                   help="proxy layer to pool (default: the middle, as the reference)")
-    g.add_argument("--pooling", default=library.pooling, choices=list(POOLINGS),
-                   help="'reference' reproduces the reference implementation's pooling quirks")
-    g.add_argument("--embed-batch-size", type=int, default=library.batch_size, help="windows per forward pass")
-    g.add_argument("--precision", default=library.precision, choices=list(PRECISIONS),
-                   help="proxy forward precision; auto: fp32 with --pooling reference (the reference's) and on "
-                        "CPUs, bf16 autocast on CUDA")
+    config_option(g, EmbedConfig, "layer", type=int)
+    config_option(g, EmbedConfig, "pooling", choices=list(POOLINGS))
+    config_option(g, EmbedConfig, "batch_size", "--embed-batch-size")
+    config_option(g, EmbedConfig, "precision", choices=list(PRECISIONS))
     g.add_argument("--embed-cache", default=None, help="embedding cache folder (default: <cache-dir>/embeddings)")
 
 
@@ -199,23 +196,15 @@ def add_training(p, steps: Optional[int] = None):
     from ..pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
     from ..trainer import TrainConfig
 
-    library = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--preset", default=DEFAULT_PRESET, choices=GPTConfig.preset_names(), help="model size")
     g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="sequence length")
-    g.add_argument("--steps", type=int, default=library.steps if steps is None else steps, help="optimiser steps")
-    g.add_argument("--batch-size", type=int, default=library.batch_size,
-                   help="sequences per step (global across ranks)")
-    g.add_argument("--grad-accum", type=int, default=library.grad_accum, help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=library.lr, help="peak learning rate (cosine to lr/10)")
-    g.add_argument("--warmup", type=int, default=library.warmup_steps, help="warm-up steps")
-    g.add_argument("--eval-every", type=int, default=library.eval_every,
-                   help="evaluate every N steps and at the end (0: at the end only)")
-    g.add_argument("--eval-windows", type=int, default=library.eval_windows, help="held-out windows per domain")
-    g.add_argument("--ckpt-every", type=int, default=library.ckpt_every, help="checkpoint every N steps")
-    g.add_argument("--max-bad-steps", type=int, default=library.max_bad_steps,
-                   help="stop (exit 2, last good checkpoint kept) after this many consecutive steps with a "
-                        "non-finite loss or gradient")
+    config_option(g, TrainConfig, "steps", **({} if steps is None else {"default": steps}))
+    for name in ("batch_size", "grad_accum", "lr"):
+        config_option(g, TrainConfig, name)
+    config_option(g, TrainConfig, "warmup_steps", "--warmup")
+    for name in ("eval_every", "eval_windows", "ckpt_every", "max_bad_steps"):
+        config_option(g, TrainConfig, name)
 
 
 def add_online(p):
@@ -238,3 +227,78 @@ def add_online(p):
                    help="a weights.json to sample from until the first recomputation (default: uniform)")
     g.add_argument("--mode", default=None, choices=list(MODES),
                    help=f"pretrain: inverse leverage; finetune: leverage (default {lib['mode']})")
+
+
+# --------------------------------------------------------------------------- options from the configs
+#
+# An option that sets a field of a library config (TrainConfig, EmbedConfig, CompareConfig)
+# takes its default from the dataclass itself, its help from the table of that config below,
+# and its type from the default: the default lives in the dataclass alone.
+
+FIELD_HELP = {
+    "TrainConfig": {
+        "seed": "seed for sampling, initialisation and data order",
+        "device": "where to compute",
+        "steps": "optimiser steps",
+        "batch_size": "sequences per step (global across ranks)",
+        "grad_accum": "micro-batches per step",
+        "lr": "peak learning rate (cosine to lr/10)",
+        "warmup_steps": "warm-up steps",
+        "eval_every": "evaluate every N steps and at the end (0: at the end only)",
+        "eval_windows": "held-out windows per domain",
+        "ckpt_every": "checkpoint every N steps",
+        "max_bad_steps": "stop (exit 2, last good checkpoint kept) after this many consecutive steps with a "
+                         "non-finite loss or gradient",
+    },
+    "EmbedConfig": {
+        "layer": "proxy layer to pool (default: the middle, as the reference)",
+        "pooling": "'reference' reproduces the reference implementation's pooling quirks",
+        "batch_size": "windows per forward pass",
+        "precision": "proxy forward precision; auto: fp32 with --pooling reference (the reference's) and on "
+                     "CPUs, bf16 autocast on CUDA",
+    },
+    "CompareConfig": {
+        "seeds": "base runs per mixture (seeds --seed, --seed+1, ...)",
+        "preset": "model size",
+        "block_size": "sequence length",
+        "batch_size": "sequences per step",
+        "lr": "peak learning rate",
+        "warmup": "warm-up steps",
+        "steps": "steps of every base run (same token budget for all)",
+        "proxy_steps": "steps of the Chameleon proxy and the DoReMi reference and proxy",
+        "regmix_proxies": "RegMix proxies",
+        "regmix_steps": "steps per RegMix proxy",
+        "eval_windows": "test windows per domain (fixed: the same for every run)",
+        "embed_windows": "Chameleon embedding windows per domain",
+        "test_fraction": "held-out test share of each domain without test.bin (interleaved blocks, like validation)",
+        "ckpt_every": "checkpoint every N steps of each training run (0: only at its end); an interrupted "
+                      "run resumes from its last checkpoint. Large models on a GPU: a checkpoint can cost "
+                      "more than the steps between two",
+        "finetune_steps": "finetuning steps per run",
+    },
+}
+
+
+def field_default(config, name: str):
+    """The default of field ``name`` of the dataclass ``config`` (a list default as the
+    comma-separated text its option takes)."""
+    spec = {f.name: f for f in dataclasses.fields(config)}[name]
+    value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def config_option(group, config, name: str, flag: Optional[str] = None, **kwargs):
+    """Add the option of ``config``'s field ``name`` (``--name-with-dashes`` unless ``flag``):
+    default, help and type from the dataclass and :data:`FIELD_HELP` unless given in
+    ``kwargs``. The action records the field (``action.config_field``) so the defaults can be
+    checked against the dataclass."""
+    default = field_default(config, name)
+    if "help" not in kwargs:
+        kwargs["help"] = FIELD_HELP[config.__name__][name]
+    if type(default) in (int, float):
+        kwargs.setdefault("type", type(default))
+    from_config = "default" not in kwargs
+    kwargs.setdefault("default", default)
+    action = group.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
+    action.config_field = (config, name) if from_config else None
+    return action

@@ -7,7 +7,7 @@ import os
 from ..errors import ChameleonUserError
 from .checks import check_memory, check_training_memory
 from .common import check_collapse, dataset, init_distributed, model_and_dataset, print_table, say, train_config
-from .options import ONLINE, ONLINE_OPTIONS, add_common, add_online, add_strict, add_training
+from .options import ONLINE, ONLINE_OPTIONS, add_common, add_online, add_strict, add_training, config_option
 
 
 SCHEDULE_NAME = "schedule.json"  # the schedule a --weights online / --schedule run writes into --out
@@ -229,7 +229,7 @@ def add_eval(p):
 
     add_common(p)
     p.add_argument("--model", required=True, help="model.pt or ckpt.pt")
-    p.add_argument("--eval-windows", type=int, default=TrainConfig().eval_windows, help="held-out windows per domain")
+    config_option(p, TrainConfig, "eval_windows")
     p.add_argument("--block-size", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--out", default=None, help="write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
