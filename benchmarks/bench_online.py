@@ -20,7 +20,7 @@ Smoke run (``--benchmark-disable``): QUICK_CASES, seconds.
 
 End to end (``python benchmarks/bench_online.py e2e [ROUNDS [STEPS]]``, one thread): whole runs of the
 trainer as ``chameleon train`` builds them (its parser, data, model, and for ``online`` its
-``OnlineWeights`` callback from ``cli._online_callback``), on the built-in data, ``--weights
+``OnlineWeights`` callback from ``cli.train.online_callback``), on the built-in data, ``--weights
 online`` against static uniform weights, alternating runs. A step's time is the time between
 two ``on_step_end`` calls: sampling, forward, backward, optimiser, every callback, and the
 weight updates (every ``E2E_EVERY`` steps here, more often than the default, so the updates
@@ -193,18 +193,20 @@ class _StepClock(Callback):
 def _e2e_run(online: bool, steps: int, out: str, base_args) -> dict:
     """``{"wall": [...], "cpu": [...]}`` step times (s) of one ``chameleon train`` run, online
     or with static uniform weights."""
-    from chameleon_ext import cli
+    from chameleon_ext.cli import build_parser
+    from chameleon_ext.cli.common import dataset, train_config
+    from chameleon_ext.cli.train import online_callback
     from chameleon_ext.trainer import train
 
     extra = ["--weights", "online", "--online-every", str(E2E_EVERY), "--online-warmup", "2"] if online else []
-    args = cli.build_parser().parse_args(["train", "--steps", str(steps), "--out", out, *base_args, *extra])
-    ds = cli._dataset(args)
+    args = build_parser().parse_args(["train", "--steps", str(steps), "--out", out, *base_args, *extra])
+    ds = dataset(args)
     model = GPT(GPTConfig.preset(args.preset, ds.vocab_size, args.block_size), seed=0)
-    cfg = cli._train_config(args, out, steps)
+    cfg = train_config(args, out, steps)
     cfg.block_size = args.block_size
     clock, weights, callbacks = _StepClock(), "uniform", []
     if online:
-        weights, cb = cli._online_callback(args, ds, model, f"{out}/schedule.json")
+        weights, cb = online_callback(args, ds, model, f"{out}/schedule.json")
         callbacks.append(cb)
     start = (time.perf_counter(), time.process_time())
     train(model, ds, weights, cfg, resume=False, callbacks=[*callbacks, clock])

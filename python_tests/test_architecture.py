@@ -43,7 +43,7 @@ ROOMS: Dict[str, Tuple[str, ...]] = {
     "online": ("online", "schedule_weights"),
     "compare": ("compare", "compare_stats", "baselines"),
     "plots": ("plots",),
-    "cli": ("cli", "__main__"),
+    "cli": ("cli", "__main__"),  # the cli package (main, options, commands) and python -m chameleon_ext
 }
 
 # room -> the other rooms its modules may import at module level (a room may always import

@@ -424,6 +424,83 @@ def test_parser_defaults_and_choices_are_the_library_s():
     assert preset.choices == GPTConfig.preset_names()
 
 
+# The options generated from a config dataclass (flag -> (config, field)), per command: the
+# defaults of these live in the dataclass alone (cli.options.config_option).
+_COMMON = {"--seed": ("TrainConfig", "seed"), "--device": ("TrainConfig", "device")}
+_EMBED = {"--layer": ("EmbedConfig", "layer"), "--pooling": ("EmbedConfig", "pooling"),
+          "--embed-batch-size": ("EmbedConfig", "batch_size"), "--precision": ("EmbedConfig", "precision")}
+_TRAINING = {"--steps": ("TrainConfig", "steps"), "--warmup": ("TrainConfig", "warmup_steps"),
+             **{"--" + n.replace("_", "-"): ("TrainConfig", n) for n in (
+                 "batch_size", "grad_accum", "lr", "eval_every", "eval_windows", "ckpt_every", "max_bad_steps")}}
+_COMPARE = {"--" + n.replace("_", "-"): ("CompareConfig", n) for n in (
+    "mixtures", "seeds", "preset", "block_size", "batch_size", "lr", "warmup", "steps", "proxy_steps", "regmix_proxies",
+    "regmix_steps", "eval_windows", "embed_windows", "test_fraction", "ckpt_every", "finetune_steps")}
+GENERATED = {
+    "run": {**_COMMON, **_EMBED, **{k: v for k, v in _TRAINING.items() if k != "--steps"}},  # run: its own steps
+    "train-proxy": {**_COMMON, **_TRAINING}, "train": {**_COMMON, **_TRAINING},
+    "embed": {**_COMMON, **_EMBED}, "weights": {**_COMMON, **_EMBED}, "sweep": {**_COMMON, **_EMBED},
+    "eval": {**_COMMON, "--eval-windows": ("TrainConfig", "eval_windows")}, "compare": {**_COMMON, **_COMPARE},
+}
+
+
+def test_generated_options_default_to_the_dataclass_fields():
+    from chameleon_ext.cli import build_parser
+    from chameleon_ext.cli.method import RUN_STEPS
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    found = {}
+    for command, p in sub.items():
+        for action in p._actions:
+            source = getattr(action, "config_field", None)
+            if source is None:
+                continue
+            config, name = source
+            value = getattr(config(), name)  # an instance's value, not the helper's reading of the fields
+            expected = ",".join(value) if isinstance(value, list) else value
+            assert action.default == expected and type(action.default) is type(expected), (command, name)
+            if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+                assert action.type(str(expected)) == expected, (command, name)  # the option parses its default
+            found.setdefault(command, {})[action.option_strings[0]] = (config.__name__, name)
+    assert found == GENERATED
+    steps = next(a for a in sub["run"]._actions if a.dest == "steps")
+    assert steps.config_field is None and steps.default == RUN_STEPS == 300  # set, not read from TrainConfig
+    # a few by hand, so a dataclass edit that moves them shows up here
+    parser = build_parser()
+    c = parser.parse_args(["compare"])
+    assert (c.seeds, c.preset, c.block_size, c.steps, c.warmup, c.test_fraction) == (3, "tiny", 64, 60, 10, 0.1)
+    t = parser.parse_args(["train"])
+    assert (t.steps, t.batch_size, t.lr, t.warmup, t.device, t.seed) == (1000, 16, 3e-3, 30, "auto", 0)
+
+
+def test_config_option_reads_a_planted_dataclass():
+    import argparse
+    import dataclasses
+
+    from chameleon_ext.cli.options import FIELD_HELP, config_option, field_default
+
+    @dataclasses.dataclass
+    class Planted:
+        count: int = 7
+        rate: float = 0.25
+        names: list = dataclasses.field(default_factory=lambda: ["a", "b"])
+
+    assert (field_default(Planted, "count"), field_default(Planted, "rate"), field_default(Planted, "names")) == (
+        7, 0.25, "a,b")
+    FIELD_HELP["Planted"] = {"count": "how many", "rate": "how fast", "names": "which"}
+    try:
+        p = argparse.ArgumentParser()
+        a = config_option(p, Planted, "count")
+        b = config_option(p, Planted, "rate", "--speed", default=0.5)
+        c = config_option(p, Planted, "names", help="given")
+    finally:
+        del FIELD_HELP["Planted"]
+    assert (a.option_strings, a.default, a.type, a.help, a.config_field) == (["--count"], 7, int, "how many",
+                                                                              (Planted, "count"))
+    assert (b.option_strings, b.default, b.type, b.config_field) == (["--speed"], 0.5, float, None)  # overridden
+    assert (c.default, c.type, c.help) == ("a,b", None, "given")
+    assert vars(p.parse_args(["--count", "3", "--speed", "2"])) == {"count": 3, "speed": 2.0, "names": "a,b"}
+
+
 def test_unknown_preset_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--preset", "huge"])
