@@ -432,14 +432,17 @@ _EMBED = {"--layer": ("EmbedConfig", "layer"), "--pooling": ("EmbedConfig", "poo
 _TRAINING = {"--steps": ("TrainConfig", "steps"), "--warmup": ("TrainConfig", "warmup_steps"),
              **{"--" + n.replace("_", "-"): ("TrainConfig", n) for n in (
                  "batch_size", "grad_accum", "lr", "eval_every", "eval_windows", "ckpt_every", "max_bad_steps")}}
-_COMPARE = {"--" + n.replace("_", "-"): ("CompareConfig", n) for n in (
-    "mixtures", "seeds", "preset", "block_size", "batch_size", "lr", "warmup", "steps", "proxy_steps", "regmix_proxies",
-    "regmix_steps", "eval_windows", "embed_windows", "test_fraction", "ckpt_every", "finetune_steps")}
+# compare: its own fields, and the training options with the comparison's TrainConfig defaults
+_COMPARE = {**{"--" + n.replace("_", "-"): ("CompareConfig", n) for n in (
+    "mixtures", "seeds", "proxy_steps", "regmix_proxies", "regmix_steps", "test_fraction", "finetune_steps")},
+    **{flag: ("compare_train_config", name) for flag, (_, name) in {**_COMMON, **_TRAINING}.items()
+       if flag != "--eval-every"},
+    "--block-size": ("compare_train_config", "block_size"), "--embed-windows": ("compare_embed_config", "n_windows")}
 GENERATED = {
     "run": {**_COMMON, **_EMBED, **{k: v for k, v in _TRAINING.items() if k != "--steps"}},  # run: its own steps
     "train-proxy": {**_COMMON, **_TRAINING}, "train": {**_COMMON, **_TRAINING},
     "embed": {**_COMMON, **_EMBED}, "weights": {**_COMMON, **_EMBED}, "sweep": {**_COMMON, **_EMBED},
-    "eval": {**_COMMON, "--eval-windows": ("TrainConfig", "eval_windows")}, "compare": {**_COMMON, **_COMPARE},
+    "eval": {**_COMMON, "--eval-windows": ("TrainConfig", "eval_windows")}, "compare": _COMPARE,
 }
 
 

@@ -114,7 +114,7 @@ def test_train_on_a_collapsed_weights_file_warns_and_strict_refuses(emb_path, tm
 
 
 def test_compare_marks_collapsed_mixtures_and_strict_stops():
-    cfg = compare.CompareConfig(mixtures=["uniform", "chameleon-paper"], quiet=True)
+    cfg = compare.CompareConfig(mixtures=["uniform", "chameleon-paper"])
     said = []
     mixtures = {"uniform": {"weights": {d: 0.25 for d in DOMAINS}},
                 "chameleon-paper": {"weights": {"alpha": 0.97, "digits": 0.01, "dna": 0.01, "zeta": 0.01}}}

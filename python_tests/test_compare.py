@@ -14,6 +14,7 @@ import torch
 
 from chameleon_ext.callbacks import Callback
 from chameleon_ext.compare import CompareConfig, DatasetView, DoReMiLoss, run_compare
+from chameleon_ext.compare.config import compare_embed_config, compare_train_config
 from chameleon_ext.data import load_dataset
 from chameleon_ext.data import dataset as dataset_mod
 from chameleon_ext.errors import ChameleonUserError
@@ -184,14 +185,20 @@ def test_doremi_loss_hook_resumes_exactly(ds, tmp_path):
 
 # -- the comparison ----------------------------------------------------------------------------
 
-TINY = dict(seeds=2, preset="tiny", block_size=16, batch_size=4, steps=3, proxy_steps=2,
-            regmix_proxies=3, regmix_steps=2, eval_windows=2, embed_windows=4, ckpt_every=2,
-            warmup=1, quiet=True)
+TINY = dict(seeds=2, preset="tiny", proxy_steps=2, regmix_proxies=3, regmix_steps=2)
+TINY_TRAIN = dict(block_size=16, batch_size=4, steps=3, eval_windows=2, ckpt_every=2, warmup_steps=1, quiet=True)
+TINY_EMBED = dict(n_windows=4)
+
+
+def tiny_config(train=None, embed=None, **kw) -> CompareConfig:
+    """The tiny comparison, ``train``/``embed`` (dicts) overriding its training/embedding settings."""
+    return CompareConfig(**{**TINY, **kw}, train=compare_train_config(**{**TINY_TRAIN, **(train or {})}),
+                         embed=compare_embed_config(**{**TINY_EMBED, **(embed or {})}))
 
 
 def _run(ds, out, say=None, **kw):
     lines = []
-    cfg = CompareConfig(**{**TINY, **kw})
+    cfg = tiny_config(**kw)
     doc = run_compare(ds, cfg, str(out), say=say or lines.append, plots=False)
     return doc, lines
 
@@ -328,7 +335,7 @@ def test_rerun_skips_every_finished_unit(compared, ds):
 def test_rerun_with_other_settings_is_refused(compared, ds):
     _, _, out, _ = compared
     with pytest.raises(ChameleonUserError, match="other settings"):
-        _run(ds, out, steps=4)
+        _run(ds, out, train={"steps": 4})
 
 
 def test_new_domains_scenario(compared, ds, monkeypatch):
@@ -339,7 +346,7 @@ def test_new_domains_scenario(compared, ds, monkeypatch):
     orig = type(ds).windows_at
 
     def windows_at(self, name, starts, length, split="train"):
-        if split == "train" and length == TINY["block_size"]:
+        if split == "train" and length == TINY_TRAIN["block_size"]:
             embedded.append(name)
         return orig(self, name, starts, length, split)
 
@@ -404,8 +411,8 @@ def test_cli_compare_ckpt_every(text_root, tmp_path, monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(compare_mod, "run_compare", lambda ds, cfg, out, **kw: seen.append(cfg) or {})
     base = ["compare", "--data", text_root, "--mixtures", "uniform", "--out", str(tmp_path / "o"), "--quiet"]
-    assert main(base) == 0 and seen[-1].ckpt_every == CompareConfig().ckpt_every == 20
-    assert main(base + ["--ckpt-every", "0"]) == 0 and seen[-1].ckpt_every == 0
+    assert main(base) == 0 and seen[-1].train.ckpt_every == CompareConfig().train.ckpt_every == 20
+    assert main(base + ["--ckpt-every", "0"]) == 0 and seen[-1].train.ckpt_every == 0
     assert main(base + ["--ckpt-every", "-1"]) == 2
     assert "--ckpt-every: expected a non-negative integer, got -1" in capsys.readouterr().err
     assert len(seen) == 2

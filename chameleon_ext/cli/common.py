@@ -68,17 +68,21 @@ def embed_config(args, proxy_block: Optional[int] = None):
                        pooling=args.pooling, split="train", precision=args.precision)
 
 
+def train_fields(args) -> dict:
+    """The TrainConfig fields that the training options (add_common, add_training) set."""
+    return dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size,
+                lr=args.lr, warmup_steps=args.warmup, eval_windows=args.eval_windows, ckpt_every=args.ckpt_every,
+                seed=args.seed, device=args.device, quiet=args.quiet, max_bad_steps=args.max_bad_steps)
+
+
 def train_config(args, out_dir: str, steps: int, eval_at_end: bool = False):
     from ..trainer import TrainConfig
 
     eval_every = args.eval_every
     if eval_at_end and eval_every == 0:
         eval_every = steps  # "0: at the end only", as --eval-every's help says
-    return TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       block_size=args.block_size, lr=args.lr, min_lr=None,
-                       warmup_steps=min(args.warmup, max(steps - 1, 0)), eval_every=eval_every,
-                       eval_windows=args.eval_windows, ckpt_every=args.ckpt_every, seed=args.seed,
-                       device=args.device, out_dir=out_dir, quiet=args.quiet, max_bad_steps=args.max_bad_steps)
+    return TrainConfig(**{**train_fields(args), "steps": steps, "warmup_steps": min(args.warmup, max(steps - 1, 0)),
+                          "eval_every": eval_every, "out_dir": out_dir, "min_lr": None})
 
 
 def init_distributed(args):

@@ -92,11 +92,12 @@ def online_defaults() -> dict:
     return {name: p.default for name, p in inspect.signature(OnlineChameleon).parameters.items()}
 
 
-def add_common(p, data=True, data_default=BUILTIN):
+def add_common(p, data=True, data_default=BUILTIN, defaults=None):
+    """--seed, --device, --quiet and the data options; ``defaults``: as in :func:`add_training`."""
     from ..trainer import TrainConfig
 
-    config_option(p, TrainConfig, "seed", type=seed_type)
-    config_option(p, TrainConfig, "device", choices=["auto", "cpu", "cuda"])
+    config_option(p, TrainConfig, "seed", type=seed_type, defaults=defaults)
+    config_option(p, TrainConfig, "device", choices=["auto", "cpu", "cuda"], defaults=defaults)
     p.add_argument("--quiet", action="store_true",
                    help="no progress output, and no warnings or loading bars from transformers/torch")
     if data:
@@ -191,20 +192,30 @@ def add_bootstrap(p):
     g.add_argument("--bootstrap-seed", type=seed_type, default=None, help="seed of the resamples (default: --seed)")
 
 
-def add_training(p, steps: Optional[int] = None):
+def add_training(p, steps: Optional[int] = None, defaults=None, preset: Optional[str] = None,
+                 per_run=False):
+    """The training options, from :class:`TrainConfig` (``steps``: another default than the
+    library's). ``defaults``: a function returning the TrainConfig whose values are the
+    defaults (the comparison's), which also gives --block-size its default; ``per_run``: the
+    command sets the evaluation period of each run itself (no --eval-every)."""
     from ..model import GPTConfig
     from ..pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
     from ..trainer import TrainConfig
 
     g = p.add_argument_group("training")
-    g.add_argument("--preset", default=DEFAULT_PRESET, choices=GPTConfig.preset_names(), help="model size")
-    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="sequence length")
-    config_option(g, TrainConfig, "steps", **({} if steps is None else {"default": steps}))
+    g.add_argument("--preset", default=preset or DEFAULT_PRESET, choices=GPTConfig.preset_names(), help="model size")
+    if defaults is None:
+        g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="sequence length")
+    else:
+        config_option(g, TrainConfig, "block_size", defaults=defaults, type=int)
+    config_option(g, TrainConfig, "steps", defaults=defaults, **({} if steps is None else {"default": steps}))
     for name in ("batch_size", "grad_accum", "lr"):
-        config_option(g, TrainConfig, name)
-    config_option(g, TrainConfig, "warmup_steps", "--warmup")
-    for name in ("eval_every", "eval_windows", "ckpt_every", "max_bad_steps"):
-        config_option(g, TrainConfig, name)
+        config_option(g, TrainConfig, name, defaults=defaults)
+    config_option(g, TrainConfig, "warmup_steps", "--warmup", defaults=defaults)
+    for name in ("eval_windows", "ckpt_every", "max_bad_steps") if per_run else (
+            "eval_every", "eval_windows", "ckpt_every", "max_bad_steps"):
+        config_option(g, TrainConfig, name, defaults=defaults)
+    return g
 
 
 def add_online(p):
@@ -240,13 +251,15 @@ FIELD_HELP = {
         "seed": "seed for sampling, initialisation and data order",
         "device": "where to compute",
         "steps": "optimiser steps",
+        "block_size": "sequence length",
         "batch_size": "sequences per step (global across ranks)",
         "grad_accum": "micro-batches per step",
         "lr": "peak learning rate (cosine to lr/10)",
         "warmup_steps": "warm-up steps",
         "eval_every": "evaluate every N steps and at the end (0: at the end only)",
         "eval_windows": "held-out windows per domain",
-        "ckpt_every": "checkpoint every N steps",
+        "ckpt_every": "checkpoint every N steps (0: only at the end); an interrupted run resumes from its last "
+                      "checkpoint",
         "max_bad_steps": "stop (exit 2, last good checkpoint kept) after this many consecutive steps with a "
                          "non-finite loss or gradient",
     },
@@ -260,39 +273,34 @@ FIELD_HELP = {
     "CompareConfig": {
         "seeds": "base runs per mixture (seeds --seed, --seed+1, ...)",
         "preset": "model size",
-        "block_size": "sequence length",
-        "batch_size": "sequences per step",
-        "lr": "peak learning rate",
-        "warmup": "warm-up steps",
-        "steps": "steps of every base run (same token budget for all)",
         "proxy_steps": "steps of the Chameleon proxy and the DoReMi reference and proxy",
         "regmix_proxies": "RegMix proxies",
         "regmix_steps": "steps per RegMix proxy",
-        "eval_windows": "test windows per domain (fixed: the same for every run)",
-        "embed_windows": "Chameleon embedding windows per domain",
         "test_fraction": "held-out test share of each domain without test.bin (interleaved blocks, like validation)",
-        "ckpt_every": "checkpoint every N steps of each training run (0: only at its end); an interrupted "
-                      "run resumes from its last checkpoint. Large models on a GPU: a checkpoint can cost "
-                      "more than the steps between two",
         "finetune_steps": "finetuning steps per run",
     },
 }
 
 
-def field_default(config, name: str):
-    """The default of field ``name`` of the dataclass ``config`` (a list default as the
-    comma-separated text its option takes)."""
-    spec = {f.name: f for f in dataclasses.fields(config)}[name]
-    value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+def field_default(config, name: str, defaults=None):
+    """The default of field ``name`` of the dataclass ``config``, or its value in ``defaults()``
+    (an instance with other defaults, e.g. the comparison's TrainConfig); a list default as
+    the comma-separated text its option takes."""
+    if defaults is not None:
+        value = getattr(defaults(), name)
+    else:
+        spec = {f.name: f for f in dataclasses.fields(config)}[name]
+        value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
     return ",".join(value) if isinstance(value, list) else value
 
 
-def config_option(group, config, name: str, flag: Optional[str] = None, **kwargs):
+def config_option(group, config, name: str, flag: Optional[str] = None, defaults=None, **kwargs):
     """Add the option of ``config``'s field ``name`` (``--name-with-dashes`` unless ``flag``):
-    default, help and type from the dataclass and :data:`FIELD_HELP` unless given in
-    ``kwargs``. The action records the field (``action.config_field``) so the defaults can be
-    checked against the dataclass."""
-    default = field_default(config, name)
+    default, help and type from the dataclass (or from ``defaults()``, a function returning the
+    instance whose values are the defaults) and :data:`FIELD_HELP` unless given in ``kwargs``.
+    The action records where its default comes from (``action.config_field``: the dataclass or
+    ``defaults``, and the field) so the defaults can be checked against the library."""
+    default = field_default(config, name, defaults)
     if "help" not in kwargs:
         kwargs["help"] = FIELD_HELP[config.__name__][name]
     if type(default) in (int, float):
@@ -300,5 +308,5 @@ def config_option(group, config, name: str, flag: Optional[str] = None, **kwargs
     from_config = "default" not in kwargs
     kwargs.setdefault("default", default)
     action = group.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
-    action.config_field = (config, name) if from_config else None
+    action.config_field = (defaults or config, name) if from_config else None
     return action

@@ -25,11 +25,12 @@ def write_outputs(out: str, stem: str, doc: dict, md: str, stats, ledger, title:
 
 
 def table_header(cfg: CompareConfig, title: str, domains: Sequence[str], tokens: int) -> str:
+    accum = f" x {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
     return (f"# {title}\n\n"
             f"Every base run: {cfg.preset} model, {tokens:,} training tokens "
-            f"({tokens // (cfg.batch_size * cfg.block_size)} steps x {cfg.batch_size} x {cfg.block_size}), "
+            f"({tokens // cfg.tokens(1)} steps x {cfg.train.batch_size}{accum} x {cfg.train.block_size}), "
             f"seeds {cfg.seed_list} (the seed sets initialisation and data order for every mixture alike). "
-            f"Perplexity on the held-out **test** split ({cfg.eval_windows} windows of {cfg.block_size + 1} "
+            f"Perplexity on the held-out **test** split ({cfg.train.eval_windows} windows of {cfg.train.block_size + 1} "
             f"tokens per domain, evaluation seed {cfg.eval_seed}, the same windows for every run); no "
             f"method saw the test split (RegMix is fitted on validation loss). Domains: "
             f"{', '.join(domains)}.\n\n")
@@ -38,13 +39,13 @@ def table_header(cfg: CompareConfig, title: str, domains: Sequence[str], tokens:
 def plan_steps(cfg: CompareConfig, mixtures: Sequence[str], extra: int = 0) -> int:
     per = {"chameleon": cfg.proxy_steps, "chameleon-paper": cfg.proxy_steps, "doremi": 2 * cfg.proxy_steps,
            "regmix": cfg.regmix_proxies * cfg.regmix_steps}
-    return sum(per.get(m, 0) for m in mixtures) + extra + len(mixtures) * cfg.seeds * cfg.steps
+    return sum(per.get(m, 0) for m in mixtures) + extra + len(mixtures) * cfg.seeds * cfg.train.steps
 
 
 def say_budget(cfg: CompareConfig, say, total_steps: int, what: str) -> None:
-    tok = cfg.batch_size * cfg.block_size
-    say(f"budget ({what}): {cfg.preset} models, {cfg.block_size}-token blocks, batch {cfg.batch_size}; "
-        f"base runs {len(cfg.mixtures)} mixtures x {cfg.seeds} seeds x {cfg.steps} steps "
+    tok = cfg.tokens(1)
+    say(f"budget ({what}): {cfg.preset} models, {cfg.train.block_size}-token blocks, batch {cfg.train.batch_size}; "
+        f"base runs {len(cfg.mixtures)} mixtures x {cfg.seeds} seeds x {cfg.train.steps} steps "
         f"({cfg.tokens_per_run:,} tokens each); proxies {cfg.proxy_steps} steps; RegMix "
         f"{cfg.regmix_proxies} x {cfg.regmix_steps} steps; {total_steps:,} training steps "
         f"({total_steps * tok:,} tokens) in all, before skipping finished units")

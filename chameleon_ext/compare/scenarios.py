@@ -11,7 +11,8 @@ from ..errors import ChameleonUserError
 from ..progress import Progress
 from .callbacks import DoReMiLoss
 from ..data.view import DatasetView
-from .config import CHAMELEON_RULES, METHODS, OUTPUT_STEM, CompareConfig, pinned_settings, rule_of
+from .config import (CHAMELEON_RULES, METHODS, OUTPUT_STEM, CompareConfig, changed_settings, default_settings,
+                     pinned_extras, pinned_settings, rule_of)
 from .records import digest, ledger_entry
 from .report import check_collapsed, collapsed_note, ledger_of, plan_steps, say_budget, table_header, write_outputs
 from .units import Comparison
@@ -24,14 +25,15 @@ def run_compare(dataset, cfg: CompareConfig, out: str, say=print, plots: bool = 
     out = os.fspath(out)
     io.check_writable_folder(out, "--out")
     settings_path = os.path.join(out, "compare_settings.json")
-    mine = {k: getattr(cfg, k) for k in pinned_settings(cfg)}
+    mine = cfg.settings(pinned_settings(cfg), pinned_extras(cfg))
     saved = io.read_json_or_none(settings_path) or {}
-    changed = sorted(k for k in mine if k in saved and saved[k] != mine[k])
+    changed = changed_settings(saved, cfg)
     if changed:
+        defaults = default_settings(cfg)
         raise ChameleonUserError(
             f"--out {out!r} holds a comparison made with other settings ({', '.join(changed)}: "
-            f"{[saved[k] for k in changed]} there, {[mine[k] for k in changed]} now); use a new "
-            "--out or the same settings")
+            f"{[saved.get(k, defaults.get(k)) for k in changed]} there, {[cfg.setting(k) for k in changed]} now); "
+            "use a new --out or the same settings")
     # The data may change between runs: each unit's record names the data fingerprints it was
     # computed from, and a unit whose data changed is recomputed (said per unit), so what the
     # settings file states about the data is true of every unit the new tables use.
@@ -63,7 +65,7 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     extra = cfg.proxy_steps * sum(m in CHAMELEON_RULES for m in cfg.mixtures) if new else 0
     total = plan_steps(cfg, cfg.mixtures, extra)
     say_budget(cfg, say, total, cfg.scenario)
-    c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.quiet, plain_every=0.05)
+    c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.train.quiet, plain_every=0.05)
     try:
         say(f"[1/2] mixtures: {', '.join(cfg.mixtures)}" + (f" (new domains: {', '.join(new)})" if new else ""))
         mixtures, absorb = {}, {}
@@ -76,8 +78,8 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
                 if new:  # every other method simply rebuilds on all domains
                     absorb[label] = ledger_of([as_method(e, label) for e in mixtures[label]["entries"]])
         collapsed = check_collapsed(mixtures, cfg, cfg.tokens_per_run, say)
-        say(f"[2/2] base runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.steps} steps each")
-        runs = {label: {s: c.base_run(label, m["weights"], s, ds, cfg.steps) for s in cfg.seed_list}
+        say(f"[2/2] base runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.train.steps} steps each")
+        runs = {label: {s: c.base_run(label, m["weights"], s, ds, cfg.train.steps) for s in cfg.seed_list}
                 for label, m in mixtures.items()}
     finally:
         c.progress.close()
@@ -105,8 +107,8 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
            "config": cfg.to_dict(), "domains": list(ds.domains), "new_domains": new,
            "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
            "seeds": cfg.seed_list, "tokens_per_run": cfg.tokens_per_run,
-           "evaluation": {"split": "test", "windows": cfg.eval_windows, "seed": cfg.eval_seed,
-                          "window_tokens": cfg.block_size + 1},
+           "evaluation": {"split": "test", "windows": cfg.train.eval_windows, "seed": cfg.eval_seed,
+                          "window_tokens": cfg.train.block_size + 1},
            "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
            "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
                                                        "data_seed", "init_seed", "evaluation", "steps")}
@@ -182,22 +184,22 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
             "finetuning weights are uniform; use 3 or more domains to tell them apart")
     fview = DatasetView(ds, fdoms)
     scored = DatasetView(ds, fdoms, hide_test=False)
-    total = (0 if cfg.finetune_from else cfg.steps) + len(mixes) * cfg.seeds * cfg.finetune_steps
+    total = (0 if cfg.finetune_from else cfg.train.steps) + len(mixes) * cfg.seeds * cfg.finetune_steps
     total += (2 * cfg.finetune_steps) if "doremi" in mixes else 0
-    start_text = "given" if cfg.finetune_from else f"pretrained here ({cfg.steps} steps, uniform over {pre})"
+    start_text = "given" if cfg.finetune_from else f"pretrained here ({cfg.train.steps} steps, uniform over {pre})"
     say(f"budget (finetune): start model {start_text}; "
         f"{len(mixes)} mixtures x {cfg.seeds} seeds x {cfg.finetune_steps} finetuning steps "
-        f"({cfg.finetune_steps * cfg.batch_size * cfg.block_size:,} tokens each) on {fdoms}; {total:,} training steps in all"
+        f"({cfg.tokens(cfg.finetune_steps):,} tokens each) on {fdoms}; {total:,} training steps in all"
         + (f"; not part of this scenario: {skipped}" if skipped else ""))
-    c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.quiet, plain_every=0.05)
+    c.progress = Progress(total, desc="compare", unit="step", enabled=not cfg.train.quiet, plain_every=0.05)
     shared = []
     try:
         if cfg.finetune_from:
             start = os.path.abspath(cfg.finetune_from)
             load_model(start)  # verified now, not after the first mixture
         else:
-            rec = c.base_run("uniform", {d: 1.0 / len(pre) for d in pre}, cfg.seed, DatasetView(ds, pre, hide_test=False),
-                             cfg.steps, tag="start")
+            rec = c.base_run("uniform", {d: 1.0 / len(pre) for d in pre}, cfg.train.seed, DatasetView(ds, pre, hide_test=False),
+                             cfg.train.steps, tag="start")
             start = os.path.join(c.out, "runs", rec["key"], "model.pt")
             shared = [as_method(e, "start model (shared)") for e in rec["entries"]]
         say(f"[1/2] finetuning mixtures: {', '.join(mixes)} on {', '.join(fdoms)}")
@@ -217,7 +219,7 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
                                          lambda key: doremi_finetune(c, fview, start, key))
             else:
                 mixtures[label] = c.build_mixture(name, fview)
-        collapsed = check_collapsed(mixtures, cfg, cfg.finetune_steps * cfg.batch_size * cfg.block_size, say)
+        collapsed = check_collapsed(mixtures, cfg, cfg.tokens(cfg.finetune_steps), say)
         say(f"[2/2] finetuning runs: {len(mixtures)} mixtures x seeds {cfg.seed_list}, {cfg.finetune_steps} steps each")
         runs = {label: {s: c.base_run(label, m["weights"], s, scored, cfg.finetune_steps, init_from=start, tag="finetune")
                         for s in cfg.seed_list} for label, m in mixtures.items()}
@@ -240,7 +242,7 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
                            "worse_interval": sorted(d for d, iv in diffs.items()
                                                     if iv.low is not None and iv.low > 0)}
     title = f"Finetuning on {', '.join(fdoms)}: test perplexity by finetuning mixture"
-    md = (table_header(cfg, title, fdoms, cfg.finetune_steps * cfg.batch_size * cfg.block_size)
+    md = (table_header(cfg, title, fdoms, cfg.tokens(cfg.finetune_steps))
           + f"Every run continues the same start model ({start}).\n\n" + format_comparison_table(stats, ledger))
     md += collapsed_note(collapsed)
     md += "\nFinetuning domains improved over uniform (paired, same seeds):\n\n"
@@ -256,9 +258,9 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
     doc = {"format": "chameleon_ext.compare/1", "scenario": "finetune", "command": command,
            "config": cfg.to_dict(), "domains": fdoms, "pretrain_domains": pre, "start_model": start,
            "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
-           "seeds": cfg.seed_list, "tokens_per_run": cfg.finetune_steps * cfg.batch_size * cfg.block_size,
-           "evaluation": {"split": "test", "windows": cfg.eval_windows, "seed": cfg.eval_seed,
-                          "window_tokens": cfg.block_size + 1},
+           "seeds": cfg.seed_list, "tokens_per_run": cfg.tokens(cfg.finetune_steps),
+           "evaluation": {"split": "test", "windows": cfg.train.eval_windows, "seed": cfg.eval_seed,
+                          "window_tokens": cfg.train.block_size + 1},
            "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
            "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
                                                        "data_seed", "init_seed", "evaluation", "steps")}
@@ -290,12 +292,12 @@ def doremi_finetune(c: Comparison, fview, start: str, key: str) -> dict:
 
     cfg = c.cfg
     folder = os.path.join(c.out, "mixtures", key)
-    ref, wall1 = c.train_model(fview, "uniform", os.path.join(folder, "reference"), cfg.finetune_steps, cfg.seed,
+    ref, wall1 = c.train_model(fview, "uniform", os.path.join(folder, "reference"), cfg.finetune_steps, cfg.train.seed,
                           init_from=start)
     objective = DoReMiObjective(ref, DoReMiWeights(fview.domains), grad_accum=1)
-    proxy, wall2 = c.train_model(fview, "uniform", os.path.join(folder, "proxy"), cfg.finetune_steps, cfg.seed,
+    proxy, wall2 = c.train_model(fview, "uniform", os.path.join(folder, "proxy"), cfg.finetune_steps, cfg.train.seed,
                             callbacks=[DoReMiLoss(objective)], init_from=start)
-    n, tokens = non_embedding_parameters(proxy), cfg.finetune_steps * cfg.batch_size * cfg.block_size
+    n, tokens = non_embedding_parameters(proxy), cfg.tokens(cfg.finetune_steps)
     entries = [ledger_entry("doremi", "reference finetune", TRAIN, n, tokens, wall1),
                ledger_entry("doremi", "Group-DRO proxy finetune", TRAIN, n, tokens, wall2),
                ledger_entry("doremi", "reference forward on the proxy's batches", FORWARD, n, objective.reference_tokens, 0.0)]

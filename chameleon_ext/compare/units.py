@@ -14,7 +14,7 @@ from ..errors import ChameleonUserError
 from ..progress import Progress
 from .callbacks import DoReMiLoss, StepProgress, Timed
 from ..data.view import DatasetView
-from .config import CHAMELEON_RULES, COMMON_KEYS, KIND_KEYS, CompareConfig, rule_of
+from .config import CHAMELEON_RULES, COMMON_KEYS, EXTRA_KEYS, KIND_KEYS, CompareConfig, rule_of
 from .records import Records, digest, ledger_entry, stale_reason
 
 
@@ -40,18 +40,18 @@ class Comparison:
 
         if like is not None:
             return GPT(load_model(like).config, seed=seed)
-        return GPT(GPTConfig.preset(self.cfg.preset, vocab, self.cfg.block_size), seed=seed)
+        return GPT(GPTConfig.preset(self.cfg.preset, vocab, self.cfg.train.block_size), seed=seed)
 
     def train_model(self, data, weights, out_dir: str, steps: int, seed: int, callbacks=(),
                init_from=None):
         """Train one model; ``(model, seconds)``. Resumes an interrupted run exactly."""
-        from ..trainer import TrainConfig, train
+        from dataclasses import replace
 
-        c = self.cfg
-        cfg = TrainConfig(steps=steps, batch_size=c.batch_size, block_size=c.block_size, lr=c.lr,
-                          warmup_steps=min(c.warmup, max(steps - 1, 0)), eval_every=0,
-                          eval_windows=c.eval_windows, ckpt_every=c.ckpt_every, seed=seed,
-                          device=c.device, out_dir=out_dir, quiet=True, log_every=max(1, steps))
+        from ..trainer import train
+
+        # the comparison's training settings, with this run's steps, seed and folder
+        cfg = replace(self.cfg.train, steps=steps, warmup_steps=min(self.cfg.train.warmup_steps, max(steps - 1, 0)),
+                      seed=seed, out_dir=out_dir, quiet=True, log_every=max(1, steps))
         model = self._model(data.vocab_size, seed, like=init_from)
         cbs = list(callbacks) + ([StepProgress(self.progress)] if self.progress is not None else [])
         t0 = time.perf_counter()
@@ -61,8 +61,8 @@ class Comparison:
     def _eval(self, model, data, split: str) -> dict:
         from ..evaluation import evaluate
 
-        return evaluate(model, data, self.cfg.eval_windows, self.cfg.block_size, seed=self.cfg.eval_seed,
-                        device=self.cfg.device, split=split)
+        return evaluate(model, data, self.cfg.train.eval_windows, self.cfg.train.block_size, seed=self.cfg.eval_seed,
+                        device=self.cfg.train.device, split=split)
 
     def provenance(self, data, kind: str, **inputs) -> dict:
         """What a unit of ``kind`` trained or scored on ``data`` is computed from: each domain's
@@ -75,7 +75,7 @@ class Comparison:
         keys = COMMON_KEYS + KIND_KEYS.get(kind, ())
         return {"data": {d: data.fingerprint(d) for d in data.domains},
                 "tokenizer": None if record is None else record["sha256"],
-                "settings": {k: getattr(self.cfg, k) for k in keys}, "library": __version__, **inputs}
+                "settings": self.cfg.settings(keys, EXTRA_KEYS["common"] + EXTRA_KEYS.get(kind, ())), "library": __version__, **inputs}
 
     def unit(self, unit: str, what: str, provenance: dict, build) -> dict:
         """The record of ``unit``: reused when it was computed from ``provenance``, else
@@ -106,7 +106,7 @@ class Comparison:
             return {"weights": {d: 1.0 / k for d in view.domains}, "entries": [],
                     "info": {"rule": "the initial weights; OnlineWeights recomputes them during each base "
                                      "run (its schedule.jsonl in the run's folder)",
-                             **self._online_settings(self.cfg.steps)}}
+                             **self._online_settings(self.cfg.train.steps)}}
         if name == "natural":
             from ..baselines import natural_weights
             from ..baselines.natural import dataset_token_counts
@@ -129,15 +129,10 @@ class Comparison:
 
     def _proxy(self, view, folder: str, method: str, name: str = "proxy") -> tuple:
         """A proxy trained on uniform over ``view``: ``(model, path, ledger entry)``."""
-        model, wall = self.train_model(view, "uniform", folder, self.cfg.proxy_steps, self.cfg.seed)
-        tokens = self.cfg.proxy_steps * self.cfg.batch_size * self.cfg.block_size
+        model, wall = self.train_model(view, "uniform", folder, self.cfg.proxy_steps, self.cfg.train.seed)
+        tokens = self.cfg.tokens(self.cfg.proxy_steps)
         return model, os.path.join(folder, "model.pt"), ledger_entry(
             method, name, TRAIN, non_embedding_parameters(model), tokens, wall)
-
-    def _embed_config(self):
-        from ..embed import EmbedConfig
-
-        return EmbedConfig(n_windows=self.cfg.embed_windows, window=self.cfg.block_size, seed=self.cfg.seed)
 
     def chameleon_weights(self, view, proxy, proxy_path, out_dir, mode, embedded: Sequence[str], method):
         from ..embed import cache_reuse_line
@@ -146,13 +141,13 @@ class Comparison:
         t0 = time.perf_counter()
         result, emb, _ = compute_weights(view, proxy_path, out_dir, mode=mode, lam=self.cfg.mode_lam,
                                          rule=rule_of(method),
-                                         embed_config=self._embed_config(), device=self.cfg.device,
+                                         embed_config=self.cfg.embed_config(), device=self.cfg.train.device,
                                          cache_dir=os.path.join(self.out, "embeddings"), plots=False,
                                          proxy=proxy, notice=lambda line: self.say("  " + line))
         reuse = cache_reuse_line(emb, os.path.join(self.out, "embeddings"))
         if reuse is not None:
             self.say("  " + reuse)
-        tokens = len(embedded) * self.cfg.embed_windows * self.cfg.block_size
+        tokens = len(embedded) * self.cfg.embed.n_windows * self.cfg.embed_config().window
         entry = ledger_entry(method, f"embedding pass ({len(embedded)} domains)", FORWARD,
                        non_embedding_parameters(proxy), tokens, time.perf_counter() - t0)
         return dict(zip(result.domains, result.weights.tolist())), entry
@@ -172,8 +167,8 @@ class Comparison:
         reference, _, e1 = self._proxy(view, os.path.join(folder, "reference"), "doremi", "reference model")
         objective = DoReMiObjective(reference, DoReMiWeights(view.domains), grad_accum=1)
         proxy, wall = self.train_model(view, "uniform", os.path.join(folder, "proxy"), self.cfg.proxy_steps,
-                                  self.cfg.seed, callbacks=[DoReMiLoss(objective)])
-        tokens = self.cfg.proxy_steps * self.cfg.batch_size * self.cfg.block_size
+                                  self.cfg.train.seed, callbacks=[DoReMiLoss(objective)])
+        tokens = self.cfg.tokens(self.cfg.proxy_steps)
         n = non_embedding_parameters(proxy)
         # The proxy's wall time includes the reference's forwards; the ledger splits FLOPs only.
         e2 = ledger_entry("doremi", "Group-DRO proxy", TRAIN, n, tokens, wall)
@@ -198,18 +193,18 @@ class Comparison:
             if self.progress is not None:
                 self.progress.update(done * c.regmix_steps)
         else:
-            search = RegMixSearch(natural_weights(dataset_token_counts(view, "train")), c.regmix_proxies, c.seed)
+            search = RegMixSearch(natural_weights(dataset_token_counts(view, "train")), c.regmix_proxies, c.train.seed)
             entries = []
-        tokens = c.regmix_steps * c.batch_size * c.block_size
+        tokens = c.tokens(c.regmix_steps)
         for i in search.pending():
             model, wall = self.train_model(view, search.mixtures[i], os.path.join(folder, f"proxy{i:03d}"),
-                                      c.regmix_steps, c.seed)
+                                      c.regmix_steps, c.train.seed)
             t0 = time.perf_counter()
             ev = self._eval(model, view, "val")  # RegMix fits on validation loss, never test
             n = non_embedding_parameters(model)
             entries.append(ledger_entry("regmix", f"proxy {i}", TRAIN, n, tokens, wall))
             entries.append(ledger_entry("regmix", f"proxy {i} validation pass", FORWARD, n,
-                                  len(view.domains) * c.eval_windows * c.block_size, time.perf_counter() - t0))
+                                  len(view.domains) * c.train.eval_windows * c.train.block_size, time.perf_counter() - t0))
             search.record(i, {d: ev[d]["loss"] for d in view.domains})
             io.write_json(state_path, {"search": search.to_dict(), "entries": entries}, "RegMix search")
         result = search.result().as_dict()
@@ -258,7 +253,7 @@ class Comparison:
             t0 = time.perf_counter()
             ev = self._eval(model, data, "test")
             n = non_embedding_parameters(model)
-            tokens = steps * self.cfg.batch_size * self.cfg.block_size
+            tokens = self.cfg.tokens(steps)
             entries = [ledger_entry("base", f"{mixture} seed {seed}", TRAIN, n, tokens, wall)]
             if online:
                 entries.append(ledger_entry("online", f"online updates, seed {seed} (hidden states from the "
@@ -269,10 +264,10 @@ class Comparison:
                 init_hash = state_dict_sha256(load_model(init_from).state_dict())
             return {"mixture": mixture, "seed": seed, "data_seed": seed, "init_seed": seed,
                     "init_sha256": init_hash, "weights": weights, "online": settings,
-                    "steps": steps, "batch_size": self.cfg.batch_size, "block_size": self.cfg.block_size,
+                    "steps": steps, "batch_size": self.cfg.train.batch_size, "block_size": self.cfg.train.block_size,
                     "tokens": tokens, "init_from": init_from, "steps_planned": steps,
-                    "evaluation": {"split": "test", "windows": self.cfg.eval_windows,
-                                   "window_tokens": self.cfg.block_size + 1, "seed": self.cfg.eval_seed},
+                    "evaluation": {"split": "test", "windows": self.cfg.train.eval_windows,
+                                   "window_tokens": self.cfg.train.block_size + 1, "seed": self.cfg.eval_seed},
                     "test": {d: ev[d]["ppl"] for d in data.domains},
                     "test_loss": {d: ev[d]["loss"] for d in data.domains},
                     "eval_wall_s": time.perf_counter() - t0, "entries": entries}
