@@ -336,6 +336,9 @@ def test_rerun_with_other_settings_is_refused(compared, ds):
     _, _, out, _ = compared
     with pytest.raises(ChameleonUserError, match="other settings"):
         _run(ds, out, train={"steps": 4})
+    # a training setting the previous layout could not change: pinned once changed
+    with pytest.raises(ChameleonUserError, match=r"other settings \(grad_accum: \[1\] there, \[2\] now\)"):
+        _run(ds, out, train={"grad_accum": 2})
 
 
 def test_new_domains_scenario(compared, ds, monkeypatch):
