@@ -214,11 +214,19 @@ class Comparison:
     # -- base runs --------------------------------------------------------------------------
 
     def _online_settings(self, steps: int) -> dict:
+        import inspect
+
+        from ..online import OnlineChameleon
+        from ..train_config import TrainConfig
+
         c = self.cfg
-        # The library's defaults (update every 50 steps after a 100-step warm-up) are for
-        # TrainConfig's 1000 steps; shorter runs keep the same proportions.
-        every = c.online_every if c.online_every is not None else max(1, round(steps * 50 / 1000))
-        warmup = c.online_warmup if c.online_warmup is not None else max(1, round(steps * 100 / 1000))
+        # OnlineChameleon's defaults (an update every 50 steps after a 100-step warm-up) are
+        # for TrainConfig's 1000 steps; shorter runs keep the same proportions.
+        library = inspect.signature(OnlineChameleon).parameters
+        span = TrainConfig().steps
+        every = c.online_every if c.online_every is not None else max(1, round(steps * library["every"].default / span))
+        warmup = (c.online_warmup if c.online_warmup is not None
+                  else max(1, round(steps * library["warmup"].default / span)))
         return {"every": every, "warmup": warmup}
 
     def base_run(self, mixture: str, weights: dict, seed: int, data, steps: int, init_from=None,
