@@ -532,3 +532,13 @@ def test_settings_name_the_data_of_the_last_finished_tables(tmp_path, monkeypatc
     doc, _ = _run(ds2, out, mixtures=["uniform"], seeds=1)
     now = json.loads((out / "compare_settings.json").read_text())["dataset"]
     assert now == doc["data_fingerprints"] == {d: ds2.fingerprint(d) for d in ds2.domains} and now != old
+
+
+def test_grad_accum_reaches_every_run_and_doremis_updates(ds, tmp_path):
+    """train.grad_accum: each step sees grad_accum micro-batches (the token budget counts them)
+    and DoReMi updates its weights once per optimiser step, not once per micro-batch."""
+    doc, _ = _run(ds, tmp_path / "ga", mixtures=["uniform", "doremi"], seeds=1, train={"grad_accum": 2})
+    assert doc["tokens_per_run"] == TINY_TRAIN["steps"] * TINY_TRAIN["batch_size"] * 2 * TINY_TRAIN["block_size"]
+    assert {r["tokens"] for by in doc["runs"].values() for r in by.values()} == {doc["tokens_per_run"]}
+    assert doc["mixtures"]["doremi"]["info"]["steps"] == TINY["proxy_steps"]
+    assert doc["config"]["train"]["grad_accum"] == 2

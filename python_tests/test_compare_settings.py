@@ -94,6 +94,7 @@ def test_settings_keep_the_previous_layouts_keys(tmp_path):
 def test_a_changed_setting_is_refused_against_an_old_folder_and_makes_records_stale(train, embed, key, tmp_path):
     cfg = _cfg(train, embed)
     assert changed_settings(OLD_SETTINGS_FILE, cfg) == [key]
+    assert changed_settings({}, cfg) == []  # a new out folder takes any settings
     kind = "chameleon" if key.startswith("embed") else "base"
     now = _provenance(cfg, kind, tmp_path)
     why = stale_reason({**now, "settings": OLD_RECORD_SETTINGS[kind]}, now)

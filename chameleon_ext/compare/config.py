@@ -232,12 +232,13 @@ def pinned_extras(cfg: CompareConfig) -> tuple:
 
 def changed_settings(saved: dict, cfg: CompareConfig) -> list:
     """The pinned settings of ``cfg`` whose value differs from ``saved`` (a
-    compare_settings.json): a key ``saved`` lacks is new to it, except an extra key, which a
-    folder holds only when not at its default."""
+    compare_settings.json, empty for a new out folder): a key ``saved`` lacks is new to it,
+    except an extra key, which a folder holds only when not at its default."""
     mine = cfg.settings(pinned_settings(cfg))
     changed = [k for k in mine if k in saved and saved[k] != mine[k]]
-    defaults = default_settings(cfg)
-    changed += [k for k in pinned_extras(cfg) if saved.get(k, defaults[k]) != cfg.setting(k)]
+    if set(COMMON_KEYS) & set(saved):  # (a new out folder holds no comparison to differ from)
+        defaults = default_settings(cfg)
+        changed += [k for k in pinned_extras(cfg) if saved.get(k, defaults[k]) != cfg.setting(k)]
     return sorted(changed)
 
 

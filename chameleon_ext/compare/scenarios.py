@@ -294,7 +294,7 @@ def doremi_finetune(c: Comparison, fview, start: str, key: str) -> dict:
     folder = os.path.join(c.out, "mixtures", key)
     ref, wall1 = c.train_model(fview, "uniform", os.path.join(folder, "reference"), cfg.finetune_steps, cfg.train.seed,
                           init_from=start)
-    objective = DoReMiObjective(ref, DoReMiWeights(fview.domains), grad_accum=1)
+    objective = DoReMiObjective(ref, DoReMiWeights(fview.domains), grad_accum=cfg.train.grad_accum)
     proxy, wall2 = c.train_model(fview, "uniform", os.path.join(folder, "proxy"), cfg.finetune_steps, cfg.train.seed,
                             callbacks=[DoReMiLoss(objective)], init_from=start)
     n, tokens = non_embedding_parameters(proxy), cfg.tokens(cfg.finetune_steps)

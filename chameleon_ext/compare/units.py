@@ -165,7 +165,7 @@ class Comparison:
 
         folder = os.path.join(self.out, "mixtures", key)
         reference, _, e1 = self._proxy(view, os.path.join(folder, "reference"), "doremi", "reference model")
-        objective = DoReMiObjective(reference, DoReMiWeights(view.domains), grad_accum=1)
+        objective = DoReMiObjective(reference, DoReMiWeights(view.domains), grad_accum=self.cfg.train.grad_accum)
         proxy, wall = self.train_model(view, "uniform", os.path.join(folder, "proxy"), self.cfg.proxy_steps,
                                   self.cfg.train.seed, callbacks=[DoReMiLoss(objective)])
         tokens = self.cfg.tokens(self.cfg.proxy_steps)
