@@ -26,7 +26,7 @@ SETTINGS = {
     "tiny-300": ("tiny", 300, 128),
     "small-1000": ("small", 1000, 128),
 }
-EMBED_WINDOWS = 128  # compare's default embed_windows
+EMBED_WINDOWS = 128  # compare's default (CompareConfig().embed.n_windows)
 TEST_FRACTION = 0.1  # as compare: the test split is never read here
 
 
