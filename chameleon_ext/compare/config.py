@@ -19,9 +19,6 @@ SCENARIOS = ("pretrain", "new_domains", "finetune")
 OUTPUT_STEM = {"pretrain": "compare", "new_domains": "compare-new-domains", "finetune": "compare-finetune"}
 # Settings every unit is computed from; a unit of a method adds that method's own (below).
 # compare_settings.json pins the settings of the units an out folder holds: a rerun with other
-# values is refused rather than mixing incompatible runs in one table.
-# Settings every unit is computed from; a unit of a method adds that method's own (below).
-# compare_settings.json pins the settings of the units an out folder holds: a rerun with other
 # values is refused rather than mixing incompatible runs in one table. The names are those the
 # records and compare_settings.json have always held; SETTINGS says where each is read.
 COMMON_KEYS = ("seed", "preset", "block_size", "batch_size", "lr", "warmup", "eval_windows", "eval_seed",
