@@ -51,8 +51,8 @@ from torch import Tensor
 
 from . import distributed as _dist
 from .errors import ChameleonUserError
-from .mixture import check_domain_names, check_mode, check_positive, check_temperature, check_weights_for
-from .weights import DEFAULT_LAMBDA, MODES
+from .mixture import MODES, check_domain_names, check_mode, check_positive, check_temperature, check_weights_for
+from .weights import DEFAULT_LAMBDA
 
 __all__ = ["OnlineChameleon", "OnlineUpdate", "ONLINE_FORMAT", "MIN_COUNT", "floor_weights"]
 

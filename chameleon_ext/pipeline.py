@@ -22,11 +22,9 @@ from .errors import ChameleonUserError
 from .manifest import begin_set, finish_set
 from .model import GPT, GPTConfig, load_model
 from .trainer import TrainConfig, evaluate, train
-from .mixture import PIPELINE_MODES
 from .weights import DEFAULT_RULE, DomainWeights, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
-    "MODES",
     "DEFAULT_PRESET",
     "DEFAULT_BLOCK_SIZE",
     "check_weight_options",
@@ -43,7 +41,6 @@ __all__ = [
 ]
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
-MODES = PIPELINE_MODES
 # The model every command creates unless told otherwise: the small preset at 128 tokens (what
 # `make run` and `chameleon run` use (docs/cli.md, "Defaults"); TrainConfig holds the optimiser's defaults).
 DEFAULT_PRESET = "small"
@@ -197,9 +194,8 @@ def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam=None,
     ``notice``: given the library's remarks (one domain, identical embeddings) as ``note:``
     lines instead of warnings, so a command line prints them its own way (or not, quiet)."""
     check_weight_options(mode, lam, temperature, rule, share, smoothing)
-    if len(set(emb.domains)) != len(emb.domains):
-        raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
-    direction = "pretrain" if mode == "transfer" else mode
+    mixture.check_domain_names(emb.domains)
+    direction = mixture.rule_of_mode(mode)
     with _library_notes(notice), _leverage_errors():
         result = _weights_from_embeddings(emb.embeddings, direction, lam=lam, temperature=temperature,
                                           normalize=normalize, domains=emb.domains, rule=rule, share=share,

@@ -7,6 +7,7 @@ import time
 from typing import List
 
 from ..errors import ChameleonUserError
+from ..mixture import PIPELINE_MODES
 from .checks import check_bootstrap_memory, check_embedding_memory, check_training_memory
 from .common import (BUILTIN, check_collapse, dataset, embed_config, init_distributed, model_and_dataset, print_table,
                      say, train_config)
@@ -288,13 +289,13 @@ def add_weights_command(p):
 
 
 def add_sweep_command(p):
-    from ..pipeline import MODES
     from ..uncertainty import DEFAULT_SWEEP_LAMBDAS
 
     add_common(p, data_default=None)
     add_embed(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--mode", default=MODES[0], choices=list(MODES), help="softmax rule, as in `chameleon weights`")
+    g.add_argument("--mode", default=PIPELINE_MODES[0], choices=list(PIPELINE_MODES),
+                   help="softmax rule, as in `chameleon weights`")
     g.add_argument("--lam", type=positive_floats, default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
                    help="comma-separated ridge lambdas, all in one batched leverage call")
     g.add_argument("--temperature", type=positive_floats, default=None,

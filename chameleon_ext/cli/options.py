@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import List, Optional
 
+from ..mixture import COLLAPSE_THRESHOLD, MODES, PIPELINE_MODES
 from .common import BUILTIN, BUILTIN_EMBED, SEED_MAX
 
 
@@ -157,10 +158,8 @@ def rule_options(g, sweep: bool = False):
 
 
 def add_weights(p):
-    from ..pipeline import MODES
-
     g = p.add_argument_group("weights")
-    g.add_argument("--mode", default=MODES[0], choices=list(MODES),
+    g.add_argument("--mode", default=PIPELINE_MODES[0], choices=list(PIPELINE_MODES),
                    help="pretrain: inverse leverage; finetune: leverage; transfer: new domains, frozen proxy, "
                         "pretrain rule")
     temps = rule_options(g)
@@ -174,8 +173,6 @@ def add_weights(p):
 
 
 def add_strict(g):
-    from ..mixture import COLLAPSE_THRESHOLD
-
     g.add_argument("--strict", action="store_true",
                    help=f"exit with status 2 instead of training on a collapsed mixture (one domain above "
                         f"{COLLAPSE_THRESHOLD}); `weights` writes its files, then exits 2")
@@ -208,8 +205,6 @@ def add_training(p, steps: Optional[int] = None):
 
 
 def add_online(p):
-    from ..weights import MODES
-
     lib = online_defaults()
     g = p.add_argument_group("online weights (--weights online)")
     g.add_argument("--online-every", type=int, default=None,
