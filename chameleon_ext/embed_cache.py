@@ -35,6 +35,7 @@ from . import io
 from .data.dataset import SPLIT_LAYOUT
 from .data.tokenizer import tokenizer_record
 from .errors import ChameleonUserError
+from .model import HFCausalLM
 
 if TYPE_CHECKING:
     from .embed import EmbedConfig
@@ -104,8 +105,6 @@ def library_versions(model) -> dict:
     """Versions of the libraries that compute a proxy's hidden states beyond torch: the
     ``transformers`` version for a Hugging Face proxy (4.x and 5.x tokenise and compute
     differently), nothing for chameleon_ext's own GPT."""
-    from .model import HFCausalLM
-
     if isinstance(model, HFCausalLM):
         import transformers
 

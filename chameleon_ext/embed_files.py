@@ -14,7 +14,9 @@ import torch
 from . import io
 from .embed_cache import pack_window_embeddings, unpack_window_embeddings
 from .errors import ChameleonUserError
+from .manifest import check_member
 from .mixture import check_domain_names
+from .weights import linear_affinity
 
 __all__ = ["DomainEmbeddings", "load_domain_embeddings", "load_window_embeddings", "WINDOW_EMBEDDINGS_NAME",
            "WINDOW_SET_FORMAT"]
@@ -66,9 +68,6 @@ def load_domain_embeddings(path: str, windows: bool = False) -> DomainEmbeddings
 
     ``windows=True``: also read the per-window means from the ``window_embeddings.pt`` beside
     it when there is one (``chameleon weights`` writes both); ``.windows`` stays None without it."""
-    from .manifest import check_member
-    from .weights import linear_affinity
-
     obj = io.read_torch(path, "embeddings file")
     if not isinstance(obj, dict) or "domains" not in obj or "embeddings" not in obj:
         raise ChameleonUserError(
@@ -102,8 +101,6 @@ def load_window_embeddings(path: str, domains: Sequence[str]) -> List[torch.Tens
     """The per-window means ``[n_i, d]`` (float32) of ``domains`` from a ``window_embeddings.pt``
     written by :meth:`DomainEmbeddings.save_windows`; any mismatch or damage is an error naming
     the file."""
-    from .manifest import check_member
-
     obj = io.read_torch(path, "window embeddings file")
     if not isinstance(obj, dict) or obj.get("format") != WINDOW_SET_FORMAT:
         raise ChameleonUserError(f"window embeddings file {path!r} is not a {WINDOW_EMBEDDINGS_NAME} "

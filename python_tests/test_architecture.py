@@ -391,9 +391,7 @@ def test_architecture_doc_shows_the_rooms_table():
 TRACKER_REFERENCE = re.compile(r"\b(?:[Ii]ssue|[Tt]ask)s? #?\d+|(?<![\w&])#\d+\b")
 
 # files whose tracker references other branches are rewriting (the lead empties this)
-KNOWN_TRACKER_REFERENCES: Set[str] = {
-    "online.py",  # its module docstring names the issue that asked for it (formats/online branch)
-}
+KNOWN_TRACKER_REFERENCES: Set[str] = set()
 
 
 def test_no_tracker_numbers_in_the_package(pkg):
