@@ -189,23 +189,42 @@ def test_a_domain_listed_twice_in_a_trainer_file_gets_the_same_message(parse, te
     assert "names must be unique, got ['web'] more than once" in str(ei.value), str(ei.value)
 
 
-def test_unknown_and_missing_domains_one_message():
-    core = "the domains do not match (unknown ['news']; missing ['books']"
-    w = {"web": 0.5, "code": 0.25, "news": 0.25}
-    followed = validate_schedule({"format": SCHEDULE_FORMAT, "domains": list(w),
-                                  "entries": [{"start_step": 0, "start_token": 0, "weights": w}]})
-    for call in (lambda: normalize_weights(_dataset(), w),
-                 # a schedule followed on a dataset (train --schedule), a token budget's counts
-                 lambda: check_schedule_domains(followed, DOMAINS, "--schedule"),
-                 lambda: plan_token_budget(dict(zip(DOMAINS, GOOD)), dict.fromkeys(w, 1000), 1000),
-                 lambda: exports.hf_interleave_probabilities(w, domains=DOMAINS),
-                 lambda: validate_schedule({"format": SCHEDULE_FORMAT, "domains": DOMAINS,
-                                            "entries": [{"start_step": 0, "start_token": 0, "weights": w}]}),
-                 lambda: OnlineChameleon(DOMAINS, initial_weights=w),
-                 lambda: exports.load_weights({"format": exports.WEIGHTS_FORMAT, "domains": DOMAINS, "weights": w})):
-        with pytest.raises(ChameleonUserError) as ei:
-            call()
-        assert core in str(ei.value), str(ei.value)
+def _schedule_entry(w):
+    return [{"start_step": 0, "start_token": 0, "weights": w}]
+
+
+# Every consumer that holds weights (or counts) for a known list of domains, called with the
+# mapping ``w`` given for DOMAINS.
+KNOWN_DOMAIN_CONSUMERS = {
+    "sampler": lambda w: normalize_weights(_dataset(), w),
+    "exports.load_weights": lambda w: exports.load_weights(
+        {"format": exports.WEIGHTS_FORMAT, "domains": DOMAINS, "weights": w}),
+    "exports.hf_interleave_probabilities": lambda w: exports.hf_interleave_probabilities(w, domains=DOMAINS),
+    "schedule": lambda w: validate_schedule({"format": SCHEDULE_FORMAT, "domains": DOMAINS, "entries": _schedule_entry(w)}),
+    # a schedule followed on a dataset (train --schedule): the schedule's domains against the data's
+    "schedule followed": lambda w: check_schedule_domains(
+        validate_schedule({"format": SCHEDULE_FORMAT, "domains": list(w), "entries": _schedule_entry(w)}),
+        DOMAINS, "--schedule"),
+    # a token budget: the counts' domains against the weights'
+    "budget": lambda w: plan_token_budget(dict(zip(DOMAINS, GOOD)), dict.fromkeys(w, 1000), 1000),
+    "online": lambda w: OnlineChameleon(DOMAINS, initial_weights=w),
+}
+
+
+@pytest.mark.parametrize("consumer", sorted(KNOWN_DOMAIN_CONSUMERS))
+@pytest.mark.parametrize("case, weights, core", [
+    ("missing", {"web": 0.5, "code": 0.5}, "the domains do not match (missing ['books']; expected ['web', 'code', 'books'])"),
+    ("extra", {"web": 0.5, "code": 0.25, "books": 0.25, "news": 0.0},
+     "the domains do not match (unknown ['news']; expected ['web', 'code', 'books'])"),
+    ("both", {"web": 0.5, "code": 0.25, "news": 0.25},
+     "the domains do not match (unknown ['news']; missing ['books']; expected ['web', 'code', 'books'])"),
+], ids=["missing", "extra", "both"])
+def test_a_missing_or_extra_domain_gets_one_message_everywhere(consumer, case, weights, core):
+    # the schedule followed on a dataset and the budget's counts used to word it their own way
+    with pytest.raises(ChameleonUserError) as ei:
+        KNOWN_DOMAIN_CONSUMERS[consumer](weights)
+    assert core in str(ei.value), str(ei.value)
+    assert "\n" not in str(ei.value)
 
 
 def test_option_checks_one_message():
