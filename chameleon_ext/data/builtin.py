@@ -249,7 +249,7 @@ def _gen_code(r: _Rng) -> dict[str, str]:
                 lines += [f"class {cls}:", f"    def __init__(self, size={k}):",
                           "        self.size = size", "        self.items = []", "",
                           f"    def {verb}(self, {var}):",
-                          f"        if len(self.items) < self.size:",
+                          "        if len(self.items) < self.size:",
                           f"            self.items.append({var})",
                           "        return len(self.items)", ""]
             else:
