@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
 
 from .errors import ChameleonUserError
-from .mixture import check_weight_map
+from .mixture import check_same_domains, check_weight_map
 
 __all__ = [
     "TokenCount",
@@ -171,11 +171,8 @@ def _check_counts(token_counts, domains: List[str]) -> Dict[str, TokenCount]:
     if not isinstance(token_counts, Mapping):
         raise ChameleonUserError(
             f"token_counts must map domain -> token count, got {type(token_counts).__name__}")
-    missing = [d for d in domains if d not in token_counts]
-    extra = [d for d in token_counts if d not in domains]
-    if missing or extra:
-        parts = ([f"missing {missing}"] if missing else []) + ([f"not in the weights {extra}"] if extra else [])
-        raise ChameleonUserError(f"token_counts do not match the weights' domains ({'; '.join(parts)})")
+    # unknown: counted but not weighted; missing: weighted but not counted
+    check_same_domains(domains, list(token_counts), "token_counts")
     out = {}
     for d in domains:
         c = token_counts[d]

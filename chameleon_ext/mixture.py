@@ -10,8 +10,13 @@ module loads neither torch nor the compiled ops.
 Vocabulary
     MODES
         ``"pretrain"`` (shared structure up-weighted: the weight falls with the leverage) and
-        ``"finetune"`` (distinctive domains up-weighted: the weight rises with the leverage).
-        The pipeline adds ``"transfer"`` (new domains, frozen proxy, the pretraining rule).
+        ``"finetune"`` (distinctive domains up-weighted: the weight rises with the leverage):
+        the two directions of the weight rule, what the weight maths, online Chameleon and
+        ``chameleon train --mode`` take.
+    PIPELINE_MODES
+        :data:`MODES` and ``"transfer"`` (new domains, frozen proxy, the pretraining rule), what
+        ``chameleon weights``, ``run`` and ``sweep --mode`` take; :func:`rule_of_mode` gives a
+        pipeline mode's direction. Every command takes its choices from these two.
     RULES
         How leverage scores S~ (normalised to sum 1) become weights (docs/method.md, "Rules"):
 
@@ -74,6 +79,7 @@ __all__ = [
     "check_weight_map",
     "check_same_domains",
     "check_weights_for",
+    "check_named_weights",
     "check_mode",
     "check_rule",
     "check_lambda",
@@ -205,6 +211,16 @@ def check_weights_for(weights, domains: Sequence[str], what: str = "weights", re
                                  f"got {len(weights)}")
     values = _weight_vector(list(weights), [f"weight of domain {n!r}" for n in domains], what, relative)
     return dict(zip(domains, values))
+
+
+def check_named_weights(names, values, what: str = "weights", relative: bool = False) -> dict:
+    """``(name, weight)`` pairs as a file lists them, in file order (a trainer's mixture file
+    read back): names checked as :func:`check_domain_names` (a name listed twice is refused,
+    not summed or overwritten), weights as :func:`check_weights`; returned as ``{name: float}``."""
+    names, values = list(names), list(values)
+    # the weights first: in a misaligned file (names where weights belong) that is the clearer fault
+    values = _weight_vector(values, [f"weight of domain {n!r}" for n in names], what, relative)
+    return dict(zip(check_domain_names(names, len(values), what=f"{what} (domain names)"), values))
 
 
 def check_mode(mode, allowed: Sequence[str] = MODES) -> str:

@@ -9,18 +9,10 @@ files). With a token budget every format carries the achievable weights.
 
 from __future__ import annotations
 
+from .formats import trainers
 from .formats.megatron import megatron_per_split_args, nemo_paths
 from .formats.torchtitan import torchtitan_mixture, torchtitan_mixture_json
-from .formats.trainers import (
-    mosaic_streams,
-    mosaic_streams_yaml,
-    nanotron_dataset,
-    nanotron_dataset_yaml,
-    olmo_mixing_specs,
-    olmo_mixing_specs_yaml,
-    olmo_source_mixture,
-    olmo_source_mixture_yaml,
-)
+from .formats.trainers import *  # noqa: F401,F403  (OLMo-core, nanotron, Mosaic: trainers.__all__)
 from .formats.weights_json import budget_weights as mixture_weights
 from .formats.writer import MIXTURE_FORMATS, render_mixture_formats, write_mixture_formats
 
@@ -28,14 +20,7 @@ __all__ = [
     "MIXTURE_FORMATS",
     "megatron_per_split_args",
     "nemo_paths",
-    "olmo_source_mixture",
-    "olmo_source_mixture_yaml",
-    "olmo_mixing_specs",
-    "olmo_mixing_specs_yaml",
-    "nanotron_dataset",
-    "nanotron_dataset_yaml",
-    "mosaic_streams",
-    "mosaic_streams_yaml",
+    *trainers.__all__,
     "torchtitan_mixture",
     "torchtitan_mixture_json",
     "mixture_weights",

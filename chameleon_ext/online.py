@@ -1,4 +1,4 @@
-"""Online Chameleon: mixture weights that follow the model being trained (issue 14).
+"""Online Chameleon: mixture weights that follow the model being trained.
 
 The method embeds every domain with a separately trained proxy (docs/method.md, step 2). During
 training the model computes the same kind of hidden states at every step, for batches whose
@@ -50,9 +50,11 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
+from .callbacks import Callback
 from .errors import ChameleonUserError
-from .mixture import check_domain_names, check_mode, check_positive, check_temperature, check_weights_for
-from .weights import DEFAULT_LAMBDA, MODES
+from .mixture import MODES, check_domain_names, check_mode, check_positive, check_temperature, check_weights_for
+from .schedule import ScheduleWriter
+from .weights import DEFAULT_LAMBDA, weights_from_embeddings
 
 __all__ = ["OnlineChameleon", "OnlineUpdate", "ONLINE_FORMAT", "MIN_COUNT", "floor_weights"]
 
@@ -275,8 +277,6 @@ class OnlineChameleon:
         return packed[:, :-1], packed[:, -1]
 
     def _update(self) -> OnlineUpdate:
-        from .weights import weights_from_embeddings
-
         sums, counts = self._reduced_ema()
         seen = counts > MIN_COUNT
         embeddings = torch.zeros_like(sums)
@@ -372,13 +372,7 @@ class OnlineChameleon:
 # -- the trainer callback ----------------------------------------------------------------------
 
 
-def _callback_base():
-    from .callbacks import Callback
-
-    return Callback
-
-
-class OnlineWeights(_callback_base()):
+class OnlineWeights(Callback):
     """The trainer callback that runs :class:`OnlineChameleon` inside training: it reads the
     batch's hidden states at ``layer`` through the trainer's forward hook (no extra forward),
     hands the new weights to the sampler after each update, and (rank 0) appends them to the
@@ -406,8 +400,6 @@ class OnlineWeights(_callback_base()):
                 "by an online run (--weights online); resume it as it was started, or use a new output folder")
         if self.schedule_path is None or not state.is_main:
             return
-        from .schedule import ScheduleWriter
-
         resume = state.start_step if state.start_step > 0 else None
         self.writer = ScheduleWriter.open(self.schedule_path, state.domains, self.online.weights,
                                           token_budget=state.config.steps * state.tokens_per_step,

@@ -17,16 +17,19 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from . import distributed, io, mixture
 from ._version import __version__
-from .embed import DomainEmbeddings, EmbedConfig, cache_reuse_line, embed_domains
+from .budget import TokenCount, plan_token_budget
+from .data.tokenizer import HFTokenizer, check_same_tokenizer, has_tokenizer_files, load_tokenizer, tokenizer_record
+from .embed import WINDOW_EMBEDDINGS_NAME, DomainEmbeddings, EmbedConfig, cache_reuse_line, embed_domains
 from .errors import ChameleonUserError
+from .exports import WEIGHTS_FORMAT, load_weights, trainer_weights, write_exports
+from .formats.weights_json import write_weights_json
 from .manifest import begin_set, finish_set
-from .model import GPT, GPTConfig, load_model
+from .model import GPT, HF_MODEL_FILES, GPTConfig, load_hf_model, load_model
+from .plots import plot_affinity, plot_bootstrap, plot_weights
 from .trainer import TrainConfig, evaluate, train
-from .mixture import PIPELINE_MODES
-from .weights import DEFAULT_RULE, DomainWeights, weights_from_embeddings as _weights_from_embeddings
+from .weights import DEFAULT_RULE, DomainWeights, rule_settings, weights_from_embeddings as _weights_from_embeddings
 
 __all__ = [
-    "MODES",
     "DEFAULT_PRESET",
     "DEFAULT_BLOCK_SIZE",
     "check_weight_options",
@@ -43,7 +46,6 @@ __all__ = [
 ]
 
 # "transfer": new or changed domains with the proxy frozen; the pretraining rule applies.
-MODES = PIPELINE_MODES
 # The model every command creates unless told otherwise: the small preset at 128 tokens (what
 # `make run` and `chameleon run` use (docs/cli.md, "Defaults"); TrainConfig holds the optimiser's defaults).
 DEFAULT_PRESET = "small"
@@ -69,8 +71,6 @@ def resolve_proxy_path(path) -> tuple:
     """``(kind, path)`` of a ``--proxy`` argument: ``("gpt", file)`` for a chameleon_ext
     ``model.pt``/``ckpt.pt`` (a folder holding ``model.pt``, such as the one ``train-proxy``
     writes, means that file) or ``("hf", folder)`` for a Hugging Face model folder."""
-    from .model import HF_MODEL_FILES
-
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("model.pt", "ckpt.pt"):  # what train-proxy writes, final model first
@@ -115,12 +115,8 @@ def load_proxy_and_tokenizer(path: str, tokenizer=None, device="cpu", need_token
     recorded tokenizer folder that is gone or changed. With ``need_tokenizer=False`` a proxy
     whose tokenizer cannot be found loads anyway (the tokenizer is then None).
     """
-    from .data.tokenizer import HFTokenizer, check_same_tokenizer, has_tokenizer_files, load_tokenizer, tokenizer_record
-
     kind, path = resolve_proxy_path(path)
     if kind == "hf":
-        from .model import load_hf_model
-
         # the tokenizer first: its errors come before loading a possibly large model
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)  # an explicit override of the folder's tokenizer
@@ -175,8 +171,6 @@ def check_weight_options(mode: str, lam=None, temperature: Optional[float] = Non
     """Raise ChameleonUserError for a bad mode, rule, lambda, temperature, share or smoothing
     (before any work is done). ``None`` stands for the rule's default. The checks are
     :mod:`chameleon_ext.mixture`'s; the message gains the option's name ("lambda (--lam): ...")."""
-    from .weights import rule_settings
-
     try:
         direction = mixture.rule_of_mode(mode)
         rule_settings(mixture.check_rule(rule), direction, lam, temperature, share, smoothing)
@@ -197,9 +191,8 @@ def weights_for_domains(emb: DomainEmbeddings, mode: str = "pretrain", lam=None,
     ``notice``: given the library's remarks (one domain, identical embeddings) as ``note:``
     lines instead of warnings, so a command line prints them its own way (or not, quiet)."""
     check_weight_options(mode, lam, temperature, rule, share, smoothing)
-    if len(set(emb.domains)) != len(emb.domains):
-        raise ChameleonUserError(f"domains: names must be unique, got {emb.domains}")
-    direction = "pretrain" if mode == "transfer" else mode
+    mixture.check_domain_names(emb.domains)
+    direction = mixture.rule_of_mode(mode)
     with _library_notes(notice), _leverage_errors():
         result = _weights_from_embeddings(emb.embeddings, direction, lam=lam, temperature=temperature,
                                           normalize=normalize, domains=emb.domains, rule=rule, share=share,
@@ -280,7 +273,6 @@ def weights_document(result: DomainWeights, emb: DomainEmbeddings, proxy: Option
     """The weights.json document (format :data:`chameleon_ext.exports.WEIGHTS_FORMAT`), with
     ``bootstrap`` (null when it did not run) and ``diagnostics`` (always; computed here when
     :func:`assess_weights` has not run)."""
-    from .exports import WEIGHTS_FORMAT
     from .uncertainty import diagnose
 
     doc = {"format": WEIGHTS_FORMAT, "method": "chameleon", "version": __version__}
@@ -313,30 +305,20 @@ def write_weights(out_dir: str, result: DomainWeights, emb: DomainEmbeddings, pr
         doc["budget"] = budget
     io.check_writable_folder(out_dir, "weights output folder")
     begin_set(out_dir)
-    from .formats.weights_json import write_weights_json
-
     paths = {"weights": write_weights_json(os.path.join(out_dir, "weights.json"), doc)}
     emb_path = os.path.join(out_dir, "domain_embeddings.pt")
     emb.save(emb_path)
     paths["embeddings"] = emb_path
     if emb.windows is not None:
-        from .embed import WINDOW_EMBEDDINGS_NAME
-
         paths["window_embeddings"] = os.path.join(out_dir, WINDOW_EMBEDDINGS_NAME)
         emb.save_windows(paths["window_embeddings"])
     if exports:
-        from .exports import write_exports
-
         say = notice or (lambda line: warnings.warn(line, stacklevel=3))
         paths.update(write_exports(doc, out_dir, on_skip=say))
     if plots:
-        from .plots import plot_affinity, plot_weights
-
         title = (f"Chameleon {result.mode} weights ({result.rule} rule, lambda={result.lam:.3g}, "
                  f"T={result.temperature:g}, smoothing={result.smoothing:g})")
         if result.bootstrap is not None:  # the same picture with the intervals as error bars
-            from .plots import plot_bootstrap
-
             p = plot_bootstrap(result.bootstrap, os.path.join(out_dir, "weights.png"), title=title)
         else:
             p = plot_weights(result.domains, result.weights.tolist(), os.path.join(out_dir, "weights.png"),
@@ -355,8 +337,6 @@ def read_weights(path: str, domains: Optional[Sequence[str]] = None) -> Dict[str
     """``{domain: weight}`` from a weights.json, checked against ``domains`` when given: the
     weights a trainer follows, i.e. the budget's achievable weights when the file has a token
     budget (the requested ones would over-read a capped domain)."""
-    from .exports import load_weights, trainer_weights
-
     doc = load_weights(path)
     weights = trainer_weights(doc)
     if domains is not None:  # unknown: only in the weights; missing: only in the data
@@ -422,8 +402,6 @@ def plan_budget(dataset, result: DomainWeights, token_budget: int, max_epochs: O
     (counted exactly from the token caches and pre-tokenised files; estimated from a sample
     for streamed domains, and recorded as such): target tokens and epochs per domain, with
     repetition capped at ``max_epochs`` (:func:`chameleon_ext.budget.plan_token_budget`)."""
-    from .budget import TokenCount, plan_token_budget
-
     def count(d):
         c = dataset.token_count(d, "train") if hasattr(dataset, "token_count") else None
         if c is None or c.source == "counted":

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import io
 from .errors import ChameleonUserError
-from .mixture import WEIGHT_SUM_TOLERANCE, check_domain_names, check_weights_for
+from .mixture import WEIGHT_SUM_TOLERANCE, check_domain_names, check_same_domains, check_weights_for
 
 __all__ = [
     "SCHEDULE_FORMAT",
@@ -271,9 +271,7 @@ def as_schedule(schedule) -> Schedule:
 
 
 def check_schedule_domains(schedule: Schedule, domains: Sequence[str], source: str) -> None:
-    """A schedule followed on a dataset must name exactly its domains (in any order)."""
-    only_schedule = [d for d in schedule.domains if d not in set(domains)]
-    only_data = [d for d in domains if d not in set(schedule.domains)]
-    if only_schedule or only_data:
-        raise ChameleonUserError(f"{source}: the schedule's domains do not match the data: domains only in the "
-                                 f"schedule {only_schedule}, domains only in the data {only_data}")
+    """A schedule followed on a dataset must name exactly its domains (in any order): the
+    schedule's domains against the data's, as :func:`~chameleon_ext.mixture.check_same_domains`
+    words it (unknown: only in the schedule; missing: only in the data)."""
+    check_same_domains(domains, schedule.domains, f"{source}: the schedule")

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import mixture
 from .errors import ChameleonUserError
-from .mixture import AUTO_LAMBDA, MODES, RULES
+from .mixture import AUTO_LAMBDA, RULES
 
 __all__ = [
     "DEFAULT_RULE",
@@ -45,7 +45,6 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_SHARE",
     "RULE_DEFAULTS",
-    "MODES",
     "RULES",
     "DomainWeights",
     "linear_affinity",

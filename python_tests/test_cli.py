@@ -398,7 +398,8 @@ def test_every_command_help_shows_defaults_seed_and_device(command, capsys):
 def test_parser_defaults_and_choices_are_the_library_s():
     from chameleon_ext.cli import build_parser
     from chameleon_ext.embed import POOLINGS, EmbedConfig
-    from chameleon_ext.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET, MODES
+    from chameleon_ext.mixture import PIPELINE_MODES as MODES
+    from chameleon_ext.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_PRESET
     from chameleon_ext.trainer import TrainConfig
     from chameleon_ext.weights import DEFAULT_RULE
 

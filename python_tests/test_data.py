@@ -763,6 +763,18 @@ def test_builtin_dataset_is_deterministic(tmp_path):
     assert all(ds.n_tokens(d, "val") > 1024 for d in ds.domains)
 
 
+def test_builtin_dataset_content_is_pinned(tmp_path):
+    # builtin-v1 is cached under its version name, so its bytes must never change without a new
+    # version (a refactor of the generators included): the sha256 of every file, in path order
+    import hashlib
+
+    tree = _read_tree(write_builtin_dataset(tmp_path / "a", seed=0))
+    h = hashlib.sha256()
+    for rel in sorted(tree, key=lambda r: r.split(os.sep)):
+        h.update(rel.encode() + b"\0" + tree[rel])
+    assert h.hexdigest() == "797a5d88272ce977479aa397bc79b4cdd6e5498e4f09a8d885dd8d2495951c37"
+
+
 def test_builtin_dataset_path_is_idempotent(tmp_path):
     p1 = builtin_dataset_path(tmp_path)
     marker_mtime = os.stat(os.path.join(p1, ".complete")).st_mtime_ns

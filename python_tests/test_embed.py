@@ -319,6 +319,7 @@ def test_cache_misses_when_the_settings_or_the_proxy_change(fresh_root, tmp_path
 @pytest.mark.parametrize("change", ["precision", "tokenizer_content", "split_layout"])
 def test_cache_key_holds_precision_tokenizer_and_split_layout(fresh_root, model, tmp_path, monkeypatch, change):
     import chameleon_ext.embed as embed_mod
+    import chameleon_ext.embed_cache as embed_cache
     from chameleon_ext.data.tokenizer import ByteTokenizer
 
     cache = str(tmp_path / "emb")
@@ -333,7 +334,7 @@ def test_cache_key_holds_precision_tokenizer_and_split_layout(fresh_root, model,
         # same name, other content: only the content hash tells them apart
         monkeypatch.setattr(ByteTokenizer, "content_hash", "0" * 64)
     else:  # caches written under the old split (the stream's tail) must not be reused
-        monkeypatch.setattr(embed_mod, "SPLIT_LAYOUT", "tail/1")
+        monkeypatch.setattr(embed_cache, "SPLIT_LAYOUT", "tail/1")
     second = embed_domains(model, ds, _cfg(**kw), cache_dir=cache)
     assert second.computed == ds.domains
     if change == "precision":

@@ -221,8 +221,9 @@ def test_megatron_blend_errors():
     "blend, problem",
     [
         ("0.5 web 0.5", "even number of tokens"),
-        ("web 0.5 code 0.5", "'web' .* is not a number"),
-        ("0.5 web abc code", "'abc' .* is not a number"),
+        ("web 0.5 code 0.5", "must be a finite number >= 0, got 'web'"),
+        ("0.5 web abc code", "weight of domain 'code' must be a finite number >= 0, got 'abc'"),
+        ("0 web 0 code", "all weights are 0"),
         ("", "empty"),
         ("   ", "empty"),
         ("nan web", "finite"),

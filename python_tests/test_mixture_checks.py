@@ -1,7 +1,8 @@
 """One kind of bad mixture input gets one error class and one core message, wherever it comes in.
 
-Every consumer of a domain list or a weight vector (the sampler, the exports, the schedule, the
-token budget, online Chameleon, the weight maths) checks it with chameleon_ext.mixture. Each case
+Every consumer of a domain list or a weight vector (the sampler, the exports and the parsers of
+the trainer formats, the schedule and following it on a dataset, the token budget, online
+Chameleon, the weight maths) checks it with chameleon_ext.mixture. Each case
 below feeds the same malformed input through every consumer that can take it and requires the
 same ChameleonUserError message core; the consumer only adds where the input came from.
 """
@@ -15,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
+import yaml
+
 from chameleon_ext import exports, mixture
 from chameleon_ext.budget import plan_token_budget
 from chameleon_ext.data.sampler import WeightedDomainSampler, normalize_weights
 from chameleon_ext.data import load_dataset
 from chameleon_ext.errors import ChameleonUserError
 from chameleon_ext.online import OnlineChameleon
-from chameleon_ext.schedule import SCHEDULE_FORMAT, validate_schedule
+from chameleon_ext.schedule import SCHEDULE_FORMAT, check_schedule_domains, validate_schedule
 from chameleon_ext.weights import weights_from_embeddings
 
 from .factories import write_text_domains
@@ -43,6 +46,15 @@ def _schedule_doc(weights, domains=DOMAINS):
             "entries": [{"start_step": 0, "start_token": 0, "weights": dict(zip(domains, weights))}]}
 
 
+def _blend(weights, domains=DOMAINS):
+    """A Megatron blend string ``"w1 p1 w2 p2 ..."`` (nan and inf written as Python does)."""
+    return " ".join(f"{w!r} {d}" for d, w in zip(domains, weights))
+
+
+def _mixture_yaml(weights, domains=DOMAINS):
+    return yaml.safe_dump({"mixture": [{"name": d, "weight": w} for d, w in zip(domains, weights)]})
+
+
 COUNTS = {d: 1000 for d in DOMAINS}
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
 
@@ -60,10 +72,17 @@ WEIGHT_CONSUMERS = {
     "online": lambda w: OnlineChameleon(DOMAINS, initial_weights=w),
     "online_map": lambda w: OnlineChameleon(DOMAINS, initial_weights=dict(zip(DOMAINS, w))),
     "weights_from_embeddings(prior=)": lambda w: weights_from_embeddings(X, domains=DOMAINS, prior=w, smoothing=0.1),
+    # the trainer formats read back (Megatron and the YAML mixture normalise their weights)
+    "parse_megatron_blend": lambda w: exports.parse_megatron_blend(_blend(w)),
+    "parse_mixture_yaml": lambda w: exports.parse_mixture_yaml(_mixture_yaml(w)),
 }
 # Relative weights: the consumer normalises them, so a sum off 1 is a scale, not an error.
 RELATIVE = {"sampler", "sampler_list", "exports.megatron_blend", "exports.hf_interleave_probabilities",
-            "exports.mixture_yaml", "budget", "online", "online_map"}
+            "exports.mixture_yaml", "budget", "online", "online_map", "parse_megatron_blend", "parse_mixture_yaml"}
+# Faults a text format cannot hold: a blend has no booleans and no quoted strings (its words are
+# numbers or not), and YAML's quoted '0.25' reads as the number (YAML 1.1 reads 1e-05 as a string).
+NOT_EXPRESSIBLE = {("parse_megatron_blend", "bool"), ("parse_megatron_blend", "string"),
+                   ("parse_mixture_yaml", "string")}
 
 BAD_ENTRIES = [
     ("bool", [True, 0.0, 0.0], "must be a finite number >= 0, got True"),
@@ -74,8 +93,9 @@ BAD_ENTRIES = [
 ]
 
 
-@pytest.mark.parametrize("consumer", sorted(WEIGHT_CONSUMERS))
-@pytest.mark.parametrize("case, weights, core", BAD_ENTRIES, ids=[c[0] for c in BAD_ENTRIES])
+@pytest.mark.parametrize("consumer, case, weights, core", [
+    pytest.param(consumer, *bad, id=f"{bad[0]}-{consumer}") for bad in BAD_ENTRIES for consumer in sorted(WEIGHT_CONSUMERS)
+    if (consumer, bad[0]) not in NOT_EXPRESSIBLE])
 def test_a_bad_weight_entry_gets_one_message_everywhere(consumer, case, weights, core):
     with pytest.raises(ChameleonUserError) as ei:
         WEIGHT_CONSUMERS[consumer](weights)
@@ -103,6 +123,8 @@ def test_a_sum_off_by_1e7(consumer):
         out = WEIGHT_CONSUMERS[consumer](off)  # relative weights: normalised, not refused
         if consumer.startswith("sampler"):
             np.testing.assert_allclose(out, np.array(off) / math.fsum(off), rtol=0, atol=1e-15)
+        if consumer.startswith("parse_"):
+            assert out == dict(zip(DOMAINS, off))  # read back as written, normalised by the trainer
         return
     with pytest.raises(ChameleonUserError) as ei:
         WEIGHT_CONSUMERS[consumer](off)
@@ -156,17 +178,53 @@ def test_a_bad_domain_list_gets_one_message_everywhere(consumer, case, domains, 
     assert core in str(ei.value), str(ei.value)
 
 
-def test_unknown_and_missing_domains_one_message():
-    core = "the domains do not match (unknown ['news']; missing ['books']"
-    w = {"web": 0.5, "code": 0.25, "news": 0.25}
-    for call in (lambda: normalize_weights(_dataset(), w),
-                 lambda: validate_schedule({"format": SCHEDULE_FORMAT, "domains": DOMAINS,
-                                            "entries": [{"start_step": 0, "start_token": 0, "weights": w}]}),
-                 lambda: OnlineChameleon(DOMAINS, initial_weights=w),
-                 lambda: exports.load_weights({"format": exports.WEIGHTS_FORMAT, "domains": DOMAINS, "weights": w})):
-        with pytest.raises(ChameleonUserError) as ei:
-            call()
-        assert core in str(ei.value), str(ei.value)
+@pytest.mark.parametrize("parse, text", [
+    (exports.parse_megatron_blend, _blend([0.5, 0.25, 0.25], ["web", "code", "web"])),
+    (exports.parse_mixture_yaml, _mixture_yaml([0.5, 0.25, 0.25], ["web", "code", "web"])),
+], ids=["megatron", "mixture_yaml"])
+def test_a_domain_listed_twice_in_a_trainer_file_gets_the_same_message(parse, text):
+    # before, each parser worded it its own way ("prefix 'web' appears more than once")
+    with pytest.raises(ChameleonUserError) as ei:
+        parse(text)
+    assert "names must be unique, got ['web'] more than once" in str(ei.value), str(ei.value)
+
+
+def _schedule_entry(w):
+    return [{"start_step": 0, "start_token": 0, "weights": w}]
+
+
+# Every consumer that holds weights (or counts) for a known list of domains, called with the
+# mapping ``w`` given for DOMAINS.
+KNOWN_DOMAIN_CONSUMERS = {
+    "sampler": lambda w: normalize_weights(_dataset(), w),
+    "exports.load_weights": lambda w: exports.load_weights(
+        {"format": exports.WEIGHTS_FORMAT, "domains": DOMAINS, "weights": w}),
+    "exports.hf_interleave_probabilities": lambda w: exports.hf_interleave_probabilities(w, domains=DOMAINS),
+    "schedule": lambda w: validate_schedule({"format": SCHEDULE_FORMAT, "domains": DOMAINS, "entries": _schedule_entry(w)}),
+    # a schedule followed on a dataset (train --schedule): the schedule's domains against the data's
+    "schedule followed": lambda w: check_schedule_domains(
+        validate_schedule({"format": SCHEDULE_FORMAT, "domains": list(w), "entries": _schedule_entry(w)}),
+        DOMAINS, "--schedule"),
+    # a token budget: the counts' domains against the weights'
+    "budget": lambda w: plan_token_budget(dict(zip(DOMAINS, GOOD)), dict.fromkeys(w, 1000), 1000),
+    "online": lambda w: OnlineChameleon(DOMAINS, initial_weights=w),
+}
+
+
+@pytest.mark.parametrize("consumer", sorted(KNOWN_DOMAIN_CONSUMERS))
+@pytest.mark.parametrize("case, weights, core", [
+    ("missing", {"web": 0.5, "code": 0.5}, "the domains do not match (missing ['books']; expected ['web', 'code', 'books'])"),
+    ("extra", {"web": 0.5, "code": 0.25, "books": 0.25, "news": 0.0},
+     "the domains do not match (unknown ['news']; expected ['web', 'code', 'books'])"),
+    ("both", {"web": 0.5, "code": 0.25, "news": 0.25},
+     "the domains do not match (unknown ['news']; missing ['books']; expected ['web', 'code', 'books'])"),
+], ids=["missing", "extra", "both"])
+def test_a_missing_or_extra_domain_gets_one_message_everywhere(consumer, case, weights, core):
+    # the schedule followed on a dataset and the budget's counts used to word it their own way
+    with pytest.raises(ChameleonUserError) as ei:
+        KNOWN_DOMAIN_CONSUMERS[consumer](weights)
+    assert core in str(ei.value), str(ei.value)
+    assert "\n" not in str(ei.value)
 
 
 def test_option_checks_one_message():
@@ -187,3 +245,68 @@ def test_option_checks_one_message():
         OnlineChameleon(DOMAINS, temperature=True)
     with pytest.raises(ChameleonUserError, match=r"^lambda \(--lam\): expected a finite number > 0 or 'auto', got nan$"):
         check_weight_options("pretrain", lam=math.nan)
+
+
+# --------------------------------------------------------------------------- one vocabulary of modes
+
+
+def _mode_choices():
+    from chameleon_ext.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    return {command: next(a.choices for a in sub[command]._actions if a.dest == "mode")
+            for command in ("train", "weights", "run", "sweep")}
+
+
+def test_every_mode_option_takes_its_choices_from_the_one_vocabulary():
+    choices = _mode_choices()
+    # train follows the weight rule's two directions; the pipeline commands add transfer
+    assert choices["train"] == list(mixture.MODES) == ["pretrain", "finetune"]
+    for command in ("weights", "run", "sweep"):
+        assert choices[command] == list(mixture.PIPELINE_MODES) == ["pretrain", "finetune", "transfer"]
+    assert set(mixture.MODES) <= set(mixture.PIPELINE_MODES)
+    assert all(mixture.rule_of_mode(m) in mixture.MODES for m in mixture.PIPELINE_MODES)
+
+
+def _reference_weights(mode, lam, temperature):
+    """The paper's rule in float64 NumPy, written apart from the package (docs/method.md)."""
+    x = X.numpy()
+    k = x.shape[0]
+    H = np.eye(k) - 1.0 / k  # the centred linear kernel
+    K = H @ (x @ x.T) @ H
+    S = np.diag(K @ np.linalg.inv(K + lam * k * np.eye(k)))
+    s = S / S.sum()
+    z = 1.0 / ((s + 1e-12) * temperature) if mode == "pretrain" else s / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("mode", mixture.PIPELINE_MODES)
+def test_each_weights_mode_choice_works(mode):
+    from chameleon_ext.cli import build_parser
+    from chameleon_ext.embed import DomainEmbeddings
+    from chameleon_ext.pipeline import weights_for_domains
+
+    args = build_parser().parse_args(["weights", "--mode", mode, "--rule", "paper"])
+    emb = DomainEmbeddings(DOMAINS, X, [1] * 3, {})
+    result = weights_for_domains(emb, args.mode, rule=args.rule)
+    assert result.mode == mode
+    direction = "pretrain" if mode == "transfer" else mode  # transfer: the pretraining rule
+    lam, temperature = result.lam, result.temperature
+    np.testing.assert_allclose(result.weights.numpy(), _reference_weights(direction, lam, temperature),
+                               rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", mixture.MODES)
+def test_each_train_mode_choice_works(mode):
+    from chameleon_ext.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--weights", "online", "--mode", mode])
+    online = OnlineChameleon(DOMAINS, every=1, warmup=0, decay=0.0, floor=0.0, mode=args.mode)
+    online.observe(X.float()[:, None, :], None, torch.arange(3))  # one window per domain: embeddings = X
+    update = online.end_step()
+    assert online.mode == mode and update is not None
+    temperature = online.temperature if online.temperature is not None else \
+        weights_from_embeddings(X, mode=mode, lam=online.lam, rule="paper").temperature
+    np.testing.assert_allclose(update.weights.numpy(), _reference_weights(mode, online.lam, temperature),
+                               rtol=1e-6, atol=1e-9)

@@ -131,7 +131,7 @@ def test_schedule_domains_and_resume_mismatch_are_one_line(data, online_run, tmp
                            "weights": {"alpha": 0.25, "digits": 0.25, "dna": 0.25, "web": 0.25}}])
     write_schedule(tmp_path / "other.json", other)
     code, _, err = _run(_train_args(data, tmp_path / "x") + ["--schedule", tmp_path / "other.json"], capsys)
-    assert code == 2 and "domains only in the schedule ['web'], domains only in the data ['zeta']" in err
+    assert code == 2 and "the schedule: the domains do not match (unknown ['web']; missing ['zeta']" in err
     # resuming the online run's folder with plain weights would silently freeze its mixture
     code, _, err = _run(_train_args(data, online_run) + ["--steps", str(STEPS + 2)], capsys)
     assert code == 2 and "holds a run that followed a mixture schedule" in err

@@ -202,9 +202,9 @@ def test_embed_streamed_domain_and_its_cache_key(tmp_path):
     first = embed_domains(model, ds, cfg, device="cpu", cache_dir=cache)
     assert sorted(first.computed) == ["alpha", "dna"]
     # the mean of the proxy's hidden states over the windows draw_windows gives for (seed, name)
-    from chameleon_ext.embed import _domain_seed
+    from chameleon_ext.embed_windows import domain_seed
     for i, name in enumerate(ds.domains):
-        w = ds.draw_windows(name, 8, 16, _domain_seed(1, name))
+        w = ds.draw_windows(name, 8, 16, domain_seed(1, name))
         with torch.no_grad():
             ref = model.hidden_states(torch.from_numpy(w), model.default_embedding_layer).double().mean((0, 1))
         torch.testing.assert_close(first.embeddings[i], ref, rtol=1e-5, atol=1e-6)
@@ -249,8 +249,8 @@ def test_every_format_embeds_and_trains(tmp_path, fmt, streamed):
     model = _model(seed=2)
     cfg = EmbedConfig(n_windows=6, window=16, batch_size=4, seed=3)
     emb = embed_domains(model, ds, cfg, device="cpu")
-    from chameleon_ext.embed import _domain_seed
-    w = ds.draw_windows(name, 6, 16, _domain_seed(3, name))
+    from chameleon_ext.embed_windows import domain_seed
+    w = ds.draw_windows(name, 6, 16, domain_seed(3, name))
     if not ds.is_streamed(name):  # windows of the training split (held-out blocks cut out)
         np.testing.assert_array_equal(np.asarray(ds.train_tokens(name).base).astype(np.int64), stream)
         stream = np.asarray(ds.train_tokens(name)).astype(np.int64)

@@ -10,41 +10,10 @@ Each module is self-contained maths plus a small state object a training loop dr
 ``chameleon compare`` command wires them to the trainer.
 """
 
-from .doremi import (
-    DoReMiObjective,
-    DoReMiResult,
-    DoReMiWeights,
-    domain_excess_loss,
-    dro_loss,
-    per_token_loss,
-)
-from .natural import dataset_token_counts, natural_weights
-from .regmix import (
-    RegMixResult,
-    RegMixSearch,
-    RidgeRegression,
-    fit_regression,
-    mixture_features,
-    propose_mixtures,
-    regmix_weights,
-    sample_mixtures,
-)
+# The package's names are its modules' public names (each module's __all__), listed once there.
+from . import doremi, natural, regmix
+from .doremi import *  # noqa: F401,F403
+from .natural import *  # noqa: F401,F403
+from .regmix import *  # noqa: F401,F403
 
-__all__ = [
-    "natural_weights",
-    "dataset_token_counts",
-    "DoReMiWeights",
-    "DoReMiObjective",
-    "DoReMiResult",
-    "per_token_loss",
-    "domain_excess_loss",
-    "dro_loss",
-    "sample_mixtures",
-    "propose_mixtures",
-    "mixture_features",
-    "RidgeRegression",
-    "fit_regression",
-    "regmix_weights",
-    "RegMixResult",
-    "RegMixSearch",
-]
+__all__ = [*natural.__all__, *doremi.__all__, *regmix.__all__]

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import List, Optional
 
+from .._version import __version__
 from ..errors import ChameleonUserError
 from .checks import check_args, check_outputs, release_locks
 from .compare import add_compare
@@ -39,8 +40,6 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     parser = Parser(prog="chameleon", formatter_class=fmt,
                      description="Chameleon data mixing: domain weights from a proxy model's "
                                  "embeddings, and a minimal trainer.")
-    from .._version import __version__
-
     parser.add_argument("--version", action="version", version=f"chameleon_ext {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name, (help_text, add) in COMMANDS.items():

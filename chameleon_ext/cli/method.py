@@ -7,6 +7,8 @@ import time
 from typing import List
 
 from ..errors import ChameleonUserError
+from ..io import write_json
+from ..mixture import PIPELINE_MODES
 from .checks import check_bootstrap_memory, check_embedding_memory, check_training_memory
 from .common import (BUILTIN, check_collapse, dataset, embed_config, init_distributed, model_and_dataset, print_table,
                      say, train_config)
@@ -65,14 +67,7 @@ def cmd_weights(args) -> int:
             paths = write_weights(args.out, result, emb, {"embeddings": os.path.abspath(args.embeddings)},
                                   plots=not args.no_plots, notice=say)
     else:
-        if not args.proxy:
-            raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
-        if getattr(args, "data", None) is None:
-            args.data = BUILTIN
-        proxy, proxy_path, ds = model_and_dataset(args, args.proxy)
-        block = getattr(getattr(proxy, "config", None), "block_size", None)
-        cfg = embed_config(args, block)
-        check_embedding_memory(cfg, proxy)
+        proxy, proxy_path, ds, cfg = proxy_to_embed(args)
         check_bootstrap_memory(args.bootstrap, cfg, len(ds.domains), proxy.config.n_embd)
         result, emb, paths = compute_weights(
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
@@ -92,6 +87,20 @@ def cmd_weights(args) -> int:
     check_collapse(args, dict(zip(result.domains, result.weights.tolist())), args.token_budget or train_tokens(),
                     result_fix(result), "mixture")
     return 0
+
+
+def proxy_to_embed(args):
+    """``(proxy, proxy path, dataset, EmbedConfig)`` of a command that embeds the domains itself
+    (no --embeddings): --proxy is then required, --data defaults to the built-in dataset, and
+    the embedding must fit in memory."""
+    if not args.proxy:
+        raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
+    if getattr(args, "data", None) is None:
+        args.data = BUILTIN
+    proxy, proxy_path, ds = model_and_dataset(args, args.proxy)
+    cfg = embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
+    check_embedding_memory(cfg, proxy)
+    return proxy, proxy_path, ds, cfg
 
 
 def rule_line(result) -> str:
@@ -138,7 +147,6 @@ def cmd_sweep(args) -> int:
     sweep.png and a table."""
     from .. import distributed
     from ..embed import cache_reuse_line, embed_domains, load_domain_embeddings
-    from ..io import write_json
     from ..pipeline import sweep_for_domains
     from ..uncertainty import format_sweep_table
 
@@ -146,13 +154,7 @@ def cmd_sweep(args) -> int:
     if args.embeddings:
         emb = load_domain_embeddings(args.embeddings)
     else:
-        if not args.proxy:
-            raise ChameleonUserError("--proxy: give the proxy checkpoint (or --embeddings FILE)")
-        if getattr(args, "data", None) is None:
-            args.data = BUILTIN
-        proxy, _, ds = model_and_dataset(args, args.proxy)
-        cfg = embed_config(args, getattr(getattr(proxy, "config", None), "block_size", None))
-        check_embedding_memory(cfg, proxy)
+        proxy, _, ds, cfg = proxy_to_embed(args)
         cache = args.embed_cache or os.path.join(ds.cache_dir, "embeddings")
         emb = embed_domains(proxy, ds, cfg, device=args.device, cache_dir=cache, progress=not args.quiet)
         if cache_reuse_line(emb, cache):
@@ -198,7 +200,6 @@ def sweep_collapses(sweep) -> List[str]:
 def cmd_run(args) -> int:
     """The whole method on one dataset: proxy, weights, two base models, perplexity table."""
     from .. import distributed
-    from ..io import write_json
     from ..model import GPTConfig
     from ..pipeline import check_weight_options, compare_mixtures, compute_weights, train_proxy
 
@@ -288,13 +289,13 @@ def add_weights_command(p):
 
 
 def add_sweep_command(p):
-    from ..pipeline import MODES
     from ..uncertainty import DEFAULT_SWEEP_LAMBDAS
 
     add_common(p, data_default=None)
     add_embed(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--mode", default=MODES[0], choices=list(MODES), help="softmax rule, as in `chameleon weights`")
+    g.add_argument("--mode", default=PIPELINE_MODES[0], choices=list(PIPELINE_MODES),
+                   help="softmax rule, as in `chameleon weights`")
     g.add_argument("--lam", type=positive_floats, default=",".join(f"{x:g}" for x in DEFAULT_SWEEP_LAMBDAS),
                    help="comma-separated ridge lambdas, all in one batched leverage call")
     g.add_argument("--temperature", type=positive_floats, default=None,

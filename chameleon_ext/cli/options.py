@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 from typing import List, Optional
 
+from ..mixture import COLLAPSE_THRESHOLD, MODES, PIPELINE_MODES
 from .common import BUILTIN, BUILTIN_EMBED, SEED_MAX
 
 
@@ -43,17 +45,20 @@ def seed_type(text: str) -> int:
 seed_type.__name__ = "seed"
 
 
+def _finite_positive(text: str) -> Optional[float]:
+    """``text`` as a finite number > 0, or None."""
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
 def positive_floats(text: str) -> List[float]:
     """``--lam 0.1,1,10``: a comma-separated list of finite numbers > 0, at least one."""
-    values = []
-    for item in text.split(","):
-        try:
-            v = float(item)
-        except ValueError:
-            v = math.nan
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of finite numbers > 0, got {text!r}")
-        values.append(v)
+    values = [_finite_positive(item) for item in text.split(",")]
+    if None in values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of finite numbers > 0, got {text!r}")
     return values
 
 
@@ -64,11 +69,8 @@ def lambda_value(text: str):
     """``--lam``: a finite number > 0 or 'auto'."""
     if text == "auto":
         return text
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v) or v <= 0:
+    v = _finite_positive(text)
+    if v is None:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'auto', got {text!r}")
     return v
 
@@ -85,8 +87,6 @@ ONLINE_OPTIONS = {"--online-every": "every", "--online-warmup": "warmup", "--onl
 
 
 def online_defaults() -> dict:
-    import inspect
-
     from ..online import OnlineChameleon
 
     return {name: p.default for name, p in inspect.signature(OnlineChameleon).parameters.items()}
@@ -102,7 +102,6 @@ def add_common(p, data=True, data_default=BUILTIN, defaults=None):
                    help="no progress output, and no warnings or loading bars from transformers/torch")
     if data:
         from ..data import load_dataset
-        import inspect
 
         params = inspect.signature(load_dataset).parameters
         # weights: no default in the namespace, so an explicit --data beside --embeddings is seen
@@ -158,10 +157,8 @@ def rule_options(g, sweep: bool = False):
 
 
 def add_weights(p):
-    from ..pipeline import MODES
-
     g = p.add_argument_group("weights")
-    g.add_argument("--mode", default=MODES[0], choices=list(MODES),
+    g.add_argument("--mode", default=PIPELINE_MODES[0], choices=list(PIPELINE_MODES),
                    help="pretrain: inverse leverage; finetune: leverage; transfer: new domains, frozen proxy, "
                         "pretrain rule")
     temps = rule_options(g)
@@ -175,8 +172,6 @@ def add_weights(p):
 
 
 def add_strict(g):
-    from ..mixture import COLLAPSE_THRESHOLD
-
     g.add_argument("--strict", action="store_true",
                    help=f"exit with status 2 instead of training on a collapsed mixture (one domain above "
                         f"{COLLAPSE_THRESHOLD}); `weights` writes its files, then exits 2")
@@ -219,8 +214,6 @@ def add_training(p, steps: Optional[int] = None, defaults=None, preset: Optional
 
 
 def add_online(p):
-    from ..weights import MODES
-
     lib = online_defaults()
     g = p.add_argument_group("online weights (--weights online)")
     g.add_argument("--online-every", type=int, default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ChameleonUserError
+from ..io import write_json
 from .checks import check_memory, check_training_memory
 from .common import check_collapse, dataset, init_distributed, model_and_dataset, print_table, say, train_config
 from .options import ONLINE, ONLINE_OPTIONS, add_common, add_online, add_strict, add_training, config_option
@@ -194,8 +195,6 @@ def cmd_eval(args) -> int:
     table["ppl"]["average"] = ev["average"]["mean_ppl"]
     print_table(table, ds.domains)
     if args.out and distributed.info().is_main:
-        from ..io import write_json
-
         write_json(args.out, ev, "evaluation results")
         say(f"wrote {args.out}")
     return 0

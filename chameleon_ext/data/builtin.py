@@ -146,6 +146,17 @@ def _date(r: _Rng) -> str:
 # -- domain generators: each returns {relative path: file content} -----------------------------
 
 
+def _files_until_target(make: Callable[[int], tuple]) -> dict[str, str]:
+    """``{name: text}`` from ``make(0)``, ``make(1)``, ... (each a ``(name, text)`` file) until
+    the domain holds :data:`_TARGET_CHARS` characters."""
+    files, total = {}, 0
+    while total < _TARGET_CHARS:
+        name, text = make(len(files))
+        files[name] = text
+        total += len(text)
+    return files
+
+
 def _gen_web(r: _Rng) -> dict[str, str]:
     docs, total = [], 0
     while total < _TARGET_CHARS:
@@ -202,8 +213,7 @@ def _gen_news(r: _Rng) -> dict[str, str]:
 
 
 def _gen_books(r: _Rng) -> dict[str, str]:
-    files, total, book = {}, 0, 0
-    while total < _TARGET_CHARS:
+    def book(book: int) -> tuple:
         hero, friend = r.choice(_NAMES), r.choice(_NAMES)
         parts = [f"THE {r.choice(_ADJS).upper()} {r.choice(_NOUNS).upper()}\n"]
         for chapter in range(1, 6):
@@ -220,15 +230,13 @@ def _gen_books(r: _Rng) -> dict[str, str]:
                                      f"{r.choice(_ADVS)} {_pp(r)}.")
                 parts.append(" ".join(sents) + "\n")
         text = "\n".join(parts)
-        files[f"book-{book:02d}.txt"] = text
-        total += len(text)
-        book += 1
-    return files
+        return f"book-{book:02d}.txt", text
+
+    return _files_until_target(book)
 
 
 def _gen_code(r: _Rng) -> dict[str, str]:
-    files, total, mod = {}, 0, 0
-    while total < _TARGET_CHARS:
+    def module(mod: int) -> tuple:
         noun = r.choice(_NOUNS)
         lines = [f'"""Utilities for {noun} {r.choice(_NOUNS)} handling."""', "",
                  f"import {r.choice(['math', 'os', 'json', 're', 'itertools'])}", "",
@@ -241,7 +249,7 @@ def _gen_code(r: _Rng) -> dict[str, str]:
                 lines += [f"class {cls}:", f"    def __init__(self, size={k}):",
                           "        self.size = size", "        self.items = []", "",
                           f"    def {verb}(self, {var}):",
-                          f"        if len(self.items) < self.size:",
+                          "        if len(self.items) < self.size:",
                           f"            self.items.append({var})",
                           "        return len(self.items)", ""]
             else:
@@ -257,15 +265,13 @@ def _gen_code(r: _Rng) -> dict[str, str]:
                           "    return result", ""]
         text = "\n".join(lines) + "\n"
         pkg = ("core", "util", "io")[mod % 3]
-        files[f"src/{pkg}/{noun}_{mod:03d}.py"] = text
-        total += len(text)
-        mod += 1
-    return files
+        return f"src/{pkg}/{noun}_{mod:03d}.py", text
+
+    return _files_until_target(module)
 
 
 def _gen_math(r: _Rng) -> dict[str, str]:
-    files, total, sheet = {}, 0, 0
-    while total < _TARGET_CHARS:
+    def exercise_sheet(sheet: int) -> tuple:
         lines = [f"Exercise sheet {sheet + 1}", ""]
         for i in range(1, 61):
             kind = r.below(4)
@@ -288,19 +294,19 @@ def _gen_math(r: _Rng) -> dict[str, str]:
                 lines.append(f"{i}. Expand ({a} + {b})^2. Answer: {a}^2 + 2*{a}*{b} + {b}^2 "
                              f"= {a * a} + {2 * a * b} + {b * b} = {(a + b) ** 2}")
         text = "\n".join(lines) + "\n"
-        files[f"sheet-{sheet:03d}.txt"] = text
-        total += len(text)
-        sheet += 1
-    return files
+        return f"sheet-{sheet:03d}.txt", text
+
+    return _files_until_target(exercise_sheet)
 
 
 def _gen_dna(r: _Rng) -> dict[str, str]:
-    files, total, rec = {}, 0, 0
     bases = "ACGT"
     motifs = ["TATAAA", "GGATCC", "GAATTC", "CCGCGG", "TTGACA"]
-    while total < _TARGET_CHARS:
+
+    def reads(file: int) -> tuple:
         chunks = []
-        for _ in range(25):
+        for j in range(25):
+            rec = 25 * file + j  # records are numbered across files
             gc = 0.3 + 0.4 * r.random()  # per-record GC content
             length = r.randint(300, 1200)
             seq, prev = [], r.choice(bases)
@@ -320,16 +326,13 @@ def _gen_dna(r: _Rng) -> dict[str, str]:
                      f"gc={sum(c in 'GC' for c in s) / length:.3f}"]
             lines += [s[i:i + 60] for i in range(0, length, 60)]
             chunks.append("\n".join(lines))
-            rec += 1
-        text = "\n".join(chunks) + "\n"
-        files[f"reads-{len(files):02d}.fa"] = text
-        total += len(text)
-    return files
+        return f"reads-{file:02d}.fa", "\n".join(chunks) + "\n"
+
+    return _files_until_target(reads)
 
 
 def _gen_tables(r: _Rng) -> dict[str, str]:
-    files, total, t = {}, 0, 0
-    while total < _TARGET_CHARS:
+    def table(t: int) -> tuple:
         cols = ["id", "region", "year", "count", "mean", "ratio"]
         lines = [",".join(cols)]
         base = r.randint(10, 5000)
@@ -338,10 +341,9 @@ def _gen_tables(r: _Rng) -> dict[str, str]:
             lines.append(f"{row + 1},R{r.randint(1, 12):02d},{r.randint(1990, 2024)},{count},"
                          f"{r.random() * 100:.3f},{r.random():.4f}")
         text = "\n".join(lines) + "\n"
-        files[f"table-{t:03d}.csv"] = text
-        total += len(text)
-        t += 1
-    return files
+        return f"table-{t:03d}.csv", text
+
+    return _files_until_target(table)
 
 
 _GENERATORS: dict[str, Callable[[_Rng], dict[str, str]]] = {

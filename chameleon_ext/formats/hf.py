@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import List, Mapping, Optional, Sequence
 
-from ..errors import ChameleonUserError
 from ..mixture import check_domain_names, check_same_domains, check_weight_map
 
 __all__ = ["hf_interleave_probabilities"]

@@ -9,13 +9,12 @@ each ``prefix.idx``), so the domain's total is its weight.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from ..errors import ChameleonUserError
 from .paths import Prefixes, megatron_prefix, megatron_tokens, paths_of
 from .text import format_weight
-from ..mixture import check_weight_map
+from ..mixture import check_named_weights, check_weight_map
 from .weights_json import budget_weights
 
 __all__ = ["megatron_blend", "parse_megatron_blend", "megatron_blend_list", "megatron_per_split_args", "nemo_paths"]
@@ -81,22 +80,17 @@ def parse_megatron_blend(blend: str) -> Dict[str, float]:
         raise ChameleonUserError(
             f"Megatron blend must alternate weight and prefix (an even number of tokens), got {len(tokens)} tokens"
         )
-    out: Dict[str, float] = {}
-    for raw_weight, prefix in zip(tokens[0::2], tokens[1::2]):
-        try:
-            weight = float(raw_weight)
-        except ValueError:
-            raise ChameleonUserError(
-                f"Megatron blend: weight {raw_weight!r} (before prefix {prefix!r}) is not a number"
-            ) from None
-        if not math.isfinite(weight) or weight < 0:
-            raise ChameleonUserError(
-                f"Megatron blend: weight of prefix {prefix!r} must be finite and >= 0, got {raw_weight!r}"
-            )
-        if prefix in out:
-            raise ChameleonUserError(f"Megatron blend: prefix {prefix!r} appears more than once")
-        out[prefix] = weight
-    return out
+    weights = [_number_or_text(w) for w in tokens[0::2]]
+    # Megatron normalises the blend: relative weights, one message per fault as everywhere
+    return check_named_weights(tokens[1::2], weights, what="Megatron blend", relative=True)
+
+
+def _number_or_text(text: str):
+    """A weight token as a float, or the text itself when it is none (the check names it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 

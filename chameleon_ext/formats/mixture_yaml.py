@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional
 
 import yaml
 
 from ..errors import ChameleonUserError
 from .text import dump_yaml
-from ..mixture import check_domain_names, check_weight_map
+from ..mixture import check_named_weights, check_weight_map
 
 __all__ = ["META_KEYS", "mixture_yaml", "parse_mixture_yaml"]
 
@@ -73,14 +72,17 @@ def parse_mixture_yaml(text: str) -> Dict[str, float]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry or "weight" not in entry:
             raise ChameleonUserError(f"mixture YAML: entry {i} must have 'name' and 'weight', got {entry!r}")
-        name, raw = str(entry["name"]), entry["weight"]
+        names.append(str(entry["name"]))
+        weights.append(_weight(entry["weight"]))
+    return check_named_weights(names, weights, what="mixture YAML", relative=True)
+
+
+def _weight(raw):
+    """A weight as read: a string that reads as a number becomes one ('1e-05' is not a float in
+    YAML 1.1, so it comes back as a string); anything else is left for the check to name."""
+    if isinstance(raw, str):
         try:
-            # A weight may come back as a string ('1e-05' is not a float in YAML 1.1).
-            weight = float(raw) if not isinstance(raw, bool) else math.nan
-        except (TypeError, ValueError):
-            weight = math.nan
-        if not math.isfinite(weight) or weight < 0:
-            raise ChameleonUserError(f"mixture YAML: weight of {name!r} must be a finite number >= 0, got {raw!r}")
-        names.append(name)
-        weights.append(weight)
-    return dict(zip(check_domain_names(names, what="mixture YAML: names"), weights))
+            return float(raw)
+        except ValueError:
+            return raw
+    return raw

@@ -21,6 +21,7 @@ from typing import Dict, Mapping, Union
 
 from .. import io
 from ..errors import ChameleonUserError
+from ..manifest import check_member
 from ..mixture import WEIGHT_SUM_TOLERANCE, check_domain_names, check_weight_map
 
 __all__ = [
@@ -57,8 +58,6 @@ def load_weights(path_or_dict: Union[PathLike, Mapping]) -> dict:
     if isinstance(path_or_dict, Mapping):
         source, doc = "weights dict", dict(path_or_dict)
     elif isinstance(path_or_dict, (str, os.PathLike)):
-        from ..manifest import check_member
-
         source = os.fspath(path_or_dict)
         doc = io.read_json(source, "weights file")
         check_member(source, "weights file")

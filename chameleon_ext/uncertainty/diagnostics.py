@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import ChameleonUserError
 from ..mixture import COLLAPSE_THRESHOLD
-from ..weights import DEFAULT_RULE, DEFAULT_SHARE, RULE_DEFAULTS, DomainWeights
+from ..weights import DEFAULT_RULE, DEFAULT_SHARE, RULE_DEFAULTS, DomainWeights, weights_from_affinity
 from .batched import softmax_rule, windows_label
 from .bootstrap import BootstrapResult, WindowSufficiency
 
@@ -91,8 +91,6 @@ def collapse_fix(point: DomainWeights) -> str:
     """Advice for a collapsed result that is tried here on the same scores: the weights the
     default rule (or, when that is already in use, a larger smoothing) gives on ``point``'s
     centred affinity, and the command-line options that give them."""
-    from ..weights import weights_from_affinity
-
     k = len(point.weights)
     direction = softmax_rule(point.mode)
     own = RULE_DEFAULTS[point.rule]
