@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import pytest
 
@@ -195,7 +196,13 @@ def library(monkeypatch, tmp_path):
             calls.append((name, _normal(list(args)), _normal(kwargs)))
             return returns(*args, **kwargs) if callable(returns) else returns
 
+        original = getattr(module, name)
         monkeypatch.setattr(module, name, fake)
+        # A command module that imported the name itself holds its own reference: replace it
+        # there too, so the harness does not depend on how a command imports the library.
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name.startswith("chameleon_ext.") and mod is not module and getattr(mod, name, None) is original:
+                monkeypatch.setattr(mod, name, fake)
 
     record(data_mod, "load_dataset", _dataset)
     record(data_mod, "builtin_dataset_path", "builtin-data")
