@@ -24,6 +24,25 @@ def write_outputs(out: str, stem: str, doc: dict, md: str, stats, ledger, title:
     return paths
 
 
+# What compare.json records of each base run.
+RUN_KEYS = ("test", "test_loss", "tokens", "init_sha256", "data_seed", "init_seed", "evaluation", "steps")
+
+
+def compare_document(cfg: CompareConfig, ds, scenario: str, command: Optional[str], tokens_per_run: int,
+                     mixtures: dict, runs: dict, stats, ledger, md: str, **scenario_fields) -> dict:
+    """compare.json of one scenario: the settings, the data's fingerprints, each mixture and
+    each run, the statistics and the compute ledger, plus the scenario's own fields."""
+    return {"format": "chameleon_ext.compare/1", "scenario": scenario, "command": command,
+            "config": cfg.to_dict(), **scenario_fields,
+            "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
+            "seeds": cfg.seed_list, "tokens_per_run": tokens_per_run,
+            "evaluation": {"split": "test", "windows": cfg.train.eval_windows, "seed": cfg.eval_seed,
+                           "window_tokens": cfg.train.block_size + 1},
+            "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
+            "runs": {label: {str(s): {k: r[k] for k in RUN_KEYS} for s, r in by.items()} for label, by in runs.items()},
+            "stats": stats.as_dict(), "compute": ledger.to_dict(), "table": md}
+
+
 def table_header(cfg: CompareConfig, title: str, domains: Sequence[str], tokens: int) -> str:
     accum = f" x {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
     return (f"# {title}\n\n"

@@ -14,7 +14,7 @@ from ..data.view import DatasetView
 from .config import (CHAMELEON_RULES, METHODS, OUTPUT_STEM, CompareConfig, changed_settings, default_settings,
                      pinned_extras, pinned_settings, rule_of)
 from .records import digest, ledger_entry
-from .report import check_collapsed, collapsed_note, ledger_of, plan_steps, say_budget, table_header, write_outputs
+from .report import check_collapsed, collapsed_note, compare_document, ledger_of, plan_steps, say_budget, table_header, write_outputs
 from .units import Comparison
 
 
@@ -103,19 +103,10 @@ def pretrain_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
                    else f"| {label} | 0 | 0 |\n")
     if command:
         md += f"\nCommand: `{command}`\n"
-    doc = {"format": "chameleon_ext.compare/1", "scenario": cfg.scenario, "command": command,
-           "config": cfg.to_dict(), "domains": list(ds.domains), "new_domains": new,
-           "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
-           "seeds": cfg.seed_list, "tokens_per_run": cfg.tokens_per_run,
-           "evaluation": {"split": "test", "windows": cfg.train.eval_windows, "seed": cfg.eval_seed,
-                          "window_tokens": cfg.train.block_size + 1},
-           "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
-           "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
-                                                       "data_seed", "init_seed", "evaluation", "steps")}
-                            for s, r in by.items()} for label, by in runs.items()},
-           "stats": stats.as_dict(), "compute": ledger.to_dict(),
-           "absorb_new_domains": {k: v.to_dict() for k, v in absorb.items()} if new else None,
-           "collapsed": collapsed, "table": md}
+    doc = compare_document(cfg, ds, cfg.scenario, command, cfg.tokens_per_run, mixtures, runs, stats, ledger, md,
+                           domains=list(ds.domains), new_domains=new,
+                           absorb_new_domains={k: v.to_dict() for k, v in absorb.items()} if new else None,
+                           collapsed=collapsed)
     paths = write_outputs(out, OUTPUT_STEM[cfg.scenario], doc, md, stats, ledger, title, plots)
     say("\n" + md)
     say("wrote " + ", ".join(p for p in paths.values() if p))
@@ -255,18 +246,9 @@ def finetune_scenario(c: Comparison, ds, cfg: CompareConfig, out: str, say, plot
         md += f"\nThe start model's pretraining (shared by every mixture): {ledger_of(shared).flops():.3g} FLOPs.\n"
     if command:
         md += f"\nCommand: `{command}`\n"
-    doc = {"format": "chameleon_ext.compare/1", "scenario": "finetune", "command": command,
-           "config": cfg.to_dict(), "domains": fdoms, "pretrain_domains": pre, "start_model": start,
-           "data_fingerprints": {d: ds.fingerprint(d) for d in ds.domains},
-           "seeds": cfg.seed_list, "tokens_per_run": cfg.tokens(cfg.finetune_steps),
-           "evaluation": {"split": "test", "windows": cfg.train.eval_windows, "seed": cfg.eval_seed,
-                          "window_tokens": cfg.train.block_size + 1},
-           "mixtures": {label: {"weights": m["weights"], "info": m.get("info", {})} for label, m in mixtures.items()},
-           "runs": {label: {str(s): {k: r[k] for k in ("test", "test_loss", "tokens", "init_sha256",
-                                                       "data_seed", "init_seed", "evaluation", "steps")}
-                            for s, r in by.items()} for label, by in runs.items()},
-           "improved": improved, "not_in_scenario": skipped, "collapsed": collapsed,
-           "stats": stats.as_dict(), "compute": ledger.to_dict(), "table": md}
+    doc = compare_document(cfg, ds, "finetune", command, cfg.tokens(cfg.finetune_steps), mixtures, runs, stats, ledger,
+                           md, domains=fdoms, pretrain_domains=pre, start_model=start, improved=improved,
+                           not_in_scenario=skipped, collapsed=collapsed)
     paths = write_outputs(out, OUTPUT_STEM["finetune"], doc, md, stats, ledger, title, plots)
     say("\n" + md)
     say("wrote " + ", ".join(p for p in paths.values() if p))
