@@ -23,6 +23,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../krls.h"
 
@@ -323,6 +325,260 @@ __global__ void krls_shared_kernel(const scalar_t* __restrict__ K, int64_t batch
   }
 }
 
+// ------------------------------------------------------------------ 16 < k <= 64: the sweep kernel (v2)
+//
+// One pass over the pivots j = 0..k-1 builds W = L^-1 in place of the matrix (a triangular
+// sweep, no separate triangular solve). With X = Kc and r_j = rsqrt(d_j + mu), step j is the
+// rank-1 update
+//   X[i][m] -= r_j^2 X[i][j] c_m   for every row i > j and every column m != j,
+// where c = row j of X (c_j := 0). Columns m > j hold the Schur complement of the pivots
+// before j (kept symmetric, so row j right of the diagonal is also column j below it: the
+// row alone is the broadcast), and d_j = X[j][j] is the pivot without mu. Columns m < j hold
+// L^-1 with a lazy scale: W[p][m] = -r_p r_m^2 X[p][m], frozen once row p is published (at
+// step p), and column j is never touched again by its own step, so no element needs a
+// special case. Hence
+//   S_i = d_i W_ii^2 - mu sum_{p>i} W_pi^2 = r_i^2 (d_i - mu r_i^2 acc_i),
+//   acc_i = sum_{p>i} (r_p X[p][i])^2,
+// accumulated as each row p is broadcast. Work: k^3/3 fused multiply-adds, as Cholesky plus a
+// triangular inverse, but every step is the same dense update.
+//
+// Layout: the matrix is padded to KP = 32 (k = 17..32) or 64 (k = 33..64); a thread holds 2
+// rows x 16 columns in registers (static indices only), so a matrix takes KP^2 / 32 threads:
+// one warp (4 matrices per block) or four warps (one matrix per block). Per step a thread
+// reads 8 16-byte broadcasts of c (from shared memory, segments padded 4 banks apart) and
+// does 32 FMAs; the only per-matrix shared memory is c, double-buffered (one barrier per
+// step), its pivots and a 3-value reduction per warp. A warp whose rows are all finished or padding
+// skips the update.
+constexpr int kSeg = 16;       // columns per thread (one segment)
+constexpr int kSegPitch = 18;  // doubles per segment in shared memory: 16 + 2 of padding
+
+template <int KP>
+struct SweepShape {
+  static_assert(KP == 32 || KP == 64, "the sweep kernel pads k to 32 or 64");
+  static constexpr int kSegs = KP / kSeg;               // threads sharing a row pair
+  static constexpr int kThreads = KP / 2 * kSegs;       // per matrix: 32 or 128
+  static constexpr int kWarps = kThreads / 32;          // per matrix: 1 or 4
+  static constexpr int kRowsPerWarp = 64 / kSegs;       // consecutive rows of one warp
+  static constexpr int kMatrices = kWarps == 1 ? 4 : 1;  // per block
+  static constexpr int kBlockThreads = kThreads * kMatrices;  // 128
+  static constexpr int kPivotSlot = kSegs * kSegPitch;  // r_j and r_j^2 travel here, beside c
+  static constexpr int kVec = kPivotSlot + 2;           // one broadcast vector (even: 16-byte aligned)
+  // doubles per matrix (two vectors, d and r per pivot, the reduction, the first failed
+  // pivot), even so that every matrix's vectors stay 16-byte aligned
+  static constexpr int kShared = (2 * kVec + 2 * KP + 3 * kWarps + 1 + 1) / 2 * 2;
+};
+
+// Where column m of the broadcast vector lives (its segment is padded).
+__device__ __forceinline__ int seg_index(int m) { return (m >> 4) * kSegPitch + (m & (kSeg - 1)); }
+
+// A barrier over the threads of one matrix: its warp, or (four warps) its block.
+template <int WARPS>
+__device__ __forceinline__ void matrix_sync() {
+  if constexpr (WARPS == 1) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, int KP>
+__global__ void __launch_bounds__(SweepShape<KP>::kBlockThreads, 4)
+    krls_sweep_kernel(const scalar_t* __restrict__ K, int64_t batch, int64_t sb, int64_t sr, int64_t sc, int k,
+                      double lam_scalar, const double* __restrict__ lam, bool center, bool scale_by_k,
+                      double sym_tol, scalar_t* __restrict__ out, int* __restrict__ status,
+                      int* __restrict__ detail) {
+  using Shape = SweepShape<KP>;
+  constexpr int kSegs = Shape::kSegs;
+  __shared__ __align__(16) double smem[Shape::kMatrices * Shape::kShared];
+  const int t = threadIdx.x % Shape::kThreads;     // thread within its matrix
+  const int slot = threadIdx.x / Shape::kThreads;  // matrix within the block
+  const int warp = t >> 5;                         // warp within the matrix
+  const int cs = t % kSegs;                        // column segment: columns col0 .. col0 + 15
+  const int col0 = cs * kSeg;
+  const int row0 = (t / kSegs) * 2;                // rows row0 and row0 + 1
+  const int wlo = warp * Shape::kRowsPerWarp, whi = wlo + Shape::kRowsPerWarp - 1;  // this warp's rows
+  double* const vec0 = smem + slot * Shape::kShared;  // the broadcast vectors of even / odd steps
+  double* const vec1 = vec0 + Shape::kVec;
+  double* const dpiv = vec1 + Shape::kVec;  // [KP]: d_j, the pivots without mu
+  double* const rinv = dpiv + KP;            // [KP]: r_j = rsqrt(d_j + mu)
+  double* const red = rinv + KP;             // [kWarps][3]: max|K|, max asymmetry, all finite
+  double* const first_fail = red + 3 * Shape::kWarps;  // the first pivot that failed, or -1
+  const double inv_k = 1.0 / k;
+
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * Shape::kMatrices + slot; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * Shape::kMatrices) {
+    const scalar_t* Kb = K + b * sb;
+
+    // 1. Load the thread's 2 x 16 block, symmetrised (K[i, m] and K[m, i]); padding stays 0.
+    //    Every element of the matrix is some thread's K[i, m], so max|K|, finiteness and the
+    //    asymmetry are reduced over those alone (NaN is ignored by the max, as by fmax).
+    double x[2][kSeg];
+    double maxabs = 0.0, maxasym = 0.0;
+    int finite = 1;
+    const int seg_cols = k - col0;  // columns of this segment inside the matrix (may be <= 0)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool live_row = row0 + r < k;
+      const scalar_t* px = Kb + static_cast<int64_t>(row0 + r) * sr + static_cast<int64_t>(col0) * sc;  // K[i, col0]
+      const scalar_t* py = Kb + static_cast<int64_t>(col0) * sr + static_cast<int64_t>(row0 + r) * sc;  // K[col0, i]
+#pragma unroll
+      for (int g = 0; g < kSeg; ++g) {
+        double xv = 0.0, yv = 0.0;
+        if (live_row && g < seg_cols) {
+          xv = static_cast<double>(*px);
+          yv = static_cast<double>(*py);
+        }
+        px += sc;
+        py += sr;
+        finite &= isfinite(xv) ? 1 : 0;
+        const double ax = fabs(xv), dxy = fabs(xv - yv);
+        maxabs = ax > maxabs ? ax : maxabs;
+        maxasym = dxy > maxasym ? dxy : maxasym;
+        x[r][g] = 0.5 * (xv + yv);
+      }
+    }
+    // Reduce over the matrix: the warp (every lane belongs to this matrix), then its warps.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      maxabs = fmax(maxabs, __shfl_xor_sync(kFullMask, maxabs, o));
+      maxasym = fmax(maxasym, __shfl_xor_sync(kFullMask, maxasym, o));
+      finite &= __shfl_xor_sync(kFullMask, finite, o);
+    }
+    if constexpr (Shape::kWarps > 1) {
+      if ((t & 31) == 0) {
+        red[warp * 3 + 0] = maxabs;
+        red[warp * 3 + 1] = maxasym;
+        red[warp * 3 + 2] = finite;
+      }
+      matrix_sync<Shape::kWarps>();
+#pragma unroll
+      for (int w = 0; w < Shape::kWarps; ++w) {
+        maxabs = fmax(maxabs, red[w * 3 + 0]);
+        maxasym = fmax(maxasym, red[w * 3 + 1]);
+        finite &= red[w * 3 + 2] != 0.0 ? 1 : 0;
+      }
+    }
+    double mu;
+    int st = matrix_mu(lam_scalar, lam, b, k, scale_by_k, &mu);
+    if (st == kKrlsOk && !finite) st = kKrlsNonFinite;
+    if (st == kKrlsOk && maxasym > sym_tol * maxabs) st = kKrlsNotSymmetric;
+    if (st != kKrlsOk) {  // uniform per matrix: factorise Kc = 0, mu = 1 harmlessly
+      mu = 1.0;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int g = 0; g < kSeg; ++g) x[r][g] = 0.0;
+    }
+
+    // 2. Centre: row means from the kSegs adjacent lanes of a row pair, column means and the
+    //    grand mean from shared memory (vec1, first overwritten at step 1, after a barrier).
+    if (center) {
+      double rowmean[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        double s = 0.0;
+#pragma unroll
+        for (int g = 0; g < kSeg; ++g) s += x[r][g];
+#pragma unroll
+        for (int o = 1; o < kSegs; o <<= 1) s += __shfl_xor_sync(kFullMask, s, o);
+        rowmean[r] = s * inv_k;  // 0 on padding rows
+      }
+      if (cs == 0) {
+        vec1[seg_index(row0)] = rowmean[0];
+        vec1[seg_index(row0 + 1)] = rowmean[1];
+      }
+      matrix_sync<Shape::kWarps>();
+      double grand = 0.0;
+      for (int m = 0; m < k; ++m) grand += vec1[seg_index(m)];
+      grand *= inv_k;
+#pragma unroll
+      for (int g = 0; g < kSeg; ++g) {
+        const double rm = vec1[cs * kSegPitch + g];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          if (row0 + r < k && col0 + g < k) x[r][g] += grand - rowmean[r] - rm;
+      }
+    }
+
+    // 3. The sweep (see the comment above the kernel). Row j's publisher also computes r_j
+    //    (so the rsqrt is done once per step) and records a failed pivot; at step 0 that is
+    //    thread 0, which also reset the record.
+    double acc[2] = {0.0, 0.0};
+    if (t == 0) *first_fail = -1.0;
+    for (int j = 0; j < k; ++j) {
+      double* const v = (j & 1) ? vec1 : vec0;
+      // The owners of row j publish it (updated through step j - 1); the pivot moves to its own
+      // slot and leaves a 0, so the update below leaves column j alone.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (row0 + r == j) {
+          double2* dst = reinterpret_cast<double2*>(v + cs * kSegPitch);
+#pragma unroll
+          for (int g = 0; g < kSeg; g += 2) dst[g / 2] = make_double2(x[r][g], x[r][g + 1]);
+          if ((j >> 4) == cs) {
+            const double d = v[seg_index(j)];
+            const double piv = d + mu;
+            const bool ok = piv > 0.0 && piv <= DBL_MAX;
+            if (!ok && *first_fail < 0.0) *first_fail = j;
+            const double rr = rsqrt(ok ? piv : 1.0);
+            *reinterpret_cast<double2*>(v + Shape::kPivotSlot) = make_double2(rr, rr * rr);
+            dpiv[j] = d;
+            rinv[j] = rr;
+            v[seg_index(j)] = 0.0;
+          }
+        }
+      }
+      matrix_sync<Shape::kWarps>();
+      const double2 rr = *reinterpret_cast<const double2*>(v + Shape::kPivotSlot);
+      const double rj = rr.x, rj2 = rr.y;
+      double a[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = row0 + r;
+        const double ci = v[seg_index(i)];  // X[j][i]: column j below the pivot, row j of W left of it
+        a[r] = i > j ? rj2 * ci : 0.0;
+        if (i < j) {
+          const double w = rj * ci;
+          acc[r] += w * w;
+        }
+      }
+      if (whi > j && wlo < k) {  // else every row of this warp is finished or padding: a = 0
+        const double2* src = reinterpret_cast<const double2*>(v + cs * kSegPitch);
+#pragma unroll
+        for (int g = 0; g < kSeg; g += 2) {
+          const double2 c2 = src[g / 2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            x[r][g] = fma(-a[r], c2.x, x[r][g]);
+            x[r][g + 1] = fma(-a[r], c2.y, x[r][g + 1]);
+          }
+        }
+      }
+    }
+
+    // 4. Scores, written by the first segment's thread of each row (d_i, r_i and the failed
+    //    pivot were written before the last barrier).
+    const int fail = static_cast<int>(*first_fail);
+    if (st == kKrlsOk && fail >= 0) st = krls_lam_too_small(mu, k, maxabs) ? kKrlsLamTooSmall : kKrlsNotPositiveDefinite;
+    if (cs == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = row0 + r;
+        if (i >= k) continue;
+        const double di = dpiv[i], ri = rinv[i];
+        const double w2 = ri * ri;
+        const double S = fmin(fmax(di * w2 - mu * (w2 * w2 * acc[r]), 0.0), 1.0);
+        out[b * k + i] = st == kKrlsOk ? static_cast<scalar_t>(S) : static_cast<scalar_t>(NAN);
+      }
+    }
+    if (t == 0) {
+      status[b] = st;
+      detail[b] = st == kKrlsOk ? 0 : (fail >= 0 ? fail : 0);
+    }
+    matrix_sync<Shape::kWarps>();  // the next matrix overwrites this one's shared memory
+  }
+}
+
 // ------------------------------------------------------------------ launch
 
 template <typename scalar_t, int KMAX>
@@ -352,10 +608,49 @@ void launch_shared(const at::Tensor& Kf, const KrlsLam& lam, bool center, bool s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, int KP>
+void launch_sweep(const at::Tensor& Kf, const KrlsLam& lam, bool center, bool scale_by_k, at::Tensor& out,
+                  at::Tensor& status, at::Tensor& detail) {
+  using Shape = SweepShape<KP>;
+  const int64_t batch = Kf.size(0);
+  const int64_t blocks = std::min<int64_t>((batch + Shape::kMatrices - 1) / Shape::kMatrices, kMaxBlocks);
+  krls_sweep_kernel<scalar_t, KP><<<blocks, Shape::kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      Kf.const_data_ptr<scalar_t>(), batch, Kf.stride(0), Kf.stride(1), Kf.stride(2), static_cast<int>(Kf.size(1)),
+      lam.scalar, lam.ptr(), center, scale_by_k, krls_symmetry_tol(Kf.scalar_type()), out.data_ptr<scalar_t>(),
+      status.data_ptr<int>(), detail.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which kernels serve 16 < k <= 64: CHAMELEON_KRLS_CUDA_KERNEL=v2 (default: the sweep kernel)
+// or v1 (the previous ones: unrolled registers for k <= 32, one warp per matrix in shared
+// memory above), kept selectable for A/B timing on a device. Read at every call, like
+// CHAMELEON_KRLS_PATH, so a test or benchmark can switch it in-process.
+bool krls_cuda_use_v2() {
+  const char* env = std::getenv("CHAMELEON_KRLS_CUDA_KERNEL");
+  if (env == nullptr || env[0] == '\0') return true;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "v1" || v == "v2", "CHAMELEON_KRLS_CUDA_KERNEL must be 'v1' or 'v2', got '", v, "'");
+  return v == "v2";
+}
+
+// The largest k that `auto` sends to the fused kernels: kFusedMaxK unless
+// CHAMELEON_KRLS_FUSED_MAX (an integer 0..kFusedMaxK) lowers it, so a device run can time
+// both sides of the crossover without a rebuild.
+int64_t krls_cuda_crossover() {
+  const char* env = std::getenv("CHAMELEON_KRLS_FUSED_MAX");
+  if (env == nullptr || env[0] == '\0') return kFusedMaxK;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0 && v <= kFusedMaxK,
+                    "CHAMELEON_KRLS_FUSED_MAX must be an integer from 0 to ", kFusedMaxK, ", got '", env, "'");
+  return v;
+}
+
 KrlsResult krls_cuda_result(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k) {
   if (K.numel() == 0) return krls_empty_result(K);
   const int64_t k = K.size(-1);
-  if (!krls_use_fused(true, k, kFusedMaxK, "CUDA")) return krls_library(K, lam, center, scale_by_k);
+  if (!krls_use_fused(k <= krls_cuda_crossover(), k, kFusedMaxK, "CUDA")) return krls_library(K, lam, center, scale_by_k);
+  const bool v2 = krls_cuda_use_v2();
   const int64_t batch = K.numel() / (k * k);
   const at::Tensor Kf = K.reshape({batch, k, k});
   at::Tensor out = at::empty({batch, k}, K.options());
@@ -365,6 +660,8 @@ KrlsResult krls_cuda_result(const at::Tensor& K, const KrlsLam& lam, bool center
   AT_DISPATCH_FLOATING_TYPES(K.scalar_type(), "krls_cuda", [&] {
     if (k <= 8) launch_registers<scalar_t, 8>(Kf, lam, center, scale_by_k, out, status, detail);
     else if (k <= 16) launch_registers<scalar_t, 16>(Kf, lam, center, scale_by_k, out, status, detail);
+    else if (v2 && k <= 32) launch_sweep<scalar_t, 32>(Kf, lam, center, scale_by_k, out, status, detail);
+    else if (v2) launch_sweep<scalar_t, 64>(Kf, lam, center, scale_by_k, out, status, detail);
     else if (k <= 32) launch_registers<scalar_t, 32>(Kf, lam, center, scale_by_k, out, status, detail);
     else launch_shared<scalar_t>(Kf, lam, center, scale_by_k, out, status, detail);
   });
