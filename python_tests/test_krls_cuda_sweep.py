@@ -16,6 +16,7 @@ from .factories import CUDA, make_kernels
 from .krls_sweep_emulation import (BAD_LAM, LAM_TOO_SMALL, NON_FINITE, NOT_PD, NOT_SYMMETRIC, SweepShape,
                                    cuda_krls_kernel_for, emulate_sweep_launch)
 from .test_krls import exactly_indefinite_kernel
+from .test_krls_accuracy import SCALES, oracle_krls, rel_err, well_conditioned_pd
 
 
 def cuda_only(test):
@@ -102,6 +103,34 @@ def test_sweep_transliteration_keeps_small_scores_precise(k):
     S, status, _ = emulate_sweep_launch(K, 1.0, center=False)
     assert (status == 0).all()
     np.testing.assert_allclose(S, oracle(K, 1.0, center=False), rtol=1e-12)
+
+
+def test_sweep_transliteration_accuracy_at_every_scale():
+    """Against the 60-digit oracle of test_krls_accuracy: a well-conditioned uncentred kernel
+    keeps every score within a few ulps at every scale (scores down to ~1e-21), and a centred
+    rank-deficient one stays within the conditioning bound the CPU and library paths meet."""
+    k = 17
+    K0 = well_conditioned_pd(k).numpy()
+    Ks = np.stack([K0 * c for c in SCALES])
+    for lam in (1e-6, 1e8):
+        S, status, _ = emulate_sweep_launch(Ks, lam, center=False)
+        assert (status == 0).all()
+        worst = max(rel_err(torch.from_numpy(S[i]), oracle_krls(Ks[i], lam, center=False)) for i in range(len(Ks)))
+        assert worst < 1e-13, (lam, worst)
+    k = 20
+    K0 = make_kernels(1, k, d=12, seed=11)[0]
+    s_max = float(torch.linalg.eigvalsh(reference.center_kernel(K0)).max())
+    Ks = np.stack([K0.numpy() * c for c in SCALES])
+    for lam in (1e-3, 1e3):
+        S, status, _ = emulate_sweep_launch(Ks, lam)
+        for i, c in enumerate(SCALES):
+            mu = lam * k
+            if status[i] != 0:  # only where mu is below K's rounding level, and then it blames lam
+                assert status[i] == LAM_TOO_SMALL and mu <= 1024 * k * 2.2205e-16 * np.abs(Ks[i]).max()
+                continue
+            cond = (c * s_max + mu) / mu
+            bound = 1e-10 if cond <= 1e3 else 1e-10 + 1e-13 * cond
+            assert rel_err(torch.from_numpy(S[i]), oracle_krls(Ks[i], lam)) < bound, (c, lam)
 
 
 @pytest.mark.parametrize("k", [17, 33, 64])

@@ -1,22 +1,26 @@
 // CUDA kernels for krls: kernel ridge leverage scores of a batch of small kernels, the way
-// batched small-matrix libraries (MAGMA's batched potf2, KBLAS) do it: no block-wide
-// barriers, every lane busy, one reciprocal per pivot, and only k scores (and a status word)
-// written back per matrix. The maths (cancellation-free scores) is in krls.h:
+// batched small-matrix libraries (MAGMA's batched potf2, KBLAS) do it: the matrix in
+// registers, little shared memory, one reciprocal square root per pivot, and only k scores
+// (and a status word) written back per matrix. The maths (cancellation-free scores) is in krls.h:
 //   S_i = d_i W_ii^2 - mu sum_{p>i} W_pi^2,  W = L^-1,  d_i = pivot of Kc (without mu).
 //
-// k <= 32: a group of KMAX lanes (KMAX = 8, 16 or 32; 32 / KMAX matrices per warp) per
-//   matrix. Lane r holds row r of the matrix in registers; pivots and rows travel by
-//   width-KMAX shuffles, so loops over columns are unrolled at compile time (no div/mod,
-//   no local memory). Lane i then computes column i of W by forward substitution.
-// 32 < k <= kFusedMaxK: one warp per matrix, several warps (matrices) per block, the matrix
-//   in shared memory sized to k with an odd row pitch (k + 1 doubles, against bank
-//   conflicts). Lane l owns rows/columns l and 63 - l, which balances the triangular work.
-// Above kFusedMaxK: the cuSOLVER path (krls_library). Every loop over matrices is
+// k <= 16: a group of KMAX lanes (KMAX = 8 or 16; 32 / KMAX matrices per warp) per matrix.
+//   Lane r holds row r of the matrix in registers; pivots and rows travel by width-KMAX
+//   shuffles, so loops over columns are unrolled at compile time (no div/mod, no local
+//   memory). Lane i then computes column i of W by forward substitution.
+// 16 < k <= 64 (v2, the default): the sweep kernel, padded to 32 or 64, 2 x 16 elements per
+//   thread, one or four warps per matrix (see its comment).
+// 16 < k <= 64 (v1, CHAMELEON_KRLS_CUDA_KERNEL=v1, kept for A/B timing on a device): the
+//   register kernel above at KMAX = 32 (fully unrolled: 28.6k SASS instructions, 160
+//   registers), and for k > 32 one warp per matrix with the matrix in shared memory (k + 1
+//   pitch; lane l owns rows/columns l and 63 - l).
+// Above the crossover: the cuSOLVER path (krls_library). Every loop over matrices is
 // grid-strided, so any batch size fits the grid.
 //
-// kFusedMaxK (the fused/library crossover) is not measured yet: no GPU was available when
-// these kernels were written. benchmarks/bench_krls.py with CHAMELEON_KRLS_PATH=fused|library
-// on a GPU picks it (batch-aware, as on CPU); until then it is 64.
+// The fused/library crossover is not measured yet: no GPU was available when these kernels
+// were written. It is kFusedMaxK (64, the fused kernels' limit) unless CHAMELEON_KRLS_FUSED_MAX
+// lowers it; benchmarks/gpu_report.py times both paths (and both kernel generations) at
+// k = 7..64 so a device run can set it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,7 +35,7 @@
 namespace chameleon {
 namespace {
 
-constexpr int64_t kFusedMaxK = 64;  // to be measured on a GPU (see the header comment)
+constexpr int64_t kFusedMaxK = 64;  // the fused kernels' limit; the crossover is measured (header comment)
 constexpr int kWarpThreads = 128;   // block size of the register kernel (4 warps)
 constexpr int kMaxSharedBytes = 48 * 1024;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
