@@ -8,8 +8,9 @@ Registers: ``x[t, r, g]`` is the kernel's ``x[r][g]``. Shuffles: ``v[t ^ o]`` is
 object that also checks what the hardware would not: every access stays inside the block's
 memory and its matrix's slot, nothing is read before it was written for the current matrix
 (each matrix starts on NaN-poisoned memory), and between two barriers no address is written
-by one thread and touched by another (a race). Global loads use the element strides of the
-input, so transposed views exercise the same index formulas as the kernel.
+by one thread and touched by another (a race), and each pivot step's named barrier counts
+exactly the threads still in the loop. Global loads use the element strides of the input, so
+transposed views exercise the same index formulas as the kernel.
 """
 
 from __future__ import annotations
@@ -241,12 +242,19 @@ def _matrix(sh, KP, smem, slot, b, flat, sb, sr, sc, k, lam_scalar, lam_arr, cen
                 x[sel, r, g] += grand[sel] - rowmean[sel, r] - rm[sel]
 
     # 3. the sweep
-    acc = np.zeros((sh.threads, 2))
+    acc_cols = KP // 32
+    acc_warp = warp == sh.warps - 1
+    lane = t & 31
+    acc = np.zeros((sh.threads, acc_cols))
     smem.write(first_fail + 0 * t[t == 0], tid[t == 0], -1.0)
+    j_end = np.minimum(k, whi + 1)  # per thread (uniform per warp)
     for j in range(k):
+        looping = j < j_end  # the threads still in the loop at step j
+        if not looping.any():
+            break
         v = vec1 if (j & 1) else vec0
         for r in range(2):
-            wr = t[row0 + r == j]
+            wr = t[looping & (row0 + r == j)]
             for g in range(0, SEG, 2):  # double2 stores
                 smem.write2(v + cs[wr] * SEG_PITCH + g, tid[wr], x[wr, r, g], x[wr, r, g + 1])
             pv = wr[(j >> 4) == cs[wr]]
@@ -261,37 +269,47 @@ def _matrix(sh, KP, smem, slot, b, flat, sb, sr, sc, k, lam_scalar, lam_arr, cen
                 smem.write(dpiv + j, tid[p], d)
                 smem.write(rinv + j, tid[p], rr)
                 smem.write(v + seg_index(j), tid[p], 0.0)
+        # pivot_sync: the named barrier's count must be exactly the threads still looping
+        assert 32 * (sh.warps - j // sh.rows_per_warp) == int(looping.sum())
         smem.barrier()
-        rj, rj2 = smem.read2(v + sh.pivot_slot + 0 * tid, tid)
+        lt = t[looping]
+        rj, rj2 = smem.read2(v + sh.pivot_slot + 0 * lt, tid[lt])
+        rj_t = np.zeros(sh.threads)
+        rj2_t = np.zeros(sh.threads)
+        rj_t[lt], rj2_t[lt] = rj, rj2
+        aw = t[looping & acc_warp]
+        for q in range(acc_cols):
+            m = lane[aw] + 32 * q
+            w = rj_t[aw] * smem.read(v + seg_index(m), tid[aw])
+            acc[aw, q] = np.where(m < j, acc[aw, q] + w * w, acc[aw, q])
+        active = t[looping & (whi > j) & (wlo < k)]
         a = np.zeros((sh.threads, 2))
         for r in range(2):
-            i = row0 + r
-            ci = smem.read(v + seg_index(i), tid)
-            a[:, r] = np.where(i > j, rj2 * ci, 0.0)
-            w = rj * ci
-            acc[:, r] = np.where(i < j, acc[:, r] + w * w, acc[:, r])
-        active = t[(whi > j) & (wlo < k)]
+            i = row0[active] + r
+            ci = smem.read(v + seg_index(i), tid[active])
+            a[active, r] = np.where(i > j, rj2_t[active] * ci, 0.0)
         for g in range(0, SEG, 2):
             cx, cy = smem.read2(v + cs[active] * SEG_PITCH + g, tid[active])
             for r in range(2):
                 x[active, r, g] = x[active, r, g] - a[active, r] * cx
                 x[active, r, g + 1] = x[active, r, g + 1] - a[active, r] * cy
+    smem.barrier()  # matrix_sync: every warp
 
-    # 4. scores
+    # 4. scores, by the last warp
     fail = int(smem.read(first_fail, tid)[0])
     if st == STATUS_OK and fail >= 0:
         st = LAM_TOO_SMALL if mu <= 1024.0 * k * DBL_EPSILON * maxabs else NOT_PD
-    for tt in t[cs == 0]:
-        for r in range(2):
-            i = row0[tt] + r
-            if i >= k:
+    for tt in t[acc_warp]:
+        for q in range(acc_cols):
+            m = lane[tt] + 32 * q
+            if m >= k:
                 continue
-            di = smem.read(dpiv + i, tid[tt])
-            ri = smem.read(rinv + i, tid[tt])
-            w2 = ri * ri
-            S = np.fmin(np.fmax(di * w2 - mu * (w2 * w2 * acc[tt, r]), 0.0), 1.0)
-            out[b * k + i] = S if st == STATUS_OK else np.nan
-            writes[b * k + i] += 1
+            dm = smem.read(dpiv + m, tid[tt])
+            rm = smem.read(rinv + m, tid[tt])
+            w2 = rm * rm
+            S = np.fmin(np.fmax(dm * w2 - mu * (w2 * w2 * acc[tt, q]), 0.0), 1.0)
+            out[b * k + m] = S if st == STATUS_OK else np.nan
+            writes[b * k + m] += 1
     status[b] = st
     detail[b] = 0 if st == STATUS_OK else (fail if fail >= 0 else 0)
     smem.barrier()

@@ -351,8 +351,9 @@ __global__ void krls_shared_kernel(const scalar_t* __restrict__ K, int64_t batch
 // one warp (4 matrices per block) or four warps (one matrix per block). Per step a thread
 // reads 8 16-byte broadcasts of c (from shared memory, segments padded 4 banks apart) and
 // does 32 FMAs; the only per-matrix shared memory is c, double-buffered (one barrier per
-// step), its pivots and a 3-value reduction per warp. A warp whose rows are all finished or padding
-// skips the update.
+// step), its pivots and a 3-value reduction per warp. A warp whose rows are all padding skips
+// the update, and a warp leaves the pivot loop once its last row is published (warps own
+// consecutive rows, so at step j the last kWarps - j / kRowsPerWarp warps remain).
 constexpr int kSeg = 16;       // columns per thread (one segment)
 constexpr int kSegPitch = 18;  // doubles per segment in shared memory: 16 + 2 of padding
 
@@ -382,6 +383,17 @@ __device__ __forceinline__ void matrix_sync() {
     __syncwarp();
   } else {
     __syncthreads();
+  }
+}
+
+// The barrier of one pivot step over the `threads` threads of the warps still in the loop
+// (a named barrier, so warps that have left do not hold it up).
+template <int WARPS>
+__device__ __forceinline__ void pivot_sync(int threads) {
+  if constexpr (WARPS == 1) {
+    __syncwarp();
+  } else {
+    asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
   }
 }
 
@@ -506,10 +518,19 @@ __global__ void __launch_bounds__(SweepShape<KP>::kBlockThreads, 4)
 
     // 3. The sweep (see the comment above the kernel). Row j's publisher also computes r_j
     //    (so the rsqrt is done once per step) and records a failed pivot; at step 0 that is
-    //    thread 0, which also reset the record.
-    double acc[2] = {0.0, 0.0};
+    //    thread 0, which also reset the record. A warp leaves the loop after publishing its
+    //    last row: the barrier of step j counts only the warps still in it (the last
+    //    kWarps - j / kRowsPerWarp). The last warp, always in, accumulates the column sums
+    //    acc_m = sum_{p>m} (r_p X[p][m])^2, lane l for columns l and l + 32.
+    constexpr int kAccCols = KP / 32;
+    const bool acc_warp = warp == Shape::kWarps - 1;
+    const int lane = t & 31;
+    double acc[kAccCols];
+#pragma unroll
+    for (int q = 0; q < kAccCols; ++q) acc[q] = 0.0;
     if (t == 0) *first_fail = -1.0;
-    for (int j = 0; j < k; ++j) {
+    const int j_end = min(k, whi + 1);
+    for (int j = 0; j < j_end; ++j) {
       double* const v = (j & 1) ? vec1 : vec0;
       // The owners of row j publish it (updated through step j - 1); the pivot moves to its own
       // slot and leaves a 0, so the update below leaves column j alone.
@@ -532,21 +553,24 @@ __global__ void __launch_bounds__(SweepShape<KP>::kBlockThreads, 4)
           }
         }
       }
-      matrix_sync<Shape::kWarps>();
+      pivot_sync<Shape::kWarps>(32 * (Shape::kWarps - j / Shape::kRowsPerWarp));
       const double2 rr = *reinterpret_cast<const double2*>(v + Shape::kPivotSlot);
       const double rj = rr.x, rj2 = rr.y;
-      double a[2];
+      if (acc_warp) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = row0 + r;
-        const double ci = v[seg_index(i)];  // X[j][i]: column j below the pivot, row j of W left of it
-        a[r] = i > j ? rj2 * ci : 0.0;
-        if (i < j) {
-          const double w = rj * ci;
-          acc[r] += w * w;
+        for (int q = 0; q < kAccCols; ++q) {
+          const int m = lane + 32 * q;
+          const double w = rj * v[seg_index(m)];  // r_j X[j][m]: row j of W left of the pivot
+          if (m < j) acc[q] += w * w;
         }
       }
       if (whi > j && wlo < k) {  // else every row of this warp is finished or padding: a = 0
+        double a[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = row0 + r;
+          a[r] = i > j ? rj2 * v[seg_index(i)] : 0.0;  // r_j^2 X[i][j]: column j below the pivot
+        }
         const double2* src = reinterpret_cast<const double2*>(v + cs * kSegPitch);
 #pragma unroll
         for (int g = 0; g < kSeg; g += 2) {
@@ -559,20 +583,20 @@ __global__ void __launch_bounds__(SweepShape<KP>::kBlockThreads, 4)
         }
       }
     }
+    matrix_sync<Shape::kWarps>();  // every warp: the pivots, r and the failure record are complete
 
-    // 4. Scores, written by the first segment's thread of each row (d_i, r_i and the failed
-    //    pivot were written before the last barrier).
+    // 4. Scores, written by the last warp (it holds the column sums), coalesced.
     const int fail = static_cast<int>(*first_fail);
     if (st == kKrlsOk && fail >= 0) st = krls_lam_too_small(mu, k, maxabs) ? kKrlsLamTooSmall : kKrlsNotPositiveDefinite;
-    if (cs == 0) {
+    if (acc_warp) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = row0 + r;
-        if (i >= k) continue;
-        const double di = dpiv[i], ri = rinv[i];
-        const double w2 = ri * ri;
-        const double S = fmin(fmax(di * w2 - mu * (w2 * w2 * acc[r]), 0.0), 1.0);
-        out[b * k + i] = st == kKrlsOk ? static_cast<scalar_t>(S) : static_cast<scalar_t>(NAN);
+      for (int q = 0; q < kAccCols; ++q) {
+        const int m = lane + 32 * q;
+        if (m >= k) continue;
+        const double dm = dpiv[m], rm = rinv[m];
+        const double w2 = rm * rm;
+        const double S = fmin(fmax(dm * w2 - mu * (w2 * w2 * acc[q]), 0.0), 1.0);
+        out[b * k + m] = st == kKrlsOk ? static_cast<scalar_t>(S) : static_cast<scalar_t>(NAN);
       }
     }
     if (t == 0) {
