@@ -1,5 +1,5 @@
 """A line-by-line NumPy transliteration of the CUDA sweep kernel (krls_sweep_kernel in
-csrc/cuda/krls_cuda.cu, the v2 kernel for 16 < k <= 64), run on the CPU by the tests.
+csrc/cuda/krls_sweep.cuh, the v2 kernel for 16 < k <= 64), run on the CPU by the tests.
 
 Every thread of a matrix is one entry of the leading axis of the arrays (``t``); each line of
 the kernel is one vectorised statement over the threads that execute it, in program order.

@@ -1,4 +1,4 @@
-"""The CUDA sweep kernel (v2, 16 < k <= 64; csrc/cuda/krls_cuda.cu): its line-by-line NumPy
+"""The CUDA sweep kernel (v2, 16 < k <= 64; csrc/cuda/krls_sweep.cuh): its line-by-line NumPy
 transliteration (python_tests/krls_sweep_emulation.py, which also checks shared-memory races,
 reads of unwritten memory and that every score is written once) against the float64 eigen
 oracle on the CPU, on both sides of every size boundary; and, on a GPU, the kernel itself
