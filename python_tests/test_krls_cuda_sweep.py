@@ -13,7 +13,7 @@ import chameleon_ext
 from chameleon_ext import reference
 
 from .factories import CUDA, make_kernels
-from .krls_sweep_emulation import (BAD_LAM, LAM_TOO_SMALL, NON_FINITE, NOT_PD, NOT_SYMMETRIC, SweepShape,
+from .krls_sweep_emulation import (BAD_LAM, LAM_TOO_SMALL, NON_FINITE, NOT_PD, NOT_SYMMETRIC, Shared, SweepShape,
                                    cuda_krls_kernel_for, emulate_sweep_launch)
 from .test_krls import exactly_indefinite_kernel
 from .test_krls_accuracy import SCALES, oracle_krls, rel_err, well_conditioned_pd
@@ -43,6 +43,32 @@ def test_kernel_selection_at_every_boundary():
     assert (s32.threads, s32.matrices, s32.block_threads) == (32, 4, 128)
     assert (s64.threads, s64.matrices, s64.block_threads) == (128, 1, 128)
     assert s32.shared * 8 * s32.matrices == 4608 and s64.shared * 8 == 2320  # ptxas: smem per block
+
+
+def test_shared_memory_checker_catches_what_the_kernel_must_not_do():
+    """The transliteration's shared-memory checks are live: a race inside a phase, a read of
+    memory not written for the current matrix, an access outside the slot, a misaligned
+    16-byte access."""
+    smem = Shared(16)
+    smem.begin_matrix(0, 8)
+    smem.write(np.array([2]), np.array([0]), 1.0)
+    smem.read(np.array([2]), np.array([0]))  # the writer itself: fine
+    smem.barrier()
+    smem.read(np.array([2, 2]), np.array([1, 2]))  # after the barrier anyone may read
+    smem.barrier()
+    smem.write(np.array([3]), np.array([0]), 1.0)
+    smem.read(np.array([3]), np.array([1]))
+    with pytest.raises(AssertionError, match="race"):
+        smem.barrier()
+    with pytest.raises(AssertionError, match="before it was written"):
+        smem.read(np.array([4]), np.array([0]))
+    with pytest.raises(AssertionError, match="outside"):
+        smem.write(np.array([9]), np.array([0]), 1.0)
+    with pytest.raises(AssertionError, match="misaligned"):
+        smem.write2(np.array([3]), np.array([0]), 1.0, 2.0)
+    smem.begin_matrix(0, 8)  # the next matrix: what the last one wrote counts as unwritten
+    with pytest.raises(AssertionError, match="before it was written"):
+        smem.read(np.array([2]), np.array([0]))
 
 
 @pytest.mark.parametrize("k", [17, 20, 31, 32, 33, 40, 47, 48, 49, 63, 64])
