@@ -4,7 +4,9 @@
 
 Providers: ``ext`` is ``krls_ex`` (the op without the host synchronisation, what a training
 loop calls); ``ext_checked`` is ``krls`` (which copies the per-matrix status to the host to
-raise); on CUDA ``ext_graph`` replays ``krls_ex`` from a CUDA graph (no launch gaps). On CUDA
+raise); on CUDA ``ext_graph`` replays ``krls_ex`` from a CUDA graph (no launch gaps) and
+``ext_v1`` is ``krls_ex`` with the previous fused kernels (CHAMELEON_KRLS_CUDA_KERNEL=v1), for
+an A/B against the default sweep kernel at 16 < k <= 64. On CUDA
 every provider is timed by CUDA events around the call (benchmarks/timing.py), so the ratios
 are device time, not a host clock with a synchronisation in it; ``ext_checked`` is the
 exception by design (its host copy is what it costs). The NumPy loop is CPU-only and is not
@@ -12,6 +14,7 @@ run on CUDA. Inputs are made once per case, on the device.
 """
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -23,7 +26,8 @@ from python_tests.factories import CUDA, make_kernels
 
 from .timing import run_timed
 
-CASES = [(4096, 7), (4096, 16), (4096, 32), (4096, 64), (64, 128), (64, 129), (64, 256), (1, 1024), (1, 4096)]
+CASES = [(4096, 7), (4096, 16), (4096, 32), (4096, 48), (4096, 64), (64, 128), (64, 129), (64, 256), (1, 1024),
+         (1, 4096)]
 QUICK_CASES = [(64, 7), (8, 64), (2, 200)]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 DEVICE = "cuda" if CUDA else "cpu"
@@ -61,6 +65,18 @@ def _ex_graph(K):
     return out
 
 
+def _krls_ex_v1(K):
+    old = os.environ.get("CHAMELEON_KRLS_CUDA_KERNEL")
+    os.environ["CHAMELEON_KRLS_CUDA_KERNEL"] = "v1"
+    try:
+        return _krls_ex(K)
+    finally:
+        if old is None:
+            os.environ.pop("CHAMELEON_KRLS_CUDA_KERNEL", None)
+        else:
+            os.environ["CHAMELEON_KRLS_CUDA_KERNEL"] = old
+
+
 PROVIDERS = {
     "ext": _krls_ex,
     "ext_checked": lambda K: chameleon_ext.krls(K, LAM),
@@ -68,6 +84,7 @@ PROVIDERS = {
 }
 if CUDA:
     PROVIDERS["ext_graph"] = _ex_graph
+    PROVIDERS["ext_v1"] = _krls_ex_v1
 else:
     PROVIDERS["numpy_loop"] = _numpy_loop
 
@@ -90,6 +107,8 @@ def bench_krls(benchmark, provider, dtype_name, case):
     batch, k = case
     if provider == "numpy_loop" and batch * k**3 > 4096 * 64**3:
         pytest.skip("the NumPy loop is too slow at this size to be worth timing")
+    if provider == "ext_v1" and not 16 < k <= 64:
+        pytest.skip("v1 and v2 run the same kernels outside 16 < k <= 64")
     K = _kernels(batch, k, dtype_name)
     fn = PROVIDERS[provider]
     benchmark.group = f"krls batch={batch} k={k} {dtype_name} {DEVICE}"

@@ -4,7 +4,9 @@
 #   1. build the extension in place against the machine's torch (CUDA required);
 #   2. the GPU tests (`-m gpu`): the kernel tests first, then the compile/opcheck/gradcheck ones;
 #   3. the goals report (benchmarks/gpu_report.py): pooling GB/s as a share of the measured copy
-#      bandwidth, krls device time against torch.linalg at batch 4096 for k = 7..64, fp32/fp64;
+#      bandwidth, krls device time against torch.linalg at batch 4096 for k = 7..64, fp32/fp64,
+#      for both CUDA kernel generations (CHAMELEON_KRLS_CUDA_KERNEL=v2 and v1) and the library
+#      path, which gives the fused/library crossover (CHAMELEON_KRLS_FUSED_MAX);
 #   4. compute-sanitizer memcheck, racecheck and synccheck over benchmarks/gpu_sanitize.py,
 #      which runs every kernel instantiation once and checks every answer;
 #   5. if time is left, the pytest benchmarks of pooling and krls (pytest-benchmark JSON).
@@ -88,7 +90,8 @@ $PY -c "import chameleon_ext; print('build_info', chameleon_ext.build_info())" 2
 # pytest-timeout (in the machine's image) bounds each test; without it the step limits do.
 PER_TEST=()
 $PY -c "import pytest_timeout" 2> /dev/null && PER_TEST=(--timeout 90)
-GPU_TESTS=(python_tests/test_krls.py python_tests/test_krls_cuda.py python_tests/test_pooling.py)
+GPU_TESTS=(python_tests/test_krls.py python_tests/test_krls_cuda.py python_tests/test_krls_cuda_sweep.py
+  python_tests/test_pooling.py)
 run_tests() {  # run_tests WANT LABEL -k-EXPRESSION
   local want=$1 label=$2 expr=$3
   step "tests: $label"

@@ -14,10 +14,13 @@ krls rows (batch 4096, k = 7, 16, 32, 48, 64, fp32 and fp64): `krls_ex` by event
 sync), the same call replayed from a CUDA graph (launch gaps removed), the checked `krls`
 by host clock (it copies the status to the host), torch.linalg (cholesky_ex +
 cholesky_inverse, chameleon_ext.reference.krls_torch_linalg) by events, the library path
-(CHAMELEON_KRLS_PATH=library) by events, and the max relative error of `krls_ex` against a
-float64 oracle. Every row is written to report.json as soon as it is measured, so an
-interrupt (SIGINT from the script's time limit) keeps what ran; the tables are printed at
-the end, or on the interrupt.
+(CHAMELEON_KRLS_PATH=library) by events, the previous fused kernels
+(CHAMELEON_KRLS_CUDA_KERNEL=v1, the same as v2 for k <= 16) by events, and the max relative
+error of `krls_ex` (and of v1) against a float64 oracle. The fused/library crossover is
+read from the same rows: the largest k where the fused kernel beats the library path is
+printed as the value for CHAMELEON_KRLS_FUSED_MAX (the built-in default is 64). Every row
+is written to report.json as soon as it is measured, so an interrupt (SIGINT from the
+script's time limit) keeps what ran; the tables are printed at the end, or on the interrupt.
 """
 
 from __future__ import annotations
@@ -169,23 +172,29 @@ def graph_replay(fn, cuda: bool):
     return graph
 
 
-def with_path(path: str, fn):
+def with_env(name: str, value: str, fn):
+    """``fn`` run with the environment variable ``name`` set to ``value`` (the krls switches
+    are read at every call)."""
     def run():
-        old = os.environ.get("CHAMELEON_KRLS_PATH")
-        os.environ["CHAMELEON_KRLS_PATH"] = path
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if old is None:
-                os.environ.pop("CHAMELEON_KRLS_PATH", None)
+                os.environ.pop(name, None)
             else:
-                os.environ["CHAMELEON_KRLS_PATH"] = old
+                os.environ[name] = old
     return run
+
+
+def max_rel_err(S: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((S.double() - ref).abs() / ref.abs().clamp_min(1e-300)).max())
 
 
 def krls(out_dir: str, timer: Timer, device: str, quick: bool) -> None:
     batch = 64 if quick else 4096
-    ks = [7, 16] if quick else [7, 16, 32, 48, 64]
+    ks = [7, 16, 32] if quick else [7, 16, 32, 48, 64]
     lam = 1.0
     for k in ks:
         for dtype in (torch.float32, torch.float64):
@@ -197,13 +206,32 @@ def krls(out_dir: str, timer: Timer, device: str, quick: bool) -> None:
                 row["ex_graph_ms"] = timer.device(graph.replay) * 1e3 if graph is not None else None
                 row["checked_host_ms"] = timer.host(lambda: chameleon_ext.krls(K, lam)) * 1e3
                 row["linalg_ms"] = timer.device(lambda: reference.krls_torch_linalg(K, lam)) * 1e3
-                row["library_ms"] = timer.device(with_path("library", lambda: chameleon_ext.krls_ex(K, lam))) * 1e3
+                ex = lambda: chameleon_ext.krls_ex(K, lam)  # noqa: E731
+                row["library_ms"] = timer.device(with_env("CHAMELEON_KRLS_PATH", "library", ex)) * 1e3
+                v1 = with_env("CHAMELEON_KRLS_CUDA_KERNEL", "v1", ex)
+                row["ex_v1_ms"] = timer.device(v1) * 1e3
                 row["x_linalg"] = row["linalg_ms"] / row["ex_ms"]
+                row["x_linalg_v1"] = row["linalg_ms"] / row["ex_v1_ms"]
                 S, info = chameleon_ext.krls_ex(K[:64], lam)
                 ref = reference.krls(K[:64].double(), lam)
-                row["max_rel_err"] = float(((S.double() - ref).abs() / ref.abs().clamp_min(1e-300)).max())
+                row["max_rel_err"] = max_rel_err(S, ref)
+                row["max_rel_err_v1"] = max_rel_err(with_env("CHAMELEON_KRLS_CUDA_KERNEL", "v1",
+                                                             lambda: chameleon_ext.krls_ex(K[:64], lam))()[0], ref)
                 row["failed_matrices"] = int((info != 0).sum())
                 record(out_dir, **row)
+
+
+def crossover_lines(kr: list[dict]) -> list[str]:
+    """Per dtype, the largest k where the fused kernel (as run by `auto`) beats the library path."""
+    lines = []
+    for dtype in sorted({r["dtype"] for r in kr}):
+        rows = sorted((r for r in kr if r["dtype"] == dtype), key=lambda r: r["k"])
+        wins = [r["k"] for r in rows if r["ex_ms"] < r["library_ms"]]
+        loses = [r["k"] for r in rows if r["ex_ms"] >= r["library_ms"]]
+        lines.append(f"krls crossover {dtype}: fused beats the library path at k = {wins or 'none'}"
+                     + (f", loses at k = {loses}" if loses else "")
+                     + (f"; CHAMELEON_KRLS_FUSED_MAX = {max(wins)} fits these rows" if wins else ""))
+    return lines + [""]
 
 
 def tables() -> str:
@@ -220,14 +248,16 @@ def tables() -> str:
     kr = [r for r in ROWS if r.get("section") == "krls"]
     if kr:
         out += ["| krls batch | k | dtype | krls_ex ms | graph ms | krls (checked, host) ms | torch.linalg ms "
-                "| library ms | x torch.linalg | max rel err |",
-                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| library ms | x torch.linalg | max rel err | v1 ms | v1 x torch.linalg | v1 max rel err |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in kr:
             graph = f"{r['ex_graph_ms']:.4f}" if r.get("ex_graph_ms") is not None else "-"
             out.append(f"| {r['batch']} | {r['k']} | {r['dtype']} | {r['ex_ms']:.4f} | {graph} | "
                        f"{r['checked_host_ms']:.4f} | {r['linalg_ms']:.4f} | {r['library_ms']:.4f} | "
-                       f"{r['x_linalg']:.1f}x | {r['max_rel_err']:.1e} |")
+                       f"{r['x_linalg']:.1f}x | {r['max_rel_err']:.1e} | {r['ex_v1_ms']:.4f} | "
+                       f"{r['x_linalg_v1']:.1f}x | {r['max_rel_err_v1']:.1e} |")
         out.append("")
+        out += crossover_lines(kr)
     out += [f"ERROR {r['case']}: {r['error']}" for r in ROWS if r.get("section") == "error"]
     out += [f"CHECK FAILED: pooling {r['shape']} differs from the float64 oracle" for r in ROWS
             if r.get("section") == "pool_check" and not r["matches_float64_oracle"]]

@@ -6,11 +6,14 @@ oracles of chameleon_ext.reference, so a wrong answer fails the run (exit 1) eve
 sanitizer sees nothing.
 
 What it touches, and why each case is there (csrc/cuda/krls_cuda.cu, pooling_cuda.cu):
-  krls, fp32 and fp64: the register kernel at each width (KMAX 8, 16, 32, with k below and
-  at each width), the shared-memory kernel at 4, 3, 2 and 1 warps per block (k = 33, 40, 48,
-  64), a batch that leaves the last block partial, a transposed (non-contiguous) K, lam per
-  matrix on the device, center/scale_by_k off, rejected matrices (NaN, asymmetric), and the
-  library path (k = 65).
+  krls, fp32 and fp64, under both kernel generations (CHAMELEON_KRLS_CUDA_KERNEL=v2, the
+  default, then v1): the register kernel at each width (KMAX 8, 16, with k below and at each
+  width); v2's sweep kernel padded to 32 (one warp per matrix, 4 per block: k = 17, 24, 32)
+  and to 64 (four warps per matrix: k = 33, 48, 49, 64, where whole warps are padding or
+  finish early); v1's register kernel at KMAX 32 and its shared-memory kernel at 4, 3, 2 and 1
+  warps per block (k = 33, 40, 48, 64); a batch of 37 that leaves the last block partial, a
+  transposed (non-contiguous) K, lam per matrix on the device, center/scale_by_k off,
+  rejected matrices (NaN, asymmetric, a failed pivot), and the library path (k = 65).
   pooling, bf16 / fp16 / fp32 / fp64: every vector width (16-byte loads down to scalar, by the
   row stride), a misaligned start (head) and a ragged end (tail), a row long enough to be
   split along T (with the combine kernel), mask None, and domain pooling including a batch
@@ -59,11 +62,26 @@ def kernels(batch: int, k: int, seed: int) -> torch.Tensor:
     return X @ X.mT
 
 
+# k -> the instantiation it selects on CUDA, per kernel generation
+KRLS_KS = {
+    "v2": {3: "registers KMAX=8", 8: "registers KMAX=8 full", 13: "registers KMAX=16", 16: "registers KMAX=16 full",
+           17: "sweep KP=32", 24: "sweep KP=32", 32: "sweep KP=32 full", 33: "sweep KP=64",
+           48: "sweep KP=64, a padding warp", 49: "sweep KP=64", 64: "sweep KP=64 full", 65: "library"},
+    "v1": {17: "registers KMAX=32", 32: "registers KMAX=32 full", 33: "shared 4 warps/block",
+           40: "shared 3 warps/block", 48: "shared 2 warps/block", 64: "shared 1 warp/block"},
+}
+
+
 def krls_cases(device: str) -> None:
-    # k -> the instantiation it selects on CUDA
-    ks = {3: "registers KMAX=8", 8: "registers KMAX=8 full", 13: "registers KMAX=16", 16: "registers KMAX=16 full",
-          17: "registers KMAX=32", 32: "registers KMAX=32 full", 33: "shared 4 warps/block",
-          40: "shared 3 warps/block", 48: "shared 2 warps/block", 64: "shared 1 warp/block", 65: "library"}
+    for kernel, ks in KRLS_KS.items():
+        os.environ["CHAMELEON_KRLS_CUDA_KERNEL"] = kernel
+        try:
+            krls_kernel_cases(device, kernel, ks)
+        finally:
+            os.environ.pop("CHAMELEON_KRLS_CUDA_KERNEL", None)
+
+
+def krls_kernel_cases(device: str, kernel: str, ks: dict) -> None:
     for dtype in (torch.float64, torch.float32):
         rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-5, 1e-7)
         for k, what in ks.items():
@@ -71,25 +89,27 @@ def krls_cases(device: str) -> None:
             want = reference.krls(K, 0.7)
             S, info = chameleon_ext.krls_ex(K.to(dtype).to(device), 0.7)
             ok, detail = close(S, want, rtol, atol)
-            check(f"krls k={k} {str(dtype)[6:]} ({what})", ok and int(info.abs().sum()) == 0, detail)
-        for k in (13, 40):  # a transposed view: strided loads in both kernels
+            check(f"krls {kernel} k={k} {str(dtype)[6:]} ({what})", ok and int(info.abs().sum()) == 0, detail)
+        for k in (13, 20, 40):  # a transposed view: strided loads in every kernel
             K = kernels(5, k, seed=100 + k)
             Kt = K.to(dtype).to(device).transpose(-1, -2)
             ok, detail = close(chameleon_ext.krls(Kt, 0.3, center=False, scale_by_k=False),
                                reference.krls(K.transpose(-1, -2), 0.3, center=False, scale_by_k=False), rtol, atol)
-            check(f"krls transposed k={k} {str(dtype)[6:]} center=False", ok, detail)
+            check(f"krls {kernel} transposed k={k} {str(dtype)[6:]} center=False", ok, detail)
     # per-matrix lam on the device, and rejected matrices (status codes, NaN rows)
-    for k in (6, 20, 40):
-        K = kernels(4, k, seed=200 + k)
-        lam = torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
-        want = torch.stack([reference.krls(K[i], float(lam[i])) for i in range(4)])
+    for k in (6, 20, 40, 64):
+        K = kernels(5, k, seed=200 + k)
+        lam = torch.tensor([0.1, 1.0, 10.0, 100.0, 1.0], dtype=torch.float64)
+        want = torch.stack([reference.krls(K[i], float(lam[i])) for i in range(5)])
         ok, detail = close(chameleon_ext.krls(K.to(device), lam.to(device)), want, 1e-9, 1e-12)
-        check(f"krls lam per matrix k={k}", ok, detail)
+        check(f"krls {kernel} lam per matrix k={k}", ok, detail)
         bad = K.clone()
         bad[1, 0, 0] = float("nan")
         bad[2, 0, 1] += 1.0
+        bad[4] = -1e6 * torch.eye(k, dtype=torch.float64)
         S, info = chameleon_ext.krls_ex(bad.to(device), lam.to(device))
-        check(f"krls rejected matrices k={k}", info.cpu().tolist() == [0, 1, 2, 0] and bool(torch.isnan(S[1:3]).all()))
+        check(f"krls {kernel} rejected matrices k={k}",
+              info.cpu().tolist() == [0, 1, 2, 0, 3] and bool(torch.isnan(S[[1, 2, 4]]).all()))
 
 
 def strided(storage: torch.Tensor, size, stride, offset) -> torch.Tensor:

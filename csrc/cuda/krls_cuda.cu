@@ -1,49 +1,46 @@
 // CUDA kernels for krls: kernel ridge leverage scores of a batch of small kernels, the way
-// batched small-matrix libraries (MAGMA's batched potf2, KBLAS) do it: no block-wide
-// barriers, every lane busy, one reciprocal per pivot, and only k scores (and a status word)
-// written back per matrix. The maths (cancellation-free scores) is in krls.h:
+// batched small-matrix libraries (MAGMA's batched potf2, KBLAS) do it: the matrix in
+// registers, little shared memory, one reciprocal square root per pivot, and only k scores
+// (and a status word) written back per matrix. The maths (cancellation-free scores) is in krls.h:
 //   S_i = d_i W_ii^2 - mu sum_{p>i} W_pi^2,  W = L^-1,  d_i = pivot of Kc (without mu).
 //
-// k <= 32: a group of KMAX lanes (KMAX = 8, 16 or 32; 32 / KMAX matrices per warp) per
-//   matrix. Lane r holds row r of the matrix in registers; pivots and rows travel by
-//   width-KMAX shuffles, so loops over columns are unrolled at compile time (no div/mod,
-//   no local memory). Lane i then computes column i of W by forward substitution.
-// 32 < k <= kFusedMaxK: one warp per matrix, several warps (matrices) per block, the matrix
-//   in shared memory sized to k with an odd row pitch (k + 1 doubles, against bank
-//   conflicts). Lane l owns rows/columns l and 63 - l, which balances the triangular work.
-// Above kFusedMaxK: the cuSOLVER path (krls_library). Every loop over matrices is
+// k <= 16: a group of KMAX lanes (KMAX = 8 or 16; 32 / KMAX matrices per warp) per matrix.
+//   Lane r holds row r of the matrix in registers; pivots and rows travel by width-KMAX
+//   shuffles, so loops over columns are unrolled at compile time (no div/mod, no local
+//   memory). Lane i then computes column i of W by forward substitution.
+// 16 < k <= 64 (v2, the default): the sweep kernel, padded to 32 or 64, 2 x 16 elements per
+//   thread, one or four warps per matrix (krls_sweep.cuh, see its comment).
+// 16 < k <= 64 (v1, CHAMELEON_KRLS_CUDA_KERNEL=v1, kept for A/B timing on a device): the
+//   register kernel above at KMAX = 32 (fully unrolled: 28.6k SASS instructions, 160
+//   registers), and for k > 32 one warp per matrix with the matrix in shared memory (k + 1
+//   pitch; lane l owns rows/columns l and 63 - l).
+// Above the crossover: the cuSOLVER path (krls_library). Every loop over matrices is
 // grid-strided, so any batch size fits the grid.
 //
-// kFusedMaxK (the fused/library crossover) is not measured yet: no GPU was available when
-// these kernels were written. benchmarks/bench_krls.py with CHAMELEON_KRLS_PATH=fused|library
-// on a GPU picks it (batch-aware, as on CPU); until then it is 64.
+// The fused/library crossover is not measured yet: no GPU was available when these kernels
+// were written. It is kFusedMaxK (64, the fused kernels' limit) unless CHAMELEON_KRLS_FUSED_MAX
+// lowers it; benchmarks/gpu_report.py times both paths (and both kernel generations) at
+// k = 7..64 so a device run can set it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../krls.h"
+#include "krls_device.cuh"
+#include "krls_sweep.cuh"
 
 namespace chameleon {
 namespace {
 
-constexpr int64_t kFusedMaxK = 64;  // to be measured on a GPU (see the header comment)
+constexpr int64_t kFusedMaxK = 64;  // the fused kernels' limit; the crossover is measured (header comment)
 constexpr int kWarpThreads = 128;   // block size of the register kernel (4 warps)
 constexpr int kMaxSharedBytes = 48 * 1024;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// Per-matrix regulariser: mu, or kKrlsBadLam.
-__device__ __forceinline__ int matrix_mu(double lam_scalar, const double* __restrict__ lam, int64_t b, int k,
-                                         bool scale_by_k, double* mu) {
-  const double lv = lam != nullptr ? lam[b] : lam_scalar;
-  const double m = scale_by_k ? lv * k : lv;
-  const bool ok = m > 0.0 && m <= DBL_MAX;
-  *mu = ok ? m : 1.0;
-  return ok ? kKrlsOk : kKrlsBadLam;
-}
 
 // ------------------------------------------------------------------ k <= 32: registers
 
@@ -352,10 +349,49 @@ void launch_shared(const at::Tensor& Kf, const KrlsLam& lam, bool center, bool s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, int KP>
+void launch_sweep(const at::Tensor& Kf, const KrlsLam& lam, bool center, bool scale_by_k, at::Tensor& out,
+                  at::Tensor& status, at::Tensor& detail) {
+  using Shape = SweepShape<KP>;
+  const int64_t batch = Kf.size(0);
+  const int64_t blocks = std::min<int64_t>((batch + Shape::kMatrices - 1) / Shape::kMatrices, kMaxBlocks);
+  krls_sweep_kernel<scalar_t, KP><<<blocks, Shape::kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      Kf.const_data_ptr<scalar_t>(), batch, Kf.stride(0), Kf.stride(1), Kf.stride(2), static_cast<int>(Kf.size(1)),
+      lam.scalar, lam.ptr(), center, scale_by_k, krls_symmetry_tol(Kf.scalar_type()), out.data_ptr<scalar_t>(),
+      status.data_ptr<int>(), detail.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which kernels serve 16 < k <= 64: CHAMELEON_KRLS_CUDA_KERNEL=v2 (default: the sweep kernel)
+// or v1 (the previous ones: unrolled registers for k <= 32, one warp per matrix in shared
+// memory above), kept selectable for A/B timing on a device. Read at every call, like
+// CHAMELEON_KRLS_PATH, so a test or benchmark can switch it in-process.
+bool krls_cuda_use_v2() {
+  const char* env = std::getenv("CHAMELEON_KRLS_CUDA_KERNEL");
+  if (env == nullptr || env[0] == '\0') return true;
+  const std::string v(env);
+  TORCH_CHECK_VALUE(v == "v1" || v == "v2", "CHAMELEON_KRLS_CUDA_KERNEL must be 'v1' or 'v2', got '", v, "'");
+  return v == "v2";
+}
+
+// The largest k that `auto` sends to the fused kernels: kFusedMaxK unless
+// CHAMELEON_KRLS_FUSED_MAX (an integer 0..kFusedMaxK) lowers it, so a device run can time
+// both sides of the crossover without a rebuild.
+int64_t krls_cuda_crossover() {
+  const char* env = std::getenv("CHAMELEON_KRLS_FUSED_MAX");
+  if (env == nullptr || env[0] == '\0') return kFusedMaxK;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0 && v <= kFusedMaxK,
+                    "CHAMELEON_KRLS_FUSED_MAX must be an integer from 0 to ", kFusedMaxK, ", got '", env, "'");
+  return v;
+}
+
 KrlsResult krls_cuda_result(const at::Tensor& K, const KrlsLam& lam, bool center, bool scale_by_k) {
   if (K.numel() == 0) return krls_empty_result(K);
   const int64_t k = K.size(-1);
-  if (!krls_use_fused(true, k, kFusedMaxK, "CUDA")) return krls_library(K, lam, center, scale_by_k);
+  if (!krls_use_fused(k <= krls_cuda_crossover(), k, kFusedMaxK, "CUDA")) return krls_library(K, lam, center, scale_by_k);
+  const bool v2 = krls_cuda_use_v2();
   const int64_t batch = K.numel() / (k * k);
   const at::Tensor Kf = K.reshape({batch, k, k});
   at::Tensor out = at::empty({batch, k}, K.options());
@@ -365,6 +401,8 @@ KrlsResult krls_cuda_result(const at::Tensor& K, const KrlsLam& lam, bool center
   AT_DISPATCH_FLOATING_TYPES(K.scalar_type(), "krls_cuda", [&] {
     if (k <= 8) launch_registers<scalar_t, 8>(Kf, lam, center, scale_by_k, out, status, detail);
     else if (k <= 16) launch_registers<scalar_t, 16>(Kf, lam, center, scale_by_k, out, status, detail);
+    else if (v2 && k <= 32) launch_sweep<scalar_t, 32>(Kf, lam, center, scale_by_k, out, status, detail);
+    else if (v2) launch_sweep<scalar_t, 64>(Kf, lam, center, scale_by_k, out, status, detail);
     else if (k <= 32) launch_registers<scalar_t, 32>(Kf, lam, center, scale_by_k, out, status, detail);
     else launch_shared<scalar_t>(Kf, lam, center, scale_by_k, out, status, detail);
   });
