@@ -9,7 +9,7 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.14.1
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
-SOURCES     := $(wildcard setup.py csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp)
+SOURCES     := $(wildcard setup.py csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 STAMP_VENV  := $(VENV)/.deps-stamp
 STAMP_EXT   := build/.ext-stamp
 
