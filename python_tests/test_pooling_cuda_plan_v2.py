@@ -28,7 +28,7 @@ from .test_pooling_cuda_plan import K_CHUNK_T, K_SPLIT_ROUND, K_WARPS, make_geom
 K_WARP_ROW_MAX_T = K_SPLIT_ROUND  # 256
 K_GROUP = 8
 K_SMALL_DOMAINS = 16
-K_DOM_CHUNK_MIN = 128
+K_DOM_CHUNK_MIN = 32
 K_DOM_MAX_CHUNKS = 128
 K_DOM_THREADS = 256
 LANES = np.arange(32)
@@ -226,15 +226,15 @@ class RowsV2:
                 self.counts[b] = c
 
 
-def domain_chunk_rows(B):
-    return max(K_DOM_CHUNK_MIN, -(-B // K_DOM_MAX_CHUNKS))
+def domain_chunk_rows(B, D):
+    return max(K_DOM_CHUNK_MIN, 8 * D, -(-B // K_DOM_MAX_CHUNKS))
 
 
 def emulate_domain_small(means, row_counts, ids, D):
     """domain_partials_kernel + domain_combine_kernel (1 <= D <= 16, B > 0, H > 0)."""
     B, H = means.shape
     assert 1 <= D <= K_SMALL_DOMAINS and B > 0 and H > 0
-    chunk_rows = domain_chunk_rows(B)
+    chunk_rows = domain_chunk_rows(B, D)
     n_chunks = -(-B // chunk_rows)
     n_strips = -(-H // K_DOM_THREADS)
     assert n_chunks <= K_DOM_MAX_CHUNKS
@@ -403,8 +403,8 @@ def test_domain_small_combine_order_is_fixed_by_shape():
     means = (rng.standard_normal((B, H)) * 10.0 ** rng.integers(-6, 6, (B, 1))).astype(np.float32)
     ids = rng.integers(0, D, B)
     sums, _ = emulate_domain_small(means, np.ones(B, dtype=np.int64), ids, D)
-    chunk = domain_chunk_rows(B)
-    assert chunk == 128
+    chunk = domain_chunk_rows(B, D)
+    assert chunk == 32
     want = np.zeros((D, H))
     running = np.zeros((D, H))
     for d in range(D):
@@ -430,10 +430,12 @@ def test_domain_small_combine_order_is_fixed_by_shape():
 
 
 def test_domain_small_sizes_are_bounded():
-    """Partials at most a quarter of the float32 means, chunks at most 128 for any B."""
-    for B in (1, 127, 128, 129, 4096, 16384, 16385, 10**6, 2**31):
-        rows = domain_chunk_rows(B)
-        n_chunks = -(-B // rows)
-        assert n_chunks <= K_DOM_MAX_CHUNKS and rows >= 8 * K_SMALL_DOMAINS
-        # bytes per column: partials n_chunks * D * 8 against the means' B * 4 (+ one chunk)
-        assert n_chunks * K_SMALL_DOMAINS * 8 <= B * 4 / 4 + K_SMALL_DOMAINS * 8
+    """Partials at most a quarter of the float32 means (+ one chunk's rounding), chunks at
+    most 128 for any B and D."""
+    for D in (1, 2, 7, 16):
+        for B in (1, 31, 32, 127, 128, 129, 4096, 16384, 16385, 10**6, 2**31):
+            rows = domain_chunk_rows(B, D)
+            n_chunks = -(-B // rows)
+            assert n_chunks <= K_DOM_MAX_CHUNKS and rows >= 8 * D
+            # bytes per column: partials n_chunks * D * 8 against the means' B * 4
+            assert n_chunks * D * 8 <= B * 4 / 4 + D * 8

@@ -728,17 +728,18 @@ __global__ void segment_combine_kernel(const double* __restrict__ partial, const
 // float64 partials [n_chunks, D, H] (and counts each chunk's non-empty rows per domain); a
 // second adds the chunks in chunk order. Two launches after the row means instead of about
 // fifteen (sort, searchsorted, cumsum, ...), and the order of every addition is fixed by B
-// and D alone: deterministic. The chunk size keeps the partials at most a quarter of the
-// means' size (2 D / chunk_rows <= 1/4 for float32 means) and the chunks at most
-// kDomMaxChunks, which bounds the combine's serial loop.
+// and D alone: deterministic. A chunk has at least 8 D rows, so the partials are at most a
+// quarter of the means' size (8 D bytes per column and chunk against 4 bytes per row of
+// float32 means), at least kDomChunkMin rows (short serial loops, many blocks), and there are
+// at most kDomMaxChunks chunks, which bounds the combine's serial loop.
 
 constexpr int64_t kSmallDomains = 16;
-constexpr int64_t kDomChunkMin = 128;  // >= 8 * kSmallDomains
+constexpr int64_t kDomChunkMin = 32;
 constexpr int64_t kDomMaxChunks = 128;
 constexpr int kDomThreads = 256;
 
-int64_t domain_chunk_rows(int64_t B) {
-  return std::max<int64_t>(kDomChunkMin, (B + kDomMaxChunks - 1) / kDomMaxChunks);
+int64_t domain_chunk_rows(int64_t B, int64_t D) {
+  return std::max<int64_t>(std::max<int64_t>(kDomChunkMin, 8 * D), (B + kDomMaxChunks - 1) / kDomMaxChunks);
 }
 
 // partial[c, d, h] = sum of means[b, h] over the rows b of chunk c with ids[b] = d, in batch
@@ -809,7 +810,7 @@ __global__ void domain_combine_kernel(const double* __restrict__ partial, const 
 std::tuple<at::Tensor, at::Tensor> domain_sums_small(const at::Tensor& means, const at::Tensor& row_counts,
                                                      const at::Tensor& ids, int64_t D) {
   const int64_t B = means.size(0), H = means.size(1);
-  const int64_t chunk_rows = domain_chunk_rows(B);
+  const int64_t chunk_rows = domain_chunk_rows(B, D);
   const int64_t n_chunks = (B + chunk_rows - 1) / chunk_rows;
   const int64_t n_strips = (H + kDomThreads - 1) / kDomThreads;
   const auto long_opts = means.options().dtype(at::kLong);
