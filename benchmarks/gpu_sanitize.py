@@ -116,7 +116,16 @@ POOL_VIEWS = [
     ((2, 257, 50), (257 * 50, 50, 1), 0, "long rows, row stride 50"),
     ((2, 258, 51), (258 * 51, 51, 1), 0, "long rows, odd row stride"),
     ((9, 1, 20), (20, 20, 1), 0, "T = 1, 9 rows"),
-    ((5, 256, 300), (256 * 304, 304, 1), 0, "T = 256, the warp items' longest"),
+    ((5, 256, 300), (256 * 304, 304, 1), 0, "T = 256, short rows in a small batch"),
+]
+# v2's warp items need >= 1024 (row, strip) items: every vector width of each dtype (by the
+# row stride), a misaligned head, the edge strip, several chunks per row (T = 100)
+POOL_WARP_VIEWS = [
+    ((1024, 5, 20), (5 * 24, 24, 1), 3, "warp items, row stride 24, misaligned"),
+    ((1100, 5, 10), (5 * 12, 12, 1), 0, "warp items, row stride 12"),
+    ((1100, 5, 9), (5 * 10, 10, 1), 1, "warp items, row stride 10"),
+    ((1100, 5, 11), (5 * 11, 11, 1), 0, "warp items, odd row stride"),
+    ((1030, 100, 20), (100 * 24, 24, 1), 0, "warp items, 4 chunks per row"),
 ]
 POOL_KERNELS = ("v2", "v1")  # CHAMELEON_POOL_CUDA_KERNEL
 
@@ -132,7 +141,7 @@ def pooling_cases(device: str) -> None:
 def pooling_cases_one(device: str, kernels: str) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         tol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-4)
-        for size, stride, offset, what in POOL_VIEWS:
+        for size, stride, offset, what in POOL_VIEWS + (POOL_WARP_VIEWS if kernels == "v2" else []):
             B, T, H = size
             need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H
             g = torch.Generator().manual_seed(B * 1000 + T)
@@ -144,8 +153,8 @@ def pooling_cases_one(device: str, kernels: str) -> None:
             for m in (mask, None):
                 want = reference.masked_mean_pool(hidden_cpu.double(), m)
                 ok, detail = close(chameleon_ext.masked_mean_pool(hidden, None if m is None else m.to(device)), want, *tol)
-                check(f"masked_mean_pool {kernels} {str(dtype)[6:]} {list(size)} {what}{' mask=None' if m is None else ''}",
-                      ok, detail)
+                label = f"{kernels} {str(dtype)[6:]} {list(size)} {what}{' mask=None' if m is None else ''}"
+                check(f"masked_mean_pool {label}", ok, detail)
             ids = torch.arange(B) % 3
             sums, counts = chameleon_ext.domain_mean_pool(hidden, mask.to(device), ids.to(device), 3)
             ref_sums, ref_counts = reference.domain_mean_pool(hidden_cpu.double(), mask, ids, 3)

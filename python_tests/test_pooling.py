@@ -461,6 +461,39 @@ def test_cuda_every_instantiation(dtype, size, stride, offset, pool_kernels):
     assert torch.equal(counts, ref_counts)
 
 
+# v2's warp items (rows of <= 256 tokens, >= 1024 (row, strip) items) at each vector width:
+# the row strides 24, 12, 10 and 11 give 16-, 8-, 4-byte and scalar loads for 2-byte types;
+# a misaligned head, the edge strip alone (H < V), several chunks per row.
+CUDA_WARP_VIEWS = [
+    ((1024, 5, 20), (5 * 24, 24, 1), 3),
+    ((1100, 5, 10), (5 * 12, 12, 1), 0),
+    ((1100, 5, 9), (5 * 10, 10, 1), 1),
+    ((1100, 5, 11), (5 * 11, 11, 1), 0),
+    ((1100, 7, 3), (7 * 4, 4, 1), 1),
+    ((1030, 128, 300), (128 * 304, 304, 1), 0),
+    ((1024, 256, 40), (256 * 40, 40, 1), 0),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,stride,offset", CUDA_WARP_VIEWS)
+def test_cuda_warp_items_every_vector_width(dtype, size, stride, offset, pool_kernels):
+    hidden = _strided_view(dtype, size, stride, offset)
+    B, T, H = size
+    mask = make_random_mask(B, T, p_valid=0.6, seed=5, device="cuda")
+    mask[::7] = False  # empty rows
+    for m in (mask, None):
+        want = reference.masked_mean_pool(hidden, m)
+        torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden, m), want, **tol(dtype))
+    for D in (5, 40):
+        ids = make_domain_ids(B, D, "cuda")
+        sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
+        ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, D)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-4, atol=1e-4)
+        assert torch.equal(counts, ref_counts)
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_many_work_items_and_large_batch_domains(dtype, pool_kernels):
@@ -478,10 +511,11 @@ def test_cuda_many_work_items_and_large_batch_domains(dtype, pool_kernels):
 
 
 @cuda_only
-@pytest.mark.parametrize("B,T,D", [(64, 1200, 3), (300, 128, 7), (300, 128, 40)])
+@pytest.mark.parametrize("B,T,D", [(64, 1200, 3), (300, 128, 7), (1100, 128, 7), (1100, 128, 40)])
 def test_cuda_results_are_deterministic(B, T, D, pool_kernels):
-    """Bitwise the same run to run: block items with a T split (1200), warp items (128), the
-    sort-free sums for few domains (3, 7) and the sorted segments (40)."""
+    """Bitwise the same run to run: block items with a T split (1200) and for short rows of a
+    small batch (300 x 128), v2's warp items (1100 x 128), the sort-free sums for few domains
+    (3, 7) and the sorted segments (40)."""
     hidden = make_hidden(B, T, 96, torch.bfloat16, "cuda")
     mask = make_random_mask(B, T, device="cuda")
     ids = make_domain_ids(B, D, "cuda")
@@ -498,9 +532,10 @@ def test_cuda_results_are_deterministic(B, T, D, pool_kernels):
 
 # Row lengths on both sides of the warp-item limit (256) and of one chunk (32), a T split
 # (4097), batches that are not a multiple of a block's 8 warps, H not a multiple of the
-# vector width; domains 1, at the sort-free limit (16), past it (17) and many (300).
+# vector width, small batches and v2's warp items (1100 rows); domains 1, at the sort-free
+# limit (16), past it (17) and many (300).
 V2_SHAPES = [(3, 1, 20), (13, 127, 300), (5, 128, 77), (9, 129, 50), (7, 256, 768), (5, 257, 51), (3, 512, 70),
-             (2, 4097, 40)]
+             (2, 4097, 40), (1100, 1, 20), (1100, 127, 40), (1100, 129, 40)]
 
 
 @cuda_only
@@ -511,7 +546,8 @@ def test_cuda_short_and_long_rows_both_kernels(dtype, B, T, H, pool_kernels):
     mask = make_random_mask(B, T, p_valid=0.6, seed=3, device="cuda")
     mask[0] = False  # an empty row
     for m in (mask, None, torch.zeros_like(mask)):
-        torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden, m), reference.masked_mean_pool(hidden, m), **tol(dtype))
+        want = reference.masked_mean_pool(hidden, m)
+        torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden, m), want, **tol(dtype))
     for D in (1, 16, 17, 300):
         ids = make_domain_ids(B, D, "cuda")
         sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)

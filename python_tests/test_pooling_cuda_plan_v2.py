@@ -1,9 +1,10 @@
 """The v2 CUDA pooling kernels (csrc/cuda/pooling_cuda.cu, CHAMELEON_POOL_CUDA_KERNEL=v2, the
 default) transliterated to NumPy and run on the CPU, line by line:
 
-- row_means_warp_v2 (rows of at most 256 tokens): one warp per (row, strip) work item, the
-  warps walking the items in a grid stride, all 32-token chunks of the row in order;
-- row_means_block_v2 (longer rows): the block items of v1 (row, T split, strip);
+- row_means_warp_v2 (rows of at most 256 tokens, at least 1024 (row, strip) items): one warp
+  per (row, strip) work item, the warps walking the items in a grid stride, all 32-token
+  chunks of the row in order;
+- row_means_block_v2 (longer rows, or few items): the block items of v1 (row, T split, strip);
 - both: eight valid rows loaded per group (a missing row re-reads the group's first row and
   counts as 0), and each warp's mask bit for its next chunk or its next item's first chunk
   prefetched (checked here against the bit actually used);
@@ -23,9 +24,11 @@ import torch
 from chameleon_ext import reference
 
 from .factories import make_domain_ids, make_random_mask
-from .test_pooling_cuda_plan import K_CHUNK_T, K_SPLIT_ROUND, K_WARPS, make_geom, pick_vec, red_index
+from .test_pooling_cuda_plan import (K_CHUNK_T, K_SPLIT_ROUND, K_WARPS, combine_splits, make_geom, pick_vec,
+                                     red_index, strided_view)
 
 K_WARP_ROW_MAX_T = K_SPLIT_ROUND  # 256
+K_WARP_ITEMS_MIN = 1024
 K_GROUP = 8
 K_SMALL_DOMAINS = 16
 K_DOM_CHUNK_MIN = 32
@@ -120,16 +123,24 @@ class RowsV2:
 
     # -- the launches
 
-    def run(self, grid):
+    def path(self):
+        """launch_row_means_v2's choice, from the shapes only."""
         g = self.g
+        return "warp" if self.T <= K_WARP_ROW_MAX_T and self.B * g["n_strips"] >= K_WARP_ITEMS_MIN else "block"
+
+    def run(self, grid, path=None):
+        """path: the kernel to emulate; None = the launcher's choice. Forcing "warp" on a
+        small batch checks the warp kernel's index arithmetic without 1024 rows."""
+        g = self.g
+        path = path or self.path()
         B, H = self.B, self.H
         self.means = np.full((B, H), np.nan)
         self.counts = np.full(B, -1, dtype=np.int64)
         self.writes = np.zeros((g["n_splits"], B, H), dtype=np.int64)
         self.count_writes = np.zeros((g["n_splits"], B), dtype=np.int64)
         self.chunks = []  # (b, c0) of every chunk any warp summed
-        if self.T <= K_WARP_ROW_MAX_T:
-            assert g["n_splits"] == 1
+        if path == "warp":
+            assert self.T <= K_WARP_ROW_MAX_T and g["n_splits"] == 1
             self._warp_kernel(grid)
         else:
             self._block_kernel(grid)
@@ -216,14 +227,7 @@ class RowsV2:
                     else:
                         ws_cnt[split, b] = n
         if g["n_splits"] > 1:  # combine_splits_kernel, shared with v1
-            for b in range(B):
-                c = int(sum(ws_cnt[k, b] for k in range(g["n_splits"])))
-                for hh in range(H):
-                    s = 0.0
-                    for k in range(g["n_splits"]):
-                        s += ws_sum[k, b, hh]
-                    self.means[b, hh] = np.float64(self.acc(s / c)) if c > 0 else 0.0
-                self.counts[b] = c
+            combine_splits(ws_sum, ws_cnt, self.acc, self.means, self.counts)
 
 
 def domain_chunk_rows(B, D):
@@ -282,16 +286,6 @@ def emulate_domain_small(means, row_counts, ids, D):
     return sums, counts
 
 
-def _view(dtype, size, stride, offset, seed=0):
-    B, T, H = size
-    need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H if B and T and H else offset + 1
-    g = torch.Generator().manual_seed(seed)
-    storage = torch.randn(need, generator=g).to(dtype)
-    hidden = storage.as_strided(size, stride, offset)
-    np_storage = storage.float().numpy() if dtype != torch.float64 else storage.numpy()
-    return hidden, np_storage
-
-
 def _contig(B, T, H):
     return (B, T, H), (T * H, H, 1)
 
@@ -325,7 +319,7 @@ def _ids(case):
 @pytest.mark.parametrize("masked", ["random", "none", "empty_rows"])
 def test_rows_v2_plan_matches_reference_for_any_grid(case, masked):
     dtype, size, stride, offset = case
-    hidden, storage = _view(dtype, size, stride, offset)
+    hidden, storage = strided_view(dtype, size, stride, offset)
     B, T, H = size
     mask = None
     if masked != "none":
@@ -338,25 +332,41 @@ def test_rows_v2_plan_matches_reference_for_any_grid(case, masked):
     acc = np.float64 if dtype == torch.float64 else np.float32
     elem = torch.empty((), dtype=dtype).element_size()
     np_mask = None if mask is None else mask.numpy()
-    results = []
-    for grid in (1, 3, 64):  # one block, a few (grid-stride loops), more blocks than items
-        em = RowsV2(storage, elem, offset, size, stride, np_mask, acc)
-        means, counts = em.run(grid)
-        results.append((means, counts))
-        # every valid chunk visited once, in bounds
-        assert len(em.chunks) == len(set(em.chunks))
-    for means, counts in results[1:]:  # determinism: the grid changes nothing
-        assert np.array_equal(means, results[0][0]) and np.array_equal(counts, results[0][1])
-    means, counts = results[0]
-    if T > 1000:
-        assert em.g["n_splits"] > 1
-    if 0 < T <= K_WARP_ROW_MAX_T:
-        assert em.g["n_splits"] == 1
     want = reference.masked_mean_pool(hidden.double(), mask).numpy()
     tol = 1e-12 if dtype == torch.float64 else 2e-6
-    np.testing.assert_allclose(means, want, rtol=tol, atol=tol)
     want_counts = mask.sum(1).numpy() if mask is not None else np.full(B, T)
-    np.testing.assert_array_equal(counts, want_counts)
+    # short rows: both kernels (the warp kernel is chosen for >= 1024 items; forced here)
+    for path in ("warp", "block") if T <= K_WARP_ROW_MAX_T else ("block",):
+        results = []
+        for grid in (1, 3, 64):  # one block, a few (grid-stride loops), more blocks than items
+            em = RowsV2(storage, elem, offset, size, stride, np_mask, acc)
+            means, counts = em.run(grid, path)
+            results.append((means, counts))
+            # every valid chunk visited once per strip
+            assert len(em.chunks) == len(set(em.chunks))
+        for means, counts in results[1:]:  # determinism: the grid changes nothing
+            assert np.array_equal(means, results[0][0]) and np.array_equal(counts, results[0][1])
+        means, counts = results[0]
+        if T > 1000:
+            assert em.g["n_splits"] > 1
+        if 0 < T <= K_WARP_ROW_MAX_T:
+            assert em.g["n_splits"] == 1
+        np.testing.assert_allclose(means, want, rtol=tol, atol=tol)
+        np.testing.assert_array_equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("size,path", [
+    ((4096, 128, 768), "warp"),  # the T = 128 goal's shape: 4096 x 3 items
+    ((8, 128, 64), "block"),  # a small batch keeps 8 warps per row
+    ((1024, 256, 8), "warp"),  # one strip per row: exactly 1024 items
+    ((1023, 256, 8), "block"),
+    ((1024, 257, 8), "block"),  # past the warp items' row length
+    ((512, 1, 1000), "warp"),  # 4 vector strips + the edge strip per row
+])
+def test_rows_v2_kernel_choice_depends_on_shapes_only(size, path):
+    B, T, H = size
+    em = RowsV2(np.zeros(1, dtype=np.float32), 2, 0, size, (T * H, H, 1), None, np.float32)
+    assert em.path() == path
 
 
 def test_group_of_eight_with_missing_rows_sums_exactly():

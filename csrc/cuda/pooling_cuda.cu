@@ -130,27 +130,16 @@ __device__ __forceinline__ void warp_row_sums(const scalar_t* __restrict__ col, 
   }
 }
 
-// One work item (b, split, strip) with W columns per lane starting at column h (active
-// lanes only). Writes the mean (one split) or the float64 partial (several splits).
-template <typename scalar_t, typename acc_t, int W, int V>
-__device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
-                                         const PoolGeom& g, int64_t b, int64_t split, int64_t strip,
-                                         int64_t h, bool active, double (*s_red)[32 * V],
-                                         int64_t* s_cnt, acc_t* __restrict__ means,
-                                         int64_t* __restrict__ counts, double* __restrict__ ws_sum,
-                                         int64_t* __restrict__ ws_cnt) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t t_begin = split * g.split_T;
-  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
-  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
-  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
-
-  double total[W], comp[W];
-#pragma unroll
-  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
-  int64_t count = 0;
-  warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
-
+// The end of a block work item: the 8 warps' totals added in warp order (and their valid-token
+// counts), written as the mean (one split) or the float64 partial (several splits). Every
+// thread of the block must call this together.
+template <typename acc_t, int W, int V>
+__device__ __forceinline__ void block_item_write(const PoolGeom& g, int64_t b, int64_t split, int64_t strip, int64_t h,
+                                                 bool active, const double (&total)[W], int64_t count,
+                                                 double (*s_red)[32 * V], int64_t* s_cnt, acc_t* __restrict__ means,
+                                                 int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                                                 int64_t* __restrict__ ws_cnt) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Value v of each lane at [v * 32 + lane]: the 32 lanes store (and warp 0 later reads) 32
   // consecutive doubles, which is free of shared-memory bank conflicts; the lane-major layout
   // [lane * W + v] put lanes W doubles apart: for W = 8, 8-way conflicts in each half warp
@@ -181,6 +170,31 @@ __device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, co
     }
   }
   __syncthreads();  // s_red and s_cnt are rewritten by the block's next item
+}
+
+// One work item (b, split, strip) with W columns per lane starting at column h (active
+// lanes only). Writes the mean (one split) or the float64 partial (several splits).
+template <typename scalar_t, typename acc_t, int W, int V>
+__device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                                         const PoolGeom& g, int64_t b, int64_t split, int64_t strip,
+                                         int64_t h, bool active, double (*s_red)[32 * V],
+                                         int64_t* s_cnt, acc_t* __restrict__ means,
+                                         int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                                         int64_t* __restrict__ ws_cnt) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t t_begin = split * g.split_T;
+  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
+  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
+  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
+
+  double total[W], comp[W];
+#pragma unroll
+  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
+  int64_t count = 0;
+  warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
+
+  block_item_write<acc_t, W, V>(g, b, split, strip, h, active, total, count, s_red, s_cnt, means, counts, ws_sum,
+                                ws_cnt);
 }
 
 // At least 3 blocks (24 warps) per SM: enough 16-byte loads in flight to cover HBM latency.
@@ -275,9 +289,11 @@ PoolGeom make_geom(const at::Tensor& hidden, int V) {
   return g;
 }
 
-template <typename scalar_t, typename acc_t, int V>
-void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
-                      at::Tensor& counts) {
+// A launch of block work items (v1's row_means_kernel or v2's row_means_block_v2, same
+// parameters), then the combine of the T splits if there are several.
+template <typename scalar_t, typename acc_t, typename Kernel>
+void launch_block_items(Kernel kernel, const at::Tensor& hidden, const bool* mask, const PoolGeom& g,
+                        at::Tensor& means, at::Tensor& counts) {
   const int64_t items = g.B * g.n_splits * g.n_strips;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws_sum, ws_cnt;
@@ -285,7 +301,7 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
     ws_sum = at::empty({g.n_splits, g.B, g.H}, hidden.options().dtype(at::kDouble));
     ws_cnt = at::empty({g.n_splits, g.B}, hidden.options().dtype(at::kLong));
   }
-  row_means_kernel<scalar_t, acc_t, V><<<grid_for(items, 16), kThreads, 0, stream>>>(
+  kernel<<<grid_for(items, 16), kThreads, 0, stream>>>(
       hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(),
       g.n_splits > 1 ? ws_sum.data_ptr<double>() : nullptr, g.n_splits > 1 ? ws_cnt.data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -297,12 +313,21 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
   }
 }
 
+template <typename scalar_t, typename acc_t, int V>
+void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
+                      at::Tensor& counts) {
+  launch_block_items<scalar_t, acc_t>(row_means_kernel<scalar_t, acc_t, V>, hidden, mask, g, means, counts);
+}
+
 // ---------------------------------------------------------------- row means, v2
 //
 // v2 differs from v1 (above, still selectable: CHAMELEON_POOL_CUDA_KERNEL=v1) in three ways:
-//  - Short rows (T <= kWarpRowMaxT) are warp work items: one warp takes a whole (row, strip),
-//    all its chunks in order, with no shared memory and no block barrier. In v1 a row of
-//    128 tokens has 4 chunks for 8 warps, so half of every block waited at the barrier.
+//  - Short rows (T <= kWarpRowMaxT) are warp work items when there are at least
+//    kWarpItemsMin of them: one warp takes a whole (row, strip), all its chunks in order,
+//    with no shared memory and no block barrier. In v1 a row of 128 tokens has 4 chunks for 8
+//    warps, so half of every block waited at the barrier. Fewer items (a small batch) keep
+//    block items: 8 warps per row finish a lone row sooner than one warp would. The choice
+//    depends on the shapes only.
 //  - Eight valid rows are loaded per group instead of four, and a group's missing rows are
 //    predicated off rather than loaded one by one, so every lane keeps 8 loads in flight.
 //  - The warp's mask bit for the first chunk of its next item is loaded with the last chunk
@@ -311,6 +336,7 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
 // block adds its warps in warp order: the result depends on the shapes only.
 
 constexpr int64_t kWarpRowMaxT = kSplitRound;  // rows this short are warp work items (no T split)
+constexpr int64_t kWarpItemsMin = 1024;        // ... if there are this many (row, strip) items
 constexpr int kGroup = 8;                      // valid rows loaded together by each lane
 
 // The mask bit of this lane's token in the chunk at c0 of a row (mrow) ending at t_end:
@@ -428,40 +454,16 @@ __device__ __forceinline__ bool row_item_v2(const scalar_t* __restrict__ hidden,
                                             bool active, double (*s_red)[32 * V], int64_t* s_cnt,
                                             acc_t* __restrict__ means, int64_t* __restrict__ counts,
                                             double* __restrict__ ws_sum, int64_t* __restrict__ ws_cnt) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int lane = threadIdx.x & 31;
   const scalar_t* col = hidden + p.b * g.sB + (active ? h : 0);
   double total[W], comp[W];
 #pragma unroll
   for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
   int64_t count = 0;
   valid = warp_span_sums<scalar_t, acc_t, W, true>(col, active, here.mrow, here.c0, here.end, kSplitRound, g.sT, lane,
-                                             valid, next, total, comp, count);
-#pragma unroll
-  for (int v = 0; v < W; ++v) s_red[warp][v * 32 + lane] = total[v];  // conflict-free, as in v1
-  if (lane == 0) s_cnt[warp] = count;
-  __syncthreads();
-  if (warp == 0) {
-    int64_t n = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) n += s_cnt[w];
-    if (active) {
-#pragma unroll
-      for (int v = 0; v < W; ++v) {
-        double s = 0.0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += s_red[w][v * 32 + lane];
-        if (g.n_splits == 1)
-          means[p.b * g.H + h + v] = n > 0 ? static_cast<acc_t>(s / static_cast<double>(n)) : acc_t(0);
-        else
-          ws_sum[(p.split * g.B + p.b) * g.H + h + v] = s;
-      }
-    }
-    if (p.strip == 0 && lane == 0) {
-      if (g.n_splits == 1) counts[p.b] = n;
-      else ws_cnt[p.split * g.B + p.b] = n;
-    }
-  }
-  __syncthreads();  // s_red and s_cnt are rewritten by the block's next item
+                                                   valid, next, total, comp, count);
+  block_item_write<acc_t, W, V>(g, p.b, p.split, p.strip, h, active, total, count, s_red, s_cnt, means, counts,
+                                ws_sum, ws_cnt);
   return valid;
 }
 
@@ -514,8 +516,9 @@ __device__ __forceinline__ bool warp_item(const scalar_t* __restrict__ hidden, c
 #pragma unroll
   for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
   int64_t count = 0;
-  valid = warp_span_sums<scalar_t, acc_t, W, false>(col, active, mask == nullptr ? nullptr : mask + b * g.T, 0, g.T, kChunkT,
-                                             g.sT, lane, valid, next, total, comp, count);
+  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
+  valid = warp_span_sums<scalar_t, acc_t, W, false>(col, active, mrow, 0, g.T, kChunkT, g.sT, lane, valid, next, total,
+                                                    comp, count);
   if (active) {
 #pragma unroll
     for (int v = 0; v < W; ++v)
@@ -562,29 +565,14 @@ template <typename scalar_t, typename acc_t, int V>
 void launch_row_means_v2(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
                          at::Tensor& counts) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (g.T <= kWarpRowMaxT) {  // make_geom never splits such rows
+  if (g.T <= kWarpRowMaxT && g.B * g.n_strips >= kWarpItemsMin) {  // make_geom never splits such rows
     const int64_t items = g.B * g.n_strips;
     row_means_warp_v2<scalar_t, acc_t, V><<<grid_for((items + kWarps - 1) / kWarps, 16), kThreads, 0, stream>>>(
         hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int64_t items = g.B * g.n_splits * g.n_strips;
-  at::Tensor ws_sum, ws_cnt;
-  if (g.n_splits > 1) {  // every element is written by the first kernel: no zero fill
-    ws_sum = at::empty({g.n_splits, g.B, g.H}, hidden.options().dtype(at::kDouble));
-    ws_cnt = at::empty({g.n_splits, g.B}, hidden.options().dtype(at::kLong));
-  }
-  row_means_block_v2<scalar_t, acc_t, V><<<grid_for(items, 16), kThreads, 0, stream>>>(
-      hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(),
-      g.n_splits > 1 ? ws_sum.data_ptr<double>() : nullptr, g.n_splits > 1 ? ws_cnt.data_ptr<int64_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (g.n_splits > 1) {
-    combine_splits_kernel<acc_t><<<grid_for((g.B * g.H + 255) / 256, 8), 256, 0, stream>>>(
-        ws_sum.const_data_ptr<double>(), ws_cnt.const_data_ptr<int64_t>(), g.n_splits, g.B, g.H,
-        means.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_block_items<scalar_t, acc_t>(row_means_block_v2<scalar_t, acc_t, V>, hidden, mask, g, means, counts);
 }
 
 // Which pooling kernels run: CHAMELEON_POOL_CUDA_KERNEL=v1|v2 (default v2). v1 (the block
