@@ -5,8 +5,8 @@ default) transliterated to NumPy and run on the CPU, line by line:
   per (row, strip) work item, the warps walking the items in a grid stride, all 32-token
   chunks of the row in order;
 - row_means_block_v2 (longer rows, or few items): the block items of v1 (row, T split, strip);
-- both: eight valid rows loaded per group (a missing row re-reads the group's first row and
-  counts as 0), and each warp's mask bit for its next chunk or its next item's first chunk
+- both: eight valid rows loaded per group (a missing row reads a 16-byte zero row in device
+  memory), and each warp's mask bit for its next chunk or its next item's first chunk
   prefetched (checked here against the bit actually used);
 - domain_sums_small (num_domains <= 16): per-chunk partial sums in batch order, one combine
   in chunk order, no sort.
@@ -85,9 +85,8 @@ class RowsV2:
             group = js[i:i + K_GROUP]
             xs = []
             for k in range(K_GROUP):
-                # a missing row re-reads the group's first row (in bounds), then counts as 0
-                x = self.load(b, c0 + (group[k] if k < len(group) else group[0]), cols, W)
-                xs.append(x if k < len(group) else np.zeros_like(x))
+                # a missing row reads kZeroRow (16 zero bytes: W elements of any dtype)
+                xs.append(self.load(b, c0 + group[k], cols, W) if k < len(group) else np.zeros(cols.shape, self.acc))
             a = a + (((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])))
         return a
 

@@ -351,10 +351,14 @@ struct NextChunk {
   int64_t c0, end;  // end = 0: no next item
 };
 
+// 16 zero bytes in device memory: what a group's missing rows read.
+__device__ const Vec<uint32_t, 4> kZeroRow = {{0u, 0u, 0u, 0u}};
+
 // acc += the rows of `bits` (chunk positions, ascending) at base + j * sT, eight at a time:
 // (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))), a missing row being 0. The eight
-// loads are unconditional (a missing row re-reads the group's first row, an L1 hit, and is
-// then replaced by 0): a load under a branch was compiled as load-then-use, one at a time.
+// loads are unconditional, a missing row reading kZeroRow: a load under a branch was
+// compiled as load-then-use, one at a time, and zeroing a loaded value afterwards made
+// ptxas wait for some loads before issuing the next ones.
 template <typename scalar_t, typename acc_t, int W>
 __device__ __forceinline__ void chunk_sums_v2(const scalar_t* __restrict__ base, int64_t sT, unsigned bits,
                                               acc_t (&acc)[W]) {
@@ -370,12 +374,13 @@ __device__ __forceinline__ void chunk_sums_v2(const scalar_t* __restrict__ base,
     Vec<scalar_t, W> raw[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k)
-      raw[k] = *reinterpret_cast<const Vec<scalar_t, W>*>(base + (j[k] >= 0 ? j[k] : j[0]) * sT);
+      raw[k] = *(j[k] >= 0 ? reinterpret_cast<const Vec<scalar_t, W>*>(base + j[k] * sT)
+                           : reinterpret_cast<const Vec<scalar_t, W>*>(&kZeroRow));
     acc_t x[kGroup][W];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
 #pragma unroll
-      for (int v = 0; v < W; ++v) x[k][v] = j[k] >= 0 ? static_cast<acc_t>(raw[k].v[v]) : acc_t(0);
+      for (int v = 0; v < W; ++v) x[k][v] = static_cast<acc_t>(raw[k].v[v]);
     }
 #pragma unroll
     for (int v = 0; v < W; ++v)
