@@ -161,20 +161,21 @@ def pooling_cases_one(device: str, kernels: str) -> None:
             ok, detail = close(sums, ref_sums, *tol)
             check(f"domain_mean_pool {kernels} {str(dtype)[6:]} {list(size)} {what}",
                   ok and torch.equal(counts.cpu(), ref_counts), detail)
-    # many rows per domain, one domain empty: D = 5 and 16 (v2: per-chunk partials; 17000 rows
-    # are 133 chunks' worth, so the chunks grow to 133 rows), D = 40 (the sorted segments,
-    # B > 4096: at::sort's other path)
-    for B, D in ((5000, 5), (17000, 16), (5000, 40)):
+    # many rows per domain, one domain empty: D = 5 and 16 (v2: per-chunk partials with 8 and
+    # 16 accumulators, float and double means; 17000 rows are more than 128 chunks of 128, so
+    # the chunks grow to 133 rows), D = 40 (the sorted segments, B > 4096: at::sort's other path)
+    for B, D, dtype in ((5000, 5, torch.float32), (17000, 16, torch.float32), (5000, 40, torch.float32),
+                        (1000, 5, torch.float64), (1000, 16, torch.float64)):
         g = torch.Generator().manual_seed(B + D)
         T, H = 3, 40
-        hidden = torch.randn(B, T, H, generator=g)
+        hidden = torch.randn(B, T, H, generator=g, dtype=dtype)
         mask = torch.rand(B, T, generator=g) < 0.7
         ids = torch.randint(0, D - 1, (B,), generator=g)
         sums, counts = chameleon_ext.domain_mean_pool(hidden.to(device), mask.to(device), ids.to(device), D)
         ref_sums, ref_counts = reference.domain_mean_pool(hidden.double(), mask, ids, D)
         ok, detail = close(sums, ref_sums, 1e-4, 1e-4)
-        check(f"domain_mean_pool {kernels} B={B} D={D} (empty domain)", ok and torch.equal(counts.cpu(), ref_counts),
-              detail)
+        check(f"domain_mean_pool {kernels} {str(dtype)[6:]} B={B} D={D} (empty domain)",
+              ok and torch.equal(counts.cpu(), ref_counts), detail)
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ K_SMALL_DOMAINS = 16
 K_DOM_CHUNK_MIN = 32
 K_DOM_MAX_CHUNKS = 128
 K_DOM_THREADS = 256
+K_DOM_ROW_GROUP = 8
 LANES = np.arange(32)
 
 
@@ -261,13 +262,19 @@ def emulate_domain_small(means, row_counts, ids, D):
                 cnt_writes[c, mine] += 1
         h = strip * K_DOM_THREADS + np.arange(K_DOM_THREADS)
         h = h[h < H]
-        acc = np.zeros((K_SMALL_DOMAINS, h.size))
-        for b in range(b0, b1):
-            x = means[b, h].astype(np.float64)
-            for k in range(K_SMALL_DOMAINS):
-                if k == ids[b]:
-                    acc[k] = acc[k] + x
-        for k in range(K_SMALL_DOMAINS):
+        kD = 4 if D <= 4 else 8 if D <= 8 else K_SMALL_DOMAINS  # accumulators per thread
+        acc = np.zeros((kD, h.size))
+        for b in range(b0, b1, K_DOM_ROW_GROUP):
+            d, x = [], []
+            for r in range(K_DOM_ROW_GROUP):  # rows past the chunk read its first row
+                row = b + r if b + r < b1 else b0
+                d.append(ids[row])
+                x.append(means[row, h].astype(np.float64))
+            for r in range(K_DOM_ROW_GROUP):
+                dr = d[r] if b + r < b1 else -1
+                for k in range(kD):  # every domain gets the row's value or +0.0
+                    acc[k] = acc[k] + (x[r] if dr == k else 0.0)
+        for k in range(kD):
             if k < D:
                 partial[c, k, h] = acc[k]
                 writes[c, k, h] += 1

@@ -726,10 +726,11 @@ __global__ void segment_combine_kernel(const double* __restrict__ partial, const
 // float32 means), at least kDomChunkMin rows (short serial loops, many blocks), and there are
 // at most kDomMaxChunks chunks, which bounds the combine's serial loop.
 
-constexpr int64_t kSmallDomains = 16;
+constexpr int kSmallDomains = 16;
 constexpr int64_t kDomChunkMin = 32;
 constexpr int64_t kDomMaxChunks = 128;
 constexpr int kDomThreads = 256;
+constexpr int kDomRowGroup = 8;  // rows whose loads are issued together
 
 int64_t domain_chunk_rows(int64_t B, int64_t D) {
   return std::max<int64_t>(std::max<int64_t>(kDomChunkMin, 8 * D), (B + kDomMaxChunks - 1) / kDomMaxChunks);
@@ -738,8 +739,12 @@ int64_t domain_chunk_rows(int64_t B, int64_t D) {
 // partial[c, d, h] = sum of means[b, h] over the rows b of chunk c with ids[b] = d, in batch
 // order; chunk_cnt[c, d] = those rows with at least one valid token. Items are (chunk,
 // strip of kDomThreads columns), strip fastest. Ids that reached the device unchecked are
-// checked here (each row once: by thread 0 of its chunk's first strip).
-template <typename acc_t>
+// checked here (each row once: by thread 0 of its chunk's first strip). kD >= D
+// accumulators per thread, in registers: each row adds its value to its domain and 0.0 to
+// the others (branch-free; adding +0.0 leaves a sum that started at +0.0 unchanged), after
+// the loads of kDomRowGroup rows were issued together. A select of the domain by branches
+// (an earlier form) waited on one row's load at a time.
+template <typename acc_t, int kD>
 __global__ void __launch_bounds__(kDomThreads)
     domain_partials_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ row_counts,
                            const int64_t* __restrict__ ids, int64_t B, int64_t H, int64_t D, int64_t chunk_rows,
@@ -762,19 +767,27 @@ __global__ void __launch_bounds__(kDomThreads)
     }
     const int64_t h = strip * kDomThreads + threadIdx.x;
     if (h >= H) continue;
-    double acc[kSmallDomains];
+    double acc[kD];
 #pragma unroll
-    for (int k = 0; k < kSmallDomains; ++k) acc[k] = 0.0;
-#pragma unroll 4
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t d = ids[b];  // the same for the whole block: one broadcast load
-      const double x = static_cast<double>(means[b * H + h]);
+    for (int k = 0; k < kD; ++k) acc[k] = 0.0;
+    for (int64_t b = b0; b < b1; b += kDomRowGroup) {
+      int64_t d[kDomRowGroup];
+      double x[kDomRowGroup];
 #pragma unroll
-      for (int k = 0; k < kSmallDomains; ++k)  // registers, not a local array indexed by d
-        if (k == d) acc[k] += x;
+      for (int r = 0; r < kDomRowGroup; ++r) {  // rows past the chunk read its first row
+        const int64_t row = b + r < b1 ? b + r : b0;
+        d[r] = ids[row];  // the same for the whole block: a broadcast load
+        x[r] = static_cast<double>(means[row * H + h]);
+      }
+#pragma unroll
+      for (int r = 0; r < kDomRowGroup; ++r) {
+        const int64_t dr = b + r < b1 ? d[r] : -1;  // -1: no domain
+#pragma unroll
+        for (int k = 0; k < kD; ++k) acc[k] += dr == k ? x[r] : 0.0;
+      }
     }
 #pragma unroll
-    for (int k = 0; k < kSmallDomains; ++k)
+    for (int k = 0; k < kD; ++k)
       if (k < D) partial[(c * D + k) * H + h] = acc[k];
   }
 }
@@ -814,10 +827,16 @@ std::tuple<at::Tensor, at::Tensor> domain_sums_small(const at::Tensor& means, co
   at::Tensor counts = at::empty({D}, long_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "domain_sums_small_cuda", [&] {
-    domain_partials_kernel<scalar_t><<<grid_for(n_chunks * n_strips, 16), kDomThreads, 0, stream>>>(
-        means.const_data_ptr<scalar_t>(), row_counts.const_data_ptr<int64_t>(), ids.const_data_ptr<int64_t>(), B, H,
-        D, chunk_rows, n_chunks, n_strips, partial.data_ptr<double>(), chunk_cnt.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto partials = [&](auto kd) {  // as few accumulators as cover D
+      domain_partials_kernel<scalar_t, decltype(kd)::value>
+          <<<grid_for(n_chunks * n_strips, 16), kDomThreads, 0, stream>>>(
+              means.const_data_ptr<scalar_t>(), row_counts.const_data_ptr<int64_t>(), ids.const_data_ptr<int64_t>(),
+              B, H, D, chunk_rows, n_chunks, n_strips, partial.data_ptr<double>(), chunk_cnt.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (D <= 4) partials(std::integral_constant<int, 4>{});
+    else if (D <= 8) partials(std::integral_constant<int, 8>{});
+    else partials(std::integral_constant<int, kSmallDomains>{});
     domain_combine_kernel<scalar_t><<<grid_for((D * H + 255) / 256, 8), 256, 0, stream>>>(
         partial.const_data_ptr<double>(), chunk_cnt.const_data_ptr<int64_t>(), D, H, n_chunks,
         sums.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
