@@ -8,8 +8,9 @@ default) transliterated to NumPy and run on the CPU, line by line:
 - both: eight valid rows loaded per group (a missing row reads a 16-byte zero row in device
   memory), and each warp's mask bit for its next chunk or its next item's first chunk
   prefetched (checked here against the bit actually used);
-- domain_sums_small (num_domains <= 16): per-chunk partial sums in batch order, one combine
-  in chunk order, no sort.
+- domain_sums_small (num_domains <= 16): per-chunk partial sums in batch order (4, 8 or 16
+  accumulators per thread, each row adding its value or +0.0 to every one, 32 rows' ids per
+  warp load, 8 rows' values per group), one combine in chunk order, no sort.
 
 Every load is checked in bounds and aligned, every output written exactly once, and the
 results are compared with the float64 oracles. Determinism: the emulations give bitwise
@@ -261,23 +262,27 @@ def emulate_domain_small(means, row_counts, ids, D):
                 chunk_cnt[c, mine] = n
                 cnt_writes[c, mine] += 1
         h = strip * K_DOM_THREADS + np.arange(K_DOM_THREADS)
-        h = h[h < H]
+        hc = np.where(h < H, h, 0)  # every lane runs the loop; lanes past H read column 0
         kD = 4 if D <= 4 else 8 if D <= 8 else K_SMALL_DOMAINS  # accumulators per thread
         acc = np.zeros((kD, h.size))
-        for b in range(b0, b1, K_DOM_ROW_GROUP):
-            d, x = [], []
-            for r in range(K_DOM_ROW_GROUP):  # rows past the chunk read its first row
-                row = b + r if b + r < b1 else b0
-                d.append(ids[row])
-                x.append(means[row, h].astype(np.float64))
-            for r in range(K_DOM_ROW_GROUP):
-                dr = d[r] if b + r < b1 else -1
-                for k in range(kD):  # every domain gets the row's value or +0.0
-                    acc[k] = acc[k] + (x[r] if dr == k else 0.0)
+        for b in range(b0, b1, 32):  # 32 rows: lane l loads ids[b + l], shuffled to all
+            lane_d = [int(ids[b + lane]) if b + lane < b1 and 0 <= ids[b + lane] < D else -1 for lane in range(32)]
+            n = min(b1 - b, 32)
+            for r0 in range(0, n, K_DOM_ROW_GROUP):
+                d, x = [], []
+                for r in range(K_DOM_ROW_GROUP):  # rows past the chunk read row b
+                    j = r0 + r
+                    assert j <= 31
+                    d.append(lane_d[j])
+                    x.append(means[b + j if j < n else b, hc].astype(np.float64))
+                for r in range(K_DOM_ROW_GROUP):
+                    dr = d[r] if r0 + r < n else -1
+                    for k in range(kD):  # every domain gets the row's value or +0.0
+                        acc[k] = acc[k] + (x[r] if dr == k else 0.0)
         for k in range(kD):
             if k < D:
-                partial[c, k, h] = acc[k]
-                writes[c, k, h] += 1
+                partial[c, k, h[h < H]] = acc[k][h < H]
+                writes[c, k, h[h < H]] += 1
     assert np.all(writes == 1) and np.all(cnt_writes == 1), "every partial written once"
     assert np.all(seen == 1), "every id checked once"
     sums = np.zeros((D, H))

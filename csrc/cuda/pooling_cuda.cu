@@ -742,8 +742,9 @@ int64_t domain_chunk_rows(int64_t B, int64_t D) {
 // checked here (each row once: by thread 0 of its chunk's first strip). kD >= D
 // accumulators per thread, in registers: each row adds its value to its domain and 0.0 to
 // the others (branch-free; adding +0.0 leaves a sum that started at +0.0 unchanged), after
-// the loads of kDomRowGroup rows were issued together. A select of the domain by branches
-// (an earlier form) waited on one row's load at a time.
+// the loads of kDomRowGroup rows were issued together; a warp loads 32 rows' ids at once and
+// shuffles them. A select of the domain by branches (an earlier form) waited on one row's
+// load at a time.
 template <typename acc_t, int kD>
 __global__ void __launch_bounds__(kDomThreads)
     domain_partials_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ row_counts,
@@ -765,30 +766,40 @@ __global__ void __launch_bounds__(kDomThreads)
       }
       chunk_cnt[c * D + mine] = n;
     }
+    // Every lane runs the row loop (its shuffles need the whole warp); a lane past H reads
+    // column 0 and writes nothing.
     const int64_t h = strip * kDomThreads + threadIdx.x;
-    if (h >= H) continue;
+    const int64_t hc = h < H ? h : 0;
+    const int lane = threadIdx.x & 31;
     double acc[kD];
 #pragma unroll
     for (int k = 0; k < kD; ++k) acc[k] = 0.0;
-    for (int64_t b = b0; b < b1; b += kDomRowGroup) {
-      int64_t d[kDomRowGroup];
-      double x[kDomRowGroup];
+    for (int64_t b = b0; b < b1; b += 32) {  // 32 rows: one coalesced load of their ids
+      const int64_t id = b + lane < b1 ? ids[b + lane] : -1;
+      const int lane_d = id >= 0 && id < D ? static_cast<int>(id) : -1;  // -1: no domain
+      const int n = b1 - b < 32 ? static_cast<int>(b1 - b) : 32;
+      for (int r0 = 0; r0 < n; r0 += kDomRowGroup) {
+        int d[kDomRowGroup];
+        double x[kDomRowGroup];
 #pragma unroll
-      for (int r = 0; r < kDomRowGroup; ++r) {  // rows past the chunk read its first row
-        const int64_t row = b + r < b1 ? b + r : b0;
-        d[r] = ids[row];  // the same for the whole block: a broadcast load
-        x[r] = static_cast<double>(means[row * H + h]);
-      }
+        for (int r = 0; r < kDomRowGroup; ++r) {  // rows past the chunk read row b
+          const int j = r0 + r;  // <= 31
+          d[r] = __shfl_sync(kFull, lane_d, j);
+          x[r] = static_cast<double>(means[(j < n ? b + j : b) * H + hc]);
+        }
 #pragma unroll
-      for (int r = 0; r < kDomRowGroup; ++r) {
-        const int64_t dr = b + r < b1 ? d[r] : -1;  // -1: no domain
+        for (int r = 0; r < kDomRowGroup; ++r) {
+          const int dr = r0 + r < n ? d[r] : -1;
 #pragma unroll
-        for (int k = 0; k < kD; ++k) acc[k] += dr == k ? x[r] : 0.0;
+          for (int k = 0; k < kD; ++k) acc[k] += dr == k ? x[r] : 0.0;
+        }
       }
     }
+    if (h < H) {
 #pragma unroll
-    for (int k = 0; k < kD; ++k)
-      if (k < D) partial[(c * D + k) * H + h] = acc[k];
+      for (int k = 0; k < kD; ++k)
+        if (k < D) partial[(c * D + k) * H + h] = acc[k];
+    }
   }
 }
 
