@@ -328,8 +328,9 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
 //    warps, so half of every block waited at the barrier. Fewer items (a small batch) keep
 //    block items: 8 warps per row finish a lone row sooner than one warp would. The choice
 //    depends on the shapes only.
-//  - Eight valid rows are loaded per group instead of four, and a group's missing rows are
-//    predicated off rather than loaded one by one, so every lane keeps 8 loads in flight.
+//  - Eight valid rows are loaded per group instead of four, and a group's missing rows read
+//    a zero row rather than the rest being loaded one by one: every lane keeps 8 loads in
+//    flight.
 //  - The warp's mask bit for the first chunk of its next item is loaded with the last chunk
 //    of the current one, so no item starts with a lone dependent mask load.
 // Each warp still adds its chunks in a fixed order into a compensated float64 total, and a
@@ -392,7 +393,7 @@ __device__ __forceinline__ void chunk_sums_v2(const scalar_t* __restrict__ base,
 // the chunk's mask bit `valid` handed in (prefetched) and the bit of `next` handed back.
 // kKahan: compensated float64 adds of the chunk sums (any T); without it, plain float64 adds
 // (for at most kWarpRowMaxT / kChunkT = 8 chunks, whose float64 rounding is ~1e-15 relative,
-// far below the float32 output's; it saves the 2 W registers that spilled the W = 8 kernel).
+// far below the float32 output's; it saves 2 W registers per lane).
 // Every lane of the warp must call this together.
 template <typename scalar_t, typename acc_t, int W, bool kKahan>
 __device__ __forceinline__ bool warp_span_sums(const scalar_t* __restrict__ col, bool active,
