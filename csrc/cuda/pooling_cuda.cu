@@ -1,5 +1,9 @@
 // CUDA kernels for masked_mean_pool and domain_mean_pool.
 //
+// Two kernel sets, chosen by CHAMELEON_POOL_CUDA_KERNEL: v2 (the default; its section below
+// lists how it differs) and v1, described here, kept until v2 has been measured on a device
+// (then v1 can go, with its transliteration python_tests/test_pooling_cuda_plan.py).
+//
 // Row means (both ops). Memory-bound: every valid hidden row is read once with the widest
 // aligned loads and masked rows are never read. Work items are (row b, T-split, H-strip):
 //  - H: a strip is 32 lanes x V elements. The tensor's alignment and strides fix V (16-byte
@@ -17,10 +21,11 @@
 //  - The 8 warps' totals are added in warp order; splits in split order: deterministic.
 // Launches loop over work items (grid-stride), so no shape can exceed the grid limit.
 //
-// domain_mean_pool then reduces the row means per domain without leaving the device: a
-// stable sort of the ids gives each domain's rows in batch order (CSR offsets by
-// searchsorted), each domain's rows are summed in fixed chunks of kSegChunk rows in
-// parallel, and the chunks are added in order. Nothing goes to the host, so the op can be
+// domain_mean_pool then reduces the row means per domain without leaving the device (v2
+// with at most 16 domains: per-chunk partial sums, see below; otherwise): a stable sort of
+// the ids gives each domain's rows in batch order (CSR offsets by searchsorted), each
+// domain's rows are summed in fixed chunks of kSegChunk rows in parallel, and the chunks
+// are added in order. Nothing goes to the host, so the op can be
 // captured in a CUDA graph; ids on the device are checked there (a device-side assert).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
