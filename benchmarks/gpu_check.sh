@@ -3,7 +3,8 @@
 # an H100 or H200 with torch 2.11, CUDA 13, the machine's python3), about 6 minutes at most:
 #   1. build the extension in place against the machine's torch (CUDA required);
 #   2. the GPU tests (`-m gpu`): the kernel tests first, then the compile/opcheck/gradcheck ones;
-#   3. the goals report (benchmarks/gpu_report.py): pooling GB/s as a share of the measured copy
+#   3. the goals report (benchmarks/gpu_report.py): pooling GB/s (CUDA kernel sets v2 and v1,
+#      CHAMELEON_POOL_CUDA_KERNEL, side by side) as a share of the measured copy
 #      bandwidth, krls device time against torch.linalg at batch 4096 for k = 7..64, fp32/fp64,
 #      for both CUDA kernel generations (CHAMELEON_KRLS_CUDA_KERNEL=v2 and v1) and the library
 #      path, which gives the fused/library crossover (CHAMELEON_KRLS_FUSED_MAX);

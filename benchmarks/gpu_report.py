@@ -8,7 +8,9 @@ Timing on CUDA: CUDA events around the op alone, median of the rounds, after a w
 pooling rounds first flush L2 (a write of 4x its size) so inputs come from device memory.
 Inputs are generated on the device and made once per case (every provider of a case reads
 the same tensors). Copy bandwidth = bytes read + written by a 1 GiB device-to-device copy.
-Pooling bytes = the bytes the op must read (valid tokens x H x element size).
+Pooling bytes = the bytes the op must read (valid tokens x H x element size). Each pooling
+op is timed with both CUDA kernel sets, v2 (the default) and v1 (CHAMELEON_POOL_CUDA_KERNEL=v1,
+the previous kernels, kept for this A/B until v2 has been measured).
 
 krls rows (batch 4096, k = 7, 16, 32, 48, 64, fp32 and fp64): `krls_ex` by events (no host
 sync), the same call replayed from a CUDA graph (launch gaps removed), the checked `krls`
@@ -129,26 +131,41 @@ def pooling(out_dir: str, timer: Timer, device: str, quick: bool, copy_GBps: flo
             ids = torch.randint(0, D, (B,), device=device, generator=g)
             valid = int(mask.sum()) * H * hidden.element_size()
             every = B * T * H * hidden.element_size()
-            ops = {
-                "masked_mean_pool": (lambda: chameleon_ext.masked_mean_pool(hidden, mask), valid),
-                "masked_mean_pool mask=None": (lambda: chameleon_ext.masked_mean_pool(hidden, None), every),
-                f"domain_mean_pool D={D}": (lambda: chameleon_ext.domain_mean_pool(hidden, mask, ids, D), valid),
-                "hidden.sum(1) (yardstick)": (lambda: hidden.sum(1), every),
-            }
+            ops = {}
+            for kernels in POOL_KERNELS:
+                ops.update({
+                    f"masked_mean_pool [{kernels}]": (with_pool_kernels(kernels, lambda: chameleon_ext.masked_mean_pool(
+                        hidden, mask)), valid),
+                    f"masked_mean_pool mask=None [{kernels}]": (with_pool_kernels(
+                        kernels, lambda: chameleon_ext.masked_mean_pool(hidden, None)), every),
+                    f"domain_mean_pool D={D} [{kernels}]": (with_pool_kernels(
+                        kernels, lambda: chameleon_ext.domain_mean_pool(hidden, mask, ids, D)), valid),
+                })
+            ops["hidden.sum(1) (yardstick)"] = (lambda: hidden.sum(1), every)
             for op, (fn, nbytes) in ops.items():
                 t = timer.device(fn, flush=device == "cuda")
                 gbs = nbytes / t / 1e9
                 record(out_dir, section="pool", shape=[B, T, H], dtype=str(dtype)[6:], op=op, ms=t * 1e3,
                        GBps=gbs, of_copy=gbs / copy_GBps)
-            # the numbers are only worth reporting if the op is right: float64 oracle on 8 rows
+            # the numbers are only worth reporting if the op is right: float64 oracle on 8 rows,
+            # with each kernel set
             r = min(B, 8)
-            ok = torch.allclose(chameleon_ext.masked_mean_pool(hidden, mask)[:r].double(),
-                                reference.masked_mean_pool(hidden[:r].double(), mask[:r]), rtol=1e-4, atol=1e-4)
+            want = reference.masked_mean_pool(hidden[:r].double(), mask[:r])
+            ok = all(torch.allclose(with_pool_kernels(k, lambda: chameleon_ext.masked_mean_pool(hidden, mask))()[:r]
+                                    .double(), want, rtol=1e-4, atol=1e-4) for k in POOL_KERNELS)
             record(out_dir, section="pool_check", shape=[B, T, H], matches_float64_oracle=bool(ok))
             ops.clear()  # free this case's inputs before the next case is made
             hidden = mask = ids = None
             if device == "cuda":
                 torch.cuda.empty_cache()
+
+
+POOL_KERNELS = ("v2", "v1")  # CHAMELEON_POOL_CUDA_KERNEL: the default first
+
+
+def with_pool_kernels(kernels: str, fn):
+    """fn with CHAMELEON_POOL_CUDA_KERNEL=kernels (the CUDA ops read it on every call)."""
+    return with_env("CHAMELEON_POOL_CUDA_KERNEL", kernels, fn)
 
 
 def krls_kernels(batch: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -173,8 +190,8 @@ def graph_replay(fn, cuda: bool):
 
 
 def with_env(name: str, value: str, fn):
-    """``fn`` run with the environment variable ``name`` set to ``value`` (the krls switches
-    are read at every call)."""
+    """``fn`` run with the environment variable ``name`` set to ``value`` (the kernel
+    switches are read at every call)."""
     def run():
         old = os.environ.get(name)
         os.environ[name] = value

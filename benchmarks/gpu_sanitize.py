@@ -14,10 +14,13 @@ What it touches, and why each case is there (csrc/cuda/krls_cuda.cu, pooling_cud
   warps per block (k = 33, 40, 48, 64); a batch of 37 that leaves the last block partial, a
   transposed (non-contiguous) K, lam per matrix on the device, center/scale_by_k off,
   rejected matrices (NaN, asymmetric, a failed pivot), and the library path (k = 65).
-  pooling, bf16 / fp16 / fp32 / fp64: every vector width (16-byte loads down to scalar, by the
-  row stride), a misaligned start (head) and a ragged end (tail), a row long enough to be
-  split along T (with the combine kernel), mask None, and domain pooling including a batch
-  above 4096 rows (at::sort's other path) with an empty domain.
+  pooling, bf16 / fp16 / fp32 / fp64, with both kernel sets (CHAMELEON_POOL_CUDA_KERNEL=v2,
+  the default, and v1): every vector width (16-byte loads down to scalar, by the row stride)
+  for short rows (v2: one warp per row, T <= 256) and for long rows (block items, T > 256),
+  a misaligned start (head) and a ragged end (tail), a row long enough to be split along T
+  (with the combine kernel), mask None, and domain pooling: few domains (v2: per-chunk
+  partials and one combine, incl. more than 128 chunks' worth of rows and an empty domain)
+  and many (the sorted segments, incl. a batch above 4096 rows: at::sort's other path).
 
     python benchmarks/gpu_sanitize.py            # on the GPU
     python benchmarks/gpu_sanitize.py --quick    # the same workload on the CPU (a dry run)
@@ -125,13 +128,40 @@ POOL_VIEWS = [
     ((2, 33, 3), (33 * 4, 4, 1), 1, "H < vector width"),
     ((1, 3000, 40), (3000 * 40, 40, 1), 0, "T split + combine"),
     ((2, 700, 6), (700 * 6, 6, 1), 2, "T split, misaligned"),
+    # the rows above of <= 256 tokens are v2's warp items; these are its block items (T > 256)
+    # at each vector width, and the warp items' edges (T = 1, 256)
+    ((3, 300, 300), (300 * 304, 304, 1), 0, "long rows, widest vectors"),
+    ((2, 260, 77), (260 * 88, 88, 1), 3, "long rows, misaligned head and tail"),
+    ((2, 270, 50), (270 * 52, 52, 1), 1, "long rows, row stride 52"),
+    ((2, 257, 50), (257 * 50, 50, 1), 0, "long rows, row stride 50"),
+    ((2, 258, 51), (258 * 51, 51, 1), 0, "long rows, odd row stride"),
+    ((9, 1, 20), (20, 20, 1), 0, "T = 1, 9 rows"),
+    ((5, 256, 300), (256 * 304, 304, 1), 0, "T = 256, short rows in a small batch"),
 ]
+# v2's warp items need >= 1024 (row, strip) items: every vector width of each dtype (by the
+# row stride), a misaligned head, the edge strip, several chunks per row (T = 100)
+POOL_WARP_VIEWS = [
+    ((1024, 5, 20), (5 * 24, 24, 1), 3, "warp items, row stride 24, misaligned"),
+    ((1100, 5, 10), (5 * 12, 12, 1), 0, "warp items, row stride 12"),
+    ((1100, 5, 9), (5 * 10, 10, 1), 1, "warp items, row stride 10"),
+    ((1100, 5, 11), (5 * 11, 11, 1), 0, "warp items, odd row stride"),
+    ((1030, 100, 20), (100 * 24, 24, 1), 0, "warp items, 4 chunks per row"),
+]
+POOL_KERNELS = ("v2", "v1")  # CHAMELEON_POOL_CUDA_KERNEL
 
 
 def pooling_cases(device: str) -> None:
+    for kernels in POOL_KERNELS:
+        os.environ["CHAMELEON_POOL_CUDA_KERNEL"] = kernels
+        print(f"-- pooling kernels {kernels}", flush=True)
+        pooling_cases_one(device, kernels)
+    os.environ.pop("CHAMELEON_POOL_CUDA_KERNEL", None)
+
+
+def pooling_cases_one(device: str, kernels: str) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         tol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-4)
-        for size, stride, offset, what in POOL_VIEWS:
+        for size, stride, offset, what in POOL_VIEWS + (POOL_WARP_VIEWS if kernels == "v2" else []):
             B, T, H = size
             need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H
             g = torch.Generator().manual_seed(B * 1000 + T)
@@ -143,22 +173,29 @@ def pooling_cases(device: str) -> None:
             for m in (mask, None):
                 want = reference.masked_mean_pool(hidden_cpu.double(), m)
                 ok, detail = close(chameleon_ext.masked_mean_pool(hidden, None if m is None else m.to(device)), want, *tol)
-                check(f"masked_mean_pool {str(dtype)[6:]} {list(size)} {what}{' mask=None' if m is None else ''}", ok, detail)
+                label = f"{kernels} {str(dtype)[6:]} {list(size)} {what}{' mask=None' if m is None else ''}"
+                check(f"masked_mean_pool {label}", ok, detail)
             ids = torch.arange(B) % 3
             sums, counts = chameleon_ext.domain_mean_pool(hidden, mask.to(device), ids.to(device), 3)
             ref_sums, ref_counts = reference.domain_mean_pool(hidden_cpu.double(), mask, ids, 3)
             ok, detail = close(sums, ref_sums, *tol)
-            check(f"domain_mean_pool {str(dtype)[6:]} {list(size)} {what}", ok and torch.equal(counts.cpu(), ref_counts), detail)
-    # many rows per domain (several segment chunks), B > 4096, one domain empty
-    g = torch.Generator().manual_seed(5)
-    B, T, H, D = 5000, 3, 40, 5
-    hidden = torch.randn(B, T, H, generator=g)
-    mask = torch.rand(B, T, generator=g) < 0.7
-    ids = torch.randint(0, D - 1, (B,), generator=g)
-    sums, counts = chameleon_ext.domain_mean_pool(hidden.to(device), mask.to(device), ids.to(device), D)
-    ref_sums, ref_counts = reference.domain_mean_pool(hidden.double(), mask, ids, D)
-    ok, detail = close(sums, ref_sums, 1e-4, 1e-4)
-    check(f"domain_mean_pool B={B} D={D} (sort path, empty domain)", ok and torch.equal(counts.cpu(), ref_counts), detail)
+            check(f"domain_mean_pool {kernels} {str(dtype)[6:]} {list(size)} {what}",
+                  ok and torch.equal(counts.cpu(), ref_counts), detail)
+    # many rows per domain, one domain empty: D = 5 and 16 (v2: per-chunk partials with 8 and
+    # 16 accumulators, float and double means; 17000 rows are more than 128 chunks of 128, so
+    # the chunks grow to 133 rows), D = 40 (the sorted segments, B > 4096: at::sort's other path)
+    for B, D, dtype in ((5000, 5, torch.float32), (17000, 16, torch.float32), (5000, 40, torch.float32),
+                        (1000, 5, torch.float64), (1000, 16, torch.float64)):
+        g = torch.Generator().manual_seed(B + D)
+        T, H = 3, 40
+        hidden = torch.randn(B, T, H, generator=g, dtype=dtype)
+        mask = torch.rand(B, T, generator=g) < 0.7
+        ids = torch.randint(0, D - 1, (B,), generator=g)
+        sums, counts = chameleon_ext.domain_mean_pool(hidden.to(device), mask.to(device), ids.to(device), D)
+        ref_sums, ref_counts = reference.domain_mean_pool(hidden.double(), mask, ids, D)
+        ok, detail = close(sums, ref_sums, 1e-4, 1e-4)
+        check(f"domain_mean_pool {kernels} {str(dtype)[6:]} B={B} D={D} (empty domain)",
+              ok and torch.equal(counts.cpu(), ref_counts), detail)
 
 
 def main() -> int:

@@ -412,6 +412,14 @@ def cuda_only(test):
     return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="CUDA not available on this machine")(test))
 
 
+@pytest.fixture(params=["v1", "v2"])
+def pool_kernels(request, monkeypatch):
+    """Both CUDA pooling kernel sets: v2 (the default: warp items for short rows, 8 loads in
+    flight, sort-free sums for few domains) and v1, kept for A/B until v2 is measured."""
+    monkeypatch.setenv("CHAMELEON_POOL_CUDA_KERNEL", request.param)
+    return request.param
+
+
 def _strided_view(dtype, size, stride, offset, device="cuda", seed=0):
     B, T, H = size
     need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H
@@ -432,30 +440,45 @@ CUDA_VIEWS = [
     ((1, 3000, 40), (3000 * 40, 40, 1), 0),
     ((2, 700, 6), (700 * 6, 6, 1), 2),
 ]
+# v2's warp items (rows of <= 256 tokens, >= 1024 (row, strip) items) at each vector width:
+# the row strides 24, 12, 10 and 11 give 16-, 8-, 4-byte and scalar loads for 2-byte types;
+# a misaligned head, the edge strip alone (H < V), several chunks per row.
+CUDA_WARP_VIEWS = [
+    ((1024, 5, 20), (5 * 24, 24, 1), 3),
+    ((1100, 5, 10), (5 * 12, 12, 1), 0),
+    ((1100, 5, 9), (5 * 10, 10, 1), 1),
+    ((1100, 5, 11), (5 * 11, 11, 1), 0),
+    ((1100, 7, 3), (7 * 4, 4, 1), 1),
+    ((1030, 128, 44), (128 * 48, 48, 1), 0),
+    ((1024, 256, 40), (256 * 40, 40, 1), 0),
+]
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size,stride,offset", CUDA_VIEWS)
-def test_cuda_every_instantiation(dtype, size, stride, offset):
+@pytest.mark.parametrize("size,stride,offset", CUDA_VIEWS + CUDA_WARP_VIEWS)
+def test_cuda_every_instantiation(dtype, size, stride, offset, pool_kernels):
     hidden = _strided_view(dtype, size, stride, offset)
     B, T, H = size
     mask = make_random_mask(B, T, p_valid=0.6, seed=7, device="cuda")
     mask[0, : T // 2] = False
+    mask[1::7] = False  # empty rows
     for m in (mask, None):
         out = chameleon_ext.masked_mean_pool(hidden, m)
         torch.testing.assert_close(out, reference.masked_mean_pool(hidden, m), **tol(dtype))
-        torch.testing.assert_close(out.cpu(), chameleon_ext.masked_mean_pool(hidden.cpu(), None if m is None else m.cpu()), **tol(dtype))
-    ids = make_domain_ids(B, 3, "cuda")
-    sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, 3)
-    ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, 3)
-    torch.testing.assert_close(sums, ref_sums, **tol(dtype))
-    assert torch.equal(counts, ref_counts)
+        cpu = chameleon_ext.masked_mean_pool(hidden.cpu(), None if m is None else m.cpu())
+        torch.testing.assert_close(out.cpu(), cpu, **tol(dtype))
+    for D in (3, 40):  # v2: the sort-free sums, then the sorted segments
+        ids = make_domain_ids(B, D, "cuda")
+        sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
+        ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, D)
+        torch.testing.assert_close(sums, ref_sums, **tol(dtype))
+        assert torch.equal(counts, ref_counts)
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_many_work_items_and_large_batch_domains(dtype):
+def test_cuda_many_work_items_and_large_batch_domains(dtype, pool_kernels):
     """More (row, strip) items than the grid-stride launch has blocks, and many rows per
     domain (several segment chunks each, one domain empty)."""
     B, T, H, D = 5000, 3, 300, 4
@@ -470,19 +493,73 @@ def test_cuda_many_work_items_and_large_batch_domains(dtype):
 
 
 @cuda_only
-def test_cuda_results_are_deterministic():
-    hidden = make_hidden(64, 1200, 96, torch.bfloat16, "cuda")
-    mask = make_random_mask(64, 1200, device="cuda")
-    ids = make_domain_ids(64, 3, "cuda")
+@pytest.mark.parametrize("B,T,D", [(64, 1200, 3), (300, 128, 7), (1100, 128, 7), (1100, 128, 40)])
+def test_cuda_results_are_deterministic(B, T, D, pool_kernels):
+    """Bitwise the same run to run: block items with a T split (1200) and for short rows of a
+    small batch (300 x 128), v2's warp items (1100 x 128), the sort-free sums for few domains
+    (3, 7) and the sorted segments (40)."""
+    hidden = make_hidden(B, T, 96, torch.bfloat16, "cuda")
+    mask = make_random_mask(B, T, device="cuda")
+    ids = make_domain_ids(B, D, "cuda")
     first = chameleon_ext.masked_mean_pool(hidden, mask)
-    s1, c1 = chameleon_ext.domain_mean_pool(hidden, mask, ids, 3)
+    s1, c1 = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
     for _ in range(3):
         assert torch.equal(chameleon_ext.masked_mean_pool(hidden, mask), first)
-        s2, c2 = chameleon_ext.domain_mean_pool(hidden, mask, ids, 3)
+        s2, c2 = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
         assert torch.equal(s1, s2) and torch.equal(c1, c2)
     # CPU ids give the same numbers as device ids
-    s3, c3 = chameleon_ext.domain_mean_pool(hidden, mask, ids.cpu(), 3)
+    s3, c3 = chameleon_ext.domain_mean_pool(hidden, mask, ids.cpu(), D)
     assert torch.equal(s1, s3) and torch.equal(c1, c3)
+
+
+# Row lengths on both sides of the warp-item limit (256) and of one chunk (32), a T split
+# (4097), batches that are not a multiple of a block's 8 warps, H not a multiple of the
+# vector width, small batches and v2's warp items (1100 rows); domains 1, at the sort-free
+# limit (16), past it (17) and many (300).
+V2_SHAPES = [(3, 1, 20), (13, 127, 300), (5, 128, 77), (9, 129, 50), (7, 256, 768), (5, 257, 51), (3, 512, 70),
+             (2, 4097, 40), (1100, 1, 20), (1100, 127, 40), (1100, 129, 40)]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("B,T,H", V2_SHAPES)
+def test_cuda_short_and_long_rows_both_kernels(dtype, B, T, H, pool_kernels):
+    hidden = make_hidden(B, T, H, dtype, "cuda")
+    mask = make_random_mask(B, T, p_valid=0.6, seed=3, device="cuda")
+    mask[0] = False  # an empty row
+    for m in (mask, None, torch.zeros_like(mask)):
+        want = reference.masked_mean_pool(hidden, m)
+        torch.testing.assert_close(chameleon_ext.masked_mean_pool(hidden, m), want, **tol(dtype))
+    for D in (1, 16, 17, 300):
+        ids = make_domain_ids(B, D, "cuda")
+        sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
+        ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, D)
+        torch.testing.assert_close(sums, ref_sums, **tol(dtype))
+        assert torch.equal(counts, ref_counts)
+
+
+@cuda_only
+def test_cuda_sort_free_domain_sums_many_chunks(pool_kernels):
+    """num_domains <= 16 with more rows than 128 chunks of 128 (chunk size from B), the last
+    domain empty; against the float64 oracle and the other kernel set."""
+    B, T, H, D = 17000, 2, 40, 16
+    hidden = make_hidden(B, T, H, torch.float32, "cuda")
+    mask = make_random_mask(B, T, device="cuda")
+    ids = make_domain_ids(B, D - 1, "cuda")
+    sums, counts = chameleon_ext.domain_mean_pool(hidden, mask, ids, D)
+    ref_sums, ref_counts = reference.domain_mean_pool(hidden, mask, ids, D)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-4, atol=1e-4)
+    assert torch.equal(counts, ref_counts) and counts[D - 1] == 0 and bool((sums[D - 1] == 0).all())
+
+
+@cuda_only
+def test_cuda_pool_kernel_switch_rejects_unknown_values(monkeypatch):
+    hidden = make_hidden(2, 4, 8, torch.float32, "cuda")
+    monkeypatch.setenv("CHAMELEON_POOL_CUDA_KERNEL", "v3")
+    with pytest.raises(ValueError, match="CHAMELEON_POOL_CUDA_KERNEL must be 'v1' or 'v2'"):
+        chameleon_ext.masked_mean_pool(hidden, None)
+    with pytest.raises(ValueError, match="CHAMELEON_POOL_CUDA_KERNEL"):
+        chameleon_ext.domain_mean_pool(hidden, None, torch.tensor([0, 1], device="cuda"), 2)
 
 
 @cuda_only

@@ -142,19 +142,26 @@ def _emulate(storage, elem, offset, size, stride, mask, acc):
                 ws_cnt[split, b] = n
     assert np.all(writes == 1), "every (split, row, column) written exactly once"
     if g["n_splits"] > 1:
-        for b in range(B):
-            for hh in range(H):
-                s, c = 0.0, 0
-                for k in range(g["n_splits"]):
-                    s += ws_sum[k, b, hh]
-                    c += ws_cnt[k, b]
-                means[b, hh] = np.float64(acc(s / c)) if c > 0 else 0.0
-                if hh == 0:
-                    counts[b] = c
+        combine_splits(ws_sum, ws_cnt, acc, means, counts)
     return means, counts, V, g
 
 
-def _view(dtype, size, stride, offset, seed=0):
+def combine_splits(ws_sum, ws_cnt, acc, means, counts):
+    """combine_splits_kernel (v1 and v2): the splits added in split order, then the mean."""
+    n_splits, B, H = ws_sum.shape
+    for b in range(B):
+        for hh in range(H):
+            s, c = 0.0, 0
+            for k in range(n_splits):
+                s += ws_sum[k, b, hh]
+                c += ws_cnt[k, b]
+            means[b, hh] = np.float64(acc(s / c)) if c > 0 else 0.0
+            if hh == 0:
+                counts[b] = c
+
+
+def strided_view(dtype, size, stride, offset, seed=0):
+    """A view of random storage, and the storage as a NumPy array (float32 for half types)."""
     B, T, H = size
     need = offset + (B - 1) * stride[0] + (T - 1) * stride[1] + H if B and T and H else offset + 1
     g = torch.Generator().manual_seed(seed)
@@ -183,7 +190,7 @@ CASES = [
 @pytest.mark.parametrize("dtype,size,stride,offset,V", CASES)
 @pytest.mark.parametrize("masked", [True, False])
 def test_row_means_plan_matches_reference(dtype, size, stride, offset, V, masked):
-    hidden, storage = _view(dtype, size, stride, offset)
+    hidden, storage = strided_view(dtype, size, stride, offset)
     B, T, H = size
     mask = make_random_mask(B, T, p_valid=0.6, seed=7) if masked else None
     if masked and B > 1:

@@ -1,5 +1,9 @@
 // CUDA kernels for masked_mean_pool and domain_mean_pool.
 //
+// Two kernel sets, chosen by CHAMELEON_POOL_CUDA_KERNEL: v2 (the default; its section below
+// lists how it differs) and v1, described here, kept until v2 has been measured on a device
+// (then v1 can go, with its transliteration python_tests/test_pooling_cuda_plan.py).
+//
 // Row means (both ops). Memory-bound: every valid hidden row is read once with the widest
 // aligned loads and masked rows are never read. Work items are (row b, T-split, H-strip):
 //  - H: a strip is 32 lanes x V elements. The tensor's alignment and strides fix V (16-byte
@@ -17,10 +21,11 @@
 //  - The 8 warps' totals are added in warp order; splits in split order: deterministic.
 // Launches loop over work items (grid-stride), so no shape can exceed the grid limit.
 //
-// domain_mean_pool then reduces the row means per domain without leaving the device: a
-// stable sort of the ids gives each domain's rows in batch order (CSR offsets by
-// searchsorted), each domain's rows are summed in fixed chunks of kSegChunk rows in
-// parallel, and the chunks are added in order. Nothing goes to the host, so the op can be
+// domain_mean_pool then reduces the row means per domain without leaving the device (v2
+// with at most 16 domains: per-chunk partial sums, see below; otherwise): a stable sort of
+// the ids gives each domain's rows in batch order (CSR offsets by searchsorted), each
+// domain's rows are summed in fixed chunks of kSegChunk rows in parallel, and the chunks
+// are added in order. Nothing goes to the host, so the op can be
 // captured in a CUDA graph; ids on the device are checked there (a device-side assert).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -29,6 +34,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "../checks.h"
 
@@ -127,27 +135,16 @@ __device__ __forceinline__ void warp_row_sums(const scalar_t* __restrict__ col, 
   }
 }
 
-// One work item (b, split, strip) with W columns per lane starting at column h (active
-// lanes only). Writes the mean (one split) or the float64 partial (several splits).
-template <typename scalar_t, typename acc_t, int W, int V>
-__device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
-                                         const PoolGeom& g, int64_t b, int64_t split, int64_t strip,
-                                         int64_t h, bool active, double (*s_red)[32 * V],
-                                         int64_t* s_cnt, acc_t* __restrict__ means,
-                                         int64_t* __restrict__ counts, double* __restrict__ ws_sum,
-                                         int64_t* __restrict__ ws_cnt) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t t_begin = split * g.split_T;
-  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
-  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
-  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
-
-  double total[W], comp[W];
-#pragma unroll
-  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
-  int64_t count = 0;
-  warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
-
+// The end of a block work item: the 8 warps' totals added in warp order (and their valid-token
+// counts), written as the mean (one split) or the float64 partial (several splits). Every
+// thread of the block must call this together.
+template <typename acc_t, int W, int V>
+__device__ __forceinline__ void block_item_write(const PoolGeom& g, int64_t b, int64_t split, int64_t strip, int64_t h,
+                                                 bool active, const double (&total)[W], int64_t count,
+                                                 double (*s_red)[32 * V], int64_t* s_cnt, acc_t* __restrict__ means,
+                                                 int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                                                 int64_t* __restrict__ ws_cnt) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Value v of each lane at [v * 32 + lane]: the 32 lanes store (and warp 0 later reads) 32
   // consecutive doubles, which is free of shared-memory bank conflicts; the lane-major layout
   // [lane * W + v] put lanes W doubles apart: for W = 8, 8-way conflicts in each half warp
@@ -178,6 +175,31 @@ __device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, co
     }
   }
   __syncthreads();  // s_red and s_cnt are rewritten by the block's next item
+}
+
+// One work item (b, split, strip) with W columns per lane starting at column h (active
+// lanes only). Writes the mean (one split) or the float64 partial (several splits).
+template <typename scalar_t, typename acc_t, int W, int V>
+__device__ __forceinline__ void row_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                                         const PoolGeom& g, int64_t b, int64_t split, int64_t strip,
+                                         int64_t h, bool active, double (*s_red)[32 * V],
+                                         int64_t* s_cnt, acc_t* __restrict__ means,
+                                         int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                                         int64_t* __restrict__ ws_cnt) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t t_begin = split * g.split_T;
+  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
+  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
+  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
+
+  double total[W], comp[W];
+#pragma unroll
+  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
+  int64_t count = 0;
+  warp_row_sums<scalar_t, acc_t, W>(col, active, mrow, t_begin, t_end, g.sT, warp, lane, total, comp, count);
+
+  block_item_write<acc_t, W, V>(g, b, split, strip, h, active, total, count, s_red, s_cnt, means, counts, ws_sum,
+                                ws_cnt);
 }
 
 // At least 3 blocks (24 warps) per SM: enough 16-byte loads in flight to cover HBM latency.
@@ -272,9 +294,11 @@ PoolGeom make_geom(const at::Tensor& hidden, int V) {
   return g;
 }
 
-template <typename scalar_t, typename acc_t, int V>
-void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
-                      at::Tensor& counts) {
+// A launch of block work items (v1's row_means_kernel or v2's row_means_block_v2, same
+// parameters), then the combine of the T splits if there are several.
+template <typename scalar_t, typename acc_t, typename Kernel>
+void launch_block_items(Kernel kernel, const at::Tensor& hidden, const bool* mask, const PoolGeom& g,
+                        at::Tensor& means, at::Tensor& counts) {
   const int64_t items = g.B * g.n_splits * g.n_strips;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws_sum, ws_cnt;
@@ -282,7 +306,7 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
     ws_sum = at::empty({g.n_splits, g.B, g.H}, hidden.options().dtype(at::kDouble));
     ws_cnt = at::empty({g.n_splits, g.B}, hidden.options().dtype(at::kLong));
   }
-  row_means_kernel<scalar_t, acc_t, V><<<grid_for(items, 16), kThreads, 0, stream>>>(
+  kernel<<<grid_for(items, 16), kThreads, 0, stream>>>(
       hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(),
       g.n_splits > 1 ? ws_sum.data_ptr<double>() : nullptr, g.n_splits > 1 ? ws_cnt.data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -294,8 +318,292 @@ void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom
   }
 }
 
+template <typename scalar_t, typename acc_t, int V>
+void launch_row_means(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
+                      at::Tensor& counts) {
+  launch_block_items<scalar_t, acc_t>(row_means_kernel<scalar_t, acc_t, V>, hidden, mask, g, means, counts);
+}
+
+// ---------------------------------------------------------------- row means, v2
+//
+// v2 differs from v1 (above, still selectable: CHAMELEON_POOL_CUDA_KERNEL=v1) in three ways:
+//  - Short rows (T <= kWarpRowMaxT) are warp work items when there are at least
+//    kWarpItemsMin of them: one warp takes a whole (row, strip), all its chunks in order,
+//    with no shared memory and no block barrier. In v1 a row of 128 tokens has 4 chunks for 8
+//    warps, so half of every block waited at the barrier. Fewer items (a small batch) keep
+//    block items: 8 warps per row finish a lone row sooner than one warp would. The choice
+//    depends on the shapes only.
+//  - Eight valid rows are loaded per group instead of four, and a group's missing rows read
+//    a zero row rather than the rest being loaded one by one: every lane keeps 8 loads in
+//    flight.
+//  - The warp's mask bit for the first chunk of its next item is loaded with the last chunk
+//    of the current one, so no item starts with a lone dependent mask load.
+// Each warp still adds its chunks in a fixed order into a compensated float64 total, and a
+// block adds its warps in warp order: the result depends on the shapes only.
+
+constexpr int64_t kWarpRowMaxT = kSplitRound;  // rows this short are warp work items (no T split)
+constexpr int64_t kWarpItemsMin = 1024;        // ... if there are this many (row, strip) items
+constexpr int kGroup = 8;                      // valid rows loaded together by each lane
+
+// The mask bit of this lane's token in the chunk at c0 of a row (mrow) ending at t_end:
+// false past the end, so t_end = 0 means "no chunk".
+__device__ __forceinline__ bool chunk_bit(const bool* __restrict__ mrow, int64_t c0, int64_t t_end, int lane) {
+  return c0 + lane < t_end && (mrow == nullptr || mrow[c0 + lane]);
+}
+
+// Where a warp's next item starts: its row's mask, the warp's first chunk, the row's end.
+struct NextChunk {
+  const bool* mrow;
+  int64_t c0, end;  // end = 0: no next item
+};
+
+// 16 zero bytes in device memory: what a group's missing rows read.
+__device__ const Vec<uint32_t, 4> kZeroRow = {{0u, 0u, 0u, 0u}};
+
+// acc += the rows of `bits` (chunk positions, ascending) at base + j * sT, eight at a time:
+// (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))), a missing row being 0. The eight
+// loads are unconditional, a missing row reading kZeroRow: a load under a branch was
+// compiled as load-then-use, one at a time, and zeroing a loaded value afterwards made
+// ptxas wait for some loads before issuing the next ones.
+template <typename scalar_t, typename acc_t, int W>
+__device__ __forceinline__ void chunk_sums_v2(const scalar_t* __restrict__ base, int64_t sT, unsigned bits,
+                                              acc_t (&acc)[W]) {
+  while (bits) {
+    int j[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      j[k] = __ffs(bits) - 1;  // -1 once bits is empty
+      bits &= bits - 1;
+    }
+    // all eight raw loads first, conversions after: converting each load as it arrived let
+    // the compiler reuse its registers and wait on it before issuing the next loads
+    Vec<scalar_t, W> raw[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k)
+      raw[k] = *(j[k] >= 0 ? reinterpret_cast<const Vec<scalar_t, W>*>(base + j[k] * sT)
+                           : reinterpret_cast<const Vec<scalar_t, W>*>(&kZeroRow));
+    acc_t x[kGroup][W];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+#pragma unroll
+      for (int v = 0; v < W; ++v) x[k][v] = static_cast<acc_t>(raw[k].v[v]);
+    }
+#pragma unroll
+    for (int v = 0; v < W; ++v)
+      acc[v] += ((x[0][v] + x[1][v]) + (x[2][v] + x[3][v])) + ((x[4][v] + x[5][v]) + (x[6][v] + x[7][v]));
+  }
+}
+
+// One warp's chunks c_first, c_first + step, ... (< t_end) of a row, as warp_row_sums, with
+// the chunk's mask bit `valid` handed in (prefetched) and the bit of `next` handed back.
+// kKahan: compensated float64 adds of the chunk sums (any T); without it, plain float64 adds
+// (for at most kWarpRowMaxT / kChunkT = 8 chunks, whose float64 rounding is ~1e-15 relative,
+// far below the float32 output's; it saves 2 W registers per lane).
+// Every lane of the warp must call this together.
+template <typename scalar_t, typename acc_t, int W, bool kKahan>
+__device__ __forceinline__ bool warp_span_sums(const scalar_t* __restrict__ col, bool active,
+                                               const bool* __restrict__ mrow, int64_t c_first, int64_t t_end,
+                                               int64_t step, int64_t sT, int lane, bool valid, const NextChunk& next,
+                                               double (&total)[W], double (&comp)[W], int64_t& count) {
+  if (c_first >= t_end) return chunk_bit(next.mrow, next.c0, next.end, lane);  // no chunk here
+  for (int64_t c0 = c_first; c0 < t_end; c0 += step) {
+    const int64_t c1 = c0 + step;
+    const bool more = c1 < t_end;  // prefetch the next chunk's bit, or the next item's first
+    const bool next_valid = more ? chunk_bit(mrow, c1, t_end, lane) : chunk_bit(next.mrow, next.c0, next.end, lane);
+    const unsigned bits = __ballot_sync(kFull, valid);
+    valid = next_valid;
+    count += __popc(bits);
+    if (!active) continue;
+    acc_t acc[W];
+#pragma unroll
+    for (int v = 0; v < W; ++v) acc[v] = acc_t(0);
+    chunk_sums_v2<scalar_t, acc_t, W>(col + c0 * sT, sT, bits, acc);
+#pragma unroll
+    for (int v = 0; v < W; ++v) {
+      if constexpr (kKahan) {  // compensated float64 add, as in v1
+        const double y = static_cast<double>(acc[v]) - comp[v];
+        const double t = total[v] + y;
+        comp[v] = (t - total[v]) - y;
+        total[v] = t;
+      } else {
+        total[v] += static_cast<double>(acc[v]);
+      }
+    }
+  }
+  return valid;
+}
+
+// Item index -> (row, split, strip), strip fastest (as in v1).
+struct ItemPos {
+  int64_t b, split, strip;
+};
+__device__ __forceinline__ ItemPos item_pos(const PoolGeom& g, int64_t item) {
+  ItemPos p;
+  p.strip = item % g.n_strips;
+  const int64_t rest = item / g.n_strips;
+  p.split = rest % g.n_splits;
+  p.b = rest / g.n_splits;
+  return p;
+}
+
+// Where warp `warp` of the block starts `item` (the block kernel: chunk `warp` of its split);
+// end = 0 when item is past the last one.
+__device__ __forceinline__ NextChunk block_item_start(const PoolGeom& g, const bool* __restrict__ mask,
+                                                      int64_t item, int64_t items, int warp) {
+  if (item >= items) return NextChunk{nullptr, 0, 0};
+  const ItemPos p = item_pos(g, item);
+  const int64_t t_begin = p.split * g.split_T;
+  const int64_t t_end = t_begin + g.split_T < g.T ? t_begin + g.split_T : g.T;
+  return NextChunk{mask == nullptr ? nullptr : mask + p.b * g.T, t_begin + static_cast<int64_t>(warp) * kChunkT, t_end};
+}
+
+// One block work item, as row_item (v1) but through warp_span_sums; returns the warp's bit
+// for its next item.
+template <typename scalar_t, typename acc_t, int W, int V>
+__device__ __forceinline__ bool row_item_v2(const scalar_t* __restrict__ hidden, const PoolGeom& g, const ItemPos& p,
+                                            const NextChunk& here, const NextChunk& next, bool valid, int64_t h,
+                                            bool active, double (*s_red)[32 * V], int64_t* s_cnt,
+                                            acc_t* __restrict__ means, int64_t* __restrict__ counts,
+                                            double* __restrict__ ws_sum, int64_t* __restrict__ ws_cnt) {
+  const int lane = threadIdx.x & 31;
+  const scalar_t* col = hidden + p.b * g.sB + (active ? h : 0);
+  double total[W], comp[W];
+#pragma unroll
+  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
+  int64_t count = 0;
+  valid = warp_span_sums<scalar_t, acc_t, W, true>(col, active, here.mrow, here.c0, here.end, kSplitRound, g.sT, lane,
+                                                   valid, next, total, comp, count);
+  block_item_write<acc_t, W, V>(g, p.b, p.split, p.strip, h, active, total, count, s_red, s_cnt, means, counts,
+                                ws_sum, ws_cnt);
+  return valid;
+}
+
+// Rows longer than kWarpRowMaxT: block work items (row, split, strip), 8 warps per item.
+// 16-byte vectors need more than the 80 registers of 3 blocks per SM (8 loads of 16 bytes
+// in flight, the float sums, the float64 totals and compensations per lane): with 80, the
+// half-precision kernels spilled and the float/double ones reused a load's registers, which
+// serialised the loads. kMinBlocks gives them 2 blocks per SM: 16 warps with 8 loads of 512
+// bytes each in flight, 64 KB per SM, about three times what covers the memory latency.
+template <typename scalar_t, int V>
+constexpr int kMinBlocks = V * sizeof(scalar_t) == 16 ? 2 : 3;
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, V>)
+    row_means_block_v2(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask, PoolGeom g,
+                       acc_t* __restrict__ means, int64_t* __restrict__ counts, double* __restrict__ ws_sum,
+                       int64_t* __restrict__ ws_cnt) {
+  __shared__ double s_red[kWarps][32 * V];
+  __shared__ int64_t s_cnt[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t items = g.B * g.n_splits * g.n_strips;
+  NextChunk here = block_item_start(g, mask, blockIdx.x, items, warp);
+  bool valid = chunk_bit(here.mrow, here.c0, here.end, lane);
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const ItemPos p = item_pos(g, item);
+    const NextChunk next = block_item_start(g, mask, item + gridDim.x, items, warp);
+    if (p.strip < g.n_vec_strips) {
+      const int64_t vi = p.strip * 32 + lane;
+      valid = row_item_v2<scalar_t, acc_t, V, V>(hidden, g, p, here, next, valid, g.head + vi * V, vi < g.n_vec,
+                                                 s_red, s_cnt, means, counts, ws_sum, ws_cnt);
+    } else {  // the edge strip, as in v1
+      const int64_t tail = g.H - g.body_end;
+      const int64_t h = lane < g.head ? lane : g.body_end + (lane - g.head);
+      valid = row_item_v2<scalar_t, acc_t, 1, V>(hidden, g, p, here, next, valid, h, lane < g.head + tail, s_red,
+                                                 s_cnt, means, counts, ws_sum, ws_cnt);
+    }
+    here = next;
+  }
+}
+
+// One warp work item (row b, strip) of a short row: the mean of W columns per lane.
+template <typename scalar_t, typename acc_t, int W>
+__device__ __forceinline__ bool warp_item(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                                          const PoolGeom& g, int64_t b, int64_t strip, int64_t h, bool active,
+                                          bool valid, const NextChunk& next, acc_t* __restrict__ means,
+                                          int64_t* __restrict__ counts) {
+  const int lane = threadIdx.x & 31;
+  const scalar_t* col = hidden + b * g.sB + (active ? h : 0);
+  double total[W], comp[W];
+#pragma unroll
+  for (int v = 0; v < W; ++v) total[v] = comp[v] = 0.0;
+  int64_t count = 0;
+  const bool* mrow = mask == nullptr ? nullptr : mask + b * g.T;
+  valid = warp_span_sums<scalar_t, acc_t, W, false>(col, active, mrow, 0, g.T, kChunkT, g.sT, lane, valid, next, total,
+                                                    comp, count);
+  if (active) {
+#pragma unroll
+    for (int v = 0; v < W; ++v)
+      means[b * g.H + h + v] = count > 0 ? static_cast<acc_t>(total[v] / static_cast<double>(count)) : acc_t(0);
+  }
+  if (strip == 0 && lane == 0) counts[b] = count;
+  return valid;
+}
+
+// Rows of at most kWarpRowMaxT tokens (never split): warp work items (row, strip), strip
+// fastest; each warp walks the items gw, gw + (all warps of the grid), ... Registers as in
+// row_means_block_v2.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, V>)
+    row_means_warp_v2(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask, PoolGeom g,
+                      acc_t* __restrict__ means, int64_t* __restrict__ counts) {
+  const int lane = threadIdx.x & 31;
+  const int64_t items = g.B * g.n_strips;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  auto start = [&](int64_t item) {
+    if (item >= items) return NextChunk{nullptr, 0, 0};
+    return NextChunk{mask == nullptr ? nullptr : mask + (item / g.n_strips) * g.T, 0, g.T};
+  };
+  const NextChunk s0 = start(first);
+  bool valid = chunk_bit(s0.mrow, s0.c0, s0.end, lane);
+  for (int64_t item = first; item < items; item += stride) {
+    const int64_t b = item / g.n_strips, strip = item % g.n_strips;
+    const NextChunk next = start(item + stride);
+    if (strip < g.n_vec_strips) {
+      const int64_t vi = strip * 32 + lane;
+      valid = warp_item<scalar_t, acc_t, V>(hidden, mask, g, b, strip, g.head + vi * V, vi < g.n_vec, valid, next,
+                                            means, counts);
+    } else {  // the edge strip, as in the block kernels
+      const int64_t tail = g.H - g.body_end;
+      const int64_t h = lane < g.head ? lane : g.body_end + (lane - g.head);
+      valid = warp_item<scalar_t, acc_t, 1>(hidden, mask, g, b, strip, h, lane < g.head + tail, valid, next, means,
+                                            counts);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_row_means_v2(const at::Tensor& hidden, const bool* mask, const PoolGeom& g, at::Tensor& means,
+                         at::Tensor& counts) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (g.T <= kWarpRowMaxT && g.B * g.n_strips >= kWarpItemsMin) {  // make_geom never splits such rows
+    const int64_t items = g.B * g.n_strips;
+    row_means_warp_v2<scalar_t, acc_t, V><<<grid_for((items + kWarps - 1) / kWarps, 16), kThreads, 0, stream>>>(
+        hidden.const_data_ptr<scalar_t>(), mask, g, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  launch_block_items<scalar_t, acc_t>(row_means_block_v2<scalar_t, acc_t, V>, hidden, mask, g, means, counts);
+}
+
+// Which pooling kernels run: CHAMELEON_POOL_CUDA_KERNEL=v1|v2 (default v2). v1 (the block
+// kernel for every T, sort-based domain segments) is kept for A/B timing and as a fallback
+// until v2 has been measured on a device. Read on every call, like CHAMELEON_KRLS_PATH, so a
+// test or a benchmark can switch in-process (a getenv is negligible next to a launch).
+enum class PoolKernels { kV1, kV2 };
+
+PoolKernels pool_kernels() {
+  const char* env = std::getenv("CHAMELEON_POOL_CUDA_KERNEL");
+  if (env == nullptr || *env == '\0') return PoolKernels::kV2;
+  const std::string v(env);
+  if (v == "v2") return PoolKernels::kV2;
+  TORCH_CHECK_VALUE(v == "v1", "CHAMELEON_POOL_CUDA_KERNEL must be 'v1' or 'v2', got '", v, "'");
+  return PoolKernels::kV1;
+}
+
 // Row means [B, H] in the pooled dtype and valid-token counts [B] (int64).
-std::tuple<at::Tensor, at::Tensor> row_means_cuda(const at::Tensor& hidden_in, const at::Tensor& mask) {
+std::tuple<at::Tensor, at::Tensor> row_means_cuda(const at::Tensor& hidden_in, const at::Tensor& mask,
+                                                  PoolKernels which) {
   const at::Tensor hidden =
       (hidden_in.stride(2) == 1 || hidden_in.size(2) == 1) ? hidden_in : hidden_in.contiguous();
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
@@ -313,15 +621,20 @@ std::tuple<at::Tensor, at::Tensor> row_means_cuda(const at::Tensor& hidden_in, c
     const int V = pick_vec<scalar_t>(hidden);
     const PoolGeom g = make_geom(hidden, V);
     // pick_vec never exceeds 16 bytes: 8 only for 2-byte types, 4 for 2- and 4-byte ones.
+    auto run = [&](auto vec) {
+      constexpr int kV = decltype(vec)::value;
+      if (which == PoolKernels::kV1) launch_row_means<scalar_t, acc_t, kV>(hidden, mk, g, means, counts);
+      else launch_row_means_v2<scalar_t, acc_t, kV>(hidden, mk, g, means, counts);
+    };
     switch (V) {
       case 8:
-        if constexpr (sizeof(scalar_t) == 2) launch_row_means<scalar_t, acc_t, 8>(hidden, mk, g, means, counts);
+        if constexpr (sizeof(scalar_t) == 2) run(std::integral_constant<int, 8>{});
         break;
       case 4:
-        if constexpr (sizeof(scalar_t) <= 4) launch_row_means<scalar_t, acc_t, 4>(hidden, mk, g, means, counts);
+        if constexpr (sizeof(scalar_t) <= 4) run(std::integral_constant<int, 4>{});
         break;
-      case 2: launch_row_means<scalar_t, acc_t, 2>(hidden, mk, g, means, counts); break;
-      default: launch_row_means<scalar_t, acc_t, 1>(hidden, mk, g, means, counts); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
     }
   };
   switch (hidden.scalar_type()) {
@@ -407,12 +720,154 @@ __global__ void segment_combine_kernel(const double* __restrict__ partial, const
   }
 }
 
+// ------------------------------------------------- domain sums for few domains (v2)
+//
+// For num_domains <= kSmallDomains, no sort: the batch is cut into chunks of `chunk_rows`
+// consecutive rows; one kernel sums each chunk's row means per domain, in batch order, into
+// float64 partials [n_chunks, D, H] (and counts each chunk's non-empty rows per domain); a
+// second adds the chunks in chunk order. Two launches after the row means instead of about
+// fifteen (sort, searchsorted, cumsum, ...), and the order of every addition is fixed by B
+// and D alone: deterministic. A chunk has at least 8 D rows, so the partials are at most a
+// quarter of the means' size (8 D bytes per column and chunk against 4 bytes per row of
+// float32 means), at least kDomChunkMin rows (short serial loops, many blocks), and there are
+// at most kDomMaxChunks chunks, which bounds the combine's serial loop.
+
+constexpr int kSmallDomains = 16;
+constexpr int64_t kDomChunkMin = 32;
+constexpr int64_t kDomMaxChunks = 128;
+constexpr int kDomThreads = 256;
+constexpr int kDomRowGroup = 8;  // rows whose loads are issued together
+
+int64_t domain_chunk_rows(int64_t B, int64_t D) {
+  return std::max<int64_t>(std::max<int64_t>(kDomChunkMin, 8 * D), (B + kDomMaxChunks - 1) / kDomMaxChunks);
+}
+
+// partial[c, d, h] = sum of means[b, h] over the rows b of chunk c with ids[b] = d, in batch
+// order; chunk_cnt[c, d] = those rows with at least one valid token. Items are (chunk,
+// strip of kDomThreads columns), strip fastest. Ids that reached the device unchecked are
+// checked here (each row once: by thread 0 of its chunk's first strip). kD >= D
+// accumulators per thread, in registers: each row adds its value to its domain and 0.0 to
+// the others (branch-free; adding +0.0 leaves a sum that started at +0.0 unchanged), after
+// the loads of kDomRowGroup rows were issued together; a warp loads 32 rows' ids at once and
+// shuffles them. A select of the domain by branches (an earlier form) waited on one row's
+// load at a time.
+template <typename acc_t, int kD>
+__global__ void __launch_bounds__(kDomThreads)
+    domain_partials_kernel(const acc_t* __restrict__ means, const int64_t* __restrict__ row_counts,
+                           const int64_t* __restrict__ ids, int64_t B, int64_t H, int64_t D, int64_t chunk_rows,
+                           int64_t n_chunks, int64_t n_strips, double* __restrict__ partial,
+                           int64_t* __restrict__ chunk_cnt) {
+  const int64_t items = n_chunks * n_strips;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t c = item / n_strips, strip = item % n_strips;
+    const int64_t b0 = c * chunk_rows, b1 = b0 + chunk_rows < B ? b0 + chunk_rows : B;
+    if (strip == 0 && threadIdx.x < D) {
+      const int64_t mine = threadIdx.x;
+      int64_t n = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t d = ids[b];
+        if (mine == 0)
+          CUDA_KERNEL_ASSERT(d >= 0 && d < D && "domain_mean_pool: a domain id is outside [0, num_domains)");
+        n += (d == mine && row_counts[b] > 0) ? 1 : 0;
+      }
+      chunk_cnt[c * D + mine] = n;
+    }
+    // Every lane runs the row loop (its shuffles need the whole warp); a lane past H reads
+    // column 0 and writes nothing.
+    const int64_t h = strip * kDomThreads + threadIdx.x;
+    const int64_t hc = h < H ? h : 0;
+    const int lane = threadIdx.x & 31;
+    double acc[kD];
+#pragma unroll
+    for (int k = 0; k < kD; ++k) acc[k] = 0.0;
+    for (int64_t b = b0; b < b1; b += 32) {  // 32 rows: one coalesced load of their ids
+      const int64_t id = b + lane < b1 ? ids[b + lane] : -1;
+      const int lane_d = id >= 0 && id < D ? static_cast<int>(id) : -1;  // -1: no domain
+      const int n = b1 - b < 32 ? static_cast<int>(b1 - b) : 32;
+      for (int r0 = 0; r0 < n; r0 += kDomRowGroup) {
+        int d[kDomRowGroup];
+        double x[kDomRowGroup];
+#pragma unroll
+        for (int r = 0; r < kDomRowGroup; ++r) {  // rows past the chunk read row b
+          const int j = r0 + r;  // <= 31
+          d[r] = __shfl_sync(kFull, lane_d, j);
+          x[r] = static_cast<double>(means[(j < n ? b + j : b) * H + hc]);
+        }
+#pragma unroll
+        for (int r = 0; r < kDomRowGroup; ++r) {
+          const int dr = r0 + r < n ? d[r] : -1;
+#pragma unroll
+          for (int k = 0; k < kD; ++k) acc[k] += dr == k ? x[r] : 0.0;
+        }
+      }
+    }
+    if (h < H) {
+#pragma unroll
+      for (int k = 0; k < kD; ++k)
+        if (k < D) partial[(c * D + k) * H + h] = acc[k];
+    }
+  }
+}
+
+// sums[d, h] = the chunks' partials added in chunk order; counts[d] likewise.
+template <typename acc_t>
+__global__ void domain_combine_kernel(const double* __restrict__ partial, const int64_t* __restrict__ chunk_cnt,
+                                      int64_t D, int64_t H, int64_t n_chunks, acc_t* __restrict__ sums,
+                                      int64_t* __restrict__ counts) {
+  const int64_t n = D * H;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = i / H, h = i - d * H;
+    double s = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) s += partial[(c * D + d) * H + h];
+    sums[i] = static_cast<acc_t>(s);
+    if (h == 0) {
+      int64_t k = 0;
+      for (int64_t c = 0; c < n_chunks; ++c) k += chunk_cnt[c * D + d];
+      counts[d] = k;
+    }
+  }
+}
+
+// sums [D, H] and counts [D] for 1 <= D <= kSmallDomains, B > 0, H > 0.
+std::tuple<at::Tensor, at::Tensor> domain_sums_small(const at::Tensor& means, const at::Tensor& row_counts,
+                                                     const at::Tensor& ids, int64_t D) {
+  const int64_t B = means.size(0), H = means.size(1);
+  const int64_t chunk_rows = domain_chunk_rows(B, D);
+  const int64_t n_chunks = (B + chunk_rows - 1) / chunk_rows;
+  const int64_t n_strips = (H + kDomThreads - 1) / kDomThreads;
+  const auto long_opts = means.options().dtype(at::kLong);
+  // every element of these is written once by the kernels: no fills
+  at::Tensor partial = at::empty({n_chunks, D, H}, means.options().dtype(at::kDouble));
+  at::Tensor chunk_cnt = at::empty({n_chunks, D}, long_opts);
+  at::Tensor sums = at::empty({D, H}, means.options());
+  at::Tensor counts = at::empty({D}, long_opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "domain_sums_small_cuda", [&] {
+    auto partials = [&](auto kd) {  // as few accumulators as cover D
+      domain_partials_kernel<scalar_t, decltype(kd)::value>
+          <<<grid_for(n_chunks * n_strips, 16), kDomThreads, 0, stream>>>(
+              means.const_data_ptr<scalar_t>(), row_counts.const_data_ptr<int64_t>(), ids.const_data_ptr<int64_t>(),
+              B, H, D, chunk_rows, n_chunks, n_strips, partial.data_ptr<double>(), chunk_cnt.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (D <= 4) partials(std::integral_constant<int, 4>{});
+    else if (D <= 8) partials(std::integral_constant<int, 8>{});
+    else partials(std::integral_constant<int, kSmallDomains>{});
+    domain_combine_kernel<scalar_t><<<grid_for((D * H + 255) / 256, 8), 256, 0, stream>>>(
+        partial.const_data_ptr<double>(), chunk_cnt.const_data_ptr<int64_t>(), D, H, n_chunks,
+        sums.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sums, counts};
+}
+
 at::Tensor masked_mean_pool_cuda(const at::Tensor& hidden, const c10::optional<at::Tensor>& mask_in) {
   const char* op = "masked_mean_pool";
   check_hidden(hidden, op);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor mask = normalized_mask(hidden, mask_in, op);
-  return std::get<0>(row_means_cuda(hidden, mask));
+  return std::get<0>(row_means_cuda(hidden, mask, pool_kernels()));
 }
 
 std::tuple<at::Tensor, at::Tensor> domain_mean_pool_cuda(const at::Tensor& hidden,
@@ -435,9 +890,12 @@ std::tuple<at::Tensor, at::Tensor> domain_mean_pool_cuda(const at::Tensor& hidde
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const auto row = row_means_cuda(hidden, mask);
+  const PoolKernels which = pool_kernels();
+  const auto row = row_means_cuda(hidden, mask, which);
   const at::Tensor& means = std::get<0>(row);
   const at::Tensor& row_counts = std::get<1>(row);
+  if (which == PoolKernels::kV2 && B > 0 && H > 0 && D <= kSmallDomains)
+    return domain_sums_small(means, row_counts, ids, D);
   const auto long_opts = hidden.options().dtype(at::kLong);
   at::Tensor counts = at::zeros({D}, long_opts);  // atomically incremented: needs zeros
   at::Tensor sums = at::empty({D, H}, means.options());
