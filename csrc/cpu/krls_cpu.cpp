@@ -48,121 +48,174 @@ inline double min_d(double a, double b) { return a < b ? a : b; }
 // the full layout (32 KB for the matrices alone) did not.
 inline int64_t tri(int64_t i) { return i * (i + 1) / 2; }
 
+// Four lanes as one GCC vector. The loops below are written on these explicitly: left to
+// itself, GCC vectorised the kernel's loops over the matrix index instead of over the lanes,
+// with shuffles. aligned(8): the buffers need only double alignment.
+typedef double vd __attribute__((vector_size(32), aligned(8)));
+typedef int64_t vm __attribute__((vector_size(32)));  // a comparison's lane mask
+constexpr int kVecs = kLanes / 4;
+#define VECS for (int q = 0; q < kVecs; ++q)
+inline vd* vec(double* p) { return reinterpret_cast<vd*>(p); }
+
 // The solve for one group. a: packed lower triangles [k (k + 1) / 2, kLanes] (symmetric,
-// checked input), mu: [kLanes], scratch: [4, k, kLanes]. Writes S [k, kLanes] and, per lane,
+// checked input), mu: [kLanes], scratch: [5, k, kLanes]. Writes S [k, kLanes] and, per lane,
 // the first failing Cholesky pivot (-1 if none) into pivot. next (or nullptr): the next
 // group's kLanes input matrices, next_bytes each, prefetched a slice per Cholesky row (see
 // krls_fused_cpu).
 CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratch, int64_t k,
                                  const double* __restrict mu, bool center, double* __restrict S,
                                  int32_t* __restrict pivot, const char* const* next, int64_t next_bytes) {
-  double* rowmean = scratch;                // [k, L]
-  double* inv_diag = scratch + k * kLanes;  // [k, L]: 1 / L_jj
-  double* w = scratch + 2 * k * kLanes;     // [k, L]: a column of L^-1
-  double* dpiv = scratch + 3 * k * kLanes;  // [k, L]: d_j, the pivots of Kc (L_jj^2 - mu, exactly)
-  auto row = [&](int64_t i) { return a + tri(i) * kLanes; };
-  LANES pivot[l] = -1;
+  // Every element of the group (k x k entry, or a per-row value) is kLanes doubles = kVecs vectors.
+  vd* rowmean = vec(scratch);               // [k]
+  double* inv_diag = scratch + k * kLanes;  // [k]: 1 / L_jj
+  vd* dpiv = vec(scratch + 2 * k * kLanes);  // [k]: d_j, the pivots of Kc (L_jj^2 - mu, exactly)
+  vd* w0 = vec(scratch + 3 * k * kLanes);   // [k]: two columns of L^-1
+  vd* w1 = vec(scratch + 4 * k * kLanes);
+  vd* inv = vec(inv_diag);
+  auto row = [&](int64_t i) { return vec(a + tri(i) * kLanes); };
+  vd failed[kVecs], muv[kVecs];  // per lane: the first failing pivot (-1 if none), mu
+  VECS {
+    failed[q] = vd{} - 1.0;
+    muv[q] = vec(const_cast<double*>(mu))[q];
+  }
 
   if (center) {
-    for (int64_t i = 0; i < k; ++i) LANES rowmean[i * kLanes + l] = 0.0;
+    // Row sums in the order j = 0 .. k-1 for every row: row i's own entries, then column i of
+    // the rows below it.
     for (int64_t i = 0; i < k; ++i) {
-      const double* r = row(i);
-      for (int64_t j = 0; j < i; ++j) {
-        const double* x = r + j * kLanes;
-        LANES {
-          rowmean[i * kLanes + l] += x[l];
-          rowmean[j * kLanes + l] += x[l];
+      const vd* r = row(i);
+      vd acc[kVecs] = {};
+      for (int64_t j = 0; j < i; ++j) VECS {
+          acc[q] += r[j * kVecs + q];
+          rowmean[j * kVecs + q] += r[j * kVecs + q];
         }
-      }
-      const double* x = r + i * kLanes;
-      LANES rowmean[i * kLanes + l] += x[l];
+      VECS rowmean[i * kVecs + q] = acc[q] + r[i * kVecs + q];
     }
-    double grand[kLanes] = {};
+    vd grand[kVecs] = {};
     const double inv_k = 1.0 / static_cast<double>(k);
-    for (int64_t i = 0; i < k; ++i) LANES {
-        rowmean[i * kLanes + l] *= inv_k;
-        grand[l] += rowmean[i * kLanes + l];
+    for (int64_t i = 0; i < k; ++i) VECS {
+        rowmean[i * kVecs + q] *= inv_k;
+        grand[q] += rowmean[i * kVecs + q];
       }
-    LANES grand[l] *= inv_k;
+    VECS grand[q] *= inv_k;
     for (int64_t i = 0; i < k; ++i) {
-      double* r = row(i);
-      for (int64_t j = 0; j <= i; ++j) {
-        double* x = r + j * kLanes;
-        LANES x[l] += grand[l] - rowmean[i * kLanes + l] - rowmean[j * kLanes + l];
-      }
+      vd* r = row(i);
+      for (int64_t j = 0; j <= i; ++j) VECS r[j * kVecs + q] += grand[q] - rowmean[i * kVecs + q] - rowmean[j * kVecs + q];
     }
   }
 
   // Cholesky-Banachiewicz of Kc + mu I, row by row, in place. mu is added only when a pivot
   // is taken, so the diagonal's running value is d_j, the pivot of Kc itself, kept exactly
-  // for the scores. Each step is a short dot product; with kLanes matrices side by side it is
-  // kLanes/4 independent vector chains. A lane that fails gets a unit pivot so the group
-  // carries on; the caller discards its result. (Taking two entries per pass, to share the
-  // loads of row i, measured slower: the extra accumulators did not stay in registers.)
+  // for the scores. Entries are taken two at a time (j, j + 1): the two dot products share
+  // the loads of row i, and each entry's terms are summed in the same order as one at a time.
+  // A lane that fails gets a unit pivot so the group carries on; the caller discards its result.
+  auto take_pivot = [&](int64_t i, vd* out, const vd* s) {
+    const vd row_index = vd{} + static_cast<double>(i);
+    VECS {
+      const vd pv = s[q] + muv[q];
+      const vm ok = (pv > 0.0) & (pv <= 1.7976931348623157e308);
+      failed[q] = ((ok == 0) & (failed[q] < 0.0)) ? row_index : failed[q];
+      const vd safe = ok ? pv : vd{} + 1.0;
+      vd r;
+      for (int e = 0; e < 4; ++e) r[e] = std::sqrt(safe[e]);  // one vector sqrt
+      out[q] = r;
+      dpiv[i * kVecs + q] = s[q];
+      inv[i * kVecs + q] = 1.0 / r;
+    }
+  };
   for (int64_t i = 0; i < k; ++i) {
-    double* ri = row(i);
+    vd* ri = row(i);
     if (next != nullptr) {  // row i's share of the next group's input, into L2
       const int64_t lo = next_bytes * i / k / 64 * 64, hi = next_bytes * (i + 1) / k;
       for (int l = 0; l < kLanes; ++l)
         for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(next[l] + o, 0, 2);
     }
-    for (int64_t j = 0; j <= i; ++j) {
-      const double* rj = row(j);
-      double s[kLanes];
-      LANES s[l] = ri[j * kLanes + l];
-      for (int64_t p = 0; p < j; ++p) {
-        const double* x = ri + p * kLanes;
-        const double* y = rj + p * kLanes;
-        LANES s[l] -= x[l] * y[l];
+    int64_t j = 0;
+    for (; j + 1 <= i; j += 2) {  // entries j and j + 1 <= i
+      const vd* r0 = row(j);
+      const vd* r1 = row(j + 1);
+      vd s0[kVecs], s1[kVecs];
+      VECS {
+        s0[q] = ri[j * kVecs + q];
+        s1[q] = ri[(j + 1) * kVecs + q];
       }
-      double* out = ri + j * kLanes;
-      if (j < i) {
-        const double* d = inv_diag + j * kLanes;
-        LANES out[l] = s[l] * d[l];
-      } else {
-        LANES {
-          const double pv = s[l] + mu[l];
-          const bool ok = pv > 0.0 && pv <= 1.7976931348623157e308;
-          pivot[l] = (!ok && pivot[l] < 0) ? static_cast<int32_t>(i) : pivot[l];
-          const double r = std::sqrt(ok ? pv : 1.0);
-          out[l] = r;
-          dpiv[i * kLanes + l] = s[l];
-          inv_diag[i * kLanes + l] = 1.0 / r;
+      for (int64_t p = 0; p < j; ++p) VECS {
+          const vd x = ri[p * kVecs + q];
+          s0[q] -= x * r0[p * kVecs + q];
+          s1[q] -= x * r1[p * kVecs + q];
         }
+      VECS {
+        const vd l0 = s0[q] * inv[j * kVecs + q];
+        ri[j * kVecs + q] = l0;
+        s1[q] -= l0 * r1[j * kVecs + q];
       }
+      if (j + 1 < i) {
+        VECS ri[(j + 1) * kVecs + q] = s1[q] * inv[(j + 1) * kVecs + q];
+      } else {
+        take_pivot(i, ri + i * kVecs, s1);
+      }
+    }
+    if (j == i) {  // the diagonal, when it is left over
+      vd s[kVecs];
+      VECS s[q] = ri[i * kVecs + q];
+      for (int64_t p = 0; p < i; ++p) VECS s[q] -= ri[p * kVecs + q] * ri[p * kVecs + q];
+      take_pivot(i, ri + i * kVecs, s);
     }
   }
+  const double* failed_l = reinterpret_cast<const double*>(failed);
+  LANES pivot[l] = static_cast<int32_t>(failed_l[l]);
 
-  // S_i = d_i W_ii^2 - mu sum_{j>i} W_ji^2: column i of W = L^-1 by forward substitution.
-  for (int64_t i = 0; i < k; ++i) {
-    double norm2[kLanes];  // sum over the entries below the diagonal
-    LANES {
-      w[i * kLanes + l] = inv_diag[i * kLanes + l];
-      norm2[l] = 0.0;
-    }
-    for (int64_t j = i + 1; j < k; ++j) {
-      const double* rj = row(j);
-      double s[kLanes] = {};
-      for (int64_t p = i; p < j; ++p) {
-        const double* lj = rj + p * kLanes;
-        const double* wp = w + p * kLanes;
-        LANES s[l] -= lj[l] * wp[l];
-      }
-      const double* d = inv_diag + j * kLanes;
-      LANES {
-        const double v = s[l] * d[l];
-        w[j * kLanes + l] = v;
-        norm2[l] += v * v;
-      }
-    }
+  // S_i = d_i W_ii^2 - mu sum_{j>i} W_ji^2: columns of W = L^-1 by forward substitution, two
+  // at a time (c, c + 1), sharing the loads of L; each sum in the same order as one at a time.
+  auto score = [&](int64_t c, const vd* norm2) {
+    const double* n = reinterpret_cast<const double*>(norm2);
+    const double* r = inv_diag + c * kLanes;
+    const double* d = reinterpret_cast<const double*>(dpiv + c * kVecs);
     // Exact arithmetic keeps S in [0, 1); clamp the last-ulp excursions.
-    const double* r = inv_diag + i * kLanes;
-    const double* d = dpiv + i * kLanes;
-    LANES S[i * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * norm2[l], 0.0), 1.0);
+    LANES S[c * kLanes + l] = min_d(max_d(d[l] * r[l] * r[l] - mu[l] * n[l], 0.0), 1.0);
+  };
+  int64_t c = 0;
+  for (; c + 1 < k; c += 2) {
+    vd n0[kVecs] = {}, n1[kVecs] = {};  // sums over the entries below the diagonal
+    {
+      const vd* r1 = row(c + 1);
+      VECS {
+        w0[c * kVecs + q] = inv[c * kVecs + q];
+        vd s = {};
+        s -= r1[c * kVecs + q] * w0[c * kVecs + q];
+        const vd v = s * inv[(c + 1) * kVecs + q];
+        w0[(c + 1) * kVecs + q] = v;
+        n0[q] += v * v;
+        w1[(c + 1) * kVecs + q] = inv[(c + 1) * kVecs + q];
+      }
+    }
+    for (int64_t j = c + 2; j < k; ++j) {
+      const vd* rj = row(j);
+      vd s0[kVecs] = {}, s1[kVecs] = {};
+      VECS s0[q] -= rj[c * kVecs + q] * w0[c * kVecs + q];
+      for (int64_t p = c + 1; p < j; ++p) VECS {
+          const vd y = rj[p * kVecs + q];
+          s0[q] -= y * w0[p * kVecs + q];
+          s1[q] -= y * w1[p * kVecs + q];
+        }
+      VECS {
+        const vd v0 = s0[q] * inv[j * kVecs + q], v1 = s1[q] * inv[j * kVecs + q];
+        w0[j * kVecs + q] = v0;
+        w1[j * kVecs + q] = v1;
+        n0[q] += v0 * v0;
+        n1[q] += v1 * v1;
+      }
+    }
+    score(c, n0);
+    score(c + 1, n1);
+  }
+  if (c < k) {  // the last column alone: no entries below the diagonal
+    const vd n[kVecs] = {};
+    score(c, n);
   }
 }
-
 #undef LANES
+#undef VECS
 
 // Loads matrices b0 .. b0+kLanes-1 (a group) into the packed lower triangles a, keeping the
 // symmetric part, and measures per lane max|K|, max|K - K^T| and finiteness. Lane l reads
@@ -256,7 +309,7 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     // k * k elements are dense in memory (any order), the usual case.
     const bool dense = sr >= 0 && sc >= 0 && (k - 1) * (sr + sc) + 1 == k * k;
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> a(tri(k) * kLanes), scratch(4 * k * kLanes), S(k * kLanes);
+      std::vector<double> a(tri(k) * kLanes), scratch(5 * k * kLanes), S(k * kLanes);
       std::vector<double> stage(std::is_same_v<scalar_t, double> ? 0 : k * k * kLanes);  // float32 input only
       int32_t pivot[kLanes];
       int64_t off[kLanes];
