@@ -104,10 +104,12 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
     }
   }
 
-  // Cholesky-Banachiewicz of Kc + mu I, row by row, in place. mu is added only when a pivot
+  // Cholesky (Crout, column by column) of Kc + mu I, in place. mu is added only when a pivot
   // is taken, so the diagonal's running value is d_j, the pivot of Kc itself, kept exactly
-  // for the scores. Entries are taken two at a time (j, j + 1): the two dot products share
-  // the loads of row i, and each entry's terms are summed in the same order as one at a time.
+  // for the scores. Below the pivot, a column's entries are independent dot products (taken
+  // row by row, each entry in turn waited on the one before it through the row), done two
+  // rows at a time to share the loads of row j; every entry's terms are summed in the same
+  // order (p ascending) as the row-by-row form, so the factor is bitwise the same.
   // A lane that fails gets a unit pivot so the group carries on; the caller discards its result.
   auto take_pivot = [&](int64_t i, vd* out, const vd* s) {
     const vd row_index = vd{} + static_cast<double>(i);
@@ -123,43 +125,44 @@ CHAMELEON_CLONES void krls_group(double* __restrict a, double* __restrict scratc
       inv[i * kVecs + q] = 1.0 / r;
     }
   };
-  for (int64_t i = 0; i < k; ++i) {
-    vd* ri = row(i);
-    if (next != nullptr) {  // row i's share of the next group's input, into L2
-      const int64_t lo = next_bytes * i / k / 64 * 64, hi = next_bytes * (i + 1) / k;
+  for (int64_t j = 0; j < k; ++j) {
+    if (next != nullptr) {  // column j's share of the next group's input, into L2
+      const int64_t lo = next_bytes * j / k / 64 * 64, hi = next_bytes * (j + 1) / k;
       for (int l = 0; l < kLanes; ++l)
         for (int64_t o = lo; o < hi; o += 64) __builtin_prefetch(next[l] + o, 0, 2);
     }
-    int64_t j = 0;
-    for (; j + 1 <= i; j += 2) {  // entries j and j + 1 <= i
-      const vd* r0 = row(j);
-      const vd* r1 = row(j + 1);
+    vd* rj = row(j);
+    {
+      vd s[kVecs];
+      VECS s[q] = rj[j * kVecs + q];
+      for (int64_t p = 0; p < j; ++p) VECS s[q] -= rj[p * kVecs + q] * rj[p * kVecs + q];
+      take_pivot(j, rj + j * kVecs, s);
+    }
+    int64_t i = j + 1;
+    for (; i + 1 < k; i += 2) {  // rows i and i + 1 share the loads of row j
+      vd* r0 = row(i);
+      vd* r1 = row(i + 1);
       vd s0[kVecs], s1[kVecs];
       VECS {
-        s0[q] = ri[j * kVecs + q];
-        s1[q] = ri[(j + 1) * kVecs + q];
+        s0[q] = r0[j * kVecs + q];
+        s1[q] = r1[j * kVecs + q];
       }
       for (int64_t p = 0; p < j; ++p) VECS {
-          const vd x = ri[p * kVecs + q];
-          s0[q] -= x * r0[p * kVecs + q];
-          s1[q] -= x * r1[p * kVecs + q];
+          const vd y = rj[p * kVecs + q];
+          s0[q] -= r0[p * kVecs + q] * y;
+          s1[q] -= r1[p * kVecs + q] * y;
         }
       VECS {
-        const vd l0 = s0[q] * inv[j * kVecs + q];
-        ri[j * kVecs + q] = l0;
-        s1[q] -= l0 * r1[j * kVecs + q];
-      }
-      if (j + 1 < i) {
-        VECS ri[(j + 1) * kVecs + q] = s1[q] * inv[(j + 1) * kVecs + q];
-      } else {
-        take_pivot(i, ri + i * kVecs, s1);
+        r0[j * kVecs + q] = s0[q] * inv[j * kVecs + q];
+        r1[j * kVecs + q] = s1[q] * inv[j * kVecs + q];
       }
     }
-    if (j == i) {  // the diagonal, when it is left over
-      vd s[kVecs];
-      VECS s[q] = ri[i * kVecs + q];
-      for (int64_t p = 0; p < i; ++p) VECS s[q] -= ri[p * kVecs + q] * ri[p * kVecs + q];
-      take_pivot(i, ri + i * kVecs, s);
+    if (i < k) {
+      vd* r0 = row(i);
+      vd s0[kVecs];
+      VECS s0[q] = r0[j * kVecs + q];
+      for (int64_t p = 0; p < j; ++p) VECS s0[q] -= r0[p * kVecs + q] * rj[p * kVecs + q];
+      VECS r0[j * kVecs + q] = s0[q] * inv[j * kVecs + q];
     }
   }
   const double* failed_l = reinterpret_cast<const double*>(failed);
