@@ -45,21 +45,23 @@ inline double min_d(double a, double b) { return a < b ? a : b; }
 
 // Offset of element (i, j), j <= i, in the packed lower triangle (row-major, rows of
 // i + 1 elements). Packing halves the working set of a group against a full k x k buffer:
-// at k = 16 the group's matrices (17 KB) and scratch (8 KB) fit a 32 KB L1 together, which
+// at k = 16 the group's matrices (17 KB) and scratch (10 KB) fit a 32 KB L1 together, which
 // the full layout (32 KB for the matrices alone) did not.
 inline int64_t tri(int64_t i) { return i * (i + 1) / 2; }
 
 // Four lanes as one GCC vector. The loops below are written on these explicitly: left to
 // itself, GCC vectorised the kernel's loops over the matrix index instead of over the lanes,
-// with shuffles. aligned(8): the buffers need only double alignment.
-typedef double vd __attribute__((vector_size(32), aligned(8)));
+// with shuffles. aligned(8): any double pointer may be viewed as one (the buffers are 64-byte
+// aligned for speed only); may_alias: the same memory is also read as doubles.
+typedef double vd __attribute__((vector_size(32), aligned(8), may_alias));
 typedef int64_t vm __attribute__((vector_size(32)));  // a comparison's lane mask
 constexpr int kVecs = kLanes / 4;
 #define VECS for (int q = 0; q < kVecs; ++q)
 inline vd* vec(double* p) { return reinterpret_cast<vd*>(p); }
+inline const vd* vec(const double* p) { return reinterpret_cast<const vd*>(p); }
 // Helpers and lambdas of the cloned functions must be inlined into them: an out-of-line one is
-// compiled for the baseline ISA only (the pivots ran as SSE2 code, and the load, when GCC
-// stopped inlining it, took 40% longer).
+// compiled for the baseline ISA only (the pivot step ran as SSE2 code, and so did the load
+// once GCC stopped inlining it: k = 7 took twice as long).
 #define CHAMELEON_INLINE __attribute__((always_inline))
 // The krls kernels add an x86-64-v4 clone to clones.h's two: AVX-512VL's 32 vector registers
 // (used at 256 bits) keep the two-row tiles and their operands out of memory, about 7% faster
@@ -73,7 +75,7 @@ inline vd* vec(double* p) { return reinterpret_cast<vd*>(p); }
 // The solve for one group. a: packed lower triangles [k (k + 1) / 2, kLanes] (symmetric,
 // checked input), mu: [kLanes], scratch: [5, k, kLanes]. Writes S [k, kLanes] and, per lane,
 // the first failing Cholesky pivot (-1 if none) into pivot. next (or nullptr): the next
-// group's kLanes input matrices, next_bytes each, prefetched a slice per Cholesky row (see
+// group's kLanes input matrices, next_bytes each, prefetched a slice per Cholesky column (see
 // krls_fused_cpu).
 // KC > 0: compiled for k = KC (k_arg is then KC too).
 template <int KC>
@@ -93,7 +95,7 @@ CHAMELEON_INLINE inline void krls_group_impl(double* __restrict a, double* __res
   vd failed[kVecs], muv[kVecs];  // per lane: the first failing pivot (-1 if none), mu
   VECS {
     failed[q] = vd{} - 1.0;
-    muv[q] = vec(const_cast<double*>(mu))[q];
+    muv[q] = vec(mu)[q];
   }
 
   if (center) {
@@ -364,7 +366,7 @@ KrlsResult krls_fused_cpu(const at::Tensor& K, const KrlsLam& lam, bool center, 
     const int64_t grain = std::max<int64_t>(1, 2048 / (k * k * k + 1));
     // Reading K from memory would otherwise stall the start of every group (at batch 4096,
     // k = 16, K is 8 MB, beyond the cache one core gets): the next group's matrices are
-    // prefetched while this one is solved, spread over its Cholesky rows (one burst of k * k
+    // prefetched while this one is solved, spread over its Cholesky columns (one burst of k * k
     // * kLanes lines measured slower: it fills the miss queues). Only for matrices whose
     // k * k elements are dense in memory (any order), the usual case.
     const bool dense = sr >= 0 && sc >= 0 && (k - 1) * (sr + sc) + 1 == k * k;
