@@ -135,11 +135,20 @@ def _best_of(fn, K, calls, clock):
     return best
 
 
+def _fmt(values, unit=1e3, digits=2):
+    """median [min-max]"""
+    lo, mid, hi = (f"{v * unit:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid} [{lo}-{hi}]"
+
+
 def report(cases=REPORT_CASES, rounds=9, threads=None):
     """krls_ex against torch.linalg, interleaved: every round times each provider (best of a
     few calls), so load from other processes hits both alike; prints the median and range
     over rounds of each time and of the per-round ratio. At one thread the clock is the
-    thread's CPU time (waiting for a core is not counted), otherwise the wall clock."""
+    thread's CPU time (waiting for a core is not counted), otherwise the wall clock. CPU only
+    (on CUDA, benchmarks/gpu_report.py times device work with events)."""
+    if CUDA:
+        raise SystemExit("bench_krls report: CPU only; on a GPU machine run benchmarks/gpu_report.py")
     if threads:
         torch.set_num_threads(threads)
     one = torch.get_num_threads() == 1
@@ -158,11 +167,8 @@ def report(cases=REPORT_CASES, rounds=9, threads=None):
                 ext.append(_best_of(_krls_ex, K, 2 * calls, clock))
                 lin.append(_best_of(PROVIDERS["torch_linalg"], K, calls, clock))
             ratios = [b / a for a, b in zip(ext, lin)]
-
-            def fmt(v, unit=1e3, digits=2):
-                return f"{statistics.median(v) * unit:.{digits}f} [{min(v) * unit:.{digits}f}-{max(v) * unit:.{digits}f}]"
-
-            print(f"| {batch} x {k} | {name} | {fmt(ext, digits=3)} ms | {fmt(lin)} ms | {fmt(ratios, 1, 1)} |", flush=True)
+            print(f"| {batch} x {k} | {name} | {_fmt(ext, digits=3)} ms | {_fmt(lin)} ms | {_fmt(ratios, 1, 1)} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
