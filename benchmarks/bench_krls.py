@@ -11,10 +11,17 @@ every provider is timed by CUDA events around the call (benchmarks/timing.py), s
 are device time, not a host clock with a synchronisation in it; ``ext_checked`` is the
 exception by design (its host copy is what it costs). The NumPy loop is CPU-only and is not
 run on CUDA. Inputs are made once per case, on the device.
+
+``python -m benchmarks.bench_krls [ROUNDS [THREADS]]`` (CPU) prints krls_ex against
+torch.linalg from interleaved rounds (median and range of the per-round ratio), the form in
+which benchmarks/RESULTS.md reports the CPU ratios on a shared machine.
 """
 
 import functools
 import os
+import statistics
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +138,59 @@ def bench_krls(benchmark, provider, dtype_name, case):
     S = torch.as_tensor(np.asarray(S.cpu() if isinstance(S, torch.Tensor) else S)).double()
     expected = reference.krls(K[:256].cpu(), LAM).double()
     torch.testing.assert_close(S[:256], expected, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- ratio report
+
+REPORT_CASES = [(4096, 7), (4096, 16), (4096, 64)]
+
+
+def _best_of(fn, K, calls, clock):
+    best = float("inf")
+    for _ in range(calls):
+        t0 = clock()
+        fn(K)
+        best = min(best, clock() - t0)
+    return best
+
+
+def _fmt(values, unit=1e3, digits=2):
+    """median [min-max]"""
+    lo, mid, hi = (f"{v * unit:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid} [{lo}-{hi}]"
+
+
+def report(cases=REPORT_CASES, rounds=9, threads=None):
+    """krls_ex against torch.linalg, interleaved: every round times each provider (best of a
+    few calls), so load from other processes hits both alike; prints the median and range
+    over rounds of each time and of the per-round ratio. At one thread the clock is the
+    thread's CPU time (waiting for a core is not counted), otherwise the wall clock. CPU only
+    (on CUDA, benchmarks/gpu_report.py times device work with events)."""
+    if CUDA:
+        raise SystemExit("bench_krls report: CPU only; on a GPU machine run benchmarks/gpu_report.py")
+    if threads:
+        torch.set_num_threads(threads)
+    one = torch.get_num_threads() == 1
+    clock = time.thread_time if one else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
+          f"{'thread CPU time' if one else 'wall clock'}; median [range] of {rounds} interleaved rounds\n")
+    print("| batch x k | dtype | ext (krls_ex) | torch.linalg | x torch.linalg |")
+    print("|---|---|---:|---:|---:|")
+    for batch, k in cases:
+        for name in DTYPES:
+            K = _kernels(batch, k, name)
+            _krls_ex(K), PROVIDERS["torch_linalg"](K)  # warm-up
+            calls = 3 if k <= 32 else 1  # torch.linalg takes 0.7 s at 4096 x 64
+            ext, lin = [], []
+            for _ in range(rounds):
+                ext.append(_best_of(_krls_ex, K, 2 * calls, clock))
+                lin.append(_best_of(PROVIDERS["torch_linalg"], K, calls, clock))
+            ratios = [b / a for a, b in zip(ext, lin)]
+            print(f"| {batch} x {k} | {name} | {_fmt(ext, digits=3)} ms | {_fmt(lin)} ms | {_fmt(ratios, 1, 1)} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.bench_krls [ROUNDS [THREADS]]
+    report(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 9,
+           threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
