@@ -75,8 +75,10 @@ KRLS_KS = {
 }
 
 
-def krls_cases(device: str) -> None:
+def krls_cases(device: str, generations=("v2", "v1")) -> None:
     for kernel, ks in KRLS_KS.items():
+        if kernel not in generations:
+            continue
         os.environ["CHAMELEON_KRLS_CUDA_KERNEL"] = kernel
         try:
             krls_kernel_cases(device, kernel, ks)
@@ -150,8 +152,8 @@ POOL_WARP_VIEWS = [
 POOL_KERNELS = ("v2", "v1")  # CHAMELEON_POOL_CUDA_KERNEL
 
 
-def pooling_cases(device: str) -> None:
-    for kernels in POOL_KERNELS:
+def pooling_cases(device: str, generations=POOL_KERNELS) -> None:
+    for kernels in (g for g in POOL_KERNELS if g in generations):
         os.environ["CHAMELEON_POOL_CUDA_KERNEL"] = kernels
         print(f"-- pooling kernels {kernels}", flush=True)
         pooling_cases_one(device, kernels)
@@ -201,11 +203,17 @@ def pooling_cases_one(device: str, kernels: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="run on the CPU (a dry run of the workload)")
+    ap.add_argument("--kernels", default="v2,v1",
+                    help="comma-separated kernel generations to run (v2: the defaults, v1: the previous "
+                         "kernels kept for the A/B); racecheck and synccheck run v2 alone to fit their budget")
     args = ap.parse_args()
+    generations = tuple(g.strip() for g in args.kernels.split(","))
+    if not generations or any(g not in ("v1", "v2") for g in generations):
+        ap.error(f"--kernels: expected a comma-separated list of v1 and v2, got {args.kernels!r}")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     print(f"device: {device}; torch {torch.__version__}; build {chameleon_ext.build_info()}", flush=True)
-    krls_cases(device)
-    pooling_cases(device)
+    krls_cases(device, generations)
+    pooling_cases(device, generations)
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"checks: {CHECKS[0]}, failures: {len(FAILURES)}" + (f" ({', '.join(FAILURES)})" if FAILURES else ""))
