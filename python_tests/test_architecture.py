@@ -33,7 +33,7 @@ DOC = os.path.join(ROOT, "docs", "architecture.md")
 # --------------------------------------------------------------------------------------------
 
 ROOMS: Dict[str, Tuple[str, ...]] = {
-    "plumbing": ("errors", "io", "progress", "manifest", "distributed", "_version"),
+    "plumbing": ("errors", "io", "progress", "manifest", "distributed", "memory", "_version"),
     "mixture": ("mixture",),
     "ops": (PACKAGE, "ops", "_C", "reference"),
     "data": ("data",),

@@ -248,7 +248,7 @@ def library(monkeypatch, tmp_path):
     record(uncertainty_mod, "format_sweep_table", "")
     record(compare_mod, "run_compare", {})
     for module in (cli_train, cli_method):  # memory checks: the commands' guards, not their work
-        for name in ("check_training_memory", "check_memory", "check_embedding_memory", "check_bootstrap_memory"):
+        for name in ("check_training_memory", "check_memory", "check_embedding_memory", "check_bootstrap_option"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, lambda *a, **k: None)
     monkeypatch.setattr(cli_method, "time", Fake("clock", perf_counter=lambda: 0.0))  # results.json's seconds

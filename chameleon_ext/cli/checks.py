@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from ..errors import ChameleonUserError
+from ..memory import format_bytes, physical_memory
 from .common import BUILTIN, SEED_MAX, say
 
 
@@ -79,24 +80,13 @@ def release_locks() -> None:
         _LOCKS.pop().release()
 
 
-def physical_memory() -> Optional[int]:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
-
-
 def check_memory(option: str, value: int, need: float, detail: str) -> None:
     """An option whose value cannot fit in this machine's memory is an error saying how much
     it would need (a lower bound: ``detail`` says what was counted)."""
     total = physical_memory()
     if total is not None and need > total:
-        raise ChameleonUserError(f"{option} {value}: needs at least {gib(need)} of memory ({detail}); "
-                                 f"this machine has {gib(total)}")
+        raise ChameleonUserError(f"{option} {value}: needs at least {format_bytes(need)} of memory ({detail}); "
+                                 f"this machine has {format_bytes(total)}")
 
 
 def check_training_memory(args, vocab_size: int, n_domains: int, block: int) -> None:
@@ -123,7 +113,7 @@ def check_embedding_memory(cfg, proxy) -> None:
     check_memory("--n-windows", cfg.n_windows, cfg.n_windows * per_window, f"{cfg.n_windows} {what}")
 
 
-def check_bootstrap_memory(resamples, cfg, n_domains: int, hidden: int) -> None:
+def check_bootstrap_option(resamples, cfg, n_domains: int, hidden: int) -> None:
     # Before the proxy and the embeddings cost anything; bootstrap_weights checks again with
     # the windows it really got.
     from ..uncertainty import DEFAULT_RESAMPLES, check_bootstrap_memory

@@ -9,7 +9,7 @@ from typing import List
 from ..errors import ChameleonUserError
 from ..io import write_json
 from ..mixture import PIPELINE_MODES
-from .checks import check_bootstrap_memory, check_embedding_memory, check_training_memory
+from .checks import check_bootstrap_option, check_embedding_memory, check_training_memory
 from .common import (BUILTIN, check_collapse, dataset, embed_config, init_distributed, model_and_dataset, print_table,
                      say, train_config)
 from .options import add_bootstrap, add_common, add_embed, add_training, add_weights, positive_floats, rule_options
@@ -68,7 +68,7 @@ def cmd_weights(args) -> int:
                                   plots=not args.no_plots, notice=say)
     else:
         proxy, proxy_path, ds, cfg = proxy_to_embed(args)
-        check_bootstrap_memory(args.bootstrap, cfg, len(ds.domains), proxy.config.n_embd)
+        check_bootstrap_option(args.bootstrap, cfg, len(ds.domains), proxy.config.n_embd)
         result, emb, paths = compute_weights(
             ds, proxy_path, args.out, mode=args.mode, lam=args.lam, temperature=args.temperature,
             normalize=not args.no_normalize, embed_config=cfg, device=args.device,
@@ -212,7 +212,7 @@ def cmd_run(args) -> int:
     GPTConfig.preset(args.preset, ds.vocab_size, args.block_size)
     check_training_memory(args, ds.vocab_size, len(ds.domains), args.block_size)
     check_embedding_memory(embedding, None)
-    check_bootstrap_memory(args.bootstrap, embedding, len(ds.domains),
+    check_bootstrap_option(args.bootstrap, embedding, len(ds.domains),
                             GPTConfig.preset(args.preset, ds.vocab_size, args.block_size).n_embd)
     out = args.out
     say(f"[1/4] data: {len(ds.domains)} domains from {ds.path}: {', '.join(ds.domains)}")

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ChameleonUserError
+from ..memory import available_memory, format_bytes
 from ..mixture import AUTO_LAMBDA
 from ..ops import krls
 from ..weights import DEFAULT_RULE, DomainWeights, rule_settings, select_lambda, weights_from_embeddings
@@ -53,7 +54,7 @@ from .batched import (
 )
 
 __all__ = ["DEFAULT_RESAMPLES", "DEFAULT_LEVEL", "WINDOW_FRACTIONS", "WindowSufficiency", "BootstrapResult",
-           "resample_counts", "bootstrap_bytes", "available_memory", "check_bootstrap_memory", "bootstrap_weights"]
+           "resample_counts", "bootstrap_bytes", "check_bootstrap_memory", "bootstrap_weights"]
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
@@ -247,30 +248,6 @@ def bootstrap_bytes(n_windows: Sequence[int], dim: int, resamples: int,
     return int(resamples) * per_resample
 
 
-def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
-    """Bytes free for new tensors on ``device``: the GPU's free memory, or the host's available
-    memory (MemAvailable, else its physical memory); None when unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device.index if device.index is not None else None)[0])
-        except (RuntimeError, AssertionError):  # no usable CUDA here: nothing to bound by
-            return None
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_bootstrap_memory(resamples: int, n_windows: Sequence[int], dim: int, device="cpu",
                            fractions: Sequence[float] = WINDOW_FRACTIONS, sum_bytes: int = 4,
                            available: Optional[int] = None) -> None:
@@ -284,14 +261,10 @@ def check_bootstrap_memory(resamples: int, n_windows: Sequence[int], dim: int, d
     if free is None or need <= free:
         return
     largest = free // bootstrap_bytes(n_windows, dim, 1, fractions, sum_bytes)
-
-    def gib(b: float) -> str:
-        return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.0f} MiB"
-
     raise ChameleonUserError(
-        f"resamples (--bootstrap) {resamples:,}: needs about {gib(need)} of memory ({len(n_windows)} domains, up to "
+        f"resamples (--bootstrap) {resamples:,}: needs about {format_bytes(need)} of memory ({len(n_windows)} domains, up to "
         f"{max(n_windows)} windows of {dim} values, {1 + len(fractions)} bootstrap blocks per resample) but "
-        f"{gib(free)} is free on {torch.device(device)}; the largest --bootstrap that fits is {largest:,}")
+        f"{format_bytes(free)} is free on {torch.device(device)}; the largest --bootstrap that fits is {largest:,}")
 
 
 def bootstrap_weights(
