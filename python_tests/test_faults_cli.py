@@ -209,7 +209,7 @@ def test_a_file_rewritten_by_another_run_is_refused(tmp_path, emb_file, capsys):
     other = _save_embeddings(tmp_path / "other.pt", DOMAINS, torch.randn(3, 8, dtype=torch.float64))
     b = _weights_set(other, tmp_path / "b", capsys)
     (a / "weights.json").write_bytes((b / "weights.json").read_bytes())  # b's weights beside a's exports
-    _one_line_error(["train", "--weights", a / "weights.json", "--steps", "1", *COMMON], capsys,
+    _one_line_error(["train", "--weights", a / "weights.json", "--steps", "1", "--out", tmp_path / "run", *COMMON], capsys,
                     "weights.json", "does not match its output set")
 
 
