@@ -17,6 +17,8 @@ import torch
 from chameleon_ext import mixture, weights as W
 from chameleon_ext.errors import ChameleonUserError
 
+from .factories import oracle_lambda
+
 
 # --------------------------------------------------------------------------------------------
 # The vocabulary's checks
@@ -80,23 +82,6 @@ def test_settings_checks():
 # --------------------------------------------------------------------------------------------
 # The scale-free lambda against a NumPy oracle
 # --------------------------------------------------------------------------------------------
-
-
-def oracle_lambda(K: np.ndarray, share: float) -> float:
-    """lambda (mu = lambda k) at which sum_j s_j / (s_j + mu) = share * (k - 1), from the
-    eigenvalues of the centred kernel, by bisection in log mu (float64)."""
-    k = K.shape[0]
-    H = np.eye(k) - 1.0 / k
-    s = np.clip(np.linalg.eigvalsh(H @ K @ H), 0.0, None)
-    target = share * (k - 1)
-    lo, hi = math.log(s.max()) - 60.0, math.log(s.max()) + 60.0
-    for _ in range(300):
-        mid = 0.5 * (lo + hi)
-        if (s / (s + math.exp(mid))).sum() > target:
-            lo = mid
-        else:
-            hi = mid
-    return math.exp(0.5 * (lo + hi)) / k
 
 
 def oracle_effective_dimension(K: np.ndarray, lam: float) -> float:
